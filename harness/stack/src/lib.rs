@@ -1,0 +1,20 @@
+//! squall-stack: provisions Squall's real local stack on 127.0.0.1 (three Kafka brokers in
+//! one KRaft quorum, Redis, PostgreSQL, Toxiproxy), with every link through a Toxiproxy
+//! proxy of its own so that any link can be cut or degraded alone; reads its health; and
+//! stops exactly what it started.
+
+pub mod error;
+pub mod kafka;
+pub mod links;
+pub mod plan;
+pub mod process;
+pub mod stack;
+pub mod state;
+pub mod stores;
+pub mod tools;
+pub mod topics;
+pub mod toxiproxy;
+
+pub use error::{Result, StackError};
+pub use plan::PortPlan;
+pub use stack::{Endpoints, Stack, StackConfig, StackStatus};
