@@ -7,6 +7,7 @@
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use futures::stream::{FuturesUnordered, StreamExt};
+use futures::FutureExt;
 use hdrhistogram::Histogram;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
@@ -138,6 +139,53 @@ pub async fn run(args: SmokeArgs) -> Result<ExitCode> {
     })
 }
 
+const WARMUP_KEY: &str = "warmup";
+
+/// What the consumer side saw.
+struct Consumed {
+    per_key: HashMap<String, u32>,
+    total: u64,
+    end_to_end: Histogram<u64>,
+}
+
+/// Reads the topic until `target` (sent once production ends) distinct keys arrived or
+/// the deadline passes. Runs beside the producer, so end-to-end latency is real.
+async fn consume(
+    consumer: StreamConsumer,
+    mut target: tokio::sync::watch::Receiver<Option<u64>>,
+    deadline: Instant,
+) -> Result<Consumed> {
+    let mut seen = Consumed {
+        per_key: HashMap::new(),
+        total: 0,
+        end_to_end: histogram()?,
+    };
+    while Instant::now() < deadline {
+        if let Some(t) = *target.borrow_and_update() {
+            if seen.per_key.len() as u64 >= t {
+                break;
+            }
+        }
+        let Ok(msg) = tokio::time::timeout(Duration::from_millis(500), consumer.recv()).await
+        else {
+            continue;
+        };
+        let msg = msg.context("consuming")?;
+        let key = String::from_utf8_lossy(msg.key().unwrap_or_default()).into_owned();
+        if key == WARMUP_KEY {
+            continue;
+        }
+        if let Some(ts) = msg.timestamp().to_millis() {
+            let _ = seen
+                .end_to_end
+                .record(((now_ms() - ts).max(0) as u64) * 1000);
+        }
+        seen.total += 1;
+        *seen.per_key.entry(key).or_default() += 1;
+    }
+    Ok(seen)
+}
+
 async fn measure(
     args: &SmokeArgs,
     bootstrap: &str,
@@ -145,38 +193,53 @@ async fn measure(
     run: &str,
     deadline: Instant,
 ) -> Result<SmokeReport> {
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", format!("squall-{run}"))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()
+        .context("creating consumer")?;
+    consumer.subscribe(&[topic]).context("subscribing")?;
+    let (target_tx, target_rx) = tokio::sync::watch::channel(None);
+    let consumer_task = tokio::spawn(consume(consumer, target_rx, deadline));
+
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .set("enable.idempotence", "true")
         .set("acks", "all")
-        .set("linger.ms", "5")
+        .set("linger.ms", "2")
         .set("message.timeout.ms", "60000")
         .create()
         .context("creating producer")?;
+    // The first send waits for the producer id and metadata: keep it out of the figures.
+    producer
+        .send(
+            FutureRecord::to(topic).key(WARMUP_KEY).payload("warmup"),
+            Timeout::After(Duration::from_secs(60)),
+        )
+        .await
+        .map_err(|(e, _)| anyhow::anyhow!("warm-up record was not acknowledged: {e}"))?;
+
     let payload = "x".repeat(args.payload_bytes);
     let interval = Duration::from_secs_f64(1.0 / args.rate as f64);
     let start = Instant::now();
-    let mut ack_latency = histogram()?;
+    let mut acks = Acks {
+        latency: histogram()?,
+        acked: 0,
+        failed: 0,
+        keys: Vec::with_capacity(args.count as usize),
+    };
     let mut pending = FuturesUnordered::new();
-    let (mut acked, mut failed) = (0u64, 0u64);
-    let mut acked_keys = Vec::with_capacity(args.count as usize);
     for i in 0..args.count {
-        let intended = start + interval.mul_f64(i as f64);
         if Instant::now() >= deadline {
             break;
         }
+        let intended = start + interval.mul_f64(i as f64);
         tokio::time::sleep_until(intended.into()).await;
-        // Drain what is already done, so the set stays small.
-        while let Some(Some((key, at, r))) = futures::FutureExt::now_or_never(pending.next()) {
-            record_ack(
-                &mut ack_latency,
-                &mut acked,
-                &mut failed,
-                &mut acked_keys,
-                key,
-                at,
-                r,
-            );
+        // Take in what is already acknowledged, so the set of pending sends stays small.
+        while let Some(Some((key, at, r))) = pending.next().now_or_never() {
+            acks.record(key, at, r);
         }
         let key = format!("{run}-{i:08}");
         let producer = producer.clone();
@@ -195,43 +258,18 @@ async fn measure(
         });
     }
     while let Some((key, at, r)) = pending.next().await {
-        record_ack(
-            &mut ack_latency,
-            &mut acked,
-            &mut failed,
-            &mut acked_keys,
-            key,
-            at,
-            r,
-        );
+        acks.record(key, at, r);
     }
     let produce_seconds = start.elapsed().as_secs_f64();
+    let _ = target_tx.send(Some(acks.acked));
+    let consumed = consumer_task.await.context("consumer task")??;
 
-    let consumer: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("group.id", format!("squall-{run}"))
-        .set("auto.offset.reset", "earliest")
-        .set("enable.auto.commit", "false")
-        .set("isolation.level", "read_committed")
-        .create()
-        .context("creating consumer")?;
-    consumer.subscribe(&[topic]).context("subscribing")?;
-    let mut seen: HashMap<String, u32> = HashMap::with_capacity(acked_keys.len());
-    let mut e2e = histogram()?;
-    let mut total = 0u64;
-    while (seen.len() as u64) < acked && Instant::now() < deadline {
-        let next = tokio::time::timeout(Duration::from_secs(5), consumer.recv()).await;
-        let Ok(msg) = next else { continue };
-        let msg = msg.context("consuming")?;
-        total += 1;
-        if let Some(ts) = msg.timestamp().to_millis() {
-            let _ = e2e.record(((now_ms() - ts).max(0) as u64) * 1000);
-        }
-        let key = String::from_utf8_lossy(msg.key().unwrap_or_default()).into_owned();
-        *seen.entry(key).or_default() += 1;
-    }
-    let lost = acked_keys.iter().filter(|k| !seen.contains_key(*k)).count() as u64;
-    let duplicates = total - seen.len() as u64;
+    let lost = acks
+        .keys
+        .iter()
+        .filter(|k| !consumed.per_key.contains_key(*k))
+        .count() as u64;
+    let duplicates = consumed.total - consumed.per_key.len() as u64;
     Ok(SmokeReport {
         schema: "squall.smoke/v1",
         run: run.to_string(),
@@ -242,36 +280,38 @@ async fn measure(
         topic: topic.to_string(),
         intended: args.count,
         rate_per_s: args.rate,
-        acked,
-        failed,
-        consumed_unique: seen.len() as u64,
+        acked: acks.acked,
+        failed: acks.failed,
+        consumed_unique: consumed.per_key.len() as u64,
         lost_acked: lost,
         duplicates,
         produce_seconds,
-        ack_latency: Percentiles::of(&ack_latency),
-        end_to_end_latency: Percentiles::of(&e2e),
-        passed: lost == 0 && duplicates == 0 && acked == args.count,
+        ack_latency: Percentiles::of(&acks.latency),
+        end_to_end_latency: Percentiles::of(&consumed.end_to_end),
+        passed: lost == 0 && duplicates == 0 && acks.acked == args.count,
     })
 }
 
-fn record_ack(
-    h: &mut Histogram<u64>,
-    acked: &mut u64,
-    failed: &mut u64,
-    keys: &mut Vec<String>,
-    key: String,
-    intended: Instant,
-    result: std::result::Result<(), String>,
-) {
-    match result {
-        Ok(()) => {
-            *acked += 1;
-            let _ = h.record(intended.elapsed().as_micros() as u64);
-            keys.push(key);
-        }
-        Err(e) => {
-            *failed += 1;
-            tracing::warn!(%key, error = %e, "record not acknowledged");
+/// The producer side's outcome.
+struct Acks {
+    latency: Histogram<u64>,
+    acked: u64,
+    failed: u64,
+    keys: Vec<String>,
+}
+
+impl Acks {
+    fn record(&mut self, key: String, intended: Instant, result: std::result::Result<(), String>) {
+        match result {
+            Ok(()) => {
+                self.acked += 1;
+                let _ = self.latency.record(intended.elapsed().as_micros() as u64);
+                self.keys.push(key);
+            }
+            Err(e) => {
+                self.failed += 1;
+                tracing::warn!(%key, error = %e, "record not acknowledged");
+            }
         }
     }
 }

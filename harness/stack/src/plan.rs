@@ -72,7 +72,7 @@ impl PortPlan {
                 "{brokers} brokers requested; the plan supports 1 to 9"
             )));
         }
-        if base < 1024 || base > u16::MAX - 100 {
+        if !(1024..=u16::MAX - 100).contains(&base) {
             return Err(StackError::InvalidPlan(format!(
                 "base port {base} is out of range; use 1024..={}",
                 u16::MAX - 100

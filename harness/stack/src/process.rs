@@ -174,18 +174,36 @@ pub fn exit_description(record: &ProcessRecord) -> String {
     }
 }
 
-/// The last `lines` lines of a log file (at most 64 KiB are read).
+/// What to show of a log after a failure: the last lines that name an error (stack-trace
+/// frames skipped), then the last `lines` lines. At most the final 64 KiB are read.
 pub fn log_tail(path: &Path, lines: usize) -> String {
     let Ok(mut f) = File::open(path) else {
         return format!("(no log at {})", path.display());
     };
     let len = f.metadata().map(|m| m.len()).unwrap_or(0);
     let _ = f.seek(SeekFrom::Start(len.saturating_sub(64 * 1024)));
-    let mut buf = String::new();
     let mut bytes = Vec::new();
-    if f.read_to_end(&mut bytes).is_ok() {
-        buf = String::from_utf8_lossy(&bytes).into_owned();
+    if f.read_to_end(&mut bytes).is_err() {
+        return format!("(unreadable log at {})", path.display());
     }
-    let all: Vec<&str> = buf.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
+    let text = String::from_utf8_lossy(&bytes);
+    let all: Vec<&str> = text.lines().collect();
+    let is_error = |l: &&&str| {
+        let t = l.trim_start();
+        !t.starts_with("at ")
+            && (t.contains("ERROR")
+                || t.contains("FATAL")
+                || t.contains("Exception")
+                || t.starts_with("Caused by"))
+    };
+    let errors: Vec<&str> = all.iter().filter(is_error).copied().collect();
+    let tail = all[all.len().saturating_sub(lines)..].join("\n");
+    if errors.is_empty() {
+        tail
+    } else {
+        format!(
+            "{}\n-- last lines --\n{tail}",
+            errors[errors.len().saturating_sub(6)..].join("\n")
+        )
+    }
 }

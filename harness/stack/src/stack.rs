@@ -183,7 +183,7 @@ where
                 name: dead.name.clone(),
                 status: process::exit_description(dead),
                 log: dead.log.clone(),
-                tail: process::log_tail(&dead.log, 25),
+                tail: process::log_tail(&dead.log, 12),
             });
         }
         let last_error = match check().await {
@@ -270,10 +270,16 @@ impl Stack {
         let toxi = stores::launch_toxiproxy(tools, &plan, &run_dir)?;
         self.record(toxi.clone())?;
         let client = self.toxiproxy.clone();
-        wait_healthy("toxiproxy", timeout, &toxi.log, &[toxi.clone()], || {
-            let c = client.clone();
-            async move { c.version().await.map(|_| ()) }
-        })
+        wait_healthy(
+            "toxiproxy",
+            timeout,
+            &toxi.log,
+            std::slice::from_ref(&toxi),
+            || {
+                let c = client.clone();
+                async move { c.version().await.map(|_| ()) }
+            },
+        )
         .await?;
         self.toxiproxy.populate(&self.state.links).await?;
 
@@ -533,20 +539,26 @@ impl Stack {
         let record = kafka::launch_broker(&tools, &self.state.run_dir, id)?;
         self.record(record.clone())?;
         let bootstrap = self.state.plan.kafka_bootstrap();
-        wait_healthy(&name, timeout, &record.log, &[record.clone()], || {
-            let bootstrap = bootstrap.clone();
-            async move {
-                let view = kafka::cluster_view(bootstrap, Duration::from_secs(5)).await?;
-                if view.brokers.contains(&i32::from(id)) {
-                    Ok(())
-                } else {
-                    Err(StackError::Kafka(format!(
-                        "metadata lists brokers {:?}",
-                        view.brokers
-                    )))
+        wait_healthy(
+            &name,
+            timeout,
+            &record.log,
+            std::slice::from_ref(&record),
+            || {
+                let bootstrap = bootstrap.clone();
+                async move {
+                    let view = kafka::cluster_view(bootstrap, Duration::from_secs(5)).await?;
+                    if view.brokers.contains(&i32::from(id)) {
+                        Ok(())
+                    } else {
+                        Err(StackError::Kafka(format!(
+                            "metadata lists brokers {:?}",
+                            view.brokers
+                        )))
+                    }
                 }
-            }
-        })
+            },
+        )
         .await
     }
 

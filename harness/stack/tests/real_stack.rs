@@ -1,1 +1,598 @@
-fn main() {}
+//! Integration tests against the real local stack: three KRaft brokers, Redis, PostgreSQL
+//! and Toxiproxy, started once for this binary (libtest-mimic harness, tests run one at a
+//! time) and stopped by pid at the end. Each test undoes what it disturbed.
+//!
+//! Ports: SQUALL_TEST_BASE_PORT (default 29400) for the shared stack, +200 for stacks that
+//! tests start (and must fail to start) themselves.
+
+use anyhow::{anyhow, bail, ensure, Context, Result};
+use futures::future::BoxFuture;
+use futures::stream::{FuturesUnordered, StreamExt};
+use libtest_mimic::{Arguments, Failed, Trial};
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::util::Timeout;
+use rdkafka::{Offset, TopicPartitionList};
+use squall_stack::kafka::{self, ClusterView};
+use squall_stack::stores;
+use squall_stack::topics::TopicSpec;
+use squall_stack::toxiproxy::Toxic;
+use squall_stack::{PortPlan, Stack, StackConfig, StackError};
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::runtime::Runtime;
+
+const PARTITIONS: i32 = 6;
+
+type StackTest = for<'a> fn(&'a mut Stack) -> BoxFuture<'a, Result<()>>;
+
+struct Fixture {
+    rt: Runtime,
+    base_port: u16,
+    stack: Mutex<Option<Stack>>,
+}
+
+impl Fixture {
+    fn run_dir(name: &str) -> PathBuf {
+        PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name)
+    }
+
+    /// Runs `test` against the shared stack, starting it on first use, then heals every link.
+    fn with_stack(&self, test: StackTest) -> Result<(), Failed> {
+        let mut guard = self
+            .stack
+            .lock()
+            .map_err(|_| Failed::from("stack lock poisoned"))?;
+        if guard.is_none() {
+            let plan =
+                PortPlan::from_base(self.base_port, 3).map_err(|e| Failed::from(e.to_string()))?;
+            let config = StackConfig::new(Self::run_dir("shared-stack"), plan);
+            let stack = self
+                .rt
+                .block_on(Stack::up(config))
+                .map_err(|e| Failed::from(format!("starting the shared stack: {e}")))?;
+            *guard = Some(stack);
+        }
+        let stack = guard.as_mut().ok_or("no stack")?;
+        let outcome = self.rt.block_on(async {
+            let result = test(stack).await;
+            // Whatever the test did, leave every link restored for the next one.
+            let healed = stack.heal().await;
+            result.and(healed.map_err(Into::into))
+        });
+        outcome.map_err(|e| Failed::from(format!("{e:#}")))
+    }
+
+    fn shutdown(&self) {
+        if let Ok(mut guard) = self.stack.lock() {
+            if let Some(stack) = guard.take() {
+                match self.rt.block_on(stack.down(false)) {
+                    Ok(stopped) => eprintln!("stopped the shared stack: {}", stopped.join(", ")),
+                    Err(e) => eprintln!("could not stop the shared stack: {e}"),
+                }
+            }
+        }
+    }
+}
+
+fn unique(prefix: &str) -> String {
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0);
+    format!("{prefix}-{ms}")
+}
+
+fn producer(bootstrap: &str) -> Result<FutureProducer> {
+    ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "5")
+        .set("request.timeout.ms", "10000")
+        .set("message.timeout.ms", "120000")
+        .create()
+        .context("creating producer")
+}
+
+/// Produces `count` keyed records; `on_half` runs once half of them are acknowledged.
+/// Returns the keys that were acknowledged and the number that failed.
+async fn produce_keys<H, HF>(
+    bootstrap: &str,
+    topic: &str,
+    prefix: &str,
+    count: usize,
+    on_half: H,
+) -> Result<(Vec<String>, usize)>
+where
+    H: FnOnce() -> HF,
+    HF: Future<Output = Result<()>>,
+{
+    let producer = producer(bootstrap)?;
+    let mut on_half = Some(on_half);
+    let mut pending = FuturesUnordered::new();
+    let mut acked = Vec::with_capacity(count);
+    let mut failed = 0usize;
+    let send = |i: usize| {
+        let producer = producer.clone();
+        let key = format!("{prefix}-{i:06}");
+        let topic = topic.to_string();
+        async move {
+            let r = producer
+                .send(
+                    FutureRecord::to(&topic).key(&key).payload(&key),
+                    Timeout::Never,
+                )
+                .await;
+            (key, r.is_ok())
+        }
+    };
+    let mut next = 0usize;
+    // At most 500 records in flight: enough to keep every partition busy when the fault lands.
+    while next < count || !pending.is_empty() {
+        while next < count && pending.len() < 500 {
+            pending.push(send(next));
+            next += 1;
+        }
+        if let Some((key, ok)) = pending.next().await {
+            if ok {
+                acked.push(key);
+            } else {
+                failed += 1;
+            }
+        }
+        if acked.len() >= count / 2 {
+            if let Some(h) = on_half.take() {
+                h().await?;
+            }
+        }
+    }
+    Ok((acked, failed))
+}
+
+/// Reads every partition of `topic` from the beginning up to its high watermark.
+async fn read_all_keys(bootstrap: &str, topic: &str) -> Result<HashMap<String, usize>> {
+    let bootstrap = bootstrap.to_string();
+    let topic = topic.to_string();
+    tokio::task::spawn_blocking(move || -> Result<HashMap<String, usize>> {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &bootstrap)
+            .set("group.id", unique("squall-test-reader"))
+            .set("enable.auto.commit", "false")
+            .create()?;
+        let mut tpl = TopicPartitionList::new();
+        let mut ends = BTreeMap::new();
+        for p in 0..PARTITIONS {
+            let (_, high) = consumer.fetch_watermarks(&topic, p, Duration::from_secs(30))?;
+            ends.insert(p, high);
+            tpl.add_partition_offset(&topic, p, Offset::Beginning)?;
+        }
+        consumer.assign(&tpl)?;
+        let mut positions: BTreeMap<i32, i64> = ends.keys().map(|p| (*p, 0)).collect();
+        let mut counts = HashMap::new();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while positions.iter().any(|(p, pos)| *pos < ends[p]) {
+            ensure!(
+                Instant::now() < deadline,
+                "reading {topic} did not reach the end: {positions:?} of {ends:?}"
+            );
+            if let Some(msg) = consumer.poll(Duration::from_millis(500)) {
+                let msg = msg?;
+                positions.insert(msg.partition(), msg.offset() + 1);
+                let key = String::from_utf8_lossy(msg.key().unwrap_or_default()).into_owned();
+                *counts.entry(key).or_default() += 1;
+            }
+        }
+        Ok(counts)
+    })
+    .await?
+}
+
+async fn new_topic(stack: &Stack, prefix: &str) -> Result<String> {
+    let topic = unique(prefix);
+    kafka::create_topics(
+        &stack.endpoints().kafka_bootstrap,
+        &[TopicSpec {
+            name: topic.clone(),
+            retention_ms: 3_600_000,
+        }],
+        PARTITIONS,
+    )
+    .await?;
+    Ok(topic)
+}
+
+/// Polls `check` every 500 ms until it returns Ok or `timeout` passes (then its last error).
+async fn eventually<F, Fut>(what: &str, timeout: Duration, mut check: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<()>>,
+{
+    let start = Instant::now();
+    loop {
+        match check().await {
+            Ok(()) => {
+                eprintln!("  {what}: after {:.1} s", start.elapsed().as_secs_f64());
+                return Ok(());
+            }
+            Err(e) if start.elapsed() >= timeout => {
+                bail!("{what}: not within {timeout:?}: {e:#}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+        }
+    }
+}
+
+/// (a) kill -9 a broker half-way through 20,000 acks=all records: every acknowledged
+/// record is there exactly once by key, and nothing is duplicated.
+async fn acked_records_survive_broker_kill(stack: &mut Stack) -> Result<()> {
+    let bootstrap = stack.endpoints().kafka_bootstrap;
+    let topic = new_topic(stack, "durability").await?;
+    let victim = 2u8;
+    let (acked, failed) = produce_keys(&bootstrap, &topic, "rec", 20_000, || async {
+        stack.kill_broker(victim).await?;
+        eprintln!("  killed kafka-{victim} with SIGKILL half-way");
+        Ok(())
+    })
+    .await?;
+    eprintln!(
+        "  acked {} records, {} not acknowledged",
+        acked.len(),
+        failed
+    );
+    ensure!(acked.len() + failed == 20_000);
+    ensure!(
+        acked.len() >= 19_000,
+        "only {} of 20000 acknowledged with 2 of 3 brokers up",
+        acked.len()
+    );
+    stack.start_broker(victim, Duration::from_secs(120)).await?;
+    let counts = read_all_keys(&bootstrap, &topic).await?;
+    let missing: Vec<_> = acked
+        .iter()
+        .filter(|k| !counts.contains_key(*k))
+        .take(5)
+        .collect();
+    let doubled: Vec<_> = counts.iter().filter(|(_, n)| **n > 1).take(5).collect();
+    ensure!(missing.is_empty(), "acknowledged but missing: {missing:?}");
+    ensure!(
+        doubled.is_empty(),
+        "duplicated keys (idempotence broken): {doubled:?}"
+    );
+    kafka::delete_topics(&bootstrap, &[&topic]).await?;
+    Ok(())
+}
+
+fn healthy_views_agree(views: &[ClusterView], isolated: i32) -> Result<()> {
+    for v in views {
+        let led = v.led_by(isolated);
+        ensure!(led.is_empty(), "kafka-{isolated} still leads {led:?}");
+    }
+    Ok(())
+}
+
+/// (b) isolate a broker from its peers in both directions: leadership moves off it,
+/// acks=all producing keeps working, and after healing it is back in every ISR.
+async fn isolated_broker_loses_leadership_and_rejoins(stack: &mut Stack) -> Result<()> {
+    let bootstrap = stack.endpoints().kafka_bootstrap;
+    let topic = new_topic(stack, "isolation").await?;
+    let isolated = 1u8;
+    let before = stack.cluster_view_from(2).await?;
+    ensure!(
+        !before.led_by(i32::from(isolated)).is_empty(),
+        "kafka-{isolated} leads nothing before the fault: {before:?}"
+    );
+    let cut = stack.isolate_broker(isolated).await?;
+    eprintln!("  cut {} links", cut.len());
+    let stack_ref = &*stack;
+    eventually(
+        "leadership moved off the isolated broker",
+        Duration::from_secs(60),
+        || async move {
+            let views = vec![
+                stack_ref.cluster_view_from(2).await?,
+                stack_ref.cluster_view_from(3).await?,
+            ];
+            healthy_views_agree(&views, i32::from(isolated))
+        },
+    )
+    .await?;
+    let (acked, failed) =
+        produce_keys(&bootstrap, &topic, "iso", 2_000, || async { Ok(()) }).await?;
+    ensure!(
+        failed == 0 && acked.len() == 2_000,
+        "while isolated: {} acked, {failed} failed",
+        acked.len()
+    );
+    stack.heal().await?;
+    eventually("healed broker back in every ISR", Duration::from_secs(120), || async move {
+        for from in 1..=3u8 {
+            let view = stack_ref.cluster_view_from(from).await?;
+            let missing = view.missing_from_isr(i32::from(isolated));
+            ensure!(missing.is_empty(), "as kafka-{from} sees it, kafka-{isolated} is missing from the ISR of {missing:?}");
+        }
+        Ok(())
+    })
+    .await?;
+    let counts = read_all_keys(&bootstrap, &topic).await?;
+    ensure!(
+        acked.iter().all(|k| counts.get(k) == Some(&1)),
+        "records produced during the isolation are missing or doubled"
+    );
+    kafka::delete_topics(&bootstrap, &[&topic]).await?;
+    Ok(())
+}
+
+/// A one-way partition cuts exactly one direction: the reverse direction keeps working.
+async fn one_way_partition_cuts_one_direction(stack: &mut Stack) -> Result<()> {
+    let cut = stack.partition_one_way(3, 1).await?;
+    ensure!(
+        cut == ["kafka-3-to-1-replication", "kafka-3-to-1-controller"],
+        "{cut:?}"
+    );
+    let proxies = stack.toxiproxy().proxies().await?;
+    for (name, p) in &proxies {
+        let expect_enabled = !cut.contains(name);
+        ensure!(
+            p.enabled == expect_enabled,
+            "{name}: enabled={} expected {expect_enabled}",
+            p.enabled
+        );
+    }
+    // The cut direction refuses connections; the reverse one still accepts them.
+    let link = stack.link("kafka-3-to-1-replication")?.listen();
+    ensure!(
+        tokio::net::TcpStream::connect(&link).await.is_err(),
+        "{link} still accepts connections"
+    );
+    let reverse = stack.link("kafka-1-to-3-replication")?.listen();
+    tokio::net::TcpStream::connect(&reverse)
+        .await
+        .with_context(|| format!("reverse link {reverse}"))?;
+    Ok(())
+}
+
+/// (c) cut client→Redis: the client gets a clear error (not a hang); restore: it works.
+async fn redis_cut_gives_clear_error_and_recovers(stack: &mut Stack) -> Result<()> {
+    let url = stack.endpoints().redis_url;
+    stores::redis_ping(&url, Duration::from_secs(5)).await?;
+    stack.cut("redis").await?;
+    let started = Instant::now();
+    let err = match stores::redis_ping(&url, Duration::from_secs(5)).await {
+        Ok(()) => bail!("PING succeeded through a cut link"),
+        Err(e) => e.to_string(),
+    };
+    eprintln!("  error while cut: {err}");
+    ensure!(
+        started.elapsed() < Duration::from_secs(5),
+        "the client hung instead of failing: {err}"
+    );
+    ensure!(
+        err.contains("refused") || err.contains("closed") || err.contains("reset"),
+        "unclear error: {err}"
+    );
+    ensure!(
+        err.contains(&url),
+        "error does not name the endpoint: {err}"
+    );
+    stack.restore("redis").await?;
+    eventually("redis answers again", Duration::from_secs(10), || async {
+        Ok(stores::redis_ping(&url, Duration::from_secs(2)).await?)
+    })
+    .await
+}
+
+/// A latency toxic degrades a link by what it says, and removing it restores the link.
+async fn latency_toxic_slows_postgres_link(stack: &mut Stack) -> Result<()> {
+    let plan = stack.plan().clone();
+    let time_query = || async {
+        let t = Instant::now();
+        stores::postgres_ready(&plan, Duration::from_secs(10)).await?;
+        Ok::<_, anyhow::Error>(t.elapsed())
+    };
+    let baseline = time_query().await?;
+    stack
+        .toxiproxy()
+        .add_toxic("postgres", &Toxic::latency("downstream", 300, 0))
+        .await?;
+    let slowed = time_query().await?;
+    stack
+        .toxiproxy()
+        .remove_toxic("postgres", "latency_downstream")
+        .await?;
+    let after = time_query().await?;
+    eprintln!(
+        "  connect+query: {baseline:?} before, {slowed:?} with 300 ms toxic, {after:?} after"
+    );
+    ensure!(
+        slowed >= Duration::from_millis(300) && slowed > baseline,
+        "toxic did not slow the link"
+    );
+    ensure!(after < slowed, "link still slow after removing the toxic");
+    Ok(())
+}
+
+/// Starting a second stack in the same run directory is refused and names the running one;
+/// a stack in another directory on the same ports is refused with the taken port.
+async fn second_start_is_refused(stack: &mut Stack) -> Result<()> {
+    let again = StackConfig::new(stack.state().run_dir.clone(), stack.plan().clone());
+    match Stack::up(again).await {
+        Err(StackError::AlreadyRunning { pids, .. }) => {
+            ensure!(pids.contains("kafka-1="), "{pids}")
+        }
+        Err(e) => bail!("expected AlreadyRunning, got: {e}"),
+        Ok(_) => bail!("a second stack started in the same run directory"),
+    }
+    let elsewhere = StackConfig::new(Fixture::run_dir("second-stack"), stack.plan().clone());
+    match Stack::up(elsewhere).await {
+        Err(e @ StackError::PortTaken { .. }) => {
+            ensure!(e.to_string().contains("toxiproxy API"), "{e}");
+            Ok(())
+        }
+        Err(e) => bail!("expected PortTaken, got: {e}"),
+        Ok(_) => bail!("a second stack started on taken ports"),
+    }
+}
+
+fn all_ports_free(plan: &PortPlan) -> Result<()> {
+    for b in plan.bindings() {
+        std::net::TcpListener::bind((b.ip, b.port))
+            .with_context(|| format!("{}:{} ({}) is still bound", b.ip, b.port, b.purpose))?;
+    }
+    Ok(())
+}
+
+/// A taken port is named before anything starts.
+async fn taken_port_is_named(base: u16) -> Result<()> {
+    let plan = PortPlan::from_base(base, 3)?;
+    let holder = std::net::TcpListener::bind(("127.0.0.1", plan.redis))?;
+    let err = match Stack::up(StackConfig::new(
+        Fixture::run_dir("port-taken"),
+        plan.clone(),
+    ))
+    .await
+    {
+        Ok(s) => {
+            s.down(false).await?;
+            bail!("the stack started although {} was taken", plan.redis)
+        }
+        Err(e) => e,
+    };
+    drop(holder);
+    let text = err.to_string();
+    ensure!(matches!(err, StackError::PortTaken { .. }), "{text}");
+    ensure!(
+        text.contains(&format!("127.0.0.1:{}", plan.redis)) && text.contains("redis server"),
+        "{text}"
+    );
+    all_ports_free(&plan)
+}
+
+/// A broker that dies during start-up (here: its client port is taken after the port
+/// check, so it cannot bind) is named with its log, and every process started so far is
+/// stopped.
+async fn broker_dying_during_start_leaves_nothing(base: u16) -> Result<()> {
+    let plan = PortPlan::from_base(base, 3)?;
+    let blocked_port = base + 99;
+    let holder = std::net::TcpListener::bind(("127.0.0.1", blocked_port))?;
+    let ports = plan.broker(2)?;
+    let listeners = format!(
+        "CLIENT://127.0.0.1:{blocked_port},INTERNAL://127.0.0.1:{},CONTROLLER://127.0.0.1:{}",
+        ports.replication, ports.controller
+    );
+    let mut config = StackConfig::new(Fixture::run_dir("broker-dies"), plan.clone());
+    config
+        .broker_overrides
+        .insert(2, [("listeners".to_string(), listeners)].into());
+    let result = Stack::up(config).await;
+    drop(holder);
+    let err = match result {
+        Ok(s) => {
+            s.down(false).await?;
+            bail!("the stack started with a broker that cannot bind its port")
+        }
+        Err(e) => e,
+    };
+    let text = err.to_string();
+    eprintln!(
+        "  start-up error: {}",
+        text.lines().next().unwrap_or_default()
+    );
+    ensure!(
+        matches!(err, StackError::ProcessDied { ref name, .. } if name == "kafka-2"),
+        "{text}"
+    );
+    ensure!(
+        text.contains(&blocked_port.to_string()) || text.contains("Address already in use"),
+        "the error does not show the broker's complaint: {text}"
+    );
+    ensure!(
+        !Fixture::run_dir("broker-dies").join("state.json").exists(),
+        "a state file was left behind"
+    );
+    all_ports_free(&plan)
+}
+
+fn main() {
+    let mut args = Arguments::from_args();
+    // The tests share one stack and disturb it: they must not overlap.
+    args.test_threads = Some(1);
+    let base_port = std::env::var("SQUALL_TEST_BASE_PORT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(29400u16);
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot build a tokio runtime: {e}");
+            std::process::exit(2);
+        }
+    };
+    let fixture = Arc::new(Fixture {
+        rt,
+        base_port,
+        stack: Mutex::new(None),
+    });
+
+    macro_rules! on_stack {
+        ($name:literal, $f:expr) => {{
+            fn run(stack: &mut Stack) -> BoxFuture<'_, Result<()>> {
+                Box::pin($f(stack))
+            }
+            let fx = fixture.clone();
+            Trial::test($name, move || fx.with_stack(run))
+        }};
+    }
+    macro_rules! alone {
+        ($name:literal, $f:expr) => {{
+            let fx = fixture.clone();
+            Trial::test($name, move || {
+                fx.rt
+                    .block_on($f(fx.base_port + 200))
+                    .map_err(|e| Failed::from(format!("{e:#}")))
+            })
+        }};
+    }
+    let trials = vec![
+        alone!("start::taken_port_is_named", taken_port_is_named),
+        alone!(
+            "start::broker_dying_during_start_leaves_nothing",
+            broker_dying_during_start_leaves_nothing
+        ),
+        on_stack!("start::second_start_is_refused", second_start_is_refused),
+        on_stack!(
+            "kafka::acked_records_survive_broker_kill",
+            acked_records_survive_broker_kill
+        ),
+        on_stack!(
+            "kafka::isolated_broker_loses_leadership_and_rejoins",
+            isolated_broker_loses_leadership_and_rejoins
+        ),
+        on_stack!(
+            "kafka::one_way_partition_cuts_one_direction",
+            one_way_partition_cuts_one_direction
+        ),
+        on_stack!(
+            "links::redis_cut_gives_clear_error_and_recovers",
+            redis_cut_gives_clear_error_and_recovers
+        ),
+        on_stack!(
+            "links::latency_toxic_slows_postgres_link",
+            latency_toxic_slows_postgres_link
+        ),
+    ];
+    let conclusion = libtest_mimic::run(&args, trials);
+    fixture.shutdown();
+    if fixture.stack.lock().map(|s| s.is_some()).unwrap_or(true) {
+        eprintln!("{}", anyhow!("the shared stack was not stopped"));
+    }
+    conclusion.exit();
+}
