@@ -110,15 +110,12 @@ pub async fn run(args: SmokeArgs) -> Result<ExitCode> {
     let bootstrap = stack.endpoints().kafka_bootstrap;
     let run = format!("smoke-{}", now_ms());
     let topic = format!("squall-{run}");
-    kafka::create_topics(
-        &bootstrap,
-        &[TopicSpec {
+    stack
+        .create_topics(&[TopicSpec {
             name: topic.clone(),
             retention_ms: 3_600_000,
-        }],
-        stack.state().partitions,
-    )
-    .await?;
+        }])
+        .await?;
     let deadline = Instant::now() + Duration::from_secs(args.time_limit);
     let result = measure(&args, &bootstrap, &topic, &run, deadline).await;
     if let Err(e) = kafka::delete_topics(&bootstrap, &[topic.as_str()]).await {
@@ -170,7 +167,14 @@ async fn consume(
         else {
             continue;
         };
-        let msg = msg.context("consuming")?;
+        let msg = match msg {
+            Ok(m) => m,
+            Err(e) => {
+                // Transient (a leader moving, metadata catching up): the deadline bounds it.
+                tracing::warn!(error = %e, "consumer error; retrying");
+                continue;
+            }
+        };
         let key = String::from_utf8_lossy(msg.key().unwrap_or_default()).into_owned();
         if key == WARMUP_KEY {
             continue;
@@ -209,6 +213,7 @@ async fn measure(
         .set("enable.idempotence", "true")
         .set("acks", "all")
         .set("linger.ms", "2")
+        .set("socket.nagle.disable", "true")
         .set("message.timeout.ms", "60000")
         .create()
         .context("creating producer")?;

@@ -424,6 +424,58 @@ pub async fn create_topics(bootstrap: &str, specs: &[TopicSpec], partitions: i32
     Ok(())
 }
 
+/// Every topic in `names` has `partitions` partitions, each with a leader and a full ISR.
+pub fn topics_ready(view: &ClusterView, names: &[String], partitions: i32) -> Result<()> {
+    for name in names {
+        let parts = view
+            .topics
+            .get(name)
+            .ok_or_else(|| StackError::Kafka(format!("topic {name} not in metadata yet")))?;
+        if parts.len() != partitions as usize
+            || parts
+                .iter()
+                .any(|p| p.leader < 0 || p.isr.len() < topics::REPLICATION_FACTOR as usize)
+        {
+            return Err(StackError::Kafka(format!(
+                "topic {name} is not fully replicated yet: {parts:?}"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Waits until every broker in `brokers` (client addresses) reports `names` as ready:
+/// right after creation, brokers learn of a topic at slightly different times.
+pub async fn wait_topics_ready(
+    brokers: &[String],
+    names: &[String],
+    partitions: i32,
+    timeout: Duration,
+) -> Result<()> {
+    let start = std::time::Instant::now();
+    loop {
+        let mut last = Ok(());
+        for b in brokers {
+            last = match cluster_view(b.clone(), Duration::from_secs(5)).await {
+                Ok(view) => topics_ready(&view, names, partitions),
+                Err(e) => Err(e),
+            };
+            if last.is_err() {
+                break;
+            }
+        }
+        match last {
+            Ok(()) => return Ok(()),
+            Err(e) if start.elapsed() >= timeout => {
+                return Err(StackError::Kafka(format!(
+                    "topics {names:?} not ready within {timeout:?}: {e}"
+                )))
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+}
+
 /// Deletes `names` (missing topics are ignored).
 pub async fn delete_topics(bootstrap: &str, names: &[&str]) -> Result<()> {
     let admin = admin(bootstrap)?;

@@ -351,7 +351,7 @@ impl Stack {
             async move {
                 kafka::create_topics(&bootstrap, &specs, config.partitions).await?;
                 let view = kafka::cluster_view(bootstrap, Duration::from_secs(5)).await?;
-                topics_ready(&view, &names, config.partitions)
+                kafka::topics_ready(&view, &names, config.partitions)
             }
         })
         .await?;
@@ -375,6 +375,31 @@ impl Stack {
 
     pub fn toxiproxy(&self) -> &ToxiproxyClient {
         &self.toxiproxy
+    }
+
+    /// Each broker's client address (through its proxy), one per entry.
+    pub fn broker_addresses(&self) -> Vec<String> {
+        self.state
+            .plan
+            .brokers
+            .iter()
+            .map(|b| format!("{LOOPBACK}:{}", b.client_proxy))
+            .collect()
+    }
+
+    /// Creates `specs` (replication 3, the stack's partition count) and waits until every
+    /// broker reports them ready.
+    pub async fn create_topics(&self, specs: &[topics::TopicSpec]) -> Result<()> {
+        let partitions = self.state.partitions;
+        kafka::create_topics(&self.state.plan.kafka_bootstrap(), specs, partitions).await?;
+        let names: Vec<String> = specs.iter().map(|s| s.name.clone()).collect();
+        kafka::wait_topics_ready(
+            &self.broker_addresses(),
+            &names,
+            partitions,
+            Duration::from_secs(60),
+        )
+        .await
     }
 
     pub fn endpoints(&self) -> Endpoints {
@@ -627,24 +652,4 @@ impl Stack {
     pub async fn heal(&self) -> Result<()> {
         self.toxiproxy.reset().await
     }
-}
-
-/// Every topic in `names` exists with `partitions` partitions, each with a leader and a full ISR.
-fn topics_ready(view: &ClusterView, names: &[String], partitions: i32) -> Result<()> {
-    for name in names {
-        let parts = view
-            .topics
-            .get(name)
-            .ok_or_else(|| StackError::Kafka(format!("topic {name} not in metadata yet")))?;
-        if parts.len() != partitions as usize
-            || parts
-                .iter()
-                .any(|p| p.leader < 0 || p.isr.len() < topics::REPLICATION_FACTOR as usize)
-        {
-            return Err(StackError::Kafka(format!(
-                "topic {name} is not fully replicated yet: {parts:?}"
-            )));
-        }
-    }
-    Ok(())
 }

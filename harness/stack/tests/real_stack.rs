@@ -195,15 +195,12 @@ async fn read_all_keys(bootstrap: &str, topic: &str) -> Result<HashMap<String, u
 
 async fn new_topic(stack: &Stack, prefix: &str) -> Result<String> {
     let topic = unique(prefix);
-    kafka::create_topics(
-        &stack.endpoints().kafka_bootstrap,
-        &[TopicSpec {
+    stack
+        .create_topics(&[TopicSpec {
             name: topic.clone(),
             retention_ms: 3_600_000,
-        }],
-        PARTITIONS,
-    )
-    .await?;
+        }])
+        .await?;
     Ok(topic)
 }
 
