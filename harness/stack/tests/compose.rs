@@ -31,7 +31,7 @@ fn service<'a>(compose: &'a Value, name: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("service {name} missing from docker-compose.yml"))
 }
 
-fn env<'a>(svc: &'a Value, key: &str) -> String {
+fn env(svc: &Value, key: &str) -> String {
     let v = &svc["environment"][key];
     match v {
         Value::String(s) => s.clone(),
