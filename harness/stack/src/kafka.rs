@@ -174,14 +174,21 @@ logger.request.name = kafka.request.logger
 logger.request.level = warn
 ";
 
-/// A random KRaft cluster id: 16 bytes, base64url without padding (22 characters).
+/// A random KRaft cluster id: 16 bytes, base64url without padding (22 characters). Like
+/// Kafka's own `Uuid.randomUuid`, ids starting with '-' are drawn again: the storage
+/// tool's argument parser would read them as an option.
 pub fn new_cluster_id() -> Result<String> {
-    let mut bytes = [0u8; 16];
     let mut f = std::fs::File::open("/dev/urandom")
         .map_err(|e| StackError::io("opening /dev/urandom", e))?;
-    std::io::Read::read_exact(&mut f, &mut bytes)
-        .map_err(|e| StackError::io("reading /dev/urandom", e))?;
-    Ok(base64url(&bytes))
+    loop {
+        let mut bytes = [0u8; 16];
+        std::io::Read::read_exact(&mut f, &mut bytes)
+            .map_err(|e| StackError::io("reading /dev/urandom", e))?;
+        let id = base64url(&bytes);
+        if !id.starts_with('-') {
+            return Ok(id);
+        }
+    }
 }
 
 fn base64url(bytes: &[u8]) -> String {
@@ -536,11 +543,14 @@ mod tests {
 
     #[test]
     fn cluster_ids_are_22_url_safe_chars() {
-        let id = new_cluster_id().unwrap();
-        assert_eq!(id.len(), 22);
-        assert!(id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'));
+        for _ in 0..500 {
+            let id = new_cluster_id().unwrap();
+            assert_eq!(id.len(), 22);
+            assert!(!id.starts_with('-'), "{id} would be read as an option");
+            assert!(id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'));
+        }
         assert_eq!(base64url(b"Man"), "TWFu");
         assert_eq!(base64url(b"Ma"), "TWE");
     }

@@ -3,6 +3,7 @@
 //! carrying a protocol version); `events` holds the versioned Kafka event envelope and the
 //! topic and key each event goes to. The harness depends on this crate only.
 
+pub mod auth;
 pub mod events;
 pub mod frames;
 

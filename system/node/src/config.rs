@@ -1,0 +1,216 @@
+//! A node's configuration: identity, endpoints and behaviour switches (publish mode,
+//! fan-out mode, limits, the stream generator). Read from a YAML file, then overridden by
+//! flags and environment in the binary. Unknown keys are errors.
+
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::Path;
+
+/// How actions reach Kafka.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum PublishMode {
+    /// The message and its outbox row commit together; a relay publishes with an
+    /// idempotent producer (acks=all). Zero loss, Kafka off the user's latency path.
+    #[default]
+    Outbox,
+    /// The seeds' fire-and-forget `send()` after the commit: fast, loses events on kill -9.
+    Async,
+}
+
+/// How a message reaches members connected to other nodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum FanoutMode {
+    /// Redis Pub/Sub, published by the accepting node right after the commit.
+    #[default]
+    Redis,
+    /// Every node consumes chat-events and delivers to its own sockets (seed 003).
+    Kafka,
+}
+
+/// The deterministic generator that stands in for the AI model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StreamConfig {
+    pub chunks: i64,
+    pub words_per_chunk: usize,
+    /// Pause between chunks.
+    pub pace_ms: u64,
+    /// Probability that a session fails part-way (decided per session from the seed).
+    pub error_rate: f64,
+    pub seed: u64,
+    /// How long chunks stay in Redis for `resume`.
+    pub cache_ttl_s: u64,
+}
+
+impl Default for StreamConfig {
+    fn default() -> Self {
+        StreamConfig {
+            chunks: 20,
+            words_per_chunk: 5,
+            pace_ms: 50,
+            error_rate: 0.0,
+            seed: 42,
+            cache_ttl_s: 600,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeConfig {
+    pub node_id: String,
+    pub listen: SocketAddr,
+    pub postgres_url: String,
+    pub redis_url: String,
+    pub kafka_bootstrap: String,
+    /// HMAC secret for connection tokens.
+    pub token_secret: String,
+    pub publish_mode: PublishMode,
+    pub fanout_mode: FanoutMode,
+    /// Larger text frames get a `frame_too_large` error (the connection stays open).
+    pub max_frame_bytes: usize,
+    /// Frames past this hard cap close the connection (protects memory).
+    pub hard_frame_cap_bytes: usize,
+    pub rate_limit_per_s: u32,
+    pub rate_limit_burst: u32,
+    /// Run the outbox relay on this node.
+    pub outbox_relay: bool,
+    pub relay_batch: i64,
+    pub sync_limit: i64,
+    pub pg_max_connections: u32,
+    /// How long SIGTERM waits for connections to drain.
+    pub drain_timeout_ms: u64,
+    pub stream: StreamConfig,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig {
+            node_id: "node-1".into(),
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            postgres_url: "postgres://postgres@127.0.0.1:29060/chatstream".into(),
+            redis_url: "redis://127.0.0.1:29050/".into(),
+            kafka_bootstrap: "127.0.0.1:29011,127.0.0.1:29012,127.0.0.1:29013".into(),
+            token_secret: "squall-dev-secret".into(),
+            publish_mode: PublishMode::Outbox,
+            fanout_mode: FanoutMode::Redis,
+            max_frame_bytes: 64 * 1024,
+            hard_frame_cap_bytes: 1024 * 1024,
+            rate_limit_per_s: 50,
+            rate_limit_burst: 100,
+            outbox_relay: true,
+            relay_batch: 500,
+            sync_limit: 500,
+            pg_max_connections: 16,
+            drain_timeout_ms: 10_000,
+            stream: StreamConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}{location}: {message} (see `chatstream node --help` for the keys)")]
+    Parse {
+        path: String,
+        location: String,
+        message: String,
+    },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+impl NodeConfig {
+    pub fn from_yaml_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        serde_yaml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.display().to_string(),
+            location: e
+                .location()
+                .map(|l| format!(":{}:{}", l.line(), l.column()))
+                .unwrap_or_default(),
+            message: e.to_string(),
+        })
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut problems = Vec::new();
+        if self.node_id.is_empty() {
+            problems.push("node_id is empty".to_string());
+        }
+        if self.token_secret.len() < 8 {
+            problems.push("token_secret must have at least 8 bytes".to_string());
+        }
+        if self.max_frame_bytes == 0 || self.max_frame_bytes > self.hard_frame_cap_bytes {
+            problems.push(format!(
+                "max_frame_bytes ({}) must be in 1..=hard_frame_cap_bytes ({})",
+                self.max_frame_bytes, self.hard_frame_cap_bytes
+            ));
+        }
+        if self.rate_limit_per_s == 0 || self.rate_limit_burst == 0 {
+            problems.push("rate limits must be positive".to_string());
+        }
+        if !(0.0..=1.0).contains(&self.stream.error_rate) {
+            problems.push(format!(
+                "stream.error_rate {} is not in 0..=1",
+                self.stream.error_rate
+            ));
+        }
+        if self.stream.chunks < 1 || self.stream.words_per_chunk == 0 {
+            problems.push("stream.chunks and stream.words_per_chunk must be positive".to_string());
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(problems.join("; ")))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn yaml_overrides_defaults_and_rejects_unknown_keys() {
+        let dir = std::env::temp_dir().join(format!("cs-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let good = dir.join("good.yaml");
+        std::fs::write(
+            &good,
+            "node_id: node-7\npublish_mode: async\nstream:\n  chunks: 3\n",
+        )
+        .unwrap();
+        let c = NodeConfig::from_yaml_file(&good).unwrap();
+        assert_eq!(
+            (c.node_id.as_str(), c.publish_mode, c.stream.chunks),
+            ("node-7", PublishMode::Async, 3)
+        );
+        assert_eq!(c.stream.pace_ms, 50);
+        let bad = dir.join("bad.yaml");
+        std::fs::write(&bad, "node_id: n\nfanout: kafka\n").unwrap();
+        let err = NodeConfig::from_yaml_file(&bad).unwrap_err().to_string();
+        assert!(
+            err.contains("bad.yaml:2") && err.contains("fanout"),
+            "{err}"
+        );
+        let mut c = NodeConfig::default();
+        c.max_frame_bytes = 0;
+        c.stream.error_rate = 2.0;
+        let err = c.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("max_frame_bytes") && err.contains("error_rate"),
+            "{err}"
+        );
+    }
+}

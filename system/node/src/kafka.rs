@@ -1,0 +1,209 @@
+//! Kafka clients of a node: the idempotent acks=all producer and the outbox relay that
+//! uses it, the fire-and-forget publisher of async mode, and the chat-events consumer of
+//! Kafka fan-out mode.
+
+use chatstream_protocol::events::{topic, EventBody};
+use chatstream_protocol::EventEnvelope;
+use chatstream_store::{PendingEvent, Store, OUTBOX_SHARDS};
+use futures::future::join_all;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::Message;
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::util::Timeout;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{watch, Notify};
+
+use crate::clock;
+use crate::metrics as m;
+
+#[derive(Debug, thiserror::Error)]
+#[error("kafka: {0}")]
+pub struct KafkaError(pub String);
+
+/// The idempotent producer (acks=all) the relay uses.
+pub fn reliable_producer(bootstrap: &str) -> Result<FutureProducer, KafkaError> {
+    ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "2")
+        .set("socket.nagle.disable", "true")
+        .set("message.timeout.ms", "30000")
+        .create()
+        .map_err(|e| KafkaError(e.to_string()))
+}
+
+/// Async mode's producer, as the seeds use it: `send()` and move on (acks=1, no retries
+/// beyond the client's own, errors only counted).
+#[derive(Clone)]
+pub struct AsyncPublisher {
+    producer: FutureProducer,
+}
+
+impl AsyncPublisher {
+    pub fn new(bootstrap: &str) -> Result<Self, KafkaError> {
+        let producer = ClientConfig::new()
+            .set("bootstrap.servers", bootstrap)
+            .set("acks", "1")
+            .set("linger.ms", "5")
+            .set("socket.nagle.disable", "true")
+            .set("message.timeout.ms", "10000")
+            .create()
+            .map_err(|e| KafkaError(e.to_string()))?;
+        Ok(AsyncPublisher { producer })
+    }
+
+    pub fn send(&self, e: &EventEnvelope) {
+        let payload = e.to_json();
+        let record = FutureRecord::to(e.topic()).key(e.key()).payload(&payload);
+        match self.producer.send_result(record) {
+            Ok(delivery) => {
+                tokio::spawn(async move {
+                    if !matches!(delivery.await, Ok(Ok(_))) {
+                        metrics::counter!(m::ASYNC_FAILED).increment(1);
+                    }
+                });
+            }
+            Err((err, _)) => {
+                metrics::counter!(m::ASYNC_FAILED).increment(1);
+                tracing::warn!(error = %err, "async publish refused");
+            }
+        }
+    }
+
+    /// Waits (bounded) for queued sends, on graceful shutdown.
+    pub fn flush(&self, timeout: Duration) {
+        let _ = self.producer.flush(Timeout::After(timeout));
+    }
+}
+
+async fn publish_batch(producer: &FutureProducer, events: Vec<PendingEvent>) -> Result<(), String> {
+    // Sent in id order on one idempotent producer: per-partition order holds even on retry.
+    let sends = events.iter().map(|e| {
+        producer.send(
+            FutureRecord::to(&e.topic).key(&e.key).payload(&e.payload),
+            Timeout::After(Duration::from_secs(30)),
+        )
+    });
+    let results = join_all(sends).await;
+    let failed: Vec<String> = results
+        .into_iter()
+        .filter_map(|r| r.err().map(|(e, _)| e.to_string()))
+        .collect();
+    if failed.is_empty() {
+        metrics::counter!(m::OUTBOX_PUBLISHED).increment(events.len() as u64);
+        Ok(())
+    } else {
+        Err(format!(
+            "{} of {} sends failed: {}",
+            failed.len(),
+            events.len(),
+            failed[0]
+        ))
+    }
+}
+
+/// The outbox relay: takes each shard in turn (one relay per shard at a time, across all
+/// nodes), publishes its pending rows and marks them. Idles until poked or 100 ms pass.
+pub async fn run_relay(
+    store: Store,
+    producer: FutureProducer,
+    batch: i64,
+    poke: Arc<Notify>,
+    healthy: Arc<AtomicBool>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        if *shutdown.borrow() {
+            break;
+        }
+        let mut published = 0usize;
+        let mut failure = None;
+        for shard in 0..OUTBOX_SHARDS {
+            let p = producer.clone();
+            match store
+                .relay_shard(shard, batch, clock::now_ms(), move |events| async move {
+                    publish_batch(&p, events).await
+                })
+                .await
+            {
+                Ok(Ok(n)) => published += n,
+                Ok(Err(e)) => failure = Some(e),
+                Err(e) => failure = Some(e.to_string()),
+            }
+        }
+        match failure {
+            Some(e) => {
+                healthy.store(false, Ordering::Relaxed);
+                metrics::counter!(m::OUTBOX_ERRORS).increment(1);
+                tracing::warn!(error = %e, "outbox relay could not publish; retrying in {backoff:?}");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = shutdown.changed() => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+            None => {
+                healthy.store(true, Ordering::Relaxed);
+                backoff = Duration::from_millis(200);
+            }
+        }
+        if published == 0 {
+            tokio::select! {
+                _ = poke.notified() => {}
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                _ = shutdown.changed() => {}
+            }
+        }
+    }
+}
+
+/// Kafka fan-out mode: a consumer of chat-events in a group of this node's own (every node
+/// sees every message), starting at the end; hands each CHAT_MESSAGE to `deliver`.
+pub async fn run_chat_consumer<F, Fut>(
+    bootstrap: String,
+    node_id: String,
+    deliver: F,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), KafkaError>
+where
+    F: Fn(EventEnvelope) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &bootstrap)
+        .set("group.id", format!("chatstream-fanout-{node_id}"))
+        .set("auto.offset.reset", "latest")
+        .set("enable.auto.commit", "true")
+        .set("fetch.wait.max.ms", "10")
+        .set("socket.nagle.disable", "true")
+        .create()
+        .map_err(|e| KafkaError(e.to_string()))?;
+    consumer
+        .subscribe(&[topic::CHAT_EVENTS])
+        .map_err(|e| KafkaError(e.to_string()))?;
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => return Ok(()),
+            msg = consumer.recv() => match msg {
+                Ok(msg) => {
+                    let Some(bytes) = msg.payload() else { continue };
+                    match EventEnvelope::from_slice(bytes) {
+                        Ok(e) if matches!(e.body, EventBody::ChatMessage(_)) => deliver(e).await,
+                        Ok(_) => {}
+                        Err(e) => tracing::warn!(error = %e, "undecodable chat event skipped by fan-out"),
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "fan-out consumer error");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,19 @@
+//! chatstream-node: one node of chatstream, the system Squall tests. A node serves
+//! WebSocket clients (`/ws`) and an HTTP API, stores messages in PostgreSQL with a
+//! per-conversation sequence, fans them out to every node through Redis Pub/Sub (or
+//! Kafka), and publishes every action to Kafka (transactional outbox or fire-and-forget).
+//! `server::run` is the entry point; the rest are its parts.
+
+pub mod clock;
+pub mod config;
+pub mod conn;
+pub mod events;
+pub mod fanout;
+pub mod http;
+pub mod hub;
+pub mod kafka;
+pub mod metrics;
+pub mod server;
+pub mod streams;
+
+pub use config::NodeConfig;

@@ -1,0 +1,35 @@
+//! Prometheus metrics: the recorder is installed once per process; `/metrics` renders it.
+//! Metric names are listed here so dashboards and checkers have one place to look.
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+pub const FRAMES_IN: &str = "chatstream_frames_received_total";
+pub const FRAMES_OUT: &str = "chatstream_frames_sent_total";
+pub const ERRORS: &str = "chatstream_errors_total";
+pub const CONNECTIONS: &str = "chatstream_connections";
+pub const MESSAGES_ACCEPTED: &str = "chatstream_messages_accepted_total";
+pub const MESSAGES_DUPLICATE: &str = "chatstream_messages_duplicate_total";
+pub const SEND_SECONDS: &str = "chatstream_send_seconds";
+pub const FANOUT_PUBLISHED: &str = "chatstream_fanout_published_total";
+pub const FANOUT_FAILED: &str = "chatstream_fanout_failed_total";
+pub const FANOUT_DELIVERED: &str = "chatstream_fanout_delivered_total";
+pub const OUTBOX_PUBLISHED: &str = "chatstream_outbox_published_total";
+pub const OUTBOX_BACKLOG: &str = "chatstream_outbox_backlog";
+pub const OUTBOX_ERRORS: &str = "chatstream_outbox_relay_errors_total";
+pub const ASYNC_FAILED: &str = "chatstream_kafka_async_failures_total";
+pub const STREAM_CHUNKS: &str = "chatstream_stream_chunks_total";
+pub const STREAM_SESSIONS: &str = "chatstream_stream_sessions_total";
+
+/// Installs the global recorder (latency histograms get explicit buckets).
+pub fn install() -> Result<PrometheusHandle, String> {
+    PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Suffix("_seconds".into()),
+            &[
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+            ],
+        )
+        .map_err(|e| e.to_string())?
+        .install_recorder()
+        .map_err(|e| e.to_string())
+}
