@@ -204,9 +204,14 @@ mod tests {
             err.contains("bad.yaml:2") && err.contains("fanout"),
             "{err}"
         );
-        let mut c = NodeConfig::default();
-        c.max_frame_bytes = 0;
-        c.stream.error_rate = 2.0;
+        let c = NodeConfig {
+            max_frame_bytes: 0,
+            stream: StreamConfig {
+                error_rate: 2.0,
+                ..StreamConfig::default()
+            },
+            ..NodeConfig::default()
+        };
         let err = c.validate().unwrap_err().to_string();
         assert!(
             err.contains("max_frame_bytes") && err.contains("error_rate"),
