@@ -20,7 +20,7 @@ use crate::events::{new_id, new_trace_id, EventContext};
 use crate::fanout::{FanoutEnvelope, Receipt};
 use crate::hub::{ConnId, Outbound};
 use crate::metrics as m;
-use crate::server::{presence_key, NodeState};
+use crate::server::{presence_key, NodeState, REDIS_OP_TIMEOUT};
 use crate::{clock, streams};
 
 /// WebSocket close codes (4000-4999 are the application's).
@@ -131,7 +131,6 @@ pub async fn serve(state: Arc<NodeState>, mut socket: WebSocket, auth: Result<Cl
         id: reg.id,
         tx: reg.tx,
     };
-    conn.mark_online(true).await;
     let (mut sink, mut stream) = socket.split();
     let hello = ServerFrame::Hello {
         node_id: state.cfg.node_id.clone(),
@@ -141,6 +140,7 @@ pub async fn serve(state: Arc<NodeState>, mut socket: WebSocket, auth: Result<Cl
         server_time_ms: clock::now_ms(),
     };
     let _ = conn.tx.try_send(Outbound::from(hello.encode()));
+    conn.mark_online(true).await;
 
     let mut rx = reg.rx;
     let kick = reg.kick;
@@ -251,27 +251,32 @@ impl Conn {
     }
 
     async fn mark_online(&self, online: bool) {
-        let Ok(mut c) = self.state.redis.conn().await else {
-            return;
-        };
         let member = format!("{}:{}", self.state.cfg.node_id, self.id);
         let key = presence_key(&self.claims.sub);
-        let r: redis::RedisResult<()> = if online {
-            redis::cmd("ZADD")
-                .arg(&key)
-                .arg(clock::now_ms() + 60_000)
-                .arg(member)
-                .query_async(&mut c)
-                .await
-        } else {
-            redis::cmd("ZREM")
-                .arg(&key)
-                .arg(member)
-                .query_async(&mut c)
-                .await
+        let update = async {
+            let mut c = self.state.redis.conn().await?;
+            let r: redis::RedisResult<()> = if online {
+                redis::cmd("ZADD")
+                    .arg(&key)
+                    .arg(clock::now_ms() + 60_000)
+                    .arg(member)
+                    .query_async(&mut c)
+                    .await
+            } else {
+                redis::cmd("ZREM")
+                    .arg(&key)
+                    .arg(member)
+                    .query_async(&mut c)
+                    .await
+            };
+            r.map_err(|e| e.to_string())
         };
-        if let Err(e) = r {
-            tracing::debug!(error = %e, "presence update failed");
+        // Presence is best effort (it only decides offline notifications); the presence
+        // refresher repairs it within 20 s.
+        match tokio::time::timeout(REDIS_OP_TIMEOUT, update).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::debug!(error = %e, "presence update failed"),
+            Err(_) => tracing::debug!("presence update timed out"),
         }
     }
 
@@ -506,15 +511,18 @@ impl Conn {
         if others.is_empty() || others.len() > 100 {
             return;
         }
-        let Ok(mut c) = self.state.redis.conn().await else {
-            return;
-        };
         let now = clock::now_ms();
         let mut pipe = redis::pipe();
         for u in &others {
             pipe.cmd("ZCOUNT").arg(presence_key(u)).arg(now).arg("+inf");
         }
-        let Ok(counts): redis::RedisResult<Vec<i64>> = pipe.query_async(&mut c).await else {
+        let lookup = async {
+            let mut c = self.state.redis.conn().await?;
+            pipe.query_async::<Vec<i64>>(&mut c)
+                .await
+                .map_err(|e| e.to_string())
+        };
+        let Ok(Ok(counts)) = tokio::time::timeout(REDIS_OP_TIMEOUT, lookup).await else {
             return;
         };
         for (user, n) in others.into_iter().zip(counts) {

@@ -110,6 +110,7 @@ async fn publish_batch(producer: &FutureProducer, events: Vec<PendingEvent>) -> 
 /// nodes), publishes its pending rows and marks them. Idles until poked or 100 ms pass.
 pub async fn run_relay(
     store: Store,
+    migrated: Arc<AtomicBool>,
     producer: FutureProducer,
     batch: i64,
     poke: Arc<Notify>,
@@ -120,6 +121,11 @@ pub async fn run_relay(
     loop {
         if *shutdown.borrow() {
             break;
+        }
+        if !migrated.load(Ordering::Relaxed) {
+            // The outbox table appears with the first migration (see run_health).
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
         }
         let mut published = 0usize;
         let mut failure = None;

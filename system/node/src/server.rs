@@ -44,7 +44,7 @@ pub enum NodeError {
 #[derive(Default)]
 pub struct Health {
     pub postgres: AtomicBool,
-    pub migrated: AtomicBool,
+    pub migrated: Arc<AtomicBool>,
     pub redis: AtomicBool,
     pub kafka: AtomicBool,
     pub fanout_subscribed: Arc<AtomicBool>,
@@ -93,6 +93,9 @@ pub struct MemberCache {
 
 const MEMBER_TTL: Duration = Duration::from_secs(5);
 
+/// Longest a Redis call on a client's path may take.
+pub const REDIS_OP_TIMEOUT: Duration = Duration::from_secs(1);
+
 impl MemberCache {
     pub async fn get(
         &self,
@@ -132,17 +135,18 @@ pub struct NodeState {
 
 impl NodeState {
     /// Publishes a fan-out envelope; failures are counted and logged (clients resync).
+    /// Bounded in time: a dead Redis must not hold up the connection that sent.
     pub async fn fanout(&self, env: FanoutEnvelope) {
-        match self.redis.conn().await {
-            Ok(mut c) => {
-                if let Err(e) = fanout::publish(&mut c, &env).await {
-                    tracing::warn!(error = %e, "fan-out publish failed; recipients will catch up by sync");
-                }
-            }
-            Err(e) => {
-                metrics::counter!(m::FANOUT_FAILED).increment(1);
-                tracing::warn!(error = %e, "fan-out skipped; recipients will catch up by sync");
-            }
+        let publish = async {
+            let mut c = self.redis.conn().await?;
+            fanout::publish(&mut c, &env).await
+        };
+        let result = tokio::time::timeout(REDIS_OP_TIMEOUT, publish)
+            .await
+            .unwrap_or_else(|_| Err(format!("no answer within {REDIS_OP_TIMEOUT:?}")));
+        if let Err(e) = result {
+            metrics::counter!(m::FANOUT_FAILED).increment(1);
+            tracing::warn!(error = %e, "fan-out failed; recipients will catch up by sync");
         }
     }
 
@@ -435,6 +439,7 @@ pub async fn run(
         healthy.store(true, Ordering::Relaxed);
         Some(tokio::spawn(kafka::run_relay(
             s.store.clone(),
+            s.health.migrated.clone(),
             producer,
             s.cfg.relay_batch,
             poke,

@@ -20,7 +20,7 @@ use crate::config::StreamConfig;
 use crate::events::{new_id, new_trace_id, EventContext};
 use crate::hub::Outbound;
 use crate::metrics as m;
-use crate::server::NodeState;
+use crate::server::{NodeState, REDIS_OP_TIMEOUT};
 
 const WORDS: &[&str] = &[
     "the",
@@ -151,11 +151,6 @@ pub async fn start(
     let message_id = new_id();
     let plan = state.streams.plan(prompt);
     let ttl = state.streams.config().cache_ttl_s as i64;
-    let mut conn = state
-        .redis
-        .conn()
-        .await
-        .map_err(|e| (ErrorCode::Unavailable, e))?;
     let meta: Vec<(&str, String)> = vec![
         ("user", user.to_string()),
         ("tenant", tenant.to_string()),
@@ -165,14 +160,26 @@ pub async fn start(
         ("planned", plan.chunks.to_string()),
         ("status", "running".to_string()),
     ];
-    redis::pipe()
-        .hset_multiple(meta_key(&session_id), &meta)
-        .ignore()
-        .expire(meta_key(&session_id), ttl)
-        .ignore()
-        .query_async::<()>(&mut conn)
+    let write_meta = async {
+        let mut conn = state.redis.conn().await?;
+        redis::pipe()
+            .hset_multiple(meta_key(&session_id), &meta)
+            .ignore()
+            .expire(meta_key(&session_id), ttl)
+            .ignore()
+            .query_async::<()>(&mut conn)
+            .await
+            .map_err(|e| format!("redis: {e}"))
+    };
+    tokio::time::timeout(REDIS_OP_TIMEOUT, write_meta)
         .await
-        .map_err(|e| (ErrorCode::Unavailable, format!("redis: {e}")))?;
+        .unwrap_or_else(|_| Err(format!("redis: no answer within {REDIS_OP_TIMEOUT:?}")))
+        .map_err(|e| {
+            (
+                ErrorCode::Unavailable,
+                format!("{e}; the stream was not started"),
+            )
+        })?;
     metrics::counter!(m::STREAM_SESSIONS).increment(1);
     let ctx = EventContext {
         tenant: tenant.to_string(),

@@ -1,0 +1,884 @@
+//! chatstream nodes on the real stack (three Kafka brokers, Redis, PostgreSQL, Toxiproxy):
+//! real `chatstream node` processes, real WebSocket clients. One stack for the binary
+//! (libtest-mimic, tests one at a time); nodes are started per test and stopped by pid.
+//! Ports: CHATSTREAM_TEST_BASE_PORT (default 29700) for the stack.
+
+use anyhow::{anyhow, bail, ensure, Context, Result};
+use chatstream_protocol::auth::{self, Claims};
+use chatstream_protocol::frames::{ErrorCode, MessageStatus, StreamOutcome, Via};
+use chatstream_protocol::{ClientFrame, EventBody, EventEnvelope, ServerFrame};
+use futures::future::BoxFuture;
+use futures::{SinkExt, StreamExt};
+use libtest_mimic::{Arguments, Failed, Trial};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message as _;
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use squall_stack::{PortPlan, Stack, StackConfig};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+const SECRET: &str = "squall-test-secret";
+const TENANT: &str = "acme";
+
+type StackTest = for<'a> fn(&'a mut Stack) -> BoxFuture<'a, Result<()>>;
+
+fn unique(prefix: &str) -> String {
+    format!("{prefix}-{}", uuid_like())
+}
+
+fn uuid_like() -> String {
+    let ns = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!("{:x}", ns)
+}
+
+fn token(user: &str, ttl_s: i64) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    auth::sign(
+        SECRET.as_bytes(),
+        &Claims {
+            sub: user.into(),
+            tenant: TENANT.into(),
+            exp: (now + ttl_s).max(0) as u64,
+        },
+    )
+    .unwrap_or_default()
+}
+
+/// Each node's log goes to `target/tmp/node-logs/<id>.log` (appended), out of the test output.
+fn node_log(id: &str) -> Result<std::fs::File> {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("node-logs");
+    std::fs::create_dir_all(&dir)?;
+    Ok(std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join(format!("{id}.log")))?)
+}
+
+/// A `chatstream node` process, stopped (SIGKILL) when dropped.
+struct Node {
+    child: Child,
+    addr: String,
+    id: String,
+}
+
+impl Node {
+    async fn start(stack: &Stack, id: &str, extra: &[&str]) -> Result<Node> {
+        let e = stack.endpoints();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_chatstream"))
+            .args(["node", "--node-id", id, "--listen", "127.0.0.1:0"])
+            .args([
+                "--postgres-url",
+                &e.postgres_url,
+                "--redis-url",
+                &e.redis_url,
+            ])
+            .args([
+                "--kafka-bootstrap",
+                &e.kafka_bootstrap,
+                "--token-secret",
+                SECRET,
+            ])
+            .args(extra)
+            .env("RUST_LOG", "info,librdkafka=warn,rdkafka=warn,sqlx=warn")
+            .stdout(Stdio::piped())
+            .stderr(node_log(id)?)
+            .spawn()
+            .context("spawning chatstream node")?;
+        let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
+        let line = tokio::task::spawn_blocking(move || {
+            let mut line = String::new();
+            BufReader::new(stdout).read_line(&mut line).map(|_| line)
+        })
+        .await??;
+        let v: serde_json::Value =
+            serde_json::from_str(&line).with_context(|| format!("first line: {line:?}"))?;
+        let addr = v["addr"]
+            .as_str()
+            .ok_or_else(|| anyhow!("no addr in {line}"))?
+            .to_string();
+        let node = Node {
+            child,
+            addr,
+            id: id.to_string(),
+        };
+        node.wait_ready(Duration::from_secs(60)).await?;
+        Ok(node)
+    }
+
+    async fn readyz(&self) -> Result<(u16, serde_json::Value)> {
+        let r = reqwest::get(format!("http://{}/readyz", self.addr)).await?;
+        Ok((r.status().as_u16(), r.json().await?))
+    }
+
+    async fn wait_ready(&self, timeout: Duration) -> Result<()> {
+        let start = Instant::now();
+        loop {
+            match self.readyz().await {
+                Ok((200, _)) => return Ok(()),
+                Ok((_, body)) if start.elapsed() > timeout => {
+                    bail!("{} not ready: {body}", self.id)
+                }
+                Err(e) if start.elapsed() > timeout => bail!("{} not ready: {e}", self.id),
+                _ => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+    }
+
+    fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+async fn create_conversation(node: &Node, creator: &str, id: &str, members: &[&str]) -> Result<()> {
+    let r = reqwest::Client::new()
+        .post(format!("http://{}/api/conversations", node.addr))
+        .bearer_auth(token(creator, 600))
+        .json(&serde_json::json!({ "id": id, "members": members }))
+        .send()
+        .await?;
+    ensure!(
+        r.status().as_u16() == 201,
+        "create conversation: {} {}",
+        r.status(),
+        r.text().await?
+    );
+    Ok(())
+}
+
+struct Client {
+    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    user: String,
+}
+
+impl Client {
+    async fn connect(node: &Node, user: &str) -> Result<Client> {
+        Self::connect_with(node, user, &token(user, 600)).await
+    }
+
+    async fn connect_with(node: &Node, user: &str, token: &str) -> Result<Client> {
+        let (ws, _) =
+            tokio_tungstenite::connect_async(format!("ws://{}/ws?token={token}", node.addr))
+                .await?;
+        let mut c = Client {
+            ws,
+            user: user.to_string(),
+        };
+        let hello = c.recv().await?;
+        ensure!(
+            matches!(hello, ServerFrame::Hello { .. }),
+            "expected hello, got {hello:?}"
+        );
+        Ok(c)
+    }
+
+    async fn send(&mut self, f: &ClientFrame) -> Result<()> {
+        self.ws.send(Message::text(f.encode())).await?;
+        Ok(())
+    }
+
+    async fn send_raw(&mut self, m: Message) -> Result<()> {
+        self.ws.send(m).await?;
+        Ok(())
+    }
+
+    async fn recv(&mut self) -> Result<ServerFrame> {
+        loop {
+            let m = tokio::time::timeout(Duration::from_secs(10), self.ws.next())
+                .await
+                .map_err(|_| anyhow!("{}: no frame within 10 s", self.user))?
+                .ok_or_else(|| anyhow!("{}: connection closed", self.user))??;
+            match m {
+                Message::Text(t) => return Ok(ServerFrame::decode(&t)?),
+                Message::Close(c) => bail!("{}: closed: {c:?}", self.user),
+                _ => continue,
+            }
+        }
+    }
+
+    /// Reads frames until `pick` returns Some (frames it ignores are skipped).
+    async fn until<T>(&mut self, mut pick: impl FnMut(&ServerFrame) -> Option<T>) -> Result<T> {
+        loop {
+            let f = self.recv().await?;
+            if let Some(t) = pick(&f) {
+                return Ok(t);
+            }
+        }
+    }
+
+    async fn send_msg(
+        &mut self,
+        conv: &str,
+        client_msg_id: &str,
+        body: &str,
+    ) -> Result<(i64, bool)> {
+        self.send(&ClientFrame::Send {
+            conversation_id: conv.into(),
+            client_msg_id: client_msg_id.into(),
+            body: body.into(),
+        })
+        .await?;
+        let cid = client_msg_id.to_string();
+        self.until(|f| match f {
+            ServerFrame::Ack {
+                client_msg_id,
+                seq,
+                duplicate,
+                ..
+            } if *client_msg_id == cid => Some(Ok((*seq, *duplicate))),
+            ServerFrame::Error {
+                ref_id: Some(r),
+                code,
+                message,
+                ..
+            } if *r == cid => Some(Err(anyhow!("{code:?}: {message}"))),
+            _ => None,
+        })
+        .await?
+    }
+
+    /// Sends a ping and waits for the pong: proves the connection still serves.
+    async fn still_serves(&mut self) -> Result<()> {
+        let nonce = 4242;
+        self.send(&ClientFrame::Ping { nonce: Some(nonce) }).await?;
+        self.until(|f| {
+            matches!(f, ServerFrame::Pong { nonce: Some(n), .. } if *n == nonce).then_some(())
+        })
+        .await
+    }
+
+    async fn expect_error(&mut self, code: ErrorCode) -> Result<String> {
+        self.until(|f| match f {
+            ServerFrame::Error {
+                code: c, message, ..
+            } if *c == code => Some(message.clone()),
+            _ => None,
+        })
+        .await
+    }
+}
+
+/// Messages of chat-events (all partitions, beginning to end) as (message id → count).
+async fn chat_event_ids(bootstrap: &str) -> Result<BTreeMap<String, usize>> {
+    let bootstrap = bootstrap.to_string();
+    tokio::task::spawn_blocking(move || -> Result<BTreeMap<String, usize>> {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &bootstrap)
+            .set("group.id", unique("reader"))
+            .set("enable.auto.commit", "false")
+            .create()?;
+        let md = consumer.fetch_metadata(Some("chat-events"), Duration::from_secs(10))?;
+        let parts: Vec<i32> = md.topics()[0].partitions().iter().map(|p| p.id()).collect();
+        let mut tpl = TopicPartitionList::new();
+        let mut ends = BTreeMap::new();
+        for p in &parts {
+            let (_, high) =
+                consumer.fetch_watermarks("chat-events", *p, Duration::from_secs(10))?;
+            ends.insert(*p, high);
+            tpl.add_partition_offset("chat-events", *p, Offset::Beginning)?;
+        }
+        consumer.assign(&tpl)?;
+        let mut pos: BTreeMap<i32, i64> = parts.iter().map(|p| (*p, 0)).collect();
+        let mut ids = BTreeMap::new();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while pos.iter().any(|(p, o)| *o < ends[p]) && Instant::now() < deadline {
+            if let Some(m) = consumer.poll(Duration::from_millis(300)) {
+                let m = m?;
+                pos.insert(m.partition(), m.offset() + 1);
+                if let Some(e) = m.payload().and_then(|b| EventEnvelope::from_slice(b).ok()) {
+                    if let EventBody::ChatMessage(c) = e.body {
+                        *ids.entry(c.message_id).or_default() += 1;
+                    }
+                }
+            }
+        }
+        Ok(ids)
+    })
+    .await?
+}
+
+// ---------------------------------------------------------------------------------------
+
+async fn clients_on_different_nodes_exchange_messages(stack: &mut Stack) -> Result<()> {
+    let n1 = Node::start(stack, "node-1", &[]).await?;
+    let n2 = Node::start(stack, "node-2", &[]).await?;
+    let conv = unique("conv");
+    create_conversation(&n1, "alice", &conv, &["alice", "bob"]).await?;
+    let mut alice = Client::connect(&n1, "alice").await?;
+    let mut bob = Client::connect(&n2, "bob").await?;
+    let (seq, dup) = alice.send_msg(&conv, "a-1", "hello bob").await?;
+    ensure!(seq == 1 && !dup, "seq {seq} dup {dup}");
+    let got = bob
+        .until(|f| match f {
+            ServerFrame::Msg {
+                body,
+                seq,
+                via: Via::Live,
+                sender_id,
+                ..
+            } => Some((body.clone(), *seq, sender_id.clone())),
+            _ => None,
+        })
+        .await?;
+    ensure!(
+        got == ("hello bob".to_string(), 1, "alice".to_string()),
+        "{got:?}"
+    );
+    alice
+        .until(|f| matches!(f, ServerFrame::Status { status: MessageStatus::Delivered, user_id, seq: 1, .. } if user_id == "bob").then_some(()))
+        .await
+        .context("DELIVERED back to alice")?;
+    bob.send(&ClientFrame::Read {
+        conversation_id: conv.clone(),
+        up_to_seq: 1,
+    })
+    .await?;
+    alice
+        .until(|f| matches!(f, ServerFrame::Status { status: MessageStatus::Read, user_id, seq: 1, .. } if user_id == "bob").then_some(()))
+        .await
+        .context("READ back to alice")?;
+    bob.send(&ClientFrame::Typing {
+        conversation_id: conv.clone(),
+        is_typing: true,
+    })
+    .await?;
+    alice
+        .until(|f| {
+            matches!(f, ServerFrame::Typing { user_id, is_typing: true, .. } if user_id == "bob")
+                .then_some(())
+        })
+        .await
+        .context("typing to alice")?;
+    let (seq2, _) = bob.send_msg(&conv, "b-1", "hi alice").await?;
+    ensure!(seq2 == 2, "second message got seq {seq2}");
+    alice
+        .until(|f| matches!(f, ServerFrame::Msg { seq: 2, .. }).then_some(()))
+        .await?;
+    Ok(())
+}
+
+async fn retried_send_is_stored_once(stack: &mut Stack) -> Result<()> {
+    let n1 = Node::start(stack, "node-1", &[]).await?;
+    let n2 = Node::start(stack, "node-2", &[]).await?;
+    let conv = unique("conv");
+    create_conversation(&n1, "alice", &conv, &["alice", "bob"]).await?;
+    let mut a1 = Client::connect(&n1, "alice").await?;
+    let (seq, dup) = a1.send_msg(&conv, "retry-me", "once").await?;
+    ensure!(!dup);
+    // The same send again, on the same node and after a reconnect to another node.
+    let (seq_again, dup_again) = a1.send_msg(&conv, "retry-me", "once").await?;
+    let mut a2 = Client::connect(&n2, "alice").await?;
+    let (seq_elsewhere, dup_elsewhere) = a2.send_msg(&conv, "retry-me", "once").await?;
+    ensure!(
+        seq == seq_again && seq == seq_elsewhere,
+        "seqs {seq} {seq_again} {seq_elsewhere}"
+    );
+    ensure!(
+        dup_again && dup_elsewhere,
+        "retries not flagged as duplicates"
+    );
+    let history: serde_json::Value = reqwest::Client::new()
+        .get(format!(
+            "http://{}/api/conversations/{conv}/messages",
+            n2.addr
+        ))
+        .bearer_auth(token("alice", 60))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let n = history["messages"].as_array().map(Vec::len).unwrap_or(0);
+    ensure!(n == 1, "stored {n} times: {history}");
+    Ok(())
+}
+
+async fn sync_returns_what_a_client_missed(stack: &mut Stack) -> Result<()> {
+    let n1 = Node::start(stack, "node-1", &[]).await?;
+    let n2 = Node::start(stack, "node-2", &[]).await?;
+    let conv = unique("conv");
+    create_conversation(&n1, "alice", &conv, &["alice", "bob"]).await?;
+    let mut alice = Client::connect(&n1, "alice").await?;
+    for i in 1..=5 {
+        alice
+            .send_msg(&conv, &format!("m{i}"), &format!("body {i}"))
+            .await?;
+    }
+    let mut bob = Client::connect(&n2, "bob").await?;
+    bob.send(&ClientFrame::Sync {
+        conversation_id: conv.clone(),
+        after_seq: 2,
+        limit: None,
+    })
+    .await?;
+    let mut seqs = Vec::new();
+    loop {
+        match bob.recv().await? {
+            ServerFrame::Msg {
+                seq,
+                via: Via::Sync,
+                ..
+            } => seqs.push(seq),
+            ServerFrame::SyncDone { last_seq, more, .. } => {
+                ensure!(last_seq == 5 && !more, "sync_done {last_seq} {more}");
+                break;
+            }
+            _ => {}
+        }
+    }
+    ensure!(seqs == [3, 4, 5], "synced {seqs:?}");
+    Ok(())
+}
+
+async fn non_members_can_neither_send_nor_read(stack: &mut Stack) -> Result<()> {
+    let n1 = Node::start(stack, "node-1", &[]).await?;
+    let conv = unique("conv");
+    create_conversation(&n1, "alice", &conv, &["alice", "bob"]).await?;
+    let mut carol = Client::connect(&n1, "carol").await?;
+    carol
+        .send(&ClientFrame::Send {
+            conversation_id: conv.clone(),
+            client_msg_id: "c1".into(),
+            body: "let me in".into(),
+        })
+        .await?;
+    carol.expect_error(ErrorCode::NotMember).await?;
+    carol
+        .send(&ClientFrame::Sync {
+            conversation_id: conv.clone(),
+            after_seq: 0,
+            limit: None,
+        })
+        .await?;
+    carol.expect_error(ErrorCode::NotMember).await?;
+    carol
+        .send(&ClientFrame::Read {
+            conversation_id: conv.clone(),
+            up_to_seq: 1,
+        })
+        .await?;
+    carol.expect_error(ErrorCode::NotMember).await?;
+    carol.still_serves().await?;
+    let r = reqwest::Client::new()
+        .get(format!(
+            "http://{}/api/conversations/{conv}/messages",
+            n1.addr
+        ))
+        .bearer_auth(token("carol", 60))
+        .send()
+        .await?;
+    ensure!(
+        r.status().as_u16() == 403,
+        "history for a non-member: {}",
+        r.status()
+    );
+    Ok(())
+}
+
+async fn bad_input_gets_error_frames_and_the_connection_stays(stack: &mut Stack) -> Result<()> {
+    let n1 = Node::start(stack, "node-1", &[]).await?;
+    let conv = unique("conv");
+    create_conversation(&n1, "alice", &conv, &["alice"]).await?;
+    let mut c = Client::connect(&n1, "alice").await?;
+    c.send_raw(Message::text("{this is not json")).await?;
+    c.expect_error(ErrorCode::MalformedFrame).await?;
+    c.still_serves().await?;
+    c.send_raw(Message::text(r#"{"v":1,"type":"teleport","to":"mars"}"#))
+        .await?;
+    let msg = c.expect_error(ErrorCode::UnknownType).await?;
+    ensure!(msg.contains("teleport"), "{msg}");
+    c.send_raw(Message::text(r#"{"v":9,"type":"ping"}"#))
+        .await?;
+    c.expect_error(ErrorCode::UnsupportedVersion).await?;
+    c.send_raw(Message::binary(vec![1u8, 2, 3])).await?;
+    c.expect_error(ErrorCode::MalformedFrame).await?;
+    let huge = ClientFrame::Send {
+        conversation_id: conv.clone(),
+        client_msg_id: "big".into(),
+        body: "x".repeat(70 * 1024),
+    };
+    c.send(&huge).await?;
+    let msg = c.expect_error(ErrorCode::FrameTooLarge).await?;
+    ensure!(msg.contains("65536"), "{msg}");
+    c.still_serves().await?;
+    // Nothing already accepted is lost: a message sent before the flood is still there.
+    let (seq, _) = c.send_msg(&conv, "before-flood", "kept").await?;
+    for i in 0..300 {
+        c.send(&ClientFrame::Ping { nonce: Some(i) }).await?;
+    }
+    let wait = c
+        .until(|f| match f {
+            ServerFrame::Error {
+                code: ErrorCode::RateLimited,
+                retry_after_ms,
+                ..
+            } => Some(*retry_after_ms),
+            _ => None,
+        })
+        .await?;
+    ensure!(
+        wait.is_some_and(|w| w > 0),
+        "rate_limited without retry_after_ms"
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    c.still_serves().await?;
+    c.send(&ClientFrame::Sync {
+        conversation_id: conv,
+        after_seq: 0,
+        limit: None,
+    })
+    .await?;
+    c.until(|f| matches!(f, ServerFrame::Msg { seq: s, .. } if *s == seq).then_some(()))
+        .await?;
+    Ok(())
+}
+
+async fn bad_tokens_close_with_a_reason(stack: &mut Stack) -> Result<()> {
+    let n1 = Node::start(stack, "node-1", &[]).await?;
+    let forged = auth::sign(
+        b"not-the-secret",
+        &Claims {
+            sub: "mallory".into(),
+            tenant: TENANT.into(),
+            exp: u64::MAX / 2,
+        },
+    )?;
+    for (what, t) in [
+        ("expired", token("alice", -10)),
+        ("forged", forged),
+        ("garbage", "abc".to_string()),
+    ] {
+        let (mut ws, _) =
+            tokio_tungstenite::connect_async(format!("ws://{}/ws?token={t}", n1.addr)).await?;
+        let first = tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await?
+            .ok_or_else(|| anyhow!("{what}: no frame"))??;
+        let Message::Text(text) = first else {
+            bail!("{what}: expected an error frame, got {first:?}")
+        };
+        let frame = ServerFrame::decode(&text)?;
+        ensure!(
+            matches!(
+                frame,
+                ServerFrame::Error {
+                    code: ErrorCode::Unauthorized,
+                    ..
+                }
+            ),
+            "{what}: {frame:?}"
+        );
+        let close = tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await?
+            .ok_or_else(|| anyhow!("{what}: no close"))??;
+        match close {
+            Message::Close(Some(cf)) => ensure!(
+                u16::from(cf.code) == 4401 && !cf.reason.is_empty(),
+                "{what}: close {cf:?}"
+            ),
+            other => bail!("{what}: expected close, got {other:?}"),
+        }
+    }
+    Ok(())
+}
+
+async fn killed_node_s_outbox_rows_are_published_by_another(stack: &mut Stack) -> Result<()> {
+    let mut a = Node::start(stack, "node-a", &["--no-relay"]).await?;
+    let conv = unique("conv");
+    create_conversation(&a, "alice", &conv, &["alice", "bob"]).await?;
+    let mut alice = Client::connect(&a, "alice").await?;
+    let mut ids = BTreeSet::new();
+    for i in 0..50 {
+        let cid = format!("k{i}");
+        alice.send_msg(&conv, &cid, "survive kill -9").await?;
+        ids.insert(cid);
+    }
+    let pool = sqlx::PgPool::connect(&stack.endpoints().postgres_url).await?;
+    let message_ids: Vec<String> =
+        sqlx::query_scalar("SELECT id FROM messages WHERE conversation_id = $1")
+            .bind(&conv)
+            .fetch_all(&pool)
+            .await?;
+    ensure!(message_ids.len() == 50);
+    let pending: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM outbox WHERE published_at_ms IS NULL AND key = $1",
+    )
+    .bind(&conv)
+    .fetch_one(&pool)
+    .await?;
+    ensure!(
+        pending == 50,
+        "{pending} rows pending before the kill (node-a runs no relay)"
+    );
+    eprintln!(
+        "  kill -9 node-a (pid {}) with {pending} unpublished rows",
+        a.pid()
+    );
+    a.kill9();
+    let _b = Node::start(stack, "node-b", &[]).await?;
+    let start = Instant::now();
+    loop {
+        let pending: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM outbox WHERE published_at_ms IS NULL AND key = $1",
+        )
+        .bind(&conv)
+        .fetch_one(&pool)
+        .await?;
+        if pending == 0 {
+            break;
+        }
+        ensure!(
+            start.elapsed() < Duration::from_secs(30),
+            "{pending} rows still unpublished"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let published = chat_event_ids(&stack.endpoints().kafka_bootstrap).await?;
+    let missing: Vec<_> = message_ids
+        .iter()
+        .filter(|id| !published.contains_key(*id))
+        .collect();
+    ensure!(
+        missing.is_empty(),
+        "{} acknowledged messages missing from chat-events: {:?}",
+        missing.len(),
+        &missing[..missing.len().min(3)]
+    );
+    Ok(())
+}
+
+async fn stream_resumed_on_another_node_delivers_every_chunk(stack: &mut Stack) -> Result<()> {
+    let n1 = Node::start(stack, "node-1", &[]).await?;
+    let n2 = Node::start(stack, "node-2", &[]).await?;
+    let conv = unique("conv");
+    create_conversation(&n1, "alice", &conv, &["alice"]).await?;
+    let mut c = Client::connect(&n1, "alice").await?;
+    c.send(&ClientFrame::Stream {
+        conversation_id: conv.clone(),
+        prompt: "tell me about replay".into(),
+    })
+    .await?;
+    let session = c
+        .until(|f| match f {
+            ServerFrame::StreamStarted { session_id, .. } => Some(session_id.clone()),
+            _ => None,
+        })
+        .await?;
+    let mut seen: Vec<i64> = Vec::new();
+    while seen.len() < 4 {
+        if let ServerFrame::Chunk { index, .. } = c.recv().await? {
+            seen.push(index);
+        }
+    }
+    drop(c); // the client goes away mid-stream
+    let last = *seen.last().unwrap_or(&-1);
+    let mut c2 = Client::connect(&n2, "alice").await?;
+    c2.send(&ClientFrame::Resume {
+        session_id: session.clone(),
+        after_index: last,
+    })
+    .await?;
+    let total = loop {
+        match c2.recv().await? {
+            ServerFrame::Chunk { index, .. } => seen.push(index),
+            ServerFrame::StreamEnd {
+                outcome: StreamOutcome::Completed,
+                total_chunks,
+                ..
+            } => break total_chunks,
+            ServerFrame::StreamEnd { outcome, error, .. } => {
+                bail!("stream ended {outcome:?}: {error:?}")
+            }
+            _ => {}
+        }
+    };
+    let expected: Vec<i64> = (0..total).collect();
+    ensure!(
+        seen == expected,
+        "chunks seen {seen:?}, expected 0..{total}"
+    );
+    let unique_count = seen.iter().collect::<HashSet<_>>().len();
+    ensure!(unique_count == seen.len(), "duplicated chunks");
+    // A session that does not exist is a clear not_found.
+    c2.send(&ClientFrame::Resume {
+        session_id: "no-such-session".into(),
+        after_index: -1,
+    })
+    .await?;
+    c2.expect_error(ErrorCode::NotFound).await?;
+    Ok(())
+}
+
+async fn readyz_follows_redis_and_the_node_recovers(stack: &mut Stack) -> Result<()> {
+    let n1 = Node::start(stack, "node-1", &[]).await?;
+    let conv = unique("conv");
+    create_conversation(&n1, "alice", &conv, &["alice", "bob"]).await?;
+    stack.cut("redis").await?;
+    let start = Instant::now();
+    loop {
+        let (code, body) = n1.readyz().await?;
+        if code == 503 && body["redis"] == false {
+            break;
+        }
+        ensure!(
+            start.elapsed() < Duration::from_secs(15),
+            "readyz still says {code} {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // PostgreSQL is up: a send is still stored and acknowledged.
+    let mut alice = Client::connect(&n1, "alice").await?;
+    let (seq, _) = alice
+        .send_msg(&conv, "during-redis-cut", "stored anyway")
+        .await?;
+    stack.restore("redis").await?;
+    n1.wait_ready(Duration::from_secs(30))
+        .await
+        .context("node did not recover after redis returned")?;
+    let mut bob = Client::connect(&n1, "bob").await?;
+    bob.send(&ClientFrame::Sync {
+        conversation_id: conv,
+        after_seq: 0,
+        limit: None,
+    })
+    .await?;
+    bob.until(|f| matches!(f, ServerFrame::Msg { seq: s, .. } if *s == seq).then_some(()))
+        .await?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+
+struct Fixture {
+    rt: tokio::runtime::Runtime,
+    base_port: u16,
+    stack: Mutex<Option<Stack>>,
+}
+
+impl Fixture {
+    fn with_stack(&self, test: StackTest) -> Result<(), Failed> {
+        let mut guard = self
+            .stack
+            .lock()
+            .map_err(|_| Failed::from("stack lock poisoned"))?;
+        if guard.is_none() {
+            let plan =
+                PortPlan::from_base(self.base_port, 3).map_err(|e| Failed::from(e.to_string()))?;
+            let run_dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("chatstream-stack");
+            let stack = self
+                .rt
+                .block_on(Stack::up(StackConfig::new(run_dir, plan)))
+                .map_err(|e| Failed::from(format!("starting the stack: {e}")))?;
+            *guard = Some(stack);
+        }
+        let stack = guard.as_mut().ok_or("no stack")?;
+        self.rt
+            .block_on(async {
+                let r = test(stack).await;
+                let healed = stack.heal().await;
+                r.and(healed.map_err(Into::into))
+            })
+            .map_err(|e| Failed::from(format!("{e:#}")))
+    }
+}
+
+fn main() {
+    let mut args = Arguments::from_args();
+    args.test_threads = Some(1);
+    let base_port = std::env::var("CHATSTREAM_TEST_BASE_PORT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(29700u16);
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot build a tokio runtime: {e}");
+            std::process::exit(2);
+        }
+    };
+    let fixture = Arc::new(Fixture {
+        rt,
+        base_port,
+        stack: Mutex::new(None),
+    });
+    macro_rules! t {
+        ($name:literal, $f:expr) => {{
+            fn run(stack: &mut Stack) -> BoxFuture<'_, Result<()>> {
+                Box::pin($f(stack))
+            }
+            let fx = fixture.clone();
+            Trial::test($name, move || fx.with_stack(run))
+        }};
+    }
+    let trials = vec![
+        t!(
+            "node::clients_on_different_nodes_exchange_messages",
+            clients_on_different_nodes_exchange_messages
+        ),
+        t!(
+            "node::retried_send_is_stored_once",
+            retried_send_is_stored_once
+        ),
+        t!(
+            "node::sync_returns_what_a_client_missed",
+            sync_returns_what_a_client_missed
+        ),
+        t!(
+            "node::non_members_can_neither_send_nor_read",
+            non_members_can_neither_send_nor_read
+        ),
+        t!(
+            "node::bad_input_gets_error_frames_and_the_connection_stays",
+            bad_input_gets_error_frames_and_the_connection_stays
+        ),
+        t!(
+            "node::bad_tokens_close_with_a_reason",
+            bad_tokens_close_with_a_reason
+        ),
+        t!(
+            "node::killed_node_s_outbox_rows_are_published_by_another",
+            killed_node_s_outbox_rows_are_published_by_another
+        ),
+        t!(
+            "node::stream_resumed_on_another_node_delivers_every_chunk",
+            stream_resumed_on_another_node_delivers_every_chunk
+        ),
+        t!(
+            "node::readyz_follows_redis_and_the_node_recovers",
+            readyz_follows_redis_and_the_node_recovers
+        ),
+    ];
+    let conclusion = libtest_mimic::run(&args, trials);
+    if let Ok(mut guard) = fixture.stack.lock() {
+        if let Some(stack) = guard.take() {
+            if let Err(e) = fixture.rt.block_on(stack.down(false)) {
+                eprintln!("could not stop the stack: {e}");
+            }
+        }
+    }
+    conclusion.exit();
+}
