@@ -768,6 +768,196 @@ async fn readyz_follows_redis_and_the_node_recovers(stack: &mut Stack) -> Result
     Ok(())
 }
 
+async fn kafka_fanout_mode_delivers_across_nodes(stack: &mut Stack) -> Result<()> {
+    let n1 = Node::start(stack, "kf-1", &["--fanout-mode", "kafka"]).await?;
+    let n2 = Node::start(stack, "kf-2", &["--fanout-mode", "kafka"]).await?;
+    let conv = unique("conv");
+    create_conversation(&n1, "alice", &conv, &["alice", "bob"]).await?;
+    let mut alice = Client::connect(&n1, "alice").await?;
+    let mut bob = Client::connect(&n2, "bob").await?;
+    // The fan-out consumers start at the end of chat-events: give them their assignment.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (seq, _) = alice.send_msg(&conv, "kafka-1", "through kafka").await?;
+    let got = bob
+        .until(|f| match f {
+            ServerFrame::Msg {
+                seq: s,
+                body,
+                via: Via::Live,
+                ..
+            } if *s == seq => Some(body.clone()),
+            _ => None,
+        })
+        .await
+        .context("bob did not get the message through the kafka fan-out")?;
+    ensure!(got == "through kafka");
+    alice
+        .until(|f| matches!(f, ServerFrame::Status { status: MessageStatus::Delivered, user_id, .. } if user_id == "bob").then_some(()))
+        .await
+        .context("DELIVERED in kafka mode")?;
+    Ok(())
+}
+
+async fn async_mode_publishes_without_the_outbox(stack: &mut Stack) -> Result<()> {
+    let n1 = Node::start(stack, "async-1", &["--publish-mode", "async"]).await?;
+    let conv = unique("conv");
+    create_conversation(&n1, "alice", &conv, &["alice"]).await?;
+    let mut alice = Client::connect(&n1, "alice").await?;
+    for i in 0..10 {
+        alice
+            .send_msg(&conv, &format!("as{i}"), "fire and forget")
+            .await?;
+    }
+    let pool = sqlx::PgPool::connect(&stack.endpoints().postgres_url).await?;
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE key = $1")
+        .bind(&conv)
+        .fetch_one(&pool)
+        .await?;
+    ensure!(rows == 0, "async mode wrote {rows} outbox rows");
+    let ids: Vec<String> = sqlx::query_scalar("SELECT id FROM messages WHERE conversation_id = $1")
+        .bind(&conv)
+        .fetch_all(&pool)
+        .await?;
+    let start = Instant::now();
+    loop {
+        let published = chat_event_ids(&stack.endpoints().kafka_bootstrap).await?;
+        if ids.iter().all(|id| published.contains_key(id)) {
+            return Ok(());
+        }
+        ensure!(
+            start.elapsed() < Duration::from_secs(20),
+            "async events did not arrive"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+async fn kafka_outage_is_reported_and_the_outbox_catches_up(stack: &mut Stack) -> Result<()> {
+    let n1 = Node::start(stack, "ko-1", &[]).await?;
+    let conv = unique("conv");
+    create_conversation(&n1, "alice", &conv, &["alice"]).await?;
+    let mut alice = Client::connect(&n1, "alice").await?;
+    for b in 1..=3 {
+        stack.cut(&format!("kafka-{b}-client")).await?;
+    }
+    let start = Instant::now();
+    loop {
+        let (code, body) = n1.readyz().await?;
+        if code == 503 && body["kafka"] == false {
+            break;
+        }
+        ensure!(
+            start.elapsed() < Duration::from_secs(20),
+            "readyz did not notice kafka is gone: {code} {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // Outbox mode keeps Kafka off the user's path: sends are still acknowledged.
+    for i in 0..5 {
+        alice
+            .send_msg(&conv, &format!("ko{i}"), "while kafka is away")
+            .await?;
+    }
+    for b in 1..=3 {
+        stack.restore(&format!("kafka-{b}-client")).await?;
+    }
+    n1.wait_ready(Duration::from_secs(60))
+        .await
+        .context("node did not recover after kafka returned")?;
+    let pool = sqlx::PgPool::connect(&stack.endpoints().postgres_url).await?;
+    let ids: Vec<String> = sqlx::query_scalar("SELECT id FROM messages WHERE conversation_id = $1")
+        .bind(&conv)
+        .fetch_all(&pool)
+        .await?;
+    let start = Instant::now();
+    loop {
+        let published = chat_event_ids(&stack.endpoints().kafka_bootstrap).await?;
+        if ids.iter().all(|id| published.contains_key(id)) {
+            return Ok(());
+        }
+        ensure!(
+            start.elapsed() < Duration::from_secs(60),
+            "outbox rows were not published after kafka returned"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+async fn postgres_outage_gives_unavailable_and_recovers(stack: &mut Stack) -> Result<()> {
+    let n1 = Node::start(stack, "pg-1", &[]).await?;
+    let conv = unique("conv");
+    create_conversation(&n1, "alice", &conv, &["alice"]).await?;
+    let mut alice = Client::connect(&n1, "alice").await?;
+    alice.send_msg(&conv, "pg-before", "stored").await?;
+    stack.cut("postgres").await?;
+    alice
+        .send(&ClientFrame::Send {
+            conversation_id: conv.clone(),
+            client_msg_id: "pg-during".into(),
+            body: "refused".into(),
+        })
+        .await?;
+    let msg = alice.expect_error(ErrorCode::Unavailable).await?;
+    ensure!(msg.contains("nothing was stored"), "{msg}");
+    alice.still_serves().await?;
+    let start = Instant::now();
+    loop {
+        let (code, body) = n1.readyz().await?;
+        if code == 503 && body["postgres"] == false {
+            break;
+        }
+        ensure!(
+            start.elapsed() < Duration::from_secs(20),
+            "readyz did not report postgres down: {code} {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    stack.restore("postgres").await?;
+    n1.wait_ready(Duration::from_secs(30)).await?;
+    // The refused send was not stored; retrying it now works and gets the next seq.
+    let start = Instant::now();
+    let seq = loop {
+        match alice.send_msg(&conv, "pg-during", "refused").await {
+            Ok((seq, _)) => break seq,
+            Err(e) if start.elapsed() < Duration::from_secs(20) => {
+                eprintln!("  retry after restore: {e}");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    ensure!(seq == 2, "seq after the outage is {seq}");
+    Ok(())
+}
+
+async fn sigterm_drains_connections(stack: &mut Stack) -> Result<()> {
+    let mut n1 = Node::start(stack, "drain-1", &[]).await?;
+    let mut c = Client::connect(&n1, "alice").await?;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(n1.pid()),
+        nix::sys::signal::Signal::SIGTERM,
+    )?;
+    c.expect_error(ErrorCode::ShuttingDown).await?;
+    let close = tokio::time::timeout(Duration::from_secs(5), c.ws.next()).await?;
+    match close {
+        Some(Ok(Message::Close(Some(cf)))) => ensure!(u16::from(cf.code) == 1012, "close {cf:?}"),
+        other => bail!("expected a close frame, got {other:?}"),
+    }
+    let start = Instant::now();
+    loop {
+        if let Some(status) = n1.child.try_wait()? {
+            ensure!(status.success(), "node exited with {status}");
+            break;
+        }
+        ensure!(
+            start.elapsed() < Duration::from_secs(20),
+            "node did not exit after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}
+
 // ---------------------------------------------------------------------------------------
 
 struct Fixture {
@@ -870,6 +1060,26 @@ fn main() {
         t!(
             "node::readyz_follows_redis_and_the_node_recovers",
             readyz_follows_redis_and_the_node_recovers
+        ),
+        t!(
+            "node::kafka_fanout_mode_delivers_across_nodes",
+            kafka_fanout_mode_delivers_across_nodes
+        ),
+        t!(
+            "node::async_mode_publishes_without_the_outbox",
+            async_mode_publishes_without_the_outbox
+        ),
+        t!(
+            "node::kafka_outage_is_reported_and_the_outbox_catches_up",
+            kafka_outage_is_reported_and_the_outbox_catches_up
+        ),
+        t!(
+            "node::postgres_outage_gives_unavailable_and_recovers",
+            postgres_outage_gives_unavailable_and_recovers
+        ),
+        t!(
+            "node::sigterm_drains_connections",
+            sigterm_drains_connections
         ),
     ];
     let conclusion = libtest_mimic::run(&args, trials);
