@@ -63,7 +63,7 @@ impl Drop for NodeProc {
     }
 }
 
-async fn start_node(stack: &Stack, config: &PathBuf) -> Result<NodeProc> {
+async fn start_node(stack: &Stack, config: &std::path::Path) -> Result<NodeProc> {
     let e = stack.endpoints();
     let mut child = Command::new(env!("CARGO_BIN_EXE_chatstream"))
         .args([
