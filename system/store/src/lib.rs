@@ -184,15 +184,8 @@ impl Store {
     where
         F: FnOnce(&StoredMessage) -> Vec<OutboxRow>,
     {
-        if let Some(existing) = self
-            .find_by_client_id(&msg.sender_id, &msg.client_msg_id)
-            .await?
-        {
-            return Ok(Appended {
-                message: existing,
-                duplicate: true,
-            });
-        }
+        // Four round trips: BEGIN, seq, message + outbox rows in one statement, COMMIT.
+        // A retry is found by the unique (sender, client_msg_id) key, not by a read first.
         let mut tx = self.pool.begin().await?;
         // The row lock on the conversation serialises appends per conversation: seqs are
         // dense and in commit order. Membership is checked in the same statement.
@@ -212,24 +205,20 @@ impl Store {
                 conversation: msg.conversation_id.clone(),
             });
         };
-        let inserted = sqlx::query(
-            "INSERT INTO messages (id, conversation_id, seq, sender_id, client_msg_id, body, trace_id, node_id, created_at_ms)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
-             ON CONFLICT (sender_id, client_msg_id) DO NOTHING",
-        )
-        .bind(&msg.message_id)
-        .bind(&msg.conversation_id)
-        .bind(seq)
-        .bind(&msg.sender_id)
-        .bind(&msg.client_msg_id)
-        .bind(&msg.body)
-        .bind(&msg.trace_id)
-        .bind(&msg.node_id)
-        .bind(msg.created_at_ms)
-        .execute(&mut *tx)
-        .await?;
-        if inserted.rows_affected() == 0 {
-            // A concurrent retry won the race: undo our seq bump and return its message.
+        let message = StoredMessage {
+            message_id: msg.message_id.clone(),
+            conversation_id: msg.conversation_id.clone(),
+            seq,
+            sender_id: msg.sender_id.clone(),
+            client_msg_id: msg.client_msg_id.clone(),
+            body: msg.body.clone(),
+            trace_id: msg.trace_id.clone(),
+            created_at_ms: msg.created_at_ms,
+        };
+        let rows = events(&message);
+        let inserted = outbox::insert_message_with_events(&mut tx, msg, seq, &rows).await?;
+        if !inserted {
+            // A retry (or a concurrent retry that won): undo our seq bump, return the first.
             tx.rollback().await?;
             let existing = self
                 .find_by_client_id(&msg.sender_id, &msg.client_msg_id)
@@ -242,17 +231,6 @@ impl Store {
                 duplicate: true,
             });
         }
-        let message = StoredMessage {
-            message_id: msg.message_id.clone(),
-            conversation_id: msg.conversation_id.clone(),
-            seq,
-            sender_id: msg.sender_id.clone(),
-            client_msg_id: msg.client_msg_id.clone(),
-            body: msg.body.clone(),
-            trace_id: msg.trace_id.clone(),
-            created_at_ms: msg.created_at_ms,
-        };
-        outbox::insert(&mut tx, &events(&message)).await?;
         tx.commit().await?;
         Ok(Appended {
             message,

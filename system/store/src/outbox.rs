@@ -68,6 +68,53 @@ pub(crate) async fn insert(tx: &mut Transaction<'_, Postgres>, rows: &[OutboxRow
     Ok(())
 }
 
+/// Inserts the message and, only if it was new, its outbox rows: one statement. Returns
+/// false when (sender, client_msg_id) already existed.
+pub(crate) async fn insert_message_with_events(
+    tx: &mut Transaction<'_, Postgres>,
+    msg: &crate::NewMessage,
+    seq: i64,
+    rows: &[OutboxRow],
+) -> Result<bool> {
+    let shards: Vec<i32> = rows.iter().map(|r| shard_of(&r.key)).collect();
+    let col = |f: fn(&OutboxRow) -> &String| rows.iter().map(f).cloned().collect::<Vec<String>>();
+    let created: Vec<i64> = rows.iter().map(|r| r.created_at_ms).collect();
+    let inserted: i64 = sqlx::query_scalar(
+        "WITH m AS (
+            INSERT INTO messages (id, conversation_id, seq, sender_id, client_msg_id, body, trace_id, node_id, created_at_ms)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+            ON CONFLICT (sender_id, client_msg_id) DO NOTHING
+            RETURNING id
+         ), o AS (
+            INSERT INTO outbox (event_id, shard, topic, key, payload, node_id, created_at_ms)
+            SELECT * FROM UNNEST($10::text[], $11::int[], $12::text[], $13::text[], $14::text[], $15::text[], $16::bigint[])
+            WHERE EXISTS (SELECT 1 FROM m)
+            ON CONFLICT (event_id) DO NOTHING
+            RETURNING 1
+         )
+         SELECT count(*) FROM m",
+    )
+    .bind(&msg.message_id)
+    .bind(&msg.conversation_id)
+    .bind(seq)
+    .bind(&msg.sender_id)
+    .bind(&msg.client_msg_id)
+    .bind(&msg.body)
+    .bind(&msg.trace_id)
+    .bind(&msg.node_id)
+    .bind(msg.created_at_ms)
+    .bind(col(|r| &r.event_id))
+    .bind(shards)
+    .bind(col(|r| &r.topic))
+    .bind(col(|r| &r.key))
+    .bind(col(|r| &r.payload))
+    .bind(col(|r| &r.node_id))
+    .bind(created)
+    .fetch_one(&mut **tx)
+    .await?;
+    Ok(inserted == 1)
+}
+
 pub(crate) async fn relay_shard<F, Fut, E>(
     pool: &PgPool,
     shard: i32,
