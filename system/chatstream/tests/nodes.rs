@@ -281,43 +281,74 @@ impl Client {
     }
 }
 
-/// Messages of chat-events (all partitions, beginning to end) as (message id → count).
-async fn chat_event_ids(bootstrap: &str) -> Result<BTreeMap<String, usize>> {
+/// Every decodable event of `topic`, all partitions, from the beginning to the end
+/// offsets taken at the start.
+async fn read_events(bootstrap: &str, topic: &str) -> Result<Vec<EventEnvelope>> {
     let bootstrap = bootstrap.to_string();
-    tokio::task::spawn_blocking(move || -> Result<BTreeMap<String, usize>> {
+    let topic = topic.to_string();
+    tokio::task::spawn_blocking(move || -> Result<Vec<EventEnvelope>> {
         let consumer: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", &bootstrap)
             .set("group.id", unique("reader"))
             .set("enable.auto.commit", "false")
             .create()?;
-        let md = consumer.fetch_metadata(Some("chat-events"), Duration::from_secs(10))?;
+        let md = consumer.fetch_metadata(Some(&topic), Duration::from_secs(10))?;
         let parts: Vec<i32> = md.topics()[0].partitions().iter().map(|p| p.id()).collect();
         let mut tpl = TopicPartitionList::new();
         let mut ends = BTreeMap::new();
         for p in &parts {
-            let (_, high) =
-                consumer.fetch_watermarks("chat-events", *p, Duration::from_secs(10))?;
+            let (_, high) = consumer.fetch_watermarks(&topic, *p, Duration::from_secs(10))?;
             ends.insert(*p, high);
-            tpl.add_partition_offset("chat-events", *p, Offset::Beginning)?;
+            tpl.add_partition_offset(&topic, *p, Offset::Beginning)?;
         }
         consumer.assign(&tpl)?;
         let mut pos: BTreeMap<i32, i64> = parts.iter().map(|p| (*p, 0)).collect();
-        let mut ids = BTreeMap::new();
+        let mut events = Vec::new();
         let deadline = Instant::now() + Duration::from_secs(60);
         while pos.iter().any(|(p, o)| *o < ends[p]) && Instant::now() < deadline {
             if let Some(m) = consumer.poll(Duration::from_millis(300)) {
                 let m = m?;
                 pos.insert(m.partition(), m.offset() + 1);
                 if let Some(e) = m.payload().and_then(|b| EventEnvelope::from_slice(b).ok()) {
-                    if let EventBody::ChatMessage(c) = e.body {
-                        *ids.entry(c.message_id).or_default() += 1;
-                    }
+                    events.push(e);
                 }
             }
         }
-        Ok(ids)
+        Ok(events)
     })
     .await?
+}
+
+/// Messages of chat-events as (message id → count).
+async fn chat_event_ids(bootstrap: &str) -> Result<BTreeMap<String, usize>> {
+    let mut ids = BTreeMap::new();
+    for e in read_events(bootstrap, "chat-events").await? {
+        if let EventBody::ChatMessage(c) = e.body {
+            *ids.entry(c.message_id).or_default() += 1;
+        }
+    }
+    Ok(ids)
+}
+
+/// The type names of `session`'s events on stream-events, in order, once `done` holds.
+async fn session_events(
+    bootstrap: &str,
+    session: &str,
+    done: impl Fn(&[String]) -> bool,
+) -> Result<Vec<String>> {
+    let start = Instant::now();
+    loop {
+        let types: Vec<String> = read_events(bootstrap, "stream-events")
+            .await?
+            .into_iter()
+            .filter(|e| e.session_id.as_deref() == Some(session))
+            .map(|e| e.body.type_name().to_string())
+            .collect();
+        if done(&types) || start.elapsed() > Duration::from_secs(20) {
+            return Ok(types);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -720,6 +751,25 @@ async fn stream_resumed_on_another_node_delivers_every_chunk(stack: &mut Stack) 
     );
     let unique_count = seen.iter().collect::<HashSet<_>>().len();
     ensure!(unique_count == seen.len(), "duplicated chunks");
+    // The session's timeline on stream-events, in order (one partition per session key).
+    let types = session_events(&stack.endpoints().kafka_bootstrap, &session, |t| {
+        t.iter().any(|x| x == "RECOVERY_ATTEMPT") && t.iter().any(|x| x == "STREAM_COMPLETED")
+    })
+    .await?;
+    let chunks = types.iter().filter(|t| *t == "CHUNK_RECEIVED").count() as i64;
+    ensure!(
+        types.first().map(String::as_str) == Some("SESSION_STARTED"),
+        "timeline {types:?}"
+    );
+    ensure!(
+        chunks == total,
+        "{chunks} CHUNK_RECEIVED events for {total} chunks"
+    );
+    ensure!(
+        types.iter().any(|t| t == "STREAM_COMPLETED")
+            && types.iter().any(|t| t == "RECOVERY_ATTEMPT"),
+        "timeline {types:?}"
+    );
     // A session that does not exist is a clear not_found.
     c2.send(&ClientFrame::Resume {
         session_id: "no-such-session".into(),
@@ -727,6 +777,54 @@ async fn stream_resumed_on_another_node_delivers_every_chunk(stack: &mut Stack) 
     })
     .await?;
     c2.expect_error(ErrorCode::NotFound).await?;
+    Ok(())
+}
+
+async fn failing_stream_ends_failed_with_stream_error(stack: &mut Stack) -> Result<()> {
+    let config = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("failing-stream.yaml");
+    std::fs::write(&config, "stream:\n  error_rate: 1.0\n  pace_ms: 10\n")?;
+    let n1 = Node::start(
+        stack,
+        "fail-1",
+        &["--config", &config.display().to_string()],
+    )
+    .await?;
+    let conv = unique("conv");
+    create_conversation(&n1, "alice", &conv, &["alice"]).await?;
+    let mut c = Client::connect(&n1, "alice").await?;
+    c.send(&ClientFrame::Stream {
+        conversation_id: conv,
+        prompt: "this one fails".into(),
+    })
+    .await?;
+    let session = c
+        .until(|f| match f {
+            ServerFrame::StreamStarted { session_id, .. } => Some(session_id.clone()),
+            _ => None,
+        })
+        .await?;
+    let (outcome, error) = c
+        .until(|f| match f {
+            ServerFrame::StreamEnd { outcome, error, .. } => Some((*outcome, error.clone())),
+            _ => None,
+        })
+        .await?;
+    ensure!(
+        outcome == StreamOutcome::Failed && error.is_some(),
+        "{outcome:?} {error:?}"
+    );
+    let types = session_events(&stack.endpoints().kafka_bootstrap, &session, |t| {
+        t.iter().any(|x| x == "STREAM_ERROR")
+    })
+    .await?;
+    ensure!(
+        types.iter().any(|t| t == "STREAM_ERROR"),
+        "no STREAM_ERROR in {types:?}"
+    );
+    ensure!(
+        !types.iter().any(|t| t == "STREAM_COMPLETED"),
+        "a failed stream reported completion: {types:?}"
+    );
     Ok(())
 }
 
@@ -1060,6 +1158,10 @@ fn main() {
         t!(
             "node::readyz_follows_redis_and_the_node_recovers",
             readyz_follows_redis_and_the_node_recovers
+        ),
+        t!(
+            "node::failing_stream_ends_failed_with_stream_error",
+            failing_stream_ends_failed_with_stream_error
         ),
         t!(
             "node::kafka_fanout_mode_delivers_across_nodes",

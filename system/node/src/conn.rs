@@ -431,6 +431,7 @@ impl Conn {
             message_id: msg.message_id.clone(),
             conversation_id: msg.conversation_id.clone(),
             seq: msg.seq,
+            status: MessageStatus::Sent,
             duplicate: appended.duplicate,
             ts_ms: clock::now_ms(),
         });

@@ -198,6 +198,7 @@ pub async fn start(
                 message_id: message_id.clone(),
                 conversation_id: conversation.to_string(),
                 user_id: user.to_string(),
+                prompt: prompt.to_string(),
                 prompt_length: prompt.len(),
                 planned_chunks: plan.chunks,
             }),
@@ -267,7 +268,7 @@ async fn generate(
     let pace = Duration::from_millis(state.streams.config().pace_ms);
     let started = Instant::now();
     let mut last = Instant::now();
-    let mut length = 0usize;
+    let mut response = String::new();
     let send_live = |frame: ServerFrame| {
         if let Some(tx) = &live {
             let _ = tx.try_send(Outbound::from(frame.encode()));
@@ -313,7 +314,7 @@ async fn generate(
         }
         let text = state.streams.chunk_text(&prompt, index);
         let now = clock::now_ms();
-        length += text.len();
+        response.push_str(&text);
         cache_with_retry(
             &state,
             &session,
@@ -370,10 +371,11 @@ async fn generate(
             message_id,
             conversation_id: ctx.conversation_id.clone().unwrap_or_default(),
             total_chunks: plan.chunks,
-            content_length: length,
+            content_length: response.len(),
             total_latency_ms: started.elapsed().as_millis() as u64,
             words,
             tokens_used: words * 4 / 3,
+            response,
         }),
     );
     state.events.emit(e).await;

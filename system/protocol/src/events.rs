@@ -75,6 +75,8 @@ pub struct SessionStarted {
     pub message_id: String,
     pub conversation_id: String,
     pub user_id: String,
+    /// The prompt (the training export pairs it with the response).
+    pub prompt: String,
     pub prompt_length: usize,
     pub planned_chunks: i64,
 }
@@ -99,6 +101,8 @@ pub struct StreamCompleted {
     pub total_latency_ms: u64,
     pub words: usize,
     pub tokens_used: usize,
+    /// The whole generated text.
+    pub response: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -126,12 +126,13 @@ pub enum ServerFrame {
         max_frame_bytes: usize,
         server_time_ms: i64,
     },
-    /// The message is stored (status SENT). `duplicate` is true for a retried send.
+    /// The message is stored: `status` is always SENT. `duplicate` is true for a retried send.
     Ack {
         client_msg_id: String,
         message_id: String,
         conversation_id: String,
         seq: i64,
+        status: MessageStatus,
         duplicate: bool,
         ts_ms: i64,
     },
@@ -450,6 +451,7 @@ mod tests {
                     message_id: m,
                     conversation_id: conv,
                     seq,
+                    status: MessageStatus::Sent,
                     duplicate: d,
                     ts_ms: ts
                 }),

@@ -1,0 +1,401 @@
+//! The at-least-once consumer loop every worker runs on.
+//!
+//! - Offsets are committed by hand, only past events that were handled (or dead-lettered):
+//!   every 500 ms asynchronously, and synchronously when partitions are revoked and on
+//!   shutdown.
+//! - A transient failure pauses only that partition and retries the event with capped
+//!   exponential backoff (1 s, 2 s, ... 30 s) while the loop keeps polling, so the
+//!   consumer never stalls into a rebalance; on success the partition is sought past the
+//!   event and resumed.
+//! - A poison event (undecodable, unknown version, failing validation) goes to
+//!   `<topic>-dlq` with the error and its origin in headers, and the worker moves on.
+//! - Handlers make redelivery harmless (idempotent by event id), so a crash between
+//!   handling and commit changes nothing.
+
+use chatstream_protocol::EventEnvelope;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
+use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::producer::FutureProducer;
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+
+use crate::dlq;
+
+/// Where an event came from.
+#[derive(Debug, Clone)]
+pub struct RecordMeta {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Handled {
+    /// The event changed the projection.
+    Applied,
+    /// Nothing to do: already applied (a redelivery) or not this worker's kind of event.
+    Skipped,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HandleError {
+    /// Worth retrying (a backend is down, a webhook timed out).
+    #[error("transient: {0}")]
+    Transient(String),
+    /// Will never succeed (fails validation): dead-lettered.
+    #[error("poison: {0}")]
+    Poison(String),
+}
+
+/// What a worker does with one event.
+pub trait Handler: Send + Sync + 'static {
+    /// The worker's name; its consumer group is `chatstream-<name>`.
+    fn name(&self) -> &str;
+    fn topics(&self) -> Vec<String>;
+    fn handle(
+        &self,
+        event: &EventEnvelope,
+        meta: &RecordMeta,
+    ) -> impl Future<Output = Result<Handled, HandleError>> + Send;
+}
+
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    pub bootstrap: String,
+    /// Consumer group (default `chatstream-<worker>`).
+    pub group: Option<String>,
+    /// Consumers of this worker in this process (each gets its share of partitions).
+    pub concurrency: usize,
+    pub commit_interval: Duration,
+    pub first_backoff: Duration,
+    pub max_backoff: Duration,
+    /// Test sabotage: exit the process right after handling this many events, before their
+    /// offsets are committed (what a crash at the worst moment does).
+    pub crash_after: Option<u64>,
+}
+
+impl WorkerConfig {
+    pub fn new(bootstrap: &str) -> Self {
+        WorkerConfig {
+            bootstrap: bootstrap.to_string(),
+            group: None,
+            concurrency: 1,
+            commit_interval: Duration::from_millis(500),
+            first_backoff: Duration::from_secs(1),
+            max_backoff: Duration::from_secs(30),
+            crash_after: None,
+        }
+    }
+}
+
+type PartitionKey = (String, i32);
+
+/// Shared between the loop and the rebalance callback.
+#[derive(Default)]
+struct Progress {
+    /// Next offset to commit, per partition, for events handled.
+    handled: BTreeMap<PartitionKey, i64>,
+    /// Partitions revoked since the loop last looked.
+    revoked: HashSet<PartitionKey>,
+}
+
+struct WorkerContext {
+    progress: Arc<Mutex<Progress>>,
+    worker: String,
+}
+
+impl ClientContext for WorkerContext {}
+
+impl ConsumerContext for WorkerContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(tpl) = rebalance {
+            let Ok(mut p) = self.progress.lock() else {
+                return;
+            };
+            let mut commit = TopicPartitionList::new();
+            for e in tpl.elements() {
+                let key = (e.topic().to_string(), e.partition());
+                if let Some(next) = p.handled.remove(&key) {
+                    let _ =
+                        commit.add_partition_offset(e.topic(), e.partition(), Offset::Offset(next));
+                }
+                p.revoked.insert(key);
+            }
+            if commit.count() > 0 {
+                match consumer.commit(&commit, CommitMode::Sync) {
+                    Ok(()) => {
+                        tracing::info!(worker = %self.worker, partitions = commit.count(), "committed handled offsets before revoke")
+                    }
+                    Err(e) => {
+                        tracing::warn!(worker = %self.worker, error = %e, "commit on revoke failed; events may be redelivered")
+                    }
+                }
+            }
+        }
+    }
+}
+
+struct Retry {
+    msg: OwnedMessage,
+    attempt: u32,
+    due: Instant,
+}
+
+/// Runs `concurrency` consumers of `handler` until `shutdown` turns true.
+pub async fn run_worker<H: Handler>(
+    config: WorkerConfig,
+    handler: Arc<H>,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), String> {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &config.bootstrap)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .create()
+        .map_err(|e| format!("creating the dead-letter producer: {e}"))?;
+    let handled_total = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for instance in 0..config.concurrency.max(1) {
+        let (config, handler, producer, shutdown, handled_total) = (
+            config.clone(),
+            handler.clone(),
+            producer.clone(),
+            shutdown.clone(),
+            handled_total.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            run_instance(instance, config, handler, producer, shutdown, handled_total).await
+        }));
+    }
+    let mut first_error = None;
+    for t in tasks {
+        match t.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => first_error = first_error.or(Some(e)),
+            Err(e) => first_error = first_error.or(Some(e.to_string())),
+        }
+    }
+    first_error.map_or(Ok(()), Err)
+}
+
+fn commit_handled(
+    consumer: &StreamConsumer<WorkerContext>,
+    progress: &Mutex<Progress>,
+    committed: &mut HashMap<PartitionKey, i64>,
+    mode: CommitMode,
+) {
+    let mut tpl = TopicPartitionList::new();
+    if let Ok(p) = progress.lock() {
+        for ((topic, partition), next) in &p.handled {
+            if committed.get(&(topic.clone(), *partition)) != Some(next) {
+                let _ = tpl.add_partition_offset(topic, *partition, Offset::Offset(*next));
+            }
+        }
+    }
+    if tpl.count() == 0 {
+        return;
+    }
+    match consumer.commit(&tpl, mode) {
+        Ok(()) => {
+            for e in tpl.elements() {
+                if let Offset::Offset(o) = e.offset() {
+                    committed.insert((e.topic().to_string(), e.partition()), o);
+                }
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "offset commit failed; will retry"),
+    }
+}
+
+/// Outcome of one attempt at an event.
+enum Attempt {
+    Done,
+    Retry(String),
+}
+
+async fn attempt<H: Handler>(
+    handler: &H,
+    producer: &FutureProducer,
+    msg: &OwnedMessage,
+) -> Attempt {
+    let meta = RecordMeta {
+        topic: msg.topic().to_string(),
+        partition: msg.partition(),
+        offset: msg.offset(),
+    };
+    let worker = handler.name();
+    let meta_ref = &meta;
+    let poison = |error: String| async move {
+        let meta = meta_ref;
+        metrics::counter!("chatstream_worker_dead_letters_total", "worker" => worker.to_string())
+            .increment(1);
+        tracing::warn!(worker, topic = %meta.topic, partition = meta.partition, offset = meta.offset, %error, "dead-lettering poison event");
+        match dlq::send(
+            producer,
+            worker,
+            &meta.topic,
+            meta.partition,
+            meta.offset,
+            msg.key(),
+            msg.payload(),
+            &error,
+        )
+        .await
+        {
+            Ok(()) => Attempt::Done,
+            Err(e) => Attempt::Retry(e),
+        }
+    };
+    let event = match msg.payload().map(EventEnvelope::from_slice) {
+        Some(Ok(e)) => e,
+        Some(Err(e)) => return poison(e.to_string()).await,
+        None => return poison("empty payload".into()).await,
+    };
+    match handler.handle(&event, &meta).await {
+        Ok(outcome) => {
+            let label = if outcome == Handled::Applied {
+                "applied"
+            } else {
+                "skipped"
+            };
+            metrics::counter!("chatstream_worker_events_total", "worker" => worker.to_string(), "outcome" => label).increment(1);
+            Attempt::Done
+        }
+        Err(HandleError::Poison(e)) => poison(e).await,
+        Err(HandleError::Transient(e)) => Attempt::Retry(e),
+    }
+}
+
+fn partition_list(topic: &str, partition: i32) -> TopicPartitionList {
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition(topic, partition);
+    tpl
+}
+
+async fn run_instance<H: Handler>(
+    instance: usize,
+    config: WorkerConfig,
+    handler: Arc<H>,
+    producer: FutureProducer,
+    mut shutdown: watch::Receiver<bool>,
+    handled_total: Arc<std::sync::atomic::AtomicU64>,
+) -> Result<(), String> {
+    let worker = handler.name().to_string();
+    let group = config
+        .group
+        .clone()
+        .unwrap_or_else(|| format!("chatstream-{worker}"));
+    let progress = Arc::new(Mutex::new(Progress::default()));
+    let context = WorkerContext {
+        progress: progress.clone(),
+        worker: worker.clone(),
+    };
+    let consumer: StreamConsumer<WorkerContext> = ClientConfig::new()
+        .set("bootstrap.servers", &config.bootstrap)
+        .set("group.id", &group)
+        .set("client.id", format!("{worker}-{instance}"))
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", "10000")
+        .set("max.poll.interval.ms", "300000")
+        .set("socket.nagle.disable", "true")
+        .create_with_context(context)
+        .map_err(|e| format!("creating consumer for {worker}: {e}"))?;
+    let topics = handler.topics();
+    let topic_refs: Vec<&str> = topics.iter().map(String::as_str).collect();
+    consumer
+        .subscribe(&topic_refs)
+        .map_err(|e| format!("subscribing {worker} to {topics:?}: {e}"))?;
+    tracing::info!(%worker, %group, instance, ?topics, "worker consuming");
+
+    let mut committed: HashMap<PartitionKey, i64> = HashMap::new();
+    let mut retries: HashMap<PartitionKey, Retry> = HashMap::new();
+    let mut commit_tick = tokio::time::interval(config.commit_interval);
+    let backoff = |attempt: u32| {
+        (config.first_backoff * 2u32.saturating_pow(attempt.saturating_sub(1)))
+            .min(config.max_backoff)
+    };
+    let handled_here = |key: PartitionKey, next: i64| {
+        if let Ok(mut p) = progress.lock() {
+            p.handled.insert(key, next);
+        }
+        let n = handled_total.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        if config.crash_after == Some(n) {
+            tracing::error!(%worker, handled = n, "crash_after reached: exiting before committing offsets (test sabotage)");
+            std::process::exit(86);
+        }
+    };
+    loop {
+        // Drop retries of partitions this consumer no longer owns.
+        if let Ok(mut p) = progress.lock() {
+            for key in p.revoked.drain() {
+                retries.remove(&key);
+                committed.remove(&key);
+            }
+        }
+        let next_due = retries.values().map(|r| r.due).min();
+        tokio::select! {
+            _ = shutdown.changed() => break,
+            _ = commit_tick.tick() => commit_handled(&consumer, &progress, &mut committed, CommitMode::Async),
+            _ = tokio::time::sleep_until(next_due.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600)).into()), if next_due.is_some() => {
+                let due: Vec<PartitionKey> = retries.iter().filter(|(_, r)| r.due <= Instant::now()).map(|(k, _)| k.clone()).collect();
+                for key in due {
+                    let Some(mut r) = retries.remove(&key) else { continue };
+                    match attempt(handler.as_ref(), &producer, &r.msg).await {
+                        Attempt::Done => {
+                            let next = r.msg.offset() + 1;
+                            handled_here(key.clone(), next);
+                            // Fetched-but-dropped events of this partition come again from here.
+                            if let Err(e) = consumer.seek(&key.0, key.1, Offset::Offset(next), Duration::from_secs(5)) {
+                                tracing::warn!(error = %e, "seek after retry failed");
+                            }
+                            let _ = consumer.resume(&partition_list(&key.0, key.1));
+                            tracing::info!(%worker, topic = %key.0, partition = key.1, attempts = r.attempt + 1, "retry succeeded; partition resumed");
+                        }
+                        Attempt::Retry(e) => {
+                            r.attempt += 1;
+                            r.due = Instant::now() + backoff(r.attempt);
+                            metrics::counter!("chatstream_worker_retries_total", "worker" => worker.clone()).increment(1);
+                            tracing::warn!(%worker, topic = %key.0, partition = key.1, attempt = r.attempt, error = %e, "still failing; next try in {:?}", backoff(r.attempt));
+                            retries.insert(key, r);
+                        }
+                    }
+                }
+            }
+            msg = consumer.recv() => {
+                let msg = match msg {
+                    Ok(m) => m.detach(),
+                    Err(e) => {
+                        tracing::warn!(%worker, error = %e, "consumer error");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        continue;
+                    }
+                };
+                let key = (msg.topic().to_string(), msg.partition());
+                if retries.contains_key(&key) {
+                    // Prefetched before the pause took effect; read again after the retry.
+                    continue;
+                }
+                match attempt(handler.as_ref(), &producer, &msg).await {
+                    Attempt::Done => handled_here(key, msg.offset() + 1),
+                    Attempt::Retry(e) => {
+                        let _ = consumer.pause(&partition_list(&key.0, key.1));
+                        metrics::counter!("chatstream_worker_retries_total", "worker" => worker.clone()).increment(1);
+                        tracing::warn!(%worker, topic = %key.0, partition = key.1, offset = msg.offset(), error = %e, "transient failure; partition paused, retry in {:?}", config.first_backoff);
+                        retries.insert(key, Retry { msg, attempt: 1, due: Instant::now() + config.first_backoff });
+                    }
+                }
+            }
+        }
+    }
+    commit_handled(&consumer, &progress, &mut committed, CommitMode::Sync);
+    tracing::info!(%worker, instance, "worker stopped; handled offsets committed");
+    Ok(())
+}

@@ -1,0 +1,404 @@
+//! What each worker does with an event. Every projection write happens in one PostgreSQL
+//! transaction with the event's processed marker (consumer group, event id), so a
+//! redelivered event is skipped and nothing is counted twice.
+
+use chatstream_protocol::events::{topic, EventBody};
+use chatstream_protocol::EventEnvelope;
+use sqlx::{PgPool, Postgres, Transaction};
+use std::time::Duration;
+
+use crate::consumer::{HandleError, Handled, Handler, RecordMeta};
+
+fn transient(e: impl std::fmt::Display) -> HandleError {
+    HandleError::Transient(e.to_string())
+}
+
+/// Claims `event_id` for `group` inside `tx`; false when it was already processed.
+pub async fn claim(
+    tx: &mut Transaction<'_, Postgres>,
+    group: &str,
+    event_id: &str,
+) -> Result<bool, sqlx::Error> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0);
+    let r = sqlx::query(
+        "INSERT INTO processed_events (consumer_group, event_id, processed_at_ms) VALUES ($1, $2, $3)
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(group)
+    .bind(event_id)
+    .bind(now)
+    .execute(&mut **tx)
+    .await?;
+    Ok(r.rows_affected() == 1)
+}
+
+/// Checks what every projection relies on; failures are poison (dead-lettered).
+fn validate(e: &EventEnvelope) -> Result<(), HandleError> {
+    if e.id.is_empty() || e.tenant.is_empty() {
+        return Err(HandleError::Poison("event without id or tenant".into()));
+    }
+    if e.timestamp_ms <= 0 {
+        return Err(HandleError::Poison(format!(
+            "event {} has no valid timestamp_ms",
+            e.id
+        )));
+    }
+    Ok(())
+}
+
+/// The audit trail: every event except CHUNK_RECEIVED (too many, as the seeds say) and
+/// typing, into `audit_logs`.
+pub struct Audit {
+    pub pool: PgPool,
+    pub group: String,
+}
+
+impl Handler for Audit {
+    fn name(&self) -> &str {
+        "audit"
+    }
+
+    fn topics(&self) -> Vec<String> {
+        [
+            topic::CHAT_EVENTS,
+            topic::STREAM_EVENTS,
+            topic::MESSAGE_STATUS_EVENTS,
+            topic::NOTIFICATIONS,
+        ]
+        .map(String::from)
+        .to_vec()
+    }
+
+    async fn handle(&self, e: &EventEnvelope, meta: &RecordMeta) -> Result<Handled, HandleError> {
+        validate(e)?;
+        if matches!(e.body, EventBody::ChunkReceived(_) | EventBody::Typing(_)) {
+            return Ok(Handled::Skipped);
+        }
+        let payload =
+            serde_json::to_value(&e.body).map_err(|err| HandleError::Poison(err.to_string()))?;
+        let mut tx = self.pool.begin().await.map_err(transient)?;
+        if !claim(&mut tx, &self.group, &e.id)
+            .await
+            .map_err(transient)?
+        {
+            return Ok(Handled::Skipped);
+        }
+        sqlx::query(
+            "INSERT INTO audit_logs (event_id, event_type, tenant, user_id, conversation_id, session_id, message_id,
+                                     source_node, trace_id, ts_ms, kafka_topic, kafka_partition, kafka_offset, payload)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
+             ON CONFLICT (event_id) DO NOTHING",
+        )
+        .bind(&e.id)
+        .bind(e.body.type_name())
+        .bind(&e.tenant)
+        .bind(&e.user_id)
+        .bind(&e.conversation_id)
+        .bind(&e.session_id)
+        .bind(&e.message_id)
+        .bind(&e.source_node)
+        .bind(&e.trace_id)
+        .bind(e.timestamp_ms)
+        .bind(&meta.topic)
+        .bind(meta.partition)
+        .bind(meta.offset)
+        .bind(payload)
+        .execute(&mut *tx)
+        .await
+        .map_err(transient)?;
+        tx.commit().await.map_err(transient)?;
+        Ok(Handled::Applied)
+    }
+}
+
+/// Analytics: the seeds' metric set as Prometheus metrics, and per-minute aggregates
+/// (volume, latency samples for percentiles, errors) in `analytics_minutes`.
+pub struct Analytics {
+    pub pool: PgPool,
+    pub group: String,
+    /// Test sabotage: skip the processed marker, so a redelivery counts twice.
+    pub unsafe_no_dedupe: bool,
+}
+
+impl Analytics {
+    fn record_metrics(e: &EventEnvelope) {
+        match &e.body {
+            EventBody::SessionStarted(_) => metrics::counter!("sessions.started").increment(1),
+            EventBody::StreamCompleted(c) => {
+                metrics::counter!("streams.completed").increment(1);
+                metrics::histogram!("stream.duration").record(c.total_latency_ms as f64 / 1000.0);
+                if c.total_latency_ms > 0 {
+                    metrics::histogram!("stream.words_per_second")
+                        .record(c.words as f64 * 1000.0 / c.total_latency_ms as f64);
+                }
+                metrics::histogram!("message.length").record(c.content_length as f64);
+                metrics::histogram!("message.chunks").record(c.total_chunks as f64);
+            }
+            EventBody::ChunkReceived(c) => {
+                metrics::counter!("chunks.received").increment(1);
+                metrics::histogram!("chunk.size").record(c.content_length as f64);
+            }
+            EventBody::StreamError(err) => {
+                metrics::counter!("errors.stream", "type" => err.error_code.clone()).increment(1)
+            }
+            EventBody::RecoveryAttempt(r) if r.success => {
+                metrics::counter!("recovery.success").increment(1)
+            }
+            EventBody::RecoveryAttempt(_) => metrics::counter!("recovery.failed").increment(1),
+            _ => {}
+        }
+    }
+
+    fn latency_ms(e: &EventEnvelope) -> Option<i64> {
+        match &e.body {
+            EventBody::StreamCompleted(c) => Some(c.total_latency_ms as i64),
+            EventBody::ChunkReceived(c) => Some(c.latency_ms as i64),
+            _ => None,
+        }
+    }
+}
+
+impl Handler for Analytics {
+    fn name(&self) -> &str {
+        "analytics"
+    }
+
+    fn topics(&self) -> Vec<String> {
+        [topic::CHAT_EVENTS, topic::STREAM_EVENTS]
+            .map(String::from)
+            .to_vec()
+    }
+
+    async fn handle(&self, e: &EventEnvelope, _meta: &RecordMeta) -> Result<Handled, HandleError> {
+        validate(e)?;
+        let mut tx = self.pool.begin().await.map_err(transient)?;
+        if !self.unsafe_no_dedupe
+            && !claim(&mut tx, &self.group, &e.id)
+                .await
+                .map_err(transient)?
+        {
+            return Ok(Handled::Skipped);
+        }
+        let minute = e.timestamp_ms - e.timestamp_ms.rem_euclid(60_000);
+        let is_error = matches!(e.body, EventBody::StreamError(_)) as i64;
+        let latency: Vec<i64> = Self::latency_ms(e).into_iter().collect();
+        sqlx::query(
+            "INSERT INTO analytics_minutes (minute_ms, event_type, events, errors, latencies_ms)
+             VALUES ($1, $2, 1, $3, $4)
+             ON CONFLICT (minute_ms, event_type) DO UPDATE SET
+               events = analytics_minutes.events + 1,
+               errors = analytics_minutes.errors + EXCLUDED.errors,
+               latencies_ms = CASE WHEN cardinality(analytics_minutes.latencies_ms) < 10000
+                                   THEN analytics_minutes.latencies_ms || EXCLUDED.latencies_ms
+                                   ELSE analytics_minutes.latencies_ms END",
+        )
+        .bind(minute)
+        .bind(e.body.type_name())
+        .bind(is_error)
+        .bind(&latency)
+        .execute(&mut *tx)
+        .await
+        .map_err(transient)?;
+        tx.commit().await.map_err(transient)?;
+        Self::record_metrics(e);
+        Ok(Handled::Applied)
+    }
+}
+
+/// Search: CHAT_MESSAGE events into a PostgreSQL full-text index (`search_messages`).
+pub struct Search {
+    pub pool: PgPool,
+    pub group: String,
+}
+
+impl Handler for Search {
+    fn name(&self) -> &str {
+        "search"
+    }
+
+    fn topics(&self) -> Vec<String> {
+        vec![topic::CHAT_EVENTS.to_string()]
+    }
+
+    async fn handle(&self, e: &EventEnvelope, _meta: &RecordMeta) -> Result<Handled, HandleError> {
+        validate(e)?;
+        let EventBody::ChatMessage(m) = &e.body else {
+            return Ok(Handled::Skipped);
+        };
+        if m.message_id.is_empty() || m.conversation_id.is_empty() {
+            return Err(HandleError::Poison(
+                "CHAT_MESSAGE without message or conversation id".into(),
+            ));
+        }
+        sqlx::query(
+            "INSERT INTO search_messages (message_id, tenant, conversation_id, sender_id, seq, body, created_at_ms)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)
+             ON CONFLICT (message_id) DO UPDATE SET body = EXCLUDED.body",
+        )
+        .bind(&m.message_id)
+        .bind(&e.tenant)
+        .bind(&m.conversation_id)
+        .bind(&m.sender_id)
+        .bind(m.seq)
+        .bind(&m.body)
+        .bind(m.created_at_ms)
+        .execute(&self.pool)
+        .await
+        .map_err(transient)?;
+        Ok(Handled::Applied)
+    }
+}
+
+/// Alerts: STREAM_ERROR, and STREAM_COMPLETED slower than the SLA, are POSTed to a
+/// webhook (retried through the consumer's backoff); replayed events never alert.
+pub struct Alerts {
+    pub pool: PgPool,
+    pub group: String,
+    pub webhook: String,
+    pub sla_ms: u64,
+    pub http: reqwest::Client,
+}
+
+impl Handler for Alerts {
+    fn name(&self) -> &str {
+        "alerts"
+    }
+
+    fn topics(&self) -> Vec<String> {
+        vec![topic::STREAM_EVENTS.to_string()]
+    }
+
+    async fn handle(&self, e: &EventEnvelope, _meta: &RecordMeta) -> Result<Handled, HandleError> {
+        validate(e)?;
+        if e.replayed {
+            return Ok(Handled::Skipped);
+        }
+        let alert = match &e.body {
+            EventBody::StreamError(err) => serde_json::json!({
+                "kind": "STREAM_ERROR", "session_id": err.session_id, "error": err.error, "error_code": err.error_code,
+            }),
+            EventBody::StreamCompleted(c) if c.total_latency_ms > self.sla_ms => {
+                serde_json::json!({
+                    "kind": "SLA_BREACH", "session_id": c.session_id, "total_latency_ms": c.total_latency_ms, "sla_ms": self.sla_ms,
+                })
+            }
+            _ => return Ok(Handled::Skipped),
+        };
+        let mut tx = self.pool.begin().await.map_err(transient)?;
+        if !claim(&mut tx, &self.group, &e.id)
+            .await
+            .map_err(transient)?
+        {
+            return Ok(Handled::Skipped);
+        }
+        let body = serde_json::json!({ "event_id": e.id, "tenant": e.tenant, "trace_id": e.trace_id, "alert": alert });
+        let resp = self
+            .http
+            .post(&self.webhook)
+            .header("Idempotency-Key", &e.id)
+            .timeout(Duration::from_secs(5))
+            .json(&body)
+            .send()
+            .await
+            .map_err(transient)?;
+        if !resp.status().is_success() {
+            return Err(HandleError::Transient(format!(
+                "webhook answered {}",
+                resp.status()
+            )));
+        }
+        // Marked only once the webhook took it: a failure retries the POST.
+        tx.commit().await.map_err(transient)?;
+        metrics::counter!("chatstream_alerts_sent_total").increment(1);
+        Ok(Handled::Applied)
+    }
+}
+
+/// Training export: each completed stream becomes one JSONL line (prompt, response) in
+/// `<dir>/<YYYY-MM-DD>.jsonl` by the event's date. Prompts are kept from SESSION_STARTED.
+pub struct Export {
+    pub pool: PgPool,
+    pub group: String,
+    pub dir: std::path::PathBuf,
+}
+
+impl Handler for Export {
+    fn name(&self) -> &str {
+        "export"
+    }
+
+    fn topics(&self) -> Vec<String> {
+        vec![topic::STREAM_EVENTS.to_string()]
+    }
+
+    async fn handle(&self, e: &EventEnvelope, _meta: &RecordMeta) -> Result<Handled, HandleError> {
+        validate(e)?;
+        match &e.body {
+            EventBody::SessionStarted(s) => {
+                sqlx::query(
+                    "INSERT INTO export_prompts (session_id, prompt, user_id, created_at_ms) VALUES ($1, $2, $3, $4)
+                     ON CONFLICT (session_id) DO NOTHING",
+                )
+                .bind(&s.session_id)
+                .bind(&s.prompt)
+                .bind(&s.user_id)
+                .bind(e.timestamp_ms)
+                .execute(&self.pool)
+                .await
+                .map_err(transient)?;
+                Ok(Handled::Applied)
+            }
+            EventBody::StreamCompleted(c) => {
+                let mut tx = self.pool.begin().await.map_err(transient)?;
+                if !claim(&mut tx, &self.group, &e.id)
+                    .await
+                    .map_err(transient)?
+                {
+                    return Ok(Handled::Skipped);
+                }
+                let prompt: Option<String> =
+                    sqlx::query_scalar("SELECT prompt FROM export_prompts WHERE session_id = $1")
+                        .bind(&c.session_id)
+                        .fetch_optional(&mut *tx)
+                        .await
+                        .map_err(transient)?;
+                let Some(prompt) = prompt else {
+                    return Err(HandleError::Poison(format!(
+                        "STREAM_COMPLETED for {} without its SESSION_STARTED",
+                        c.session_id
+                    )));
+                };
+                let line = serde_json::json!({
+                    "session_id": c.session_id, "message_id": c.message_id, "conversation_id": c.conversation_id,
+                    "tenant": e.tenant, "prompt": prompt, "response": c.response, "chunks": c.total_chunks,
+                    "latency_ms": c.total_latency_ms, "timestamp": e.timestamp,
+                });
+                let date = e.timestamp.get(..10).unwrap_or("unknown-date");
+                let path = self.dir.join(format!("{date}.jsonl"));
+                append_line(&path, &line.to_string())
+                    .await
+                    .map_err(transient)?;
+                tx.commit().await.map_err(transient)?;
+                Ok(Handled::Applied)
+            }
+            _ => Ok(Handled::Skipped),
+        }
+    }
+}
+
+async fn append_line(path: &std::path::Path, line: &str) -> std::io::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    if let Some(dir) = path.parent() {
+        tokio::fs::create_dir_all(dir).await?;
+    }
+    let mut f = tokio::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .await?;
+    f.write_all(format!("{line}\n").as_bytes()).await?;
+    f.sync_data().await
+}

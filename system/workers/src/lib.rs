@@ -1,0 +1,11 @@
+//! chatstream-workers: the Kafka consumers of chatstream. `consumer` is the at-least-once
+//! loop every worker runs on (manual offset commits after handling, capped exponential
+//! retry that pauses only the affected partition, dead letters for poison events);
+//! `handlers` hold what each worker does with an event.
+
+pub mod consumer;
+pub mod dlq;
+pub mod handlers;
+pub mod queries;
+
+pub use consumer::{run_worker, HandleError, Handled, Handler, RecordMeta, WorkerConfig};

@@ -1,0 +1,150 @@
+//! The read side of the projections: the seeds' audit queries (by user; by conversation,
+//! in order; errors in the last N hours; counts by event type), full-text search, and a
+//! digest of a projection so a rebuilt one can be compared with the live one.
+
+use serde::Serialize;
+use sqlx::{PgPool, Row};
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct AuditRow {
+    pub event_id: String,
+    pub event_type: String,
+    pub user_id: Option<String>,
+    pub conversation_id: Option<String>,
+    pub session_id: Option<String>,
+    pub source_node: String,
+    pub ts_ms: i64,
+    pub payload: serde_json::Value,
+}
+
+fn audit_rows(rows: Vec<sqlx::postgres::PgRow>) -> Result<Vec<AuditRow>, sqlx::Error> {
+    rows.into_iter()
+        .map(|r| {
+            Ok(AuditRow {
+                event_id: r.try_get("event_id")?,
+                event_type: r.try_get("event_type")?,
+                user_id: r.try_get("user_id")?,
+                conversation_id: r.try_get("conversation_id")?,
+                session_id: r.try_get("session_id")?,
+                source_node: r.try_get("source_node")?,
+                ts_ms: r.try_get("ts_ms")?,
+                payload: r.try_get("payload")?,
+            })
+        })
+        .collect()
+}
+
+const COLUMNS: &str =
+    "event_id, event_type, user_id, conversation_id, session_id, source_node, ts_ms, payload";
+
+/// A user's events, newest first.
+pub async fn audit_by_user(
+    pool: &PgPool,
+    user: &str,
+    limit: i64,
+) -> Result<Vec<AuditRow>, sqlx::Error> {
+    let rows = sqlx::query(&format!("SELECT {COLUMNS} FROM audit_logs WHERE user_id = $1 ORDER BY ts_ms DESC, event_id LIMIT $2"))
+        .bind(user)
+        .bind(limit)
+        .fetch_all(pool)
+        .await?;
+    audit_rows(rows)
+}
+
+/// A conversation's events in order (time, then Kafka position).
+pub async fn audit_by_conversation(
+    pool: &PgPool,
+    conversation: &str,
+    limit: i64,
+) -> Result<Vec<AuditRow>, sqlx::Error> {
+    let rows = sqlx::query(&format!(
+        "SELECT {COLUMNS} FROM audit_logs WHERE conversation_id = $1 ORDER BY ts_ms, kafka_partition, kafka_offset LIMIT $2"
+    ))
+    .bind(conversation)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    audit_rows(rows)
+}
+
+/// STREAM_ERROR events of the last `hours` hours, newest first.
+pub async fn audit_errors(
+    pool: &PgPool,
+    hours: i64,
+    now_ms: i64,
+    limit: i64,
+) -> Result<Vec<AuditRow>, sqlx::Error> {
+    let rows = sqlx::query(&format!(
+        "SELECT {COLUMNS} FROM audit_logs WHERE event_type = 'STREAM_ERROR' AND ts_ms >= $1 ORDER BY ts_ms DESC LIMIT $2"
+    ))
+    .bind(now_ms - hours * 3_600_000)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    audit_rows(rows)
+}
+
+/// How many events of each type the audit trail holds.
+pub async fn audit_counts(pool: &PgPool) -> Result<Vec<(String, i64)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT event_type, count(*) FROM audit_logs GROUP BY event_type ORDER BY event_type",
+    )
+    .fetch_all(pool)
+    .await
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct SearchHit {
+    pub message_id: String,
+    pub conversation_id: String,
+    pub sender_id: String,
+    pub seq: i64,
+    pub body: String,
+    pub rank: f32,
+}
+
+/// Full-text search over chat messages of a tenant (`websearch_to_tsquery` syntax:
+/// words, "phrases", -exclusions, OR).
+pub async fn search(
+    pool: &PgPool,
+    tenant: &str,
+    query: &str,
+    limit: i64,
+) -> Result<Vec<SearchHit>, sqlx::Error> {
+    sqlx::query_as::<_, (String, String, String, i64, String, f32)>(
+        "SELECT message_id, conversation_id, sender_id, seq, body, ts_rank(document, q) AS rank
+         FROM search_messages, websearch_to_tsquery('simple', $2) AS q
+         WHERE tenant = $1 AND document @@ q
+         ORDER BY rank DESC, created_at_ms DESC LIMIT $3",
+    )
+    .bind(tenant)
+    .bind(query)
+    .bind(limit)
+    .fetch_all(pool)
+    .await
+    .map(|rows| {
+        rows.into_iter()
+            .map(
+                |(message_id, conversation_id, sender_id, seq, body, rank)| SearchHit {
+                    message_id,
+                    conversation_id,
+                    sender_id,
+                    seq,
+                    body,
+                    rank,
+                },
+            )
+            .collect()
+    })
+}
+
+/// An order-independent digest (md5 of the sorted rows) of a projection's content.
+pub async fn digest(pool: &PgPool, projection: &str) -> Result<String, sqlx::Error> {
+    let sql = match projection {
+        "audit" => "SELECT md5(coalesce(string_agg(event_id || '|' || event_type || '|' || ts_ms || '|' || payload::text, ',' ORDER BY event_id), '')) FROM audit_logs",
+        "search" => "SELECT md5(coalesce(string_agg(message_id || '|' || conversation_id || '|' || seq || '|' || body, ',' ORDER BY message_id), '')) FROM search_messages",
+        "analytics" => "SELECT md5(coalesce(string_agg(minute_ms || '|' || event_type || '|' || events || '|' || errors, ',' ORDER BY minute_ms, event_type), '')) FROM analytics_minutes",
+        other => return Err(sqlx::Error::Protocol(format!("unknown projection {other:?}; use audit, search or analytics"))),
+    };
+    sqlx::query_scalar(sql).fetch_one(pool).await
+}
