@@ -315,6 +315,8 @@ pub struct PartitionView {
 /// The cluster as one broker describes it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ClusterView {
+    /// The broker that answered the metadata request.
+    pub answered_by: i32,
     pub brokers: Vec<i32>,
     pub topics: BTreeMap<String, Vec<PartitionView>>,
 }
@@ -343,14 +345,13 @@ impl ClusterView {
     }
 }
 
-/// Reads the cluster's metadata from the broker(s) at `bootstrap`. A fresh client with a
-/// single bootstrap broker asks that broker (librdkafka connects to others only on demand),
-/// which lets callers compare what each broker believes.
+/// Reads the cluster's metadata from the broker(s) at `bootstrap`. The client has no
+/// consumer group (a group would connect to the coordinator too), so a fresh client with a
+/// single bootstrap broker normally asks that broker; `answered_by` says who did.
 pub async fn cluster_view(bootstrap: String, timeout: Duration) -> Result<ClusterView> {
     tokio::task::spawn_blocking(move || {
         let consumer: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", &bootstrap)
-            .set("group.id", "squall-metadata")
             .set("socket.timeout.ms", "5000")
             .create()
             .map_err(|e| {
@@ -380,7 +381,11 @@ pub async fn cluster_view(bootstrap: String, timeout: Duration) -> Result<Cluste
                 (t.name().to_string(), ps)
             })
             .collect();
-        Ok(ClusterView { brokers, topics })
+        Ok(ClusterView {
+            answered_by: md.orig_broker_id(),
+            brokers,
+            topics,
+        })
     })
     .await
     .map_err(|e| StackError::Kafka(format!("metadata task failed: {e}")))?

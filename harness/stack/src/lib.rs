@@ -5,6 +5,7 @@
 
 pub mod error;
 pub mod kafka;
+pub mod kafka_wire;
 pub mod links;
 pub mod plan;
 pub mod process;

@@ -587,11 +587,14 @@ impl Stack {
         .await
     }
 
-    /// The cluster as broker `id` alone describes it (asked through its client proxy).
+    /// The cluster as broker `id` itself describes it (asked through its client proxy
+    /// with a Metadata request to that broker alone: an isolated broker's view is stale,
+    /// so views must not be mixed up).
     pub async fn cluster_view_from(&self, id: u8) -> Result<ClusterView> {
         let ports = self.state.plan.broker(id)?;
-        kafka::cluster_view(
-            format!("{LOOPBACK}:{}", ports.client_proxy),
+        crate::kafka_wire::metadata_from(
+            &format!("{LOOPBACK}:{}", ports.client_proxy),
+            i32::from(id),
             Duration::from_secs(5),
         )
         .await

@@ -278,24 +278,31 @@ fn healthy_views_agree(views: &[ClusterView], isolated: i32) -> Result<()> {
 async fn isolated_broker_loses_leadership_and_rejoins(stack: &mut Stack) -> Result<()> {
     let bootstrap = stack.endpoints().kafka_bootstrap;
     let topic = new_topic(stack, "isolation").await?;
-    let isolated = 1u8;
-    let before = stack.cluster_view_from(2).await?;
+    // Isolate the broker that leads the most partitions, so leadership has to move.
+    let before = stack.cluster_view_from(1).await?;
+    let isolated = (1..=3u8)
+        .max_by_key(|b| before.led_by(i32::from(*b)).len())
+        .unwrap_or(1);
+    let others: Vec<u8> = (1..=3u8).filter(|b| *b != isolated).collect();
     ensure!(
         !before.led_by(i32::from(isolated)).is_empty(),
-        "kafka-{isolated} leads nothing before the fault: {before:?}"
+        "no broker leads anything before the fault: {before:?}"
     );
     let cut = stack.isolate_broker(isolated).await?;
-    eprintln!("  cut {} links", cut.len());
+    eprintln!("  isolated kafka-{isolated}: cut {} links", cut.len());
     let stack_ref = &*stack;
     eventually(
         "leadership moved off the isolated broker",
         Duration::from_secs(60),
-        || async move {
-            let views = vec![
-                stack_ref.cluster_view_from(2).await?,
-                stack_ref.cluster_view_from(3).await?,
-            ];
-            healthy_views_agree(&views, i32::from(isolated))
+        || {
+            let others = others.clone();
+            async move {
+                let mut views = Vec::new();
+                for b in others {
+                    views.push(stack_ref.cluster_view_from(b).await?);
+                }
+                healthy_views_agree(&views, i32::from(isolated))
+            }
         },
     )
     .await?;

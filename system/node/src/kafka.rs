@@ -29,6 +29,9 @@ pub fn reliable_producer(bootstrap: &str) -> Result<FutureProducer, KafkaError> 
         .set("bootstrap.servers", bootstrap)
         .set("enable.idempotence", "true")
         .set("acks", "all")
+        // The Java client's partitioner: replay (and any Java consumer) can find a key's
+        // partition without scanning.
+        .set("partitioner", "murmur2_random")
         .set("linger.ms", "2")
         .set("socket.nagle.disable", "true")
         .set("message.timeout.ms", "30000")
@@ -48,6 +51,7 @@ impl AsyncPublisher {
         let producer = ClientConfig::new()
             .set("bootstrap.servers", bootstrap)
             .set("acks", "1")
+            .set("partitioner", "murmur2_random")
             .set("linger.ms", "5")
             .set("socket.nagle.disable", "true")
             .set("message.timeout.ms", "10000")

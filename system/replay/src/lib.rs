@@ -1,0 +1,411 @@
+//! chatstream-replay: reading history back out of Kafka, exactly.
+//!
+//! Every replay first fixes its end: the high watermark of each partition at the start.
+//! It then reads each partition from its start offset up to that end and stops there —
+//! not after an idle timeout — so a replay from T returns exactly the events at or after
+//! T that existed when it began. Also: one session's timeline (one partition, found with
+//! the Java client's murmur2 partitioner the nodes use), offset ranges, consumer-group
+//! lag, backfill and reset (refused while the group has active members).
+
+use chatstream_protocol::EventEnvelope;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    #[error("kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    #[error("topic {0} does not exist")]
+    NoTopic(String),
+    #[error("consumer group {group} is active ({members} members); stop its consumers before resetting it")]
+    GroupActive { group: String, members: usize },
+    #[error("replay did not reach the end offsets within {0:?}: {1}")]
+    Timeout(Duration, String),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+pub type Result<T, E = ReplayError> = std::result::Result<T, E>;
+
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One partition to read: `[from, to)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Range {
+    pub partition: i32,
+    pub from: i64,
+    pub to: i64,
+}
+
+impl Range {
+    pub fn len(&self) -> i64 {
+        (self.to - self.from).max(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A record read back, with where it was.
+#[derive(Debug, Clone)]
+pub struct Replayed {
+    pub partition: i32,
+    pub offset: i64,
+    pub timestamp_ms: Option<i64>,
+    pub key: Option<Vec<u8>>,
+    pub payload: Option<Vec<u8>>,
+}
+
+impl Replayed {
+    /// The event, marked as replayed (so side effects are not fired twice).
+    pub fn event(&self) -> Option<EventEnvelope> {
+        let mut e = EventEnvelope::from_slice(self.payload.as_deref()?).ok()?;
+        e.replayed = true;
+        Some(e)
+    }
+}
+
+fn reader(bootstrap: &str) -> Result<BaseConsumer> {
+    Ok(ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        // Never used to commit: reads are by assignment.
+        .set("group.id", "chatstream-replay-reader")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false")
+        .set("fetch.max.bytes", "52428800")
+        .set("max.partition.fetch.bytes", "10485760")
+        .set("queued.max.messages.kbytes", "262144")
+        .create()?)
+}
+
+/// Partition ids of `topic`.
+pub fn partitions(consumer: &BaseConsumer, topic: &str) -> Result<Vec<i32>> {
+    let md = consumer.fetch_metadata(Some(topic), TIMEOUT)?;
+    let t = md
+        .topics()
+        .first()
+        .ok_or_else(|| ReplayError::NoTopic(topic.into()))?;
+    if t.error().is_some() || t.partitions().is_empty() {
+        return Err(ReplayError::NoTopic(topic.into()));
+    }
+    let mut ids: Vec<i32> = t.partitions().iter().map(|p| p.id()).collect();
+    ids.sort();
+    Ok(ids)
+}
+
+/// The ranges covering `topic` from timestamp `from_ms` (inclusive) to the current end.
+pub fn ranges_from_timestamp(bootstrap: &str, topic: &str, from_ms: i64) -> Result<Vec<Range>> {
+    let c = reader(bootstrap)?;
+    let mut query = TopicPartitionList::new();
+    let mut ends = BTreeMap::new();
+    for p in partitions(&c, topic)? {
+        let (_, high) = c.fetch_watermarks(topic, p, TIMEOUT)?;
+        ends.insert(p, high);
+        query.add_partition_offset(topic, p, Offset::Offset(from_ms))?;
+    }
+    let found = c.offsets_for_times(query, TIMEOUT)?;
+    let mut out = Vec::new();
+    for e in found.elements() {
+        let end = ends[&e.partition()];
+        // No record at or after the time: nothing to read in this partition.
+        let from = match e.offset() {
+            Offset::Offset(o) => o,
+            _ => end,
+        };
+        out.push(Range {
+            partition: e.partition(),
+            from: from.min(end),
+            to: end,
+        });
+    }
+    out.sort_by_key(|r| r.partition);
+    Ok(out)
+}
+
+/// The ranges covering all of `topic` (low to high watermark, as of now).
+pub fn ranges_all(bootstrap: &str, topic: &str) -> Result<Vec<Range>> {
+    let c = reader(bootstrap)?;
+    partitions(&c, topic)?
+        .into_iter()
+        .map(|p| {
+            let (low, high) = c.fetch_watermarks(topic, p, TIMEOUT)?;
+            Ok(Range {
+                partition: p,
+                from: low,
+                to: high,
+            })
+        })
+        .collect()
+}
+
+/// Reads exactly `ranges` of `topic`, calling `each` per record and `progress` with
+/// (records read, records to read) now and then. Stops when every range is read.
+pub fn read(
+    bootstrap: &str,
+    topic: &str,
+    ranges: &[Range],
+    deadline: Duration,
+    mut each: impl FnMut(Replayed),
+    mut progress: impl FnMut(u64, u64),
+) -> Result<u64> {
+    let total: u64 = ranges.iter().map(|r| r.len() as u64).sum();
+    let pending: Vec<&Range> = ranges.iter().filter(|r| !r.is_empty()).collect();
+    if pending.is_empty() {
+        progress(0, 0);
+        return Ok(0);
+    }
+    let c = reader(bootstrap)?;
+    let mut tpl = TopicPartitionList::new();
+    for r in &pending {
+        tpl.add_partition_offset(topic, r.partition, Offset::Offset(r.from))?;
+    }
+    c.assign(&tpl)?;
+    let mut next: BTreeMap<i32, i64> = pending.iter().map(|r| (r.partition, r.from)).collect();
+    let ends: BTreeMap<i32, i64> = pending.iter().map(|r| (r.partition, r.to)).collect();
+    let started = Instant::now();
+    let mut read = 0u64;
+    let mut last_report = Instant::now();
+    while next.iter().any(|(p, o)| *o < ends[p]) {
+        if started.elapsed() > deadline {
+            return Err(ReplayError::Timeout(
+                deadline,
+                format!("at {next:?}, ends {ends:?}"),
+            ));
+        }
+        let Some(msg) = c.poll(Duration::from_millis(200)) else {
+            continue;
+        };
+        let msg: OwnedMessage = msg?.detach();
+        let p = msg.partition();
+        let Some(end) = ends.get(&p) else { continue };
+        if msg.offset() >= *end {
+            // Past the fixed end: this partition is done; stop fetching it.
+            next.insert(p, *end);
+            let mut done = TopicPartitionList::new();
+            done.add_partition(topic, p);
+            let _ = c.pause(&done);
+            continue;
+        }
+        next.insert(p, msg.offset() + 1);
+        read += 1;
+        each(Replayed {
+            partition: p,
+            offset: msg.offset(),
+            timestamp_ms: msg.timestamp().to_millis(),
+            key: msg.key().map(<[u8]>::to_vec),
+            payload: msg.payload().map(<[u8]>::to_vec),
+        });
+        if last_report.elapsed() > Duration::from_millis(200) {
+            progress(read, total);
+            last_report = Instant::now();
+        }
+    }
+    progress(read, total);
+    Ok(read)
+}
+
+/// Kafka's (Java client's) murmur2 of a key.
+pub fn murmur2(data: &[u8]) -> u32 {
+    const SEED: u32 = 0x9747_b28c;
+    const M: u32 = 0x5bd1_e995;
+    const R: u32 = 24;
+    let mut h: u32 = SEED ^ (data.len() as u32);
+    let mut chunks = data.chunks_exact(4);
+    for c in &mut chunks {
+        let mut k = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+        k = k.wrapping_mul(M);
+        k ^= k >> R;
+        k = k.wrapping_mul(M);
+        h = h.wrapping_mul(M);
+        h ^= k;
+    }
+    let rest = chunks.remainder();
+    if rest.len() >= 3 {
+        h ^= u32::from(rest[2]) << 16;
+    }
+    if rest.len() >= 2 {
+        h ^= u32::from(rest[1]) << 8;
+    }
+    if !rest.is_empty() {
+        h ^= u32::from(rest[0]);
+        h = h.wrapping_mul(M);
+    }
+    h ^= h >> 13;
+    h = h.wrapping_mul(M);
+    h ^= h >> 15;
+    h
+}
+
+/// The partition the Java partitioner (librdkafka `murmur2_random`) picks for `key`.
+pub fn partition_for_key(key: &str, partitions: i32) -> i32 {
+    ((murmur2(key.as_bytes()) & 0x7fff_ffff) % partitions as u32) as i32
+}
+
+/// One stream session's events, in order: the session's partition of stream-events read
+/// to its current end, filtered by session id.
+pub fn session_timeline(bootstrap: &str, session_id: &str) -> Result<Vec<EventEnvelope>> {
+    let topic = chatstream_protocol::events::topic::STREAM_EVENTS;
+    let all = ranges_all(bootstrap, topic)?;
+    let partition = partition_for_key(session_id, all.len() as i32);
+    let range: Vec<Range> = all
+        .into_iter()
+        .filter(|r| r.partition == partition)
+        .collect();
+    let mut out = Vec::new();
+    read(
+        bootstrap,
+        topic,
+        &range,
+        Duration::from_secs(300),
+        |r| {
+            if let Some(e) = r.event() {
+                if e.session_id.as_deref() == Some(session_id) {
+                    out.push(e);
+                }
+            }
+        },
+        |_, _| {},
+    )?;
+    Ok(out)
+}
+
+/// Per-partition lag of a consumer group on a topic.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct PartitionLag {
+    pub topic: String,
+    pub partition: i32,
+    /// None when the group has committed nothing for the partition.
+    pub committed: Option<i64>,
+    pub end: i64,
+    pub lag: i64,
+}
+
+pub fn lag(bootstrap: &str, group: &str, topics: &[String]) -> Result<Vec<PartitionLag>> {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .create()?;
+    let mut out = Vec::new();
+    for topic in topics {
+        let mut tpl = TopicPartitionList::new();
+        let parts = partitions(&c, topic)?;
+        for p in &parts {
+            tpl.add_partition(topic, *p);
+        }
+        let committed = c.committed_offsets(tpl, TIMEOUT)?;
+        for e in committed.elements() {
+            let (low, high) = c.fetch_watermarks(topic, e.partition(), TIMEOUT)?;
+            let committed = match e.offset() {
+                Offset::Offset(o) => Some(o),
+                _ => None,
+            };
+            out.push(PartitionLag {
+                topic: topic.clone(),
+                partition: e.partition(),
+                committed,
+                end: high,
+                lag: high - committed.unwrap_or(low),
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// Active members of a group (0 when idle or unknown).
+pub fn group_members(bootstrap: &str, group: &str) -> Result<usize> {
+    let c = reader(bootstrap)?;
+    let list = c.fetch_group_list(Some(group), TIMEOUT)?;
+    Ok(list
+        .groups()
+        .iter()
+        .filter(|g| g.name() == group)
+        .map(|g| g.members().len())
+        .sum())
+}
+
+/// Where `reset` moves a group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResetTo {
+    Earliest,
+    Timestamp(i64),
+}
+
+/// Commits new offsets for an idle group on `topics`; an active group is refused. Also
+/// used to backfill a new group from the earliest offset. Returns the committed offsets.
+pub fn reset_group(
+    bootstrap: &str,
+    group: &str,
+    topics: &[String],
+    to: ResetTo,
+) -> Result<Vec<(String, i32, i64)>> {
+    let members = group_members(bootstrap, group)?;
+    if members > 0 {
+        return Err(ReplayError::GroupActive {
+            group: group.into(),
+            members,
+        });
+    }
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .create()?;
+    let mut tpl = TopicPartitionList::new();
+    let mut out = Vec::new();
+    for topic in topics {
+        let ranges = match to {
+            ResetTo::Earliest => ranges_all(bootstrap, topic)?,
+            ResetTo::Timestamp(ts) => ranges_from_timestamp(bootstrap, topic, ts)?,
+        };
+        for r in ranges {
+            tpl.add_partition_offset(topic, r.partition, Offset::Offset(r.from))?;
+            out.push((topic.clone(), r.partition, r.from));
+        }
+    }
+    c.commit(&tpl, CommitMode::Sync)?;
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn murmur2_matches_the_java_client() {
+        // Values from Kafka's own Utils.murmur2 tests (as signed ints there).
+        assert_eq!(murmur2(b"21") as i32, -973932308);
+        assert_eq!(murmur2(b"foobar") as i32, -790332482);
+        assert_eq!(murmur2(b"a-little-bit-long-string") as i32, -985981536);
+        assert_eq!(murmur2(b"a-little-bit-longer-string") as i32, -1486304829);
+        assert_eq!(
+            murmur2(b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8") as i32,
+            -58897971
+        );
+        assert_eq!(murmur2(b"abc") as i32, 479470107);
+    }
+
+    #[test]
+    fn ranges_report_their_length() {
+        assert_eq!(
+            Range {
+                partition: 0,
+                from: 5,
+                to: 9
+            }
+            .len(),
+            4
+        );
+        assert!(Range {
+            partition: 0,
+            from: 9,
+            to: 9
+        }
+        .is_empty());
+    }
+}
