@@ -68,10 +68,15 @@ impl Fixture {
         outcome.map_err(|e| Failed::from(format!("{e:#}")))
     }
 
-    fn shutdown(&self) {
+    /// Stops the shared stack; after a failure its run directory (logs) is kept.
+    fn shutdown(&self, keep_logs: bool) {
         if let Ok(mut guard) = self.stack.lock() {
             if let Some(stack) = guard.take() {
-                match self.rt.block_on(stack.down(false)) {
+                let run_dir = stack.state().run_dir.clone();
+                if keep_logs {
+                    eprintln!("a test failed: broker, Redis, PostgreSQL and Toxiproxy logs are kept in {}", run_dir.display());
+                }
+                match self.rt.block_on(stack.down(keep_logs)) {
                     Ok(stopped) => eprintln!("stopped the shared stack: {}", stopped.join(", ")),
                     Err(e) => eprintln!("could not stop the shared stack: {e}"),
                 }
@@ -249,6 +254,8 @@ async fn acked_records_survive_broker_kill(stack: &mut Stack) -> Result<()> {
         acked.len()
     );
     stack.start_broker(victim, Duration::from_secs(120)).await?;
+    // Restore what the test disturbed: the restarted broker back in every ISR.
+    wait_full_isr(stack, Duration::from_secs(120)).await?;
     let counts = read_all_keys(&bootstrap, &topic).await?;
     let missing: Vec<_> = acked
         .iter()
@@ -265,6 +272,31 @@ async fn acked_records_survive_broker_kill(stack: &mut Stack) -> Result<()> {
     Ok(())
 }
 
+/// Waits until every broker reports every partition with a leader and a full ISR: a
+/// fault test must start from a healthy cluster (a broker just restarted may still be
+/// catching up, and leadership cannot move to a replica outside the ISR).
+async fn wait_full_isr(stack: &Stack, timeout: Duration) -> Result<()> {
+    eventually("every partition fully in sync", timeout, || async move {
+        for b in 1..=3u8 {
+            let view = stack.cluster_view_from(b).await?;
+            for (topic, parts) in &view.topics {
+                for p in parts {
+                    ensure!(
+                        p.leader >= 0 && p.isr.len() == p.replicas.len(),
+                        "as kafka-{b} sees it, {topic}/{} has leader {} and ISR {:?} of {:?}",
+                        p.partition,
+                        p.leader,
+                        p.isr,
+                        p.replicas
+                    );
+                }
+            }
+        }
+        Ok(())
+    })
+    .await
+}
+
 fn healthy_views_agree(views: &[ClusterView], isolated: i32) -> Result<()> {
     for v in views {
         let led = v.led_by(isolated);
@@ -278,6 +310,7 @@ fn healthy_views_agree(views: &[ClusterView], isolated: i32) -> Result<()> {
 async fn isolated_broker_loses_leadership_and_rejoins(stack: &mut Stack) -> Result<()> {
     let bootstrap = stack.endpoints().kafka_bootstrap;
     let topic = new_topic(stack, "isolation").await?;
+    wait_full_isr(stack, Duration::from_secs(120)).await?;
     // Isolate the broker that leads the most partitions, so leadership has to move.
     let before = stack.cluster_view_from(1).await?;
     let isolated = (1..=3u8)
@@ -293,7 +326,7 @@ async fn isolated_broker_loses_leadership_and_rejoins(stack: &mut Stack) -> Resu
     let stack_ref = &*stack;
     eventually(
         "leadership moved off the isolated broker",
-        Duration::from_secs(60),
+        Duration::from_secs(90),
         || {
             let others = others.clone();
             async move {
@@ -594,7 +627,7 @@ fn main() {
         ),
     ];
     let conclusion = libtest_mimic::run(&args, trials);
-    fixture.shutdown();
+    fixture.shutdown(conclusion.has_failed());
     if fixture.stack.lock().map(|s| s.is_some()).unwrap_or(true) {
         eprintln!("{}", anyhow!("the shared stack was not stopped"));
     }

@@ -1,5 +1,9 @@
 //! `chatstream`: runs the parts of the system under test. `chatstream node` serves one
-//! node; `chatstream token` mints a connection token (for tools and manual testing).
+//! node; `chatstream workers` runs Kafka workers; `replay`, `lag`, `audit` and `search`
+//! read history and projections back; `token` mints a connection token.
+
+mod replay_cmd;
+mod workers_cmd;
 
 use anyhow::{Context, Result};
 use chatstream_node::config::{FanoutMode, PublishMode};
@@ -34,6 +38,46 @@ enum Command {
     /// Run one node: WebSocket endpoint /ws, HTTP API, /healthz, /readyz, /metrics.
     /// Settings come from --config (YAML), then environment, then flags.
     Node(NodeArgs),
+    /// Run Kafka workers (audit, analytics, search, alerts, export), each its own group.
+    Workers(workers_cmd::WorkersArgs),
+    /// Replay history: a session's timeline, from a time, an offset range; rebuild a
+    /// projection; backfill or reset a consumer group.
+    Replay {
+        #[command(flatten)]
+        endpoints: replay_cmd::Endpoints,
+        #[command(subcommand)]
+        command: replay_cmd::ReplayCommand,
+    },
+    /// Consumer lag of a group, per partition.
+    Lag {
+        #[command(flatten)]
+        endpoints: replay_cmd::Endpoints,
+        #[arg(long)]
+        group: String,
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "chat-events,stream-events,message-status-events,notifications"
+        )]
+        topics: Vec<String>,
+    },
+    /// The seeds' audit queries.
+    Audit {
+        #[command(flatten)]
+        endpoints: replay_cmd::Endpoints,
+        #[command(subcommand)]
+        command: replay_cmd::AuditCommand,
+    },
+    /// Full-text search over chat messages.
+    Search {
+        #[command(flatten)]
+        endpoints: replay_cmd::Endpoints,
+        #[arg(long)]
+        tenant: String,
+        #[arg(long, default_value_t = 20)]
+        limit: i64,
+        query: String,
+    },
     /// Print a signed connection token for a user.
     Token {
         #[arg(long)]
@@ -198,6 +242,24 @@ async fn run(cli: Cli) -> Result<()> {
             chatstream_node::server::run(config, listener, metrics, shutdown_signal()).await?;
             Ok(())
         }
+        Command::Workers(args) => {
+            let metrics = chatstream_node::metrics::install()
+                .map_err(|e| anyhow::anyhow!("installing metrics: {e}"))?;
+            workers_cmd::run(args, metrics, shutdown_signal()).await
+        }
+        Command::Replay { endpoints, command } => replay_cmd::run_replay(command, endpoints).await,
+        Command::Lag {
+            endpoints,
+            group,
+            topics,
+        } => replay_cmd::run_lag(group, topics, endpoints).await,
+        Command::Audit { endpoints, command } => replay_cmd::run_audit(command, endpoints).await,
+        Command::Search {
+            endpoints,
+            tenant,
+            limit,
+            query,
+        } => replay_cmd::run_search(tenant, query, limit, endpoints).await,
         Command::Token {
             user,
             tenant,

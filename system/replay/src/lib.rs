@@ -209,6 +209,36 @@ pub fn read(
     Ok(read)
 }
 
+/// Every record of `topic` with a timestamp at or after `since_ms`, up to the end offsets
+/// at the start. Reading starts at each partition's offsets-for-times answer (every
+/// earlier record is older than `since_ms`); later records may still be older (producer
+/// timestamps need not grow within a partition), so they are filtered too.
+pub fn read_since(
+    bootstrap: &str,
+    topic: &str,
+    since_ms: i64,
+    deadline: Duration,
+    mut each: impl FnMut(Replayed),
+    progress: impl FnMut(u64, u64),
+) -> Result<u64> {
+    let ranges = ranges_from_timestamp(bootstrap, topic, since_ms)?;
+    let mut kept = 0u64;
+    read(
+        bootstrap,
+        topic,
+        &ranges,
+        deadline,
+        |r| {
+            if r.timestamp_ms.is_some_and(|t| t >= since_ms) {
+                kept += 1;
+                each(r);
+            }
+        },
+        progress,
+    )?;
+    Ok(kept)
+}
+
 /// Kafka's (Java client's) murmur2 of a key.
 pub fn murmur2(data: &[u8]) -> u32 {
     const SEED: u32 = 0x9747_b28c;
@@ -368,8 +398,22 @@ pub fn reset_group(
             out.push((topic.clone(), r.partition, r.from));
         }
     }
-    c.commit(&tpl, CommitMode::Sync)?;
-    Ok(out)
+    // The coordinator refuses a standalone commit for a group with members: that
+    // refusal is the authoritative "active" answer if one joined since the check.
+    match c.commit(&tpl, CommitMode::Sync) {
+        Ok(()) => Ok(out),
+        Err(e) => match e.rdkafka_error_code() {
+            Some(
+                rdkafka::types::RDKafkaErrorCode::UnknownMemberId
+                | rdkafka::types::RDKafkaErrorCode::IllegalGeneration
+                | rdkafka::types::RDKafkaErrorCode::RebalanceInProgress,
+            ) => Err(ReplayError::GroupActive {
+                group: group.into(),
+                members: 1,
+            }),
+            _ => Err(e.into()),
+        },
+    }
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
-//! chatstream nodes on the real stack (three Kafka brokers, Redis, PostgreSQL, Toxiproxy):
-//! real `chatstream node` processes, real WebSocket clients. One stack for the binary
-//! (libtest-mimic, tests one at a time); nodes are started per test and stopped by pid.
+//! chatstream on the real stack (three Kafka brokers, Redis, PostgreSQL, Toxiproxy): real
+//! `chatstream node` and `chatstream workers` processes, real WebSocket clients, real
+//! replays. One stack for the binary (libtest-mimic, tests one at a time); processes are
+//! started per test and stopped by pid.
 //! Ports: CHATSTREAM_TEST_BASE_PORT (default 29700) for the stack.
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
@@ -74,41 +75,58 @@ struct Node {
     id: String,
 }
 
+/// Starts `chatstream <args>` (stderr to its log) and reads the address from the
+/// "listening" line it prints first.
+async fn spawn_chatstream(args: Vec<String>, log_id: &str) -> Result<(Child, String)> {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_chatstream"))
+        .args(&args)
+        .env("RUST_LOG", "info,librdkafka=warn,rdkafka=warn,sqlx=warn")
+        .stdout(Stdio::piped())
+        .stderr(node_log(log_id)?)
+        .spawn()
+        .with_context(|| {
+            format!(
+                "spawning chatstream {}",
+                args.first().cloned().unwrap_or_default()
+            )
+        })?;
+    let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
+    let line = tokio::task::spawn_blocking(move || {
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).map(|_| line)
+    })
+    .await??;
+    let v: serde_json::Value =
+        serde_json::from_str(&line).with_context(|| format!("first line of {log_id}: {line:?}"))?;
+    let addr = v["addr"]
+        .as_str()
+        .ok_or_else(|| anyhow!("no addr in {line}"))?
+        .to_string();
+    Ok((child, addr))
+}
+
+fn strings(a: &[&str]) -> Vec<String> {
+    a.iter().map(|s| s.to_string()).collect()
+}
+
 impl Node {
     async fn start(stack: &Stack, id: &str, extra: &[&str]) -> Result<Node> {
         let e = stack.endpoints();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_chatstream"))
-            .args(["node", "--node-id", id, "--listen", "127.0.0.1:0"])
-            .args([
-                "--postgres-url",
-                &e.postgres_url,
-                "--redis-url",
-                &e.redis_url,
-            ])
-            .args([
-                "--kafka-bootstrap",
-                &e.kafka_bootstrap,
-                "--token-secret",
-                SECRET,
-            ])
-            .args(extra)
-            .env("RUST_LOG", "info,librdkafka=warn,rdkafka=warn,sqlx=warn")
-            .stdout(Stdio::piped())
-            .stderr(node_log(id)?)
-            .spawn()
-            .context("spawning chatstream node")?;
-        let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
-        let line = tokio::task::spawn_blocking(move || {
-            let mut line = String::new();
-            BufReader::new(stdout).read_line(&mut line).map(|_| line)
-        })
-        .await??;
-        let v: serde_json::Value =
-            serde_json::from_str(&line).with_context(|| format!("first line: {line:?}"))?;
-        let addr = v["addr"]
-            .as_str()
-            .ok_or_else(|| anyhow!("no addr in {line}"))?
-            .to_string();
+        let mut args = strings(&["node", "--node-id", id, "--listen", "127.0.0.1:0"]);
+        args.extend(strings(&[
+            "--postgres-url",
+            &e.postgres_url,
+            "--redis-url",
+            &e.redis_url,
+        ]));
+        args.extend(strings(&[
+            "--kafka-bootstrap",
+            &e.kafka_bootstrap,
+            "--token-secret",
+            SECRET,
+        ]));
+        args.extend(strings(extra));
+        let (child, addr) = spawn_chatstream(args, id).await?;
         let node = Node {
             child,
             addr,
@@ -151,6 +169,146 @@ impl Drop for Node {
     fn drop(&mut self) {
         self.kill9();
     }
+}
+
+/// A `chatstream workers` process, stopped (SIGKILL) when dropped.
+struct Workers {
+    child: Child,
+    addr: String,
+}
+
+impl Workers {
+    async fn start(
+        stack: &Stack,
+        only: &str,
+        group_prefix: &str,
+        extra: &[&str],
+    ) -> Result<Workers> {
+        let e = stack.endpoints();
+        let mut args = strings(&["workers", "--only", only, "--group-prefix", group_prefix]);
+        args.extend(strings(&[
+            "--postgres-url",
+            &e.postgres_url,
+            "--kafka-bootstrap",
+            &e.kafka_bootstrap,
+        ]));
+        args.extend(strings(extra));
+        let (child, addr) = spawn_chatstream(args, &format!("workers-{group_prefix}")).await?;
+        Ok(Workers { child, addr })
+    }
+
+    /// SIGTERM, then waits for a clean exit.
+    async fn stop(&mut self) -> Result<std::process::ExitStatus> {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )?;
+        wait_exit(&mut self.child, Duration::from_secs(30)).await
+    }
+}
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn wait_exit(child: &mut Child, timeout: Duration) -> Result<std::process::ExitStatus> {
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(status);
+        }
+        ensure!(
+            start.elapsed() < timeout,
+            "process did not exit within {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits until `group` has no lag on `topics`.
+async fn caught_up(stack: &Stack, group: &str, topics: &[&str], timeout: Duration) -> Result<()> {
+    let start = Instant::now();
+    loop {
+        let (b, g, t) = (
+            stack.endpoints().kafka_bootstrap,
+            group.to_string(),
+            strings(topics),
+        );
+        let lags =
+            tokio::task::spawn_blocking(move || chatstream_replay::lag(&b, &g, &t)).await??;
+        let total: i64 = lags.iter().map(|l| l.lag).sum();
+        if total == 0 && lags.iter().all(|l| l.committed.is_some() || l.end == 0) {
+            return Ok(());
+        }
+        ensure!(
+            start.elapsed() < timeout,
+            "{group} still lags {total} after {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+fn producer(stack: &Stack) -> Result<rdkafka::producer::FutureProducer> {
+    Ok(ClientConfig::new()
+        .set("bootstrap.servers", stack.endpoints().kafka_bootstrap)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("partitioner", "murmur2_random")
+        .create()?)
+}
+
+async fn produce(
+    p: &rdkafka::producer::FutureProducer,
+    topic: &str,
+    key: &str,
+    payload: &[u8],
+    ts: Option<i64>,
+) -> Result<(i32, i64)> {
+    let mut r = rdkafka::producer::FutureRecord::to(topic)
+        .key(key)
+        .payload(payload);
+    if let Some(ts) = ts {
+        r = r.timestamp(ts);
+    }
+    let d = p
+        .send(r, Duration::from_secs(30))
+        .await
+        .map_err(|(e, _)| anyhow!("produce to {topic}: {e}"))?;
+    Ok((d.partition, d.offset))
+}
+
+fn chat_event(conversation: &str, body: &str, ts_ms: i64) -> EventEnvelope {
+    let id = unique("evt");
+    EventEnvelope {
+        id: id.clone(),
+        version: chatstream_protocol::EVENT_VERSION,
+        timestamp: "2026-01-01T00:00:00.000Z".into(),
+        timestamp_ms: ts_ms,
+        tenant: TENANT.into(),
+        trace_id: "t".into(),
+        source_node: "test".into(),
+        conversation_id: Some(conversation.into()),
+        session_id: None,
+        user_id: Some("alice".into()),
+        message_id: Some(id.clone()),
+        replayed: false,
+        body: EventBody::ChatMessage(chatstream_protocol::events::ChatMessage {
+            message_id: id,
+            client_msg_id: unique("c"),
+            conversation_id: conversation.into(),
+            sender_id: "alice".into(),
+            seq: 1,
+            body: body.into(),
+            created_at_ms: ts_ms,
+        }),
+    }
+}
+
+async fn pg(stack: &Stack) -> Result<sqlx::PgPool> {
+    Ok(sqlx::PgPool::connect(&stack.endpoints().postgres_url).await?)
 }
 
 async fn create_conversation(node: &Node, creator: &str, id: &str, members: &[&str]) -> Result<()> {
@@ -1056,6 +1214,500 @@ async fn sigterm_drains_connections(stack: &mut Stack) -> Result<()> {
     Ok(())
 }
 
+/// A dead letter: its payload and headers.
+type DeadLetter = (Vec<u8>, BTreeMap<String, String>);
+
+async fn poison_event_goes_to_the_dlq_and_the_worker_continues(stack: &mut Stack) -> Result<()> {
+    let p = producer(stack)?;
+    let garbage = format!("{{not an event {}", unique("g"));
+    let (gp, go) = produce(&p, "chat-events", "poison", garbage.as_bytes(), None).await?;
+    let mut newer = serde_json::to_value(chat_event("c-poison", "from the future", 1))?;
+    newer["version"] = 99.into();
+    produce(
+        &p,
+        "chat-events",
+        "c-poison",
+        newer.to_string().as_bytes(),
+        None,
+    )
+    .await?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_millis() as i64;
+    let good = chat_event(&unique("conv"), "findable after the poison", now);
+    produce(
+        &p,
+        "chat-events",
+        good.key(),
+        good.to_json().as_bytes(),
+        None,
+    )
+    .await?;
+    let prefix = unique("g");
+    let mut w = Workers::start(stack, "search", &prefix, &[]).await?;
+    let pool = pg(stack).await?;
+    let id = good.message_id.clone().unwrap_or_default();
+    let start = Instant::now();
+    while sqlx::query_scalar::<_, i64>("SELECT count(*) FROM search_messages WHERE message_id = $1")
+        .bind(&id)
+        .fetch_one(&pool)
+        .await?
+        == 0
+    {
+        ensure!(
+            start.elapsed() < Duration::from_secs(60),
+            "the event after the poison was never indexed"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // The search API finds it by a word of its body.
+    let hits: serde_json::Value = reqwest::get(format!(
+        "http://{}/api/search?tenant={TENANT}&q=findable",
+        w.addr
+    ))
+    .await?
+    .json()
+    .await?;
+    ensure!(
+        hits["hits"]
+            .as_array()
+            .is_some_and(|h| h.iter().any(|x| x["message_id"] == id.as_str())),
+        "search API did not find the message: {hits}"
+    );
+    let b = stack.endpoints().kafka_bootstrap;
+    let dead = tokio::task::spawn_blocking(move || -> Result<Vec<DeadLetter>> {
+        let total: i64 = chatstream_replay::ranges_all(&b, "chat-events-dlq")?
+            .iter()
+            .map(|r| r.len())
+            .sum();
+        let c: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &b)
+            .set("group.id", unique("dlq"))
+            .set("auto.offset.reset", "earliest")
+            .create()?;
+        c.subscribe(&["chat-events-dlq"])?;
+        let mut out = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while (out.len() as i64) < total && Instant::now() < deadline {
+            if let Some(m) = c.poll(Duration::from_millis(300)) {
+                let m = m?;
+                let mut h = BTreeMap::new();
+                if let Some(hs) = m.headers() {
+                    use rdkafka::message::Headers;
+                    for hd in hs.iter() {
+                        h.insert(
+                            hd.key.to_string(),
+                            String::from_utf8_lossy(hd.value.unwrap_or_default()).into_owned(),
+                        );
+                    }
+                }
+                out.push((m.payload().unwrap_or_default().to_vec(), h));
+            }
+        }
+        Ok(out)
+    })
+    .await??;
+    let (_, h) = dead
+        .iter()
+        .find(|(payload, _)| payload == garbage.as_bytes())
+        .ok_or_else(|| {
+            anyhow!(
+                "garbage not in chat-events-dlq ({} dead letters)",
+                dead.len()
+            )
+        })?;
+    ensure!(
+        h.get("dlq-source-topic").map(String::as_str) == Some("chat-events"),
+        "{h:?}"
+    );
+    ensure!(
+        h.get("dlq-source-partition") == Some(&gp.to_string())
+            && h.get("dlq-source-offset") == Some(&go.to_string()),
+        "{h:?} vs {gp}/{go}"
+    );
+    ensure!(
+        h.get("dlq-error")
+            .is_some_and(|e| e.contains("undecodable")),
+        "{h:?}"
+    );
+    ensure!(
+        dead.iter()
+            .any(|(_, h)| h.get("dlq-error").is_some_and(|e| e.contains("version 99"))),
+        "the unknown-version event was not dead-lettered"
+    );
+    let status = w.stop().await?;
+    ensure!(status.success(), "workers exited with {status}");
+    Ok(())
+}
+
+/// Events of one test minute, counted by the analytics worker.
+async fn minute_count(pool: &sqlx::PgPool, minute: i64) -> Result<i64> {
+    Ok(sqlx::query_scalar::<_, Option<i64>>(
+        "SELECT sum(events)::bigint FROM analytics_minutes WHERE minute_ms = $1 AND event_type = 'CHAT_MESSAGE'",
+    )
+    .bind(minute)
+    .fetch_one(pool)
+    .await?
+    .unwrap_or(0))
+}
+
+/// Runs analytics over 40 new events in a fresh minute, crashes it after handling
+/// everything but before any commit, restarts it, and returns the minute's count.
+async fn crash_and_count(stack: &Stack, sabotage: bool) -> Result<i64> {
+    let pool = pg(stack).await?;
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_nanos();
+    let minute: i64 = 60_000 * (1_000_000 + (nanos % 1_000_000) as i64);
+    let b = stack.endpoints().kafka_bootstrap;
+    let before: i64 = tokio::task::spawn_blocking(move || -> Result<i64> {
+        let mut n = 0;
+        for t in ["chat-events", "stream-events"] {
+            n += chatstream_replay::ranges_all(&b, t)?
+                .iter()
+                .map(|r| r.len())
+                .sum::<i64>();
+        }
+        Ok(n)
+    })
+    .await??;
+    let p = producer(stack)?;
+    for i in 0..40 {
+        let e = chat_event(
+            &format!("crash-conv-{}", i % 7),
+            "count me once",
+            minute + i,
+        );
+        produce(&p, "chat-events", e.key(), e.to_json().as_bytes(), None).await?;
+    }
+    let prefix = unique("crash");
+    let crash_at = (before + 40).to_string();
+    let mut extra = vec!["--commit-interval-ms", "600000", "--crash-after", &crash_at];
+    if sabotage {
+        extra.push("--unsafe-no-dedupe");
+    }
+    let mut first = Workers::start(stack, "analytics", &prefix, &extra).await?;
+    let status = wait_exit(&mut first.child, Duration::from_secs(120)).await?;
+    ensure!(
+        status.code() == Some(86),
+        "the worker did not crash as planned: {status}"
+    );
+    let counted_before_restart = minute_count(&pool, minute).await?;
+    ensure!(
+        counted_before_restart == 40,
+        "{counted_before_restart} of 40 counted before the crash"
+    );
+    let restart: Vec<&str> = if sabotage {
+        vec!["--unsafe-no-dedupe"]
+    } else {
+        vec![]
+    };
+    let mut second = Workers::start(stack, "analytics", &prefix, &restart).await?;
+    caught_up(
+        stack,
+        &format!("{prefix}-analytics"),
+        &["chat-events", "stream-events"],
+        Duration::from_secs(120),
+    )
+    .await?;
+    second.stop().await?;
+    minute_count(&pool, minute).await
+}
+
+async fn redelivery_after_a_crash_counts_once(stack: &mut Stack) -> Result<()> {
+    let n = crash_and_count(stack, false).await?;
+    ensure!(
+        n == 40,
+        "40 events counted {n} times after a crash between handling and commit"
+    );
+    // Sabotage: without the processed markers, the same crash double counts.
+    let sabotaged = crash_and_count(stack, true).await?;
+    ensure!(
+        sabotaged > 40,
+        "the sabotaged worker counted {sabotaged}: the check cannot fail"
+    );
+    eprintln!("  deduplicated: 40; sabotaged (no processed markers): {sabotaged}");
+    Ok(())
+}
+
+async fn rebuilt_projections_equal_the_live_ones(stack: &mut Stack) -> Result<()> {
+    let prefix = unique("live");
+    let mut w = Workers::start(stack, "audit,search", &prefix, &[]).await?;
+    let audit_topics = [
+        "chat-events",
+        "stream-events",
+        "message-status-events",
+        "notifications",
+    ];
+    caught_up(
+        stack,
+        &format!("{prefix}-audit"),
+        &audit_topics,
+        Duration::from_secs(120),
+    )
+    .await?;
+    caught_up(
+        stack,
+        &format!("{prefix}-search"),
+        &["chat-events"],
+        Duration::from_secs(120),
+    )
+    .await?;
+    w.stop().await?;
+    let pool = pg(stack).await?;
+    for (projection, table) in [("audit", "audit_logs"), ("search", "search_messages")] {
+        let live = chatstream_workers::queries::digest(&pool, projection).await?;
+        let rows: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {table}"))
+            .fetch_one(&pool)
+            .await?;
+        ensure!(rows > 0, "{projection} is empty: nothing to compare");
+        let e = stack.endpoints();
+        let out = Command::new(env!("CARGO_BIN_EXE_chatstream"))
+            .args([
+                "replay",
+                "--kafka-bootstrap",
+                &e.kafka_bootstrap,
+                "--postgres-url",
+                &e.postgres_url,
+                "rebuild",
+                projection,
+            ])
+            .env("RUST_LOG", "warn")
+            .output()?;
+        ensure!(
+            out.status.success(),
+            "rebuild {projection}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        ensure!(
+            v["digest"] == live.as_str(),
+            "{projection}: rebuilt digest {} differs from live {live} ({rows} rows)",
+            v["digest"]
+        );
+        eprintln!(
+            "  {projection}: {rows} rows, same digest live and rebuilt ({} events replayed at {:.0}/s)",
+            v["events"],
+            v["events_per_s"].as_f64().unwrap_or(0.0)
+        );
+    }
+    Ok(())
+}
+
+async fn replay_from_a_time_is_exact(stack: &mut Stack) -> Result<()> {
+    let topic = unique("replay");
+    stack
+        .create_topics(&[squall_stack::topics::TopicSpec {
+            name: topic.clone(),
+            retention_ms: 3_600_000,
+        }])
+        .await?;
+    let p = producer(stack)?;
+    // In the past (brokers refuse timestamps too far in the future), with room after T.
+    let t: i64 = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_millis() as i64
+        - 600_000;
+    let mut expected = BTreeSet::new();
+    for i in 0..300i64 {
+        // Interleaved: half before T, half at or after, over every partition.
+        let (key, ts) = if i % 2 == 0 {
+            (format!("before-{i}"), t - 1 - i)
+        } else {
+            (format!("after-{i}"), t + i)
+        };
+        if ts >= t {
+            expected.insert(key.clone());
+        }
+        produce(&p, &topic, &key, key.as_bytes(), Some(ts)).await?;
+    }
+    let b = stack.endpoints().kafka_bootstrap;
+    // Records produced after the replay fixed its end must not be returned: produce them
+    // from another task while the replay runs, and once before it reads.
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let late_producer = p.clone();
+    let late_topic = topic.clone();
+    let late = tokio::spawn(async move {
+        let _ = tokio::task::spawn_blocking(move || rx.recv()).await;
+        for i in 0..20 {
+            let _ = produce(
+                &late_producer,
+                &late_topic,
+                &format!("late-{i}"),
+                b"late",
+                Some(t + 10_000 + i),
+            )
+            .await;
+        }
+    });
+    let got = tokio::task::spawn_blocking(move || -> Result<Vec<String>> {
+        let ranges = chatstream_replay::ranges_from_timestamp(&b, &topic, t)?;
+        let _ = tx.send(());
+        std::thread::sleep(Duration::from_secs(2));
+        let mut keys = Vec::new();
+        let mut kept = 0;
+        chatstream_replay::read(
+            &b,
+            &topic,
+            &ranges,
+            Duration::from_secs(60),
+            |r| {
+                if r.timestamp_ms.is_some_and(|ts| ts >= t) {
+                    kept += 1;
+                    keys.push(String::from_utf8_lossy(&r.key.unwrap_or_default()).into_owned());
+                }
+            },
+            |_, _| {},
+        )?;
+        // The public entry point gives the same answer (plus the late ones, which now exist).
+        let again = chatstream_replay::read_since(
+            &b,
+            &topic,
+            t,
+            Duration::from_secs(60),
+            |_| {},
+            |_, _| {},
+        )?;
+        ensure!(
+            again == kept + 20,
+            "read_since after the late records: {again}, expected {}",
+            kept + 20
+        );
+        Ok(keys)
+    })
+    .await??;
+    late.await?;
+    let got_set: BTreeSet<String> = got.iter().cloned().collect();
+    ensure!(got.len() == got_set.len(), "duplicates in the replay");
+    ensure!(
+        got_set == expected,
+        "replay from T returned {} keys, expected {} (extra {:?}, missing {:?})",
+        got_set.len(),
+        expected.len(),
+        got_set.difference(&expected).take(3).collect::<Vec<_>>(),
+        expected.difference(&got_set).take(3).collect::<Vec<_>>()
+    );
+    Ok(())
+}
+
+async fn session_timeline_matches_what_the_node_emitted(stack: &mut Stack) -> Result<()> {
+    let n1 = Node::start(stack, "timeline-1", &[]).await?;
+    let conv = unique("conv");
+    create_conversation(&n1, "alice", &conv, &["alice"]).await?;
+    let mut c = Client::connect(&n1, "alice").await?;
+    c.send(&ClientFrame::Stream {
+        conversation_id: conv,
+        prompt: "timeline please".into(),
+    })
+    .await?;
+    let mut session = String::new();
+    let mut chunks = Vec::new();
+    loop {
+        match c.recv().await? {
+            ServerFrame::StreamStarted { session_id, .. } => session = session_id,
+            ServerFrame::Chunk { index, .. } => chunks.push(index),
+            ServerFrame::StreamEnd { .. } => break,
+            _ => {}
+        }
+    }
+    let b = stack.endpoints().kafka_bootstrap;
+    let start = Instant::now();
+    let timeline = loop {
+        let (b, s) = (b.clone(), session.clone());
+        let events =
+            tokio::task::spawn_blocking(move || chatstream_replay::session_timeline(&b, &s))
+                .await??;
+        if events
+            .iter()
+            .any(|e| e.body.type_name() == "STREAM_COMPLETED")
+            || start.elapsed() > Duration::from_secs(20)
+        {
+            break events;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let types: Vec<&str> = timeline.iter().map(|e| e.body.type_name()).collect();
+    ensure!(
+        types.first() == Some(&"SESSION_STARTED") && types.last() == Some(&"STREAM_COMPLETED"),
+        "timeline {types:?}"
+    );
+    let indices: Vec<i64> = timeline
+        .iter()
+        .filter_map(|e| match &e.body {
+            EventBody::ChunkReceived(c) => Some(c.chunk_index),
+            _ => None,
+        })
+        .collect();
+    ensure!(
+        indices == chunks,
+        "timeline chunks {indices:?} but the client saw {chunks:?}"
+    );
+    ensure!(
+        timeline.iter().all(|e| e.replayed),
+        "replayed events must be marked"
+    );
+    Ok(())
+}
+
+async fn reset(
+    stack: &Stack,
+    group: &str,
+) -> Result<Vec<(String, i32, i64)>, chatstream_replay::ReplayError> {
+    let (b, g) = (stack.endpoints().kafka_bootstrap, group.to_string());
+    tokio::task::spawn_blocking(move || {
+        chatstream_replay::reset_group(
+            &b,
+            &g,
+            &["chat-events".to_string()],
+            chatstream_replay::ResetTo::Earliest,
+        )
+    })
+    .await
+    .map_err(|e| chatstream_replay::ReplayError::Invalid(e.to_string()))?
+}
+
+async fn an_active_group_cannot_be_reset(stack: &mut Stack) -> Result<()> {
+    let p = producer(stack)?;
+    for i in 0..10 {
+        let e = chat_event(&format!("reset-conv-{i}"), "to be read again", 1_000 + i);
+        produce(&p, "chat-events", e.key(), e.to_json().as_bytes(), None).await?;
+    }
+    let prefix = unique("reset");
+    let mut w = Workers::start(stack, "search", &prefix, &[]).await?;
+    let group = format!("{prefix}-search");
+    caught_up(stack, &group, &["chat-events"], Duration::from_secs(60)).await?;
+    match reset(stack, &group).await {
+        Err(chatstream_replay::ReplayError::GroupActive { members, .. }) => ensure!(members >= 1),
+        other => bail!("reset of an active group was not refused: {other:?}"),
+    }
+    w.stop().await?;
+    let start = Instant::now();
+    loop {
+        match reset(stack, &group).await {
+            Ok(committed) => {
+                ensure!(!committed.is_empty());
+                break;
+            }
+            Err(chatstream_replay::ReplayError::GroupActive { .. })
+                if start.elapsed() < Duration::from_secs(30) =>
+            {
+                tokio::time::sleep(Duration::from_millis(500)).await
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let (b, g) = (stack.endpoints().kafka_bootstrap, group);
+    let lags = tokio::task::spawn_blocking(move || {
+        chatstream_replay::lag(&b, &g, &["chat-events".to_string()])
+    })
+    .await??;
+    ensure!(
+        lags.iter().map(|l| l.lag).sum::<i64>() > 0,
+        "after a reset to earliest the group should lag: {lags:?}"
+    );
+    Ok(())
+}
+
 // ---------------------------------------------------------------------------------------
 
 struct Fixture {
@@ -1183,11 +1835,42 @@ fn main() {
             "node::sigterm_drains_connections",
             sigterm_drains_connections
         ),
+        t!(
+            "workers::poison_event_goes_to_the_dlq_and_the_worker_continues",
+            poison_event_goes_to_the_dlq_and_the_worker_continues
+        ),
+        t!(
+            "workers::redelivery_after_a_crash_counts_once",
+            redelivery_after_a_crash_counts_once
+        ),
+        t!(
+            "workers::rebuilt_projections_equal_the_live_ones",
+            rebuilt_projections_equal_the_live_ones
+        ),
+        t!(
+            "replay::replay_from_a_time_is_exact",
+            replay_from_a_time_is_exact
+        ),
+        t!(
+            "replay::session_timeline_matches_what_the_node_emitted",
+            session_timeline_matches_what_the_node_emitted
+        ),
+        t!(
+            "replay::an_active_group_cannot_be_reset",
+            an_active_group_cannot_be_reset
+        ),
     ];
     let conclusion = libtest_mimic::run(&args, trials);
     if let Ok(mut guard) = fixture.stack.lock() {
         if let Some(stack) = guard.take() {
-            if let Err(e) = fixture.rt.block_on(stack.down(false)) {
+            let keep = conclusion.has_failed();
+            if keep {
+                eprintln!(
+                    "a test failed: stack logs are kept in {} (node logs in target/tmp/node-logs)",
+                    stack.state().run_dir.display()
+                );
+            }
+            if let Err(e) = fixture.rt.block_on(stack.down(keep)) {
                 eprintln!("could not stop the stack: {e}");
             }
         }

@@ -1,0 +1,334 @@
+//! `chatstream workers`: runs the chosen workers (each its own consumer group), exposes
+//! `/healthz`, `/metrics` (including consumer lag per group and partition) and the read
+//! API (`/api/audit/...`, `/api/search`), and stops cleanly on SIGTERM, committing what
+//! was handled.
+
+use anyhow::{bail, Context, Result};
+use axum::extract::{Path, Query, State};
+use axum::routing::get;
+use axum::{Json, Router};
+use chatstream_store::Store;
+use chatstream_workers::handlers::{Alerts, Analytics, Audit, Export, Search};
+use chatstream_workers::{queries, run_worker, Handler, WorkerConfig};
+use clap::Args;
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde::Deserialize;
+use sqlx::PgPool;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+
+pub const WORKERS: &[&str] = &["audit", "analytics", "search", "alerts", "export"];
+
+#[derive(Args, Clone)]
+pub struct WorkersArgs {
+    /// Comma-separated workers to run: audit, analytics, search, alerts, export.
+    #[arg(long, value_delimiter = ',', default_value = "audit,analytics,search")]
+    pub only: Vec<String>,
+    /// Consumers per worker in this process (they share the worker's group).
+    #[arg(long, default_value_t = 1)]
+    pub concurrency: usize,
+    #[arg(
+        long,
+        env = "CHATSTREAM_POSTGRES_URL",
+        default_value = "postgres://postgres@127.0.0.1:29060/chatstream"
+    )]
+    pub postgres_url: String,
+    #[arg(
+        long,
+        env = "CHATSTREAM_KAFKA_BOOTSTRAP",
+        default_value = "127.0.0.1:29011,127.0.0.1:29012,127.0.0.1:29013"
+    )]
+    pub kafka_bootstrap: String,
+    /// Address for /healthz, /metrics and the read API (port 0: any free port, printed).
+    #[arg(long, env = "CHATSTREAM_WORKERS_LISTEN", default_value = "127.0.0.1:0")]
+    pub listen: SocketAddr,
+    /// Alerts: where to POST (required with the alerts worker).
+    #[arg(long, env = "CHATSTREAM_ALERT_WEBHOOK")]
+    pub webhook: Option<String>,
+    /// Alerts: a completed stream slower than this (total latency) is an SLA breach.
+    #[arg(long, default_value_t = 10_000)]
+    pub sla_ms: u64,
+    /// Export: folder for the JSONL training files (one per date).
+    #[arg(long, default_value = "exports")]
+    pub export_dir: PathBuf,
+    /// Consumer group prefix (groups are `<prefix>-<worker>`).
+    #[arg(long, default_value = "chatstream")]
+    pub group_prefix: String,
+    /// How often handled offsets are committed (also on revoke and on shutdown).
+    #[arg(long, default_value_t = 500)]
+    pub commit_interval_ms: u64,
+    /// Test sabotage: exit right after handling this many events, before committing.
+    #[arg(long, hide = true)]
+    pub crash_after: Option<u64>,
+    /// Test sabotage: the analytics worker forgets which events it counted.
+    #[arg(long, hide = true)]
+    pub unsafe_no_dedupe: bool,
+}
+
+impl WorkersArgs {
+    pub fn group(&self, worker: &str) -> String {
+        format!("{}-{worker}", self.group_prefix)
+    }
+}
+
+/// Opens the store, waiting (bounded) for PostgreSQL, and migrates it.
+pub async fn open_store(url: &str) -> Result<Store> {
+    let store = Store::connect_lazy(url, 16).context("postgres URL")?;
+    let mut waited = Duration::ZERO;
+    loop {
+        match store.migrate().await {
+            Ok(()) => return Ok(store),
+            Err(e) if waited < Duration::from_secs(60) => {
+                tracing::warn!(error = %e, "postgres not ready; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                waited += Duration::from_secs(1);
+            }
+            Err(e) => return Err(e).context("migrating the database (is PostgreSQL reachable?)"),
+        }
+    }
+}
+
+#[derive(Clone)]
+struct Api {
+    pool: PgPool,
+    metrics: PrometheusHandle,
+}
+
+type ApiResult = Result<Json<serde_json::Value>, (axum::http::StatusCode, String)>;
+
+fn unavailable(e: sqlx::Error) -> (axum::http::StatusCode, String) {
+    (axum::http::StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+}
+
+#[derive(Deserialize)]
+struct Limit {
+    limit: Option<i64>,
+    hours: Option<i64>,
+    q: Option<String>,
+    tenant: Option<String>,
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn router(api: Api) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/metrics",
+            get(|State(a): State<Api>| async move { a.metrics.render() }),
+        )
+        .route(
+            "/api/audit/users/{id}",
+            get(
+                |State(a): State<Api>, Path(id): Path<String>, Query(l): Query<Limit>| async move {
+                    let rows = queries::audit_by_user(&a.pool, &id, l.limit.unwrap_or(100))
+                        .await
+                        .map_err(unavailable)?;
+                    ApiResult::Ok(Json(serde_json::json!({ "user_id": id, "events": rows })))
+                },
+            ),
+        )
+        .route(
+            "/api/audit/conversations/{id}",
+            get(
+                |State(a): State<Api>, Path(id): Path<String>, Query(l): Query<Limit>| async move {
+                    let rows =
+                        queries::audit_by_conversation(&a.pool, &id, l.limit.unwrap_or(1000))
+                            .await
+                            .map_err(unavailable)?;
+                    ApiResult::Ok(Json(
+                        serde_json::json!({ "conversation_id": id, "events": rows }),
+                    ))
+                },
+            ),
+        )
+        .route(
+            "/api/audit/errors",
+            get(|State(a): State<Api>, Query(l): Query<Limit>| async move {
+                let hours = l.hours.unwrap_or(24);
+                let rows = queries::audit_errors(&a.pool, hours, now_ms(), l.limit.unwrap_or(100))
+                    .await
+                    .map_err(unavailable)?;
+                ApiResult::Ok(Json(serde_json::json!({ "hours": hours, "events": rows })))
+            }),
+        )
+        .route(
+            "/api/audit/counts",
+            get(|State(a): State<Api>| async move {
+                let counts = queries::audit_counts(&a.pool).await.map_err(unavailable)?;
+                ApiResult::Ok(Json(serde_json::json!(counts
+                    .into_iter()
+                    .collect::<std::collections::BTreeMap<_, _>>(
+                ))))
+            }),
+        )
+        .route(
+            "/api/search",
+            get(|State(a): State<Api>, Query(l): Query<Limit>| async move {
+                let (Some(q), Some(tenant)) = (l.q, l.tenant) else {
+                    return Err((
+                        axum::http::StatusCode::BAD_REQUEST,
+                        "give ?tenant=...&q=...".to_string(),
+                    ));
+                };
+                let hits = queries::search(&a.pool, &tenant, &q, l.limit.unwrap_or(20))
+                    .await
+                    .map_err(unavailable)?;
+                ApiResult::Ok(Json(serde_json::json!({ "query": q, "hits": hits })))
+            }),
+        )
+        .with_state(api)
+}
+
+/// Publishes consumer lag per group and partition as gauges, every 5 s.
+async fn report_lag(
+    bootstrap: String,
+    groups: Vec<(String, Vec<String>)>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        for (group, topics) in &groups {
+            let (b, g, t) = (bootstrap.clone(), group.clone(), topics.clone());
+            if let Ok(Ok(lags)) =
+                tokio::task::spawn_blocking(move || chatstream_replay::lag(&b, &g, &t)).await
+            {
+                for l in lags {
+                    metrics::gauge!("chatstream_consumer_lag", "group" => group.clone(), "topic" => l.topic, "partition" => l.partition.to_string())
+                        .set(l.lag as f64);
+                }
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+/// A running worker and the (group, topics) whose lag is reported.
+type Spawned = (
+    tokio::task::JoinHandle<Result<(), String>>,
+    (String, Vec<String>),
+);
+
+fn spawn<H: Handler>(args: &WorkersArgs, handler: H, shutdown: &watch::Receiver<bool>) -> Spawned {
+    let mut config = WorkerConfig::new(&args.kafka_bootstrap);
+    config.group = Some(args.group(handler.name()));
+    config.concurrency = args.concurrency;
+    config.crash_after = args.crash_after;
+    config.commit_interval = Duration::from_millis(args.commit_interval_ms.max(10));
+    let entry = (args.group(handler.name()), handler.topics());
+    (
+        tokio::spawn(run_worker(config, Arc::new(handler), shutdown.clone())),
+        entry,
+    )
+}
+
+pub async fn run(
+    args: WorkersArgs,
+    metrics: PrometheusHandle,
+    signal: impl std::future::Future<Output = ()>,
+) -> Result<()> {
+    for w in &args.only {
+        if !WORKERS.contains(&w.as_str()) {
+            bail!("unknown worker {w:?}; choose from {}", WORKERS.join(", "));
+        }
+    }
+    if args.only.iter().any(|w| w == "alerts") && args.webhook.is_none() {
+        bail!("the alerts worker needs --webhook <url> (or CHATSTREAM_ALERT_WEBHOOK)");
+    }
+    let store = open_store(&args.postgres_url).await?;
+    let pool = store.pool().clone();
+    let (tx, rx) = watch::channel(false);
+    let mut tasks = Vec::new();
+    let mut groups = Vec::new();
+    for w in &args.only {
+        let group = args.group(w);
+        let (task, entry) = match w.as_str() {
+            "audit" => spawn(
+                &args,
+                Audit {
+                    pool: pool.clone(),
+                    group,
+                },
+                &rx,
+            ),
+            "analytics" => spawn(
+                &args,
+                Analytics {
+                    pool: pool.clone(),
+                    group,
+                    unsafe_no_dedupe: args.unsafe_no_dedupe,
+                },
+                &rx,
+            ),
+            "search" => spawn(
+                &args,
+                Search {
+                    pool: pool.clone(),
+                    group,
+                },
+                &rx,
+            ),
+            "alerts" => spawn(
+                &args,
+                Alerts {
+                    pool: pool.clone(),
+                    group,
+                    webhook: args.webhook.clone().unwrap_or_default(),
+                    sla_ms: args.sla_ms,
+                    http: reqwest::Client::new(),
+                },
+                &rx,
+            ),
+            _ => spawn(
+                &args,
+                Export {
+                    pool: pool.clone(),
+                    group,
+                    dir: args.export_dir.clone(),
+                },
+                &rx,
+            ),
+        };
+        tasks.push(task);
+        groups.push(entry);
+    }
+    tokio::spawn(report_lag(args.kafka_bootstrap.clone(), groups, rx.clone()));
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
+    println!(
+        "{}",
+        serde_json::json!({ "event": "listening", "workers": args.only, "addr": listener.local_addr()?.to_string() })
+    );
+    let mut server_stop = rx.clone();
+    let app = router(Api { pool, metrics });
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = server_stop.changed().await;
+            })
+            .await
+    });
+    signal.await;
+    tracing::info!("stopping workers: committing handled offsets");
+    let _ = tx.send(true);
+    for t in tasks {
+        match t.await {
+            Ok(Err(e)) => tracing::error!(error = %e, "worker failed"),
+            Err(e) => tracing::error!(error = %e, "worker task failed"),
+            Ok(Ok(())) => {}
+        }
+    }
+    let _ = server.await;
+    Ok(())
+}
