@@ -5,7 +5,9 @@ use anyhow::{bail, Context, Result};
 use chatstream_replay::{self as replay, Range, ResetTo};
 use chatstream_workers::consumer::{Handler, RecordMeta};
 use chatstream_workers::handlers::{Analytics, Audit, Search};
-use chatstream_workers::queries;
+use chatstream_workers::{bulk, queries};
+
+const BATCH: usize = 5_000;
 use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::time::{Duration, Instant};
@@ -213,42 +215,59 @@ pub async fn rebuild(bootstrap: &str, postgres_url: &str, projection: &str) -> R
             pb.finish_and_clear();
             n
         });
-        while let Some(rec) = rx.recv().await {
-            let Some(event) = rec.event() else { continue };
-            let meta = RecordMeta {
-                topic: topic.clone(),
-                partition: rec.partition,
-                offset: rec.offset,
-            };
-            let result = match projection {
-                "audit" => {
-                    Audit {
-                        pool: pool.clone(),
-                        group: group.clone(),
-                    }
-                    .handle(&event, &meta)
-                    .await
-                }
-                "search" => {
-                    Search {
-                        pool: pool.clone(),
-                        group: group.clone(),
-                    }
-                    .handle(&event, &meta)
-                    .await
-                }
-                _ => {
-                    Analytics {
+        // Audit and search are written in bulk (thousands of rows per statement);
+        // analytics goes event by event through its live handler (it aggregates).
+        let mut batch: Vec<(chatstream_protocol::EventEnvelope, i32, i64)> =
+            Vec::with_capacity(BATCH);
+        loop {
+            let next = rx.recv().await;
+            let done = next.is_none();
+            if let Some(rec) = next {
+                let Some(event) = rec.event() else { continue };
+                if projection == "analytics" {
+                    let meta = RecordMeta {
+                        topic: topic.clone(),
+                        partition: rec.partition,
+                        offset: rec.offset,
+                    };
+                    let handler = Analytics {
                         pool: pool.clone(),
                         group: group.clone(),
                         unsafe_no_dedupe: false,
+                    };
+                    if let Err(e) = handler.handle(&event, &meta).await {
+                        tracing::warn!(error = %e, offset = rec.offset, "event skipped during rebuild");
                     }
-                    .handle(&event, &meta)
-                    .await
+                    continue;
                 }
-            };
-            if let Err(e) = result {
-                tracing::warn!(error = %e, offset = rec.offset, "event skipped during rebuild");
+                batch.push((event, rec.partition, rec.offset));
+            }
+            if batch.len() >= BATCH || (done && !batch.is_empty()) {
+                match projection {
+                    "audit" => {
+                        let rows: Vec<_> = batch
+                            .drain(..)
+                            .map(|(e, partition, offset)| {
+                                (
+                                    e,
+                                    bulk::Position {
+                                        topic,
+                                        partition,
+                                        offset,
+                                    },
+                                )
+                            })
+                            .collect();
+                        bulk::audit(&pool, &rows).await?;
+                    }
+                    _ => {
+                        let events: Vec<_> = batch.drain(..).map(|(e, _, _)| e).collect();
+                        bulk::search(&pool, &events).await?;
+                    }
+                }
+            }
+            if done {
+                break;
             }
         }
         total += reader.await??;

@@ -1217,6 +1217,45 @@ async fn sigterm_drains_connections(stack: &mut Stack) -> Result<()> {
 /// A dead letter: its payload and headers.
 type DeadLetter = (Vec<u8>, BTreeMap<String, String>);
 
+/// Every record of chat-events-dlq (to its current end) with its headers.
+async fn dead_letters(bootstrap: &str) -> Result<Vec<DeadLetter>> {
+    let b = bootstrap.to_string();
+    tokio::task::spawn_blocking(move || -> Result<Vec<DeadLetter>> {
+        let ranges = chatstream_replay::ranges_all(&b, "chat-events-dlq")?;
+        let c: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &b)
+            .set("group.id", unique("dlq"))
+            .set("enable.auto.commit", "false")
+            .create()?;
+        let mut tpl = TopicPartitionList::new();
+        for r in &ranges {
+            tpl.add_partition_offset("chat-events-dlq", r.partition, Offset::Offset(r.from))?;
+        }
+        c.assign(&tpl)?;
+        let total: i64 = ranges.iter().map(|r| r.len()).sum();
+        let mut out = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while (out.len() as i64) < total && Instant::now() < deadline {
+            if let Some(m) = c.poll(Duration::from_millis(300)) {
+                let m = m?;
+                let mut h = BTreeMap::new();
+                if let Some(hs) = m.headers() {
+                    use rdkafka::message::Headers;
+                    for hd in hs.iter() {
+                        h.insert(
+                            hd.key.to_string(),
+                            String::from_utf8_lossy(hd.value.unwrap_or_default()).into_owned(),
+                        );
+                    }
+                }
+                out.push((m.payload().unwrap_or_default().to_vec(), h));
+            }
+        }
+        Ok(out)
+    })
+    .await?
+}
+
 async fn poison_event_goes_to_the_dlq_and_the_worker_continues(stack: &mut Stack) -> Result<()> {
     let p = producer(stack)?;
     let garbage = format!("{{not an event {}", unique("g"));
@@ -1274,39 +1313,19 @@ async fn poison_event_goes_to_the_dlq_and_the_worker_continues(stack: &mut Stack
             .is_some_and(|h| h.iter().any(|x| x["message_id"] == id.as_str())),
         "search API did not find the message: {hits}"
     );
-    let b = stack.endpoints().kafka_bootstrap;
-    let dead = tokio::task::spawn_blocking(move || -> Result<Vec<DeadLetter>> {
-        let total: i64 = chatstream_replay::ranges_all(&b, "chat-events-dlq")?
+    // Partitions are handled independently: wait until both dead letters are there.
+    let start = Instant::now();
+    let dead = loop {
+        let dead = dead_letters(&stack.endpoints().kafka_bootstrap).await?;
+        let has_garbage = dead.iter().any(|(p, _)| p == garbage.as_bytes());
+        let has_newer = dead
             .iter()
-            .map(|r| r.len())
-            .sum();
-        let c: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &b)
-            .set("group.id", unique("dlq"))
-            .set("auto.offset.reset", "earliest")
-            .create()?;
-        c.subscribe(&["chat-events-dlq"])?;
-        let mut out = Vec::new();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while (out.len() as i64) < total && Instant::now() < deadline {
-            if let Some(m) = c.poll(Duration::from_millis(300)) {
-                let m = m?;
-                let mut h = BTreeMap::new();
-                if let Some(hs) = m.headers() {
-                    use rdkafka::message::Headers;
-                    for hd in hs.iter() {
-                        h.insert(
-                            hd.key.to_string(),
-                            String::from_utf8_lossy(hd.value.unwrap_or_default()).into_owned(),
-                        );
-                    }
-                }
-                out.push((m.payload().unwrap_or_default().to_vec(), h));
-            }
+            .any(|(_, h)| h.get("dlq-error").is_some_and(|e| e.contains("version 99")));
+        if (has_garbage && has_newer) || start.elapsed() > Duration::from_secs(30) {
+            break dead;
         }
-        Ok(out)
-    })
-    .await??;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
     let (_, h) = dead
         .iter()
         .find(|(payload, _)| payload == garbage.as_bytes())
@@ -1708,6 +1727,177 @@ async fn an_active_group_cannot_be_reset(stack: &mut Stack) -> Result<()> {
     Ok(())
 }
 
+fn stream_event(session: &str, body: EventBody, replayed: bool) -> EventEnvelope {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0);
+    EventEnvelope {
+        id: unique("evt"),
+        version: chatstream_protocol::EVENT_VERSION,
+        timestamp: "2026-11-25T09:00:00.000Z".into(),
+        timestamp_ms: now,
+        tenant: TENANT.into(),
+        trace_id: "t".into(),
+        source_node: "test".into(),
+        conversation_id: Some("c".into()),
+        session_id: Some(session.into()),
+        user_id: Some("alice".into()),
+        message_id: Some("m".into()),
+        replayed,
+        body,
+    }
+}
+
+fn completed(session: &str, latency_ms: u64) -> EventBody {
+    EventBody::StreamCompleted(chatstream_protocol::events::StreamCompleted {
+        session_id: session.into(),
+        message_id: "m".into(),
+        conversation_id: "c".into(),
+        total_chunks: 2,
+        content_length: 10,
+        total_latency_ms: latency_ms,
+        words: 2,
+        tokens_used: 3,
+        response: "hello world ".into(),
+    })
+}
+
+async fn alerts_retry_a_failing_webhook_and_export_writes_pairs(stack: &mut Stack) -> Result<()> {
+    use chatstream_protocol::events::{SessionStarted, StreamError};
+    // A webhook that refuses its first two calls.
+    let received: Arc<Mutex<Vec<serde_json::Value>>> = Arc::default();
+    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let app = {
+        let (received, calls) = (received.clone(), calls.clone());
+        axum::Router::new().route(
+            "/hook",
+            axum::routing::post(move |axum::Json(body): axum::Json<serde_json::Value>| {
+                let (received, calls) = (received.clone(), calls.clone());
+                async move {
+                    if calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < 2 {
+                        return axum::http::StatusCode::SERVICE_UNAVAILABLE;
+                    }
+                    if let Ok(mut r) = received.lock() {
+                        r.push(body);
+                    }
+                    axum::http::StatusCode::OK
+                }
+            }),
+        )
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let hook = format!("http://{}/hook", listener.local_addr()?);
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let s_err = unique("s-err");
+    let s_slow = unique("s-slow");
+    let s_fast = unique("s-fast");
+    let s_replayed = unique("s-replayed");
+    let error = |session: &str| {
+        EventBody::StreamError(StreamError {
+            session_id: session.into(),
+            message_id: "m".into(),
+            conversation_id: "c".into(),
+            error: "boom".into(),
+            error_code: "TEST".into(),
+            chunk_index: 1,
+        })
+    };
+    let started = EventBody::SessionStarted(SessionStarted {
+        session_id: s_fast.clone(),
+        message_id: "m".into(),
+        conversation_id: "c".into(),
+        user_id: "alice".into(),
+        prompt: "what is replay?".into(),
+        prompt_length: 15,
+        planned_chunks: 2,
+    });
+    let events = [
+        stream_event(&s_err, error(&s_err), false),
+        stream_event(&s_replayed, error(&s_replayed), true),
+        stream_event(&s_slow, completed(&s_slow, 20_000), false),
+        stream_event(&s_fast, started, false),
+        stream_event(&s_fast, completed(&s_fast, 150), false),
+    ];
+    let p = producer(stack)?;
+    for e in &events {
+        produce(&p, "stream-events", e.key(), e.to_json().as_bytes(), None).await?;
+    }
+    let export_dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(unique("export"));
+    let prefix = unique("alerts");
+    let dir = export_dir.display().to_string();
+    let mut w = Workers::start(
+        stack,
+        "alerts,export",
+        &prefix,
+        &[
+            "--webhook",
+            &hook,
+            "--export-dir",
+            &dir,
+            "--sla-ms",
+            "10000",
+        ],
+    )
+    .await?;
+    caught_up(
+        stack,
+        &format!("{prefix}-alerts"),
+        &["stream-events"],
+        Duration::from_secs(120),
+    )
+    .await?;
+    caught_up(
+        stack,
+        &format!("{prefix}-export"),
+        &["stream-events"],
+        Duration::from_secs(60),
+    )
+    .await?;
+    w.stop().await?;
+    server.abort();
+    let got = received.lock().map(|r| r.clone()).unwrap_or_default();
+    let sessions: Vec<String> = got
+        .iter()
+        .filter_map(|b| b["alert"]["session_id"].as_str().map(String::from))
+        .collect();
+    ensure!(
+        sessions.contains(&s_err),
+        "STREAM_ERROR not alerted: {sessions:?}"
+    );
+    ensure!(
+        sessions.contains(&s_slow),
+        "SLA breach not alerted: {sessions:?}"
+    );
+    ensure!(!sessions.contains(&s_replayed), "a replayed event alerted");
+    ensure!(!sessions.contains(&s_fast), "a fast completion alerted");
+    ensure!(
+        sessions.iter().filter(|s| **s == s_err).count() == 1,
+        "STREAM_ERROR alerted twice: {sessions:?}"
+    );
+    ensure!(
+        calls.load(std::sync::atomic::Ordering::SeqCst) >= got.len() + 2,
+        "the two refusals were not retried"
+    );
+    // Export: one JSONL line for the completed session, with its prompt and response.
+    let mut lines = Vec::new();
+    for entry in std::fs::read_dir(&export_dir)? {
+        let text = std::fs::read_to_string(entry?.path())?;
+        lines.extend(text.lines().map(String::from));
+    }
+    let line = lines
+        .iter()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["session_id"] == s_fast.as_str())
+        .ok_or_else(|| anyhow!("no export line for {s_fast} in {} lines", lines.len()))?;
+    ensure!(
+        line["prompt"] == "what is replay?" && line["response"] == "hello world ",
+        "{line}"
+    );
+    Ok(())
+}
+
 // ---------------------------------------------------------------------------------------
 
 struct Fixture {
@@ -1842,6 +2032,10 @@ fn main() {
         t!(
             "workers::redelivery_after_a_crash_counts_once",
             redelivery_after_a_crash_counts_once
+        ),
+        t!(
+            "workers::alerts_retry_a_failing_webhook_and_export_writes_pairs",
+            alerts_retry_a_failing_webhook_and_export_writes_pairs
         ),
         t!(
             "workers::rebuilt_projections_equal_the_live_ones",

@@ -3,6 +3,7 @@
 //! retry that pauses only the affected partition, dead letters for poison events);
 //! `handlers` hold what each worker does with an event.
 
+pub mod bulk;
 pub mod consumer;
 pub mod dlq;
 pub mod handlers;
