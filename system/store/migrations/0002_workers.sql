@@ -34,8 +34,9 @@ CREATE TABLE IF NOT EXISTS analytics_minutes (
     event_type       TEXT NOT NULL,
     events           BIGINT NOT NULL DEFAULT 0,
     errors           BIGINT NOT NULL DEFAULT 0,
-    -- Latency samples (ms) of the minute, for percentiles; bounded per row by the worker.
-    latencies_ms     BIGINT[] NOT NULL DEFAULT '{}',
+    -- Latency histogram of the minute: counts per bucket, upper bounds in ms given by
+    -- chatstream_workers::handlers::LATENCY_BUCKETS_MS (the last bucket is open).
+    latency_buckets  BIGINT[] NOT NULL DEFAULT '{}',
     PRIMARY KEY (minute_ms, event_type)
 );
 

@@ -79,17 +79,15 @@ impl Handler for Audit {
         }
         let payload =
             serde_json::to_value(&e.body).map_err(|err| HandleError::Poison(err.to_string()))?;
-        let mut tx = self.pool.begin().await.map_err(transient)?;
-        if !claim(&mut tx, &self.group, &e.id)
-            .await
-            .map_err(transient)?
-        {
-            return Ok(Handled::Skipped);
-        }
-        sqlx::query(
-            "INSERT INTO audit_logs (event_id, event_type, tenant, user_id, conversation_id, session_id, message_id,
+        // One statement (one round trip): the processed marker and the row together.
+        let inserted = sqlx::query(
+            "WITH claimed AS (
+                INSERT INTO processed_events (consumer_group, event_id, processed_at_ms) VALUES ($15, $1, $10)
+                ON CONFLICT DO NOTHING RETURNING 1
+             )
+             INSERT INTO audit_logs (event_id, event_type, tenant, user_id, conversation_id, session_id, message_id,
                                      source_node, trace_id, ts_ms, kafka_topic, kafka_partition, kafka_offset, payload)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
+             SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14 WHERE EXISTS (SELECT 1 FROM claimed)
              ON CONFLICT (event_id) DO NOTHING",
         )
         .bind(&e.id)
@@ -106,11 +104,15 @@ impl Handler for Audit {
         .bind(meta.partition)
         .bind(meta.offset)
         .bind(payload)
-        .execute(&mut *tx)
+        .bind(&self.group)
+        .execute(&self.pool)
         .await
         .map_err(transient)?;
-        tx.commit().await.map_err(transient)?;
-        Ok(Handled::Applied)
+        Ok(if inserted.rows_affected() == 1 {
+            Handled::Applied
+        } else {
+            Handled::Skipped
+        })
     }
 }
 
@@ -174,38 +176,75 @@ impl Handler for Analytics {
 
     async fn handle(&self, e: &EventEnvelope, _meta: &RecordMeta) -> Result<Handled, HandleError> {
         validate(e)?;
-        let mut tx = self.pool.begin().await.map_err(transient)?;
-        if !self.unsafe_no_dedupe
-            && !claim(&mut tx, &self.group, &e.id)
-                .await
-                .map_err(transient)?
-        {
-            return Ok(Handled::Skipped);
-        }
         let minute = e.timestamp_ms - e.timestamp_ms.rem_euclid(60_000);
         let is_error = matches!(e.body, EventBody::StreamError(_)) as i64;
-        let latency: Vec<i64> = Self::latency_ms(e).into_iter().collect();
-        sqlx::query(
-            "INSERT INTO analytics_minutes (minute_ms, event_type, events, errors, latencies_ms)
-             VALUES ($1, $2, 1, $3, $4)
+        let mut buckets = vec![0i64; LATENCY_BUCKETS_MS.len() + 1];
+        if let Some(ms) = Self::latency_ms(e) {
+            buckets[latency_bucket(ms)] = 1;
+        }
+        // One statement: the processed marker (unless sabotaged) and the aggregate together.
+        let claim = if self.unsafe_no_dedupe {
+            "SELECT 1"
+        } else {
+            "INSERT INTO processed_events (consumer_group, event_id, processed_at_ms) VALUES ($5, $6, $1)
+             ON CONFLICT DO NOTHING RETURNING 1"
+        };
+        let applied = sqlx::query(&format!(
+            "WITH claimed AS ({claim})
+             INSERT INTO analytics_minutes (minute_ms, event_type, events, errors, latency_buckets)
+             SELECT $1, $2, 1, $3, $4 WHERE EXISTS (SELECT 1 FROM claimed)
              ON CONFLICT (minute_ms, event_type) DO UPDATE SET
                events = analytics_minutes.events + 1,
                errors = analytics_minutes.errors + EXCLUDED.errors,
-               latencies_ms = CASE WHEN cardinality(analytics_minutes.latencies_ms) < 10000
-                                   THEN analytics_minutes.latencies_ms || EXCLUDED.latencies_ms
-                                   ELSE analytics_minutes.latencies_ms END",
-        )
+               latency_buckets = ARRAY(
+                 SELECT coalesce(a, 0) + coalesce(b, 0)
+                 FROM UNNEST(analytics_minutes.latency_buckets, EXCLUDED.latency_buckets) AS t(a, b))"
+        ))
         .bind(minute)
         .bind(e.body.type_name())
         .bind(is_error)
-        .bind(&latency)
-        .execute(&mut *tx)
+        .bind(&buckets)
+        .bind(&self.group)
+        .bind(&e.id)
+        .execute(&self.pool)
         .await
         .map_err(transient)?;
-        tx.commit().await.map_err(transient)?;
+        if applied.rows_affected() == 0 {
+            return Ok(Handled::Skipped);
+        }
         Self::record_metrics(e);
         Ok(Handled::Applied)
     }
+}
+
+/// Upper bounds (ms) of the analytics latency buckets; a last, open bucket follows.
+pub const LATENCY_BUCKETS_MS: &[i64] = &[
+    1, 2, 5, 10, 20, 50, 100, 200, 500, 1_000, 2_000, 5_000, 10_000, 30_000, 60_000,
+];
+
+pub fn latency_bucket(ms: i64) -> usize {
+    LATENCY_BUCKETS_MS
+        .iter()
+        .position(|b| ms <= *b)
+        .unwrap_or(LATENCY_BUCKETS_MS.len())
+}
+
+/// The upper bound of the bucket holding quantile `q` of `buckets` (None when empty; the
+/// open last bucket reports i64::MAX).
+pub fn bucket_quantile(buckets: &[i64], q: f64) -> Option<i64> {
+    let total: i64 = buckets.iter().sum();
+    if total == 0 {
+        return None;
+    }
+    let rank = (q * total as f64).ceil().max(1.0) as i64;
+    let mut seen = 0;
+    for (i, n) in buckets.iter().enumerate() {
+        seen += n;
+        if seen >= rank {
+            return Some(LATENCY_BUCKETS_MS.get(i).copied().unwrap_or(i64::MAX));
+        }
+    }
+    None
 }
 
 /// Search: CHAT_MESSAGE events into a PostgreSQL full-text index (`search_messages`).
@@ -401,4 +440,23 @@ async fn append_line(path: &std::path::Path, line: &str) -> std::io::Result<()> 
         .await?;
     f.write_all(format!("{line}\n").as_bytes()).await?;
     f.sync_data().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latency_buckets_give_quantiles() {
+        assert_eq!(latency_bucket(0), 0);
+        assert_eq!(latency_bucket(7), 3);
+        assert_eq!(latency_bucket(999_999), LATENCY_BUCKETS_MS.len());
+        let mut b = vec![0i64; LATENCY_BUCKETS_MS.len() + 1];
+        for ms in [3, 4, 4, 8, 150] {
+            b[latency_bucket(ms)] += 1;
+        }
+        assert_eq!(bucket_quantile(&b, 0.5), Some(5));
+        assert_eq!(bucket_quantile(&b, 0.99), Some(200));
+        assert_eq!(bucket_quantile(&[0, 0], 0.5), None);
+    }
 }
