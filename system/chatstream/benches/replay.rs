@@ -90,13 +90,6 @@ fn chatstream(args: &[&str]) -> Command {
     c
 }
 
-fn committed_total(bootstrap: &str, group: &str, topics: &[String]) -> Result<i64> {
-    Ok(chatstream_replay::lag(bootstrap, group, topics)?
-        .iter()
-        .map(|l| l.committed.unwrap_or(0))
-        .sum())
-}
-
 #[tokio::main]
 async fn main() -> Result<()> {
     if std::env::args().any(|a| a == "--list") {
