@@ -12,6 +12,8 @@ pub mod process;
 pub mod stack;
 pub mod state;
 pub mod stores;
+#[cfg(feature = "testing")]
+pub mod testing;
 pub mod tools;
 pub mod topics;
 pub mod toxiproxy;

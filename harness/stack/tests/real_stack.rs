@@ -3,12 +3,10 @@
 //! time) and stopped by pid at the end. Each test undoes what it disturbed.
 //!
 //! Ports: SQUALL_TEST_BASE_PORT (default 29400) for the shared stack, +200 for stacks that
-//! tests start (and must fail to start) themselves.
+//! tests start (and must fail to start) themselves. The harness is squall_stack::testing.
 
-use anyhow::{anyhow, bail, ensure, Context, Result};
-use futures::future::BoxFuture;
+use anyhow::{bail, ensure, Context, Result};
 use futures::stream::{FuturesUnordered, StreamExt};
-use libtest_mimic::{Arguments, Failed, Trial};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
@@ -17,72 +15,19 @@ use rdkafka::util::Timeout;
 use rdkafka::{Offset, TopicPartitionList};
 use squall_stack::kafka::{self, ClusterView};
 use squall_stack::stores;
+use squall_stack::testing::{eventually, SharedStack};
 use squall_stack::topics::TopicSpec;
 use squall_stack::toxiproxy::Toxic;
-use squall_stack::{PortPlan, Stack, StackConfig, StackError};
+use squall_stack::{alone_test, stack_test, PortPlan, Stack, StackConfig, StackError};
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::runtime::Runtime;
 
 const PARTITIONS: i32 = 6;
 
-type StackTest = for<'a> fn(&'a mut Stack) -> BoxFuture<'a, Result<()>>;
-
-struct Fixture {
-    rt: Runtime,
-    base_port: u16,
-    stack: Mutex<Option<Stack>>,
-}
-
-impl Fixture {
-    fn run_dir(name: &str) -> PathBuf {
-        PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name)
-    }
-
-    /// Runs `test` against the shared stack, starting it on first use, then heals every link.
-    fn with_stack(&self, test: StackTest) -> Result<(), Failed> {
-        let mut guard = self
-            .stack
-            .lock()
-            .map_err(|_| Failed::from("stack lock poisoned"))?;
-        if guard.is_none() {
-            let plan =
-                PortPlan::from_base(self.base_port, 3).map_err(|e| Failed::from(e.to_string()))?;
-            let config = StackConfig::new(Self::run_dir("shared-stack"), plan);
-            let stack = self
-                .rt
-                .block_on(Stack::up(config))
-                .map_err(|e| Failed::from(format!("starting the shared stack: {e}")))?;
-            *guard = Some(stack);
-        }
-        let stack = guard.as_mut().ok_or("no stack")?;
-        let outcome = self.rt.block_on(async {
-            let result = test(stack).await;
-            // Whatever the test did, leave every link restored for the next one.
-            let healed = stack.heal().await;
-            result.and(healed.map_err(Into::into))
-        });
-        outcome.map_err(|e| Failed::from(format!("{e:#}")))
-    }
-
-    /// Stops the shared stack; after a failure its run directory (logs) is kept.
-    fn shutdown(&self, keep_logs: bool) {
-        if let Ok(mut guard) = self.stack.lock() {
-            if let Some(stack) = guard.take() {
-                let run_dir = stack.state().run_dir.clone();
-                if keep_logs {
-                    eprintln!("a test failed: broker, Redis, PostgreSQL and Toxiproxy logs are kept in {}", run_dir.display());
-                }
-                match self.rt.block_on(stack.down(keep_logs)) {
-                    Ok(stopped) => eprintln!("stopped the shared stack: {}", stopped.join(", ")),
-                    Err(e) => eprintln!("could not stop the shared stack: {e}"),
-                }
-            }
-        }
-    }
+fn run_dir(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name)
 }
 
 fn unique(prefix: &str) -> String {
@@ -207,27 +152,6 @@ async fn new_topic(stack: &Stack, prefix: &str) -> Result<String> {
         }])
         .await?;
     Ok(topic)
-}
-
-/// Polls `check` every 500 ms until it returns Ok or `timeout` passes (then its last error).
-async fn eventually<F, Fut>(what: &str, timeout: Duration, mut check: F) -> Result<()>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<()>>,
-{
-    let start = Instant::now();
-    loop {
-        match check().await {
-            Ok(()) => {
-                eprintln!("  {what}: after {:.1} s", start.elapsed().as_secs_f64());
-                return Ok(());
-            }
-            Err(e) if start.elapsed() >= timeout => {
-                bail!("{what}: not within {timeout:?}: {e:#}")
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
-        }
-    }
 }
 
 /// (a) kill -9 a broker half-way through 20,000 acks=all records: every acknowledged
@@ -465,7 +389,7 @@ async fn second_start_is_refused(stack: &mut Stack) -> Result<()> {
         Err(e) => bail!("expected AlreadyRunning, got: {e}"),
         Ok(_) => bail!("a second stack started in the same run directory"),
     }
-    let elsewhere = StackConfig::new(Fixture::run_dir("second-stack"), stack.plan().clone());
+    let elsewhere = StackConfig::new(run_dir("second-stack"), stack.plan().clone());
     match Stack::up(elsewhere).await {
         Err(e @ StackError::PortTaken { .. }) => {
             ensure!(e.to_string().contains("toxiproxy API"), "{e}");
@@ -488,12 +412,7 @@ fn all_ports_free(plan: &PortPlan) -> Result<()> {
 async fn taken_port_is_named(base: u16) -> Result<()> {
     let plan = PortPlan::from_base(base, 3)?;
     let holder = std::net::TcpListener::bind(("127.0.0.1", plan.redis))?;
-    let err = match Stack::up(StackConfig::new(
-        Fixture::run_dir("port-taken"),
-        plan.clone(),
-    ))
-    .await
-    {
+    let err = match Stack::up(StackConfig::new(run_dir("port-taken"), plan.clone())).await {
         Ok(s) => {
             s.down(false).await?;
             bail!("the stack started although {} was taken", plan.redis)
@@ -522,7 +441,7 @@ async fn broker_dying_during_start_leaves_nothing(base: u16) -> Result<()> {
         "CLIENT://127.0.0.1:{blocked_port},INTERNAL://127.0.0.1:{},CONTROLLER://127.0.0.1:{}",
         ports.replication, ports.controller
     );
-    let mut config = StackConfig::new(Fixture::run_dir("broker-dies"), plan.clone());
+    let mut config = StackConfig::new(run_dir("broker-dies"), plan.clone());
     config
         .broker_overrides
         .insert(2, [("listeners".to_string(), listeners)].into());
@@ -549,87 +468,51 @@ async fn broker_dying_during_start_leaves_nothing(base: u16) -> Result<()> {
         "the error does not show the broker's complaint: {text}"
     );
     ensure!(
-        !Fixture::run_dir("broker-dies").join("state.json").exists(),
+        !run_dir("broker-dies").join("state.json").exists(),
         "a state file was left behind"
     );
     all_ports_free(&plan)
 }
 
 fn main() {
-    let mut args = Arguments::from_args();
-    // The tests share one stack and disturb it: they must not overlap.
-    args.test_threads = Some(1);
-    let base_port = std::env::var("SQUALL_TEST_BASE_PORT")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(29400u16);
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("cannot build a tokio runtime: {e}");
-            std::process::exit(2);
-        }
-    };
-    let fixture = Arc::new(Fixture {
-        rt,
-        base_port,
-        stack: Mutex::new(None),
-    });
-
-    macro_rules! on_stack {
-        ($name:literal, $f:expr) => {{
-            fn run(stack: &mut Stack) -> BoxFuture<'_, Result<()>> {
-                Box::pin($f(stack))
-            }
-            let fx = fixture.clone();
-            Trial::test($name, move || fx.with_stack(run))
-        }};
-    }
-    macro_rules! alone {
-        ($name:literal, $f:expr) => {{
-            let fx = fixture.clone();
-            Trial::test($name, move || {
-                fx.rt
-                    .block_on($f(fx.base_port + 200))
-                    .map_err(|e| Failed::from(format!("{e:#}")))
-            })
-        }};
-    }
+    let shared = SharedStack::new("SQUALL_TEST_BASE_PORT", 29400, run_dir("shared-stack"));
     let trials = vec![
-        alone!("start::taken_port_is_named", taken_port_is_named),
-        alone!(
+        alone_test!(shared, "start::taken_port_is_named", taken_port_is_named),
+        alone_test!(
+            shared,
             "start::broker_dying_during_start_leaves_nothing",
             broker_dying_during_start_leaves_nothing
         ),
-        on_stack!("start::second_start_is_refused", second_start_is_refused),
-        on_stack!(
+        stack_test!(
+            shared,
+            "start::second_start_is_refused",
+            second_start_is_refused
+        ),
+        stack_test!(
+            shared,
             "kafka::acked_records_survive_broker_kill",
             acked_records_survive_broker_kill
         ),
-        on_stack!(
+        stack_test!(
+            shared,
             "kafka::isolated_broker_loses_leadership_and_rejoins",
             isolated_broker_loses_leadership_and_rejoins
         ),
-        on_stack!(
+        stack_test!(
+            shared,
             "kafka::one_way_partition_cuts_one_direction",
             one_way_partition_cuts_one_direction
         ),
-        on_stack!(
+        stack_test!(
+            shared,
             "links::redis_cut_gives_clear_error_and_recovers",
             redis_cut_gives_clear_error_and_recovers
         ),
-        on_stack!(
+        stack_test!(
+            shared,
             "links::latency_toxic_slows_postgres_link",
             latency_toxic_slows_postgres_link
         ),
     ];
-    let conclusion = libtest_mimic::run(&args, trials);
-    fixture.shutdown(conclusion.has_failed());
-    if fixture.stack.lock().map(|s| s.is_some()).unwrap_or(true) {
-        eprintln!("{}", anyhow!("the shared stack was not stopped"));
-    }
-    conclusion.exit();
+    shared.run(trials)
 }

@@ -102,6 +102,11 @@ pub enum AuditCommand {
     },
     /// Event counts by type.
     Counts,
+    /// Per-minute volume, error rate and latency percentiles (analytics worker).
+    Minutes {
+        #[arg(long, default_value_t = 1)]
+        hours: i64,
+    },
 }
 
 pub fn parse_time(s: &str) -> Result<i64> {
@@ -401,6 +406,9 @@ pub async fn run_audit(cmd: AuditCommand, ep: Endpoints) -> Result<()> {
         AuditCommand::Errors { hours, limit } => {
             serde_json::to_value(queries::audit_errors(pool, hours, now, limit).await?)?
         }
+        AuditCommand::Minutes { hours } => serde_json::to_value(
+            queries::analytics_minutes(pool, now - hours * 3_600_000, 10_000).await?,
+        )?,
         AuditCommand::Counts => serde_json::to_value(
             queries::audit_counts(pool)
                 .await?

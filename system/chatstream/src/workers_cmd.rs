@@ -171,6 +171,16 @@ fn router(api: Api) -> Router {
             }),
         )
         .route(
+            "/api/analytics/minutes",
+            get(|State(a): State<Api>, Query(l): Query<Limit>| async move {
+                let since = now_ms() - l.hours.unwrap_or(1) * 3_600_000;
+                let rows = queries::analytics_minutes(&a.pool, since, l.limit.unwrap_or(1000))
+                    .await
+                    .map_err(unavailable)?;
+                ApiResult::Ok(Json(serde_json::json!({ "minutes": rows })))
+            }),
+        )
+        .route(
             "/api/search",
             get(|State(a): State<Api>, Query(l): Query<Limit>| async move {
                 let (Some(q), Some(tenant)) = (l.q, l.tenant) else {

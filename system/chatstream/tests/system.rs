@@ -8,13 +8,12 @@ use anyhow::{anyhow, bail, ensure, Context, Result};
 use chatstream_protocol::auth::{self, Claims};
 use chatstream_protocol::frames::{ErrorCode, MessageStatus, StreamOutcome, Via};
 use chatstream_protocol::{ClientFrame, EventBody, EventEnvelope, ServerFrame};
-use futures::future::BoxFuture;
 use futures::{SinkExt, StreamExt};
-use libtest_mimic::{Arguments, Failed, Trial};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message as _;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
-use squall_stack::{PortPlan, Stack, StackConfig};
+use squall_stack::testing::{eventually, SharedStack};
+use squall_stack::{stack_test, Stack};
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
@@ -27,8 +26,6 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 const SECRET: &str = "squall-test-secret";
 const TENANT: &str = "acme";
-
-type StackTest = for<'a> fn(&'a mut Stack) -> BoxFuture<'a, Result<()>>;
 
 fn unique(prefix: &str) -> String {
     format!("{prefix}-{}", uuid_like())
@@ -475,6 +472,27 @@ async fn read_events(bootstrap: &str, topic: &str) -> Result<Vec<EventEnvelope>>
         Ok(events)
     })
     .await?
+}
+
+/// Waits until every message id in `ids` has its CHAT_MESSAGE event on chat-events.
+async fn wait_published(
+    stack: &Stack,
+    ids: &[String],
+    timeout: Duration,
+    what: &str,
+) -> Result<()> {
+    let bootstrap = stack.endpoints().kafka_bootstrap;
+    eventually(what, timeout, || async {
+        let published = chat_event_ids(&bootstrap).await?;
+        let missing = ids.iter().filter(|id| !published.contains_key(*id)).count();
+        ensure!(
+            missing == 0,
+            "{missing} of {} not on chat-events",
+            ids.len()
+        );
+        Ok(())
+    })
+    .await
 }
 
 /// Messages of chat-events as (message id → count).
@@ -1074,18 +1092,13 @@ async fn async_mode_publishes_without_the_outbox(stack: &mut Stack) -> Result<()
         .bind(&conv)
         .fetch_all(&pool)
         .await?;
-    let start = Instant::now();
-    loop {
-        let published = chat_event_ids(&stack.endpoints().kafka_bootstrap).await?;
-        if ids.iter().all(|id| published.contains_key(id)) {
-            return Ok(());
-        }
-        ensure!(
-            start.elapsed() < Duration::from_secs(20),
-            "async events did not arrive"
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    wait_published(
+        stack,
+        &ids,
+        Duration::from_secs(20),
+        "async events did not arrive",
+    )
+    .await
 }
 
 async fn kafka_outage_is_reported_and_the_outbox_catches_up(stack: &mut Stack) -> Result<()> {
@@ -1125,18 +1138,13 @@ async fn kafka_outage_is_reported_and_the_outbox_catches_up(stack: &mut Stack) -
         .bind(&conv)
         .fetch_all(&pool)
         .await?;
-    let start = Instant::now();
-    loop {
-        let published = chat_event_ids(&stack.endpoints().kafka_bootstrap).await?;
-        if ids.iter().all(|id| published.contains_key(id)) {
-            return Ok(());
-        }
-        ensure!(
-            start.elapsed() < Duration::from_secs(60),
-            "outbox rows were not published after kafka returned"
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    wait_published(
+        stack,
+        &ids,
+        Duration::from_secs(60),
+        "outbox rows were not published after kafka returned",
+    )
+    .await
 }
 
 async fn postgres_outage_gives_unavailable_and_recovers(stack: &mut Stack) -> Result<()> {
@@ -1451,7 +1459,7 @@ async fn redelivery_after_a_crash_counts_once(stack: &mut Stack) -> Result<()> {
 
 async fn rebuilt_projections_equal_the_live_ones(stack: &mut Stack) -> Result<()> {
     let prefix = unique("live");
-    let mut w = Workers::start(stack, "audit,search", &prefix, &[]).await?;
+    let mut w = Workers::start(stack, "audit,search,analytics", &prefix, &[]).await?;
     let audit_topics = [
         "chat-events",
         "stream-events",
@@ -1472,6 +1480,35 @@ async fn rebuilt_projections_equal_the_live_ones(stack: &mut Stack) -> Result<()
         Duration::from_secs(120),
     )
     .await?;
+    caught_up(
+        stack,
+        &format!("{prefix}-analytics"),
+        &["chat-events", "stream-events"],
+        Duration::from_secs(120),
+    )
+    .await?;
+    // The read API answers from the live projections.
+    let counts: serde_json::Value = reqwest::get(format!("http://{}/api/audit/counts", w.addr))
+        .await?
+        .json()
+        .await?;
+    ensure!(
+        counts["CHAT_MESSAGE"].as_i64().unwrap_or(0) > 0,
+        "audit counts: {counts}"
+    );
+    let minutes: serde_json::Value = reqwest::get(format!(
+        "http://{}/api/analytics/minutes?hours=100000",
+        w.addr
+    ))
+    .await?
+    .json()
+    .await?;
+    ensure!(
+        minutes["minutes"].as_array().is_some_and(|m| m
+            .iter()
+            .any(|x| x["event_type"] == "STREAM_COMPLETED" && x["p50_ms"].is_i64())),
+        "no STREAM_COMPLETED minute with a latency percentile: {minutes}"
+    );
     w.stop().await?;
     let pool = pg(stack).await?;
     for (projection, table) in [("audit", "audit_logs"), ("search", "search_messages")] {
@@ -1900,174 +1937,123 @@ async fn alerts_retry_a_failing_webhook_and_export_writes_pairs(stack: &mut Stac
 
 // ---------------------------------------------------------------------------------------
 
-struct Fixture {
-    rt: tokio::runtime::Runtime,
-    base_port: u16,
-    stack: Mutex<Option<Stack>>,
-}
-
-impl Fixture {
-    fn with_stack(&self, test: StackTest) -> Result<(), Failed> {
-        let mut guard = self
-            .stack
-            .lock()
-            .map_err(|_| Failed::from("stack lock poisoned"))?;
-        if guard.is_none() {
-            let plan =
-                PortPlan::from_base(self.base_port, 3).map_err(|e| Failed::from(e.to_string()))?;
-            let run_dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("chatstream-stack");
-            let stack = self
-                .rt
-                .block_on(Stack::up(StackConfig::new(run_dir, plan)))
-                .map_err(|e| Failed::from(format!("starting the stack: {e}")))?;
-            *guard = Some(stack);
-        }
-        let stack = guard.as_mut().ok_or("no stack")?;
-        self.rt
-            .block_on(async {
-                let r = test(stack).await;
-                let healed = stack.heal().await;
-                r.and(healed.map_err(Into::into))
-            })
-            .map_err(|e| Failed::from(format!("{e:#}")))
-    }
-}
-
 fn main() {
-    let mut args = Arguments::from_args();
-    args.test_threads = Some(1);
-    let base_port = std::env::var("CHATSTREAM_TEST_BASE_PORT")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(29700u16);
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("cannot build a tokio runtime: {e}");
-            std::process::exit(2);
-        }
-    };
-    let fixture = Arc::new(Fixture {
-        rt,
-        base_port,
-        stack: Mutex::new(None),
-    });
-    macro_rules! t {
-        ($name:literal, $f:expr) => {{
-            fn run(stack: &mut Stack) -> BoxFuture<'_, Result<()>> {
-                Box::pin($f(stack))
-            }
-            let fx = fixture.clone();
-            Trial::test($name, move || fx.with_stack(run))
-        }};
-    }
+    let shared = SharedStack::new(
+        "CHATSTREAM_TEST_BASE_PORT",
+        29700,
+        PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("chatstream-stack"),
+    );
     let trials = vec![
-        t!(
+        stack_test!(
+            shared,
             "node::clients_on_different_nodes_exchange_messages",
             clients_on_different_nodes_exchange_messages
         ),
-        t!(
+        stack_test!(
+            shared,
             "node::retried_send_is_stored_once",
             retried_send_is_stored_once
         ),
-        t!(
+        stack_test!(
+            shared,
             "node::sync_returns_what_a_client_missed",
             sync_returns_what_a_client_missed
         ),
-        t!(
+        stack_test!(
+            shared,
             "node::non_members_can_neither_send_nor_read",
             non_members_can_neither_send_nor_read
         ),
-        t!(
+        stack_test!(
+            shared,
             "node::bad_input_gets_error_frames_and_the_connection_stays",
             bad_input_gets_error_frames_and_the_connection_stays
         ),
-        t!(
+        stack_test!(
+            shared,
             "node::bad_tokens_close_with_a_reason",
             bad_tokens_close_with_a_reason
         ),
-        t!(
+        stack_test!(
+            shared,
             "node::killed_node_s_outbox_rows_are_published_by_another",
             killed_node_s_outbox_rows_are_published_by_another
         ),
-        t!(
+        stack_test!(
+            shared,
             "node::stream_resumed_on_another_node_delivers_every_chunk",
             stream_resumed_on_another_node_delivers_every_chunk
         ),
-        t!(
+        stack_test!(
+            shared,
             "node::readyz_follows_redis_and_the_node_recovers",
             readyz_follows_redis_and_the_node_recovers
         ),
-        t!(
+        stack_test!(
+            shared,
             "node::failing_stream_ends_failed_with_stream_error",
             failing_stream_ends_failed_with_stream_error
         ),
-        t!(
+        stack_test!(
+            shared,
             "node::kafka_fanout_mode_delivers_across_nodes",
             kafka_fanout_mode_delivers_across_nodes
         ),
-        t!(
+        stack_test!(
+            shared,
             "node::async_mode_publishes_without_the_outbox",
             async_mode_publishes_without_the_outbox
         ),
-        t!(
+        stack_test!(
+            shared,
             "node::kafka_outage_is_reported_and_the_outbox_catches_up",
             kafka_outage_is_reported_and_the_outbox_catches_up
         ),
-        t!(
+        stack_test!(
+            shared,
             "node::postgres_outage_gives_unavailable_and_recovers",
             postgres_outage_gives_unavailable_and_recovers
         ),
-        t!(
+        stack_test!(
+            shared,
             "node::sigterm_drains_connections",
             sigterm_drains_connections
         ),
-        t!(
+        stack_test!(
+            shared,
             "workers::poison_event_goes_to_the_dlq_and_the_worker_continues",
             poison_event_goes_to_the_dlq_and_the_worker_continues
         ),
-        t!(
+        stack_test!(
+            shared,
             "workers::redelivery_after_a_crash_counts_once",
             redelivery_after_a_crash_counts_once
         ),
-        t!(
+        stack_test!(
+            shared,
             "workers::alerts_retry_a_failing_webhook_and_export_writes_pairs",
             alerts_retry_a_failing_webhook_and_export_writes_pairs
         ),
-        t!(
+        stack_test!(
+            shared,
             "workers::rebuilt_projections_equal_the_live_ones",
             rebuilt_projections_equal_the_live_ones
         ),
-        t!(
+        stack_test!(
+            shared,
             "replay::replay_from_a_time_is_exact",
             replay_from_a_time_is_exact
         ),
-        t!(
+        stack_test!(
+            shared,
             "replay::session_timeline_matches_what_the_node_emitted",
             session_timeline_matches_what_the_node_emitted
         ),
-        t!(
+        stack_test!(
+            shared,
             "replay::an_active_group_cannot_be_reset",
             an_active_group_cannot_be_reset
         ),
     ];
-    let conclusion = libtest_mimic::run(&args, trials);
-    if let Ok(mut guard) = fixture.stack.lock() {
-        if let Some(stack) = guard.take() {
-            let keep = conclusion.has_failed();
-            if keep {
-                eprintln!(
-                    "a test failed: stack logs are kept in {} (node logs in target/tmp/node-logs)",
-                    stack.state().run_dir.display()
-                );
-            }
-            if let Err(e) = fixture.rt.block_on(stack.down(keep)) {
-                eprintln!("could not stop the stack: {e}");
-            }
-        }
-    }
-    conclusion.exit();
+    shared.run(trials)
 }

@@ -138,6 +138,56 @@ pub async fn search(
     })
 }
 
+/// One minute of one event type, as the analytics worker aggregated it.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct MinuteStats {
+    pub minute_ms: i64,
+    pub event_type: String,
+    pub events: i64,
+    pub errors: i64,
+    pub error_rate: f64,
+    /// Upper bounds of the latency buckets holding these quantiles (None: no latency).
+    pub p50_ms: Option<i64>,
+    pub p95_ms: Option<i64>,
+    pub p99_ms: Option<i64>,
+}
+
+/// Per-minute volume, error rate and latency percentiles since `since_ms`.
+pub async fn analytics_minutes(
+    pool: &PgPool,
+    since_ms: i64,
+    limit: i64,
+) -> Result<Vec<MinuteStats>, sqlx::Error> {
+    let rows: Vec<(i64, String, i64, i64, Vec<i64>)> = sqlx::query_as(
+        "SELECT minute_ms, event_type, events, errors, latency_buckets FROM analytics_minutes
+         WHERE minute_ms >= $1 ORDER BY minute_ms, event_type LIMIT $2",
+    )
+    .bind(since_ms)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(minute_ms, event_type, events, errors, buckets)| {
+            let q = |x| crate::handlers::bucket_quantile(&buckets, x);
+            MinuteStats {
+                minute_ms,
+                event_type,
+                events,
+                errors,
+                error_rate: if events > 0 {
+                    errors as f64 / events as f64
+                } else {
+                    0.0
+                },
+                p50_ms: q(0.50),
+                p95_ms: q(0.95),
+                p99_ms: q(0.99),
+            }
+        })
+        .collect())
+}
+
 /// An order-independent digest (md5 of the sorted rows) of a projection's content.
 pub async fn digest(pool: &PgPool, projection: &str) -> Result<String, sqlx::Error> {
     let sql = match projection {
