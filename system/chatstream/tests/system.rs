@@ -1458,6 +1458,29 @@ async fn redelivery_after_a_crash_counts_once(stack: &mut Stack) -> Result<()> {
 }
 
 async fn rebuilt_projections_equal_the_live_ones(stack: &mut Stack) -> Result<()> {
+    // At-least-once: the same event twice (a relay retry does this) must not break either side.
+    let twice = chat_event(&unique("conv"), "delivered twice", 1_000);
+    let p = producer(stack)?;
+    for _ in 0..2 {
+        produce(
+            &p,
+            "chat-events",
+            twice.key(),
+            twice.to_json().as_bytes(),
+            None,
+        )
+        .await?;
+    }
+    let session = unique("s-analytics");
+    let done = stream_event(&session, completed(&session, 1_234), false);
+    produce(
+        &p,
+        "stream-events",
+        done.key(),
+        done.to_json().as_bytes(),
+        None,
+    )
+    .await?;
     let prefix = unique("live");
     let mut w = Workers::start(stack, "audit,search,analytics", &prefix, &[]).await?;
     let audit_topics = [

@@ -315,6 +315,23 @@ pub struct PartitionLag {
     pub lag: i64,
 }
 
+/// The group's committed offsets; the coordinator may be moving or still loading (a fresh
+/// cluster, a broker restart), so NotCoordinator-like answers are retried briefly.
+fn committed_with_retry(c: &BaseConsumer, tpl: TopicPartitionList) -> Result<TopicPartitionList> {
+    let mut attempt = 0;
+    loop {
+        match c.committed_offsets(tpl.clone(), TIMEOUT) {
+            Ok(t) => return Ok(t),
+            Err(e) if attempt < 20 => {
+                tracing::debug!(error = %e, "reading committed offsets; retrying");
+                attempt += 1;
+                std::thread::sleep(Duration::from_millis(300));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
 pub fn lag(bootstrap: &str, group: &str, topics: &[String]) -> Result<Vec<PartitionLag>> {
     let c: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
@@ -328,7 +345,7 @@ pub fn lag(bootstrap: &str, group: &str, topics: &[String]) -> Result<Vec<Partit
         for p in &parts {
             tpl.add_partition(topic, *p);
         }
-        let committed = c.committed_offsets(tpl, TIMEOUT)?;
+        let committed = committed_with_retry(&c, tpl)?;
         for e in committed.elements() {
             let (low, high) = c.fetch_watermarks(topic, e.partition(), TIMEOUT)?;
             let committed = match e.offset() {

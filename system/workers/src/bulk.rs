@@ -27,6 +27,18 @@ pub async fn search(pool: &PgPool, events: &[EventEnvelope]) -> Result<u64, sqlx
             _ => None,
         })
         .collect();
+    // At-least-once delivery can put one message in a batch twice; one row may be
+    // upserted only once per statement, so keep its last version.
+    let mut last = std::collections::HashMap::new();
+    for (i, (_, m)) in msgs.iter().enumerate() {
+        last.insert(m.message_id.as_str(), i);
+    }
+    let msgs: Vec<_> = msgs
+        .iter()
+        .enumerate()
+        .filter(|(i, (_, m))| last.get(m.message_id.as_str()) == Some(i))
+        .map(|(_, x)| *x)
+        .collect();
     if msgs.is_empty() {
         return Ok(0);
     }
