@@ -84,11 +84,16 @@ pub fn server_properties(
         ),
         (
             "advertised.listeners",
+            // The controller listener is advertised too: a KRaft leader hands its own
+            // endpoint to followers (KIP-853), and without this they would reach it at
+            // 127.0.0.1 directly, around the proxies, and a partition would not cut it.
             format!(
-                "CLIENT://{LOOPBACK}:{},INTERNAL://{}:{}",
+                "CLIENT://{LOOPBACK}:{},INTERNAL://{}:{},CONTROLLER://{}:{}",
                 me.client_proxy,
                 replication_host(id),
-                me.replication
+                me.replication,
+                controller_host(id),
+                me.controller
             ),
         ),
         (
@@ -523,7 +528,7 @@ mod tests {
             "controller.quorum.voters=1@kafka-1.controller.squall:30041,2@kafka-2.controller.squall:30042,3@kafka-3.controller.squall:30043\n"
         ));
         assert!(p.contains("listeners=CLIENT://127.0.0.1:30022,INTERNAL://127.0.0.1:30032,CONTROLLER://127.0.0.1:30042\n"));
-        assert!(p.contains("advertised.listeners=CLIENT://127.0.0.1:30012,INTERNAL://kafka-2.replication.squall:30032\n"));
+        assert!(p.contains("advertised.listeners=CLIENT://127.0.0.1:30012,INTERNAL://kafka-2.replication.squall:30032,CONTROLLER://kafka-2.controller.squall:30042\n"));
         assert!(p.contains("min.insync.replicas=2\n"));
         assert!(p.contains("default.replication.factor=3\n"));
         assert!(p.contains("unclean.leader.election.enable=false\n"));

@@ -138,8 +138,8 @@ fn compose_servers_listen_on_the_plan_s_ports() {
         assert_eq!(
             env(svc, "KAFKA_ADVERTISED_LISTENERS"),
             format!(
-                "CLIENT://127.0.0.1:{},INTERNAL://kafka-{id}.replication.squall:{}",
-                b.client_proxy, b.replication
+                "CLIENT://127.0.0.1:{},INTERNAL://kafka-{id}.replication.squall:{},CONTROLLER://kafka-{id}.controller.squall:{}",
+                b.client_proxy, b.replication, b.controller
             )
         );
         assert_eq!(env(svc, "KAFKA_CONTROLLER_QUORUM_VOTERS"), voters);
