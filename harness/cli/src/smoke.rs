@@ -205,6 +205,15 @@ async fn measure(
         .create()
         .context("creating consumer")?;
     consumer.subscribe(&[topic]).context("subscribing")?;
+    // Join the group before the clock starts: on a just-started cluster the group
+    // coordinator takes seconds to load, which is not end-to-end latency.
+    let joined = Instant::now();
+    while consumer.assignment().map(|a| a.count()).unwrap_or(0) == 0 {
+        if joined.elapsed() > Duration::from_secs(60) || Instant::now() >= deadline {
+            bail!("the consumer got no partitions within 60 s (is the group coordinator up?)");
+        }
+        let _ = tokio::time::timeout(Duration::from_millis(200), consumer.recv()).await;
+    }
     let (target_tx, target_rx) = tokio::sync::watch::channel(None);
     let consumer_task = tokio::spawn(consume(consumer, target_rx, deadline));
 
