@@ -152,6 +152,23 @@ impl Node {
         }
     }
 
+    /// Waits until /readyz answers 503 and reports `backend` down.
+    async fn wait_unready(&self, backend: &str, timeout: Duration) -> Result<()> {
+        eventually(
+            &format!("readyz reports {backend} down"),
+            timeout,
+            || async {
+                let (code, body) = self.readyz().await?;
+                ensure!(
+                    code == 503 && body[backend] == false,
+                    "readyz says {code} {body}"
+                );
+                Ok(())
+            },
+        )
+        .await
+    }
+
     fn kill9(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -1009,18 +1026,7 @@ async fn readyz_follows_redis_and_the_node_recovers(stack: &mut Stack) -> Result
     let conv = unique("conv");
     create_conversation(&n1, "alice", &conv, &["alice", "bob"]).await?;
     stack.cut("redis").await?;
-    let start = Instant::now();
-    loop {
-        let (code, body) = n1.readyz().await?;
-        if code == 503 && body["redis"] == false {
-            break;
-        }
-        ensure!(
-            start.elapsed() < Duration::from_secs(15),
-            "readyz still says {code} {body}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    n1.wait_unready("redis", Duration::from_secs(15)).await?;
     // PostgreSQL is up: a send is still stored and acknowledged.
     let mut alice = Client::connect(&n1, "alice").await?;
     let (seq, _) = alice
@@ -1109,18 +1115,7 @@ async fn kafka_outage_is_reported_and_the_outbox_catches_up(stack: &mut Stack) -
     for b in 1..=3 {
         stack.cut(&format!("kafka-{b}-client")).await?;
     }
-    let start = Instant::now();
-    loop {
-        let (code, body) = n1.readyz().await?;
-        if code == 503 && body["kafka"] == false {
-            break;
-        }
-        ensure!(
-            start.elapsed() < Duration::from_secs(20),
-            "readyz did not notice kafka is gone: {code} {body}"
-        );
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+    n1.wait_unready("kafka", Duration::from_secs(20)).await?;
     // Outbox mode keeps Kafka off the user's path: sends are still acknowledged.
     for i in 0..5 {
         alice
@@ -1164,18 +1159,7 @@ async fn postgres_outage_gives_unavailable_and_recovers(stack: &mut Stack) -> Re
     let msg = alice.expect_error(ErrorCode::Unavailable).await?;
     ensure!(msg.contains("nothing was stored"), "{msg}");
     alice.still_serves().await?;
-    let start = Instant::now();
-    loop {
-        let (code, body) = n1.readyz().await?;
-        if code == 503 && body["postgres"] == false {
-            break;
-        }
-        ensure!(
-            start.elapsed() < Duration::from_secs(20),
-            "readyz did not report postgres down: {code} {body}"
-        );
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+    n1.wait_unready("postgres", Duration::from_secs(20)).await?;
     stack.restore("postgres").await?;
     n1.wait_ready(Duration::from_secs(30)).await?;
     // The refused send was not stored; retrying it now works and gets the next seq.
