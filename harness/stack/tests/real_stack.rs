@@ -246,6 +246,9 @@ async fn isolated_broker_loses_leadership_and_rejoins(stack: &mut Stack) -> Resu
         "no broker leads anything before the fault: {before:?}"
     );
     let cut = stack.isolate_broker(isolated).await?;
+    // Clients are cut off too: an isolated broker still believes it leads and would hand
+    // clients that reach it its stale metadata (records then wait out their timeout).
+    stack.cut(&format!("kafka-{isolated}-client")).await?;
     eprintln!("  isolated kafka-{isolated}: cut {} links", cut.len());
     let stack_ref = &*stack;
     eventually(
