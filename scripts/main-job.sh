@@ -1,16 +1,14 @@
 #!/usr/bin/env bash
-# The main job (README): installs what the stack needs, builds squall, brings the real
-# local stack up, runs a bounded produce/consume round trip through the proxies, prints
-# what it measured (report in reports/<run>/), and stops the stack again, whatever happens.
+# The main job (README): installs what the stack needs, builds squall and chatstream
+# (release), and runs the `smoke` scenario end to end: squall starts the real local stack
+# (three KRaft Kafka brokers, Redis, PostgreSQL, Toxiproxy), three chatstream nodes and
+# the workers, drives a minute of chat, stream and HTTP load, records the history, stops
+# everything it started, and prints the headline figures and where the run's files are
+# (reports/smoke-<timestamp>/).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 scripts/install-deps.sh
-cargo build --quiet -p squall
-squall=target/debug/squall
-run_dir="${SQUALL_RUN_DIR:-.squall/main-job}"
-
-"$squall" stack up --run-dir "$run_dir"
-trap '"$squall" stack down --run-dir "$run_dir"' EXIT
-"$squall" stack status --run-dir "$run_dir" >/dev/null
-"$squall" smoke --run-dir "$run_dir" --count "${SMOKE_COUNT:-5000}" --rate "${SMOKE_RATE:-1000}"
+echo "[main-job] cargo build --release -p squall -p chatstream" >&2
+cargo build --release --quiet -p squall -p chatstream
+exec target/release/squall run "${SQUALL_SCENARIO:-scenarios/smoke.yaml}" "$@"

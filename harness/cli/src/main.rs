@@ -2,6 +2,7 @@
 //! real local stack (`squall stack ...`) and runs a produce/consume round trip through its
 //! proxies (`squall smoke`).
 
+mod run;
 mod smoke;
 mod stack_cmd;
 
@@ -36,9 +37,37 @@ enum LogFormat {
 enum Command {
     /// Start, inspect, disturb and stop the local stack.
     Stack(stack_cmd::StackArgs),
+    /// Run a scenario: bring up its topology, drive its load, record the history, stop
+    /// what it started, print the headline figures. Exit 0 ran (and every check passed),
+    /// 1 a check failed, 2 the run could not be carried out.
+    Run(run::RunArgs),
+    /// Check a scenario file without running it: every problem with file:line:column.
+    Validate {
+        /// Scenario files.
+        #[arg(required = true)]
+        files: Vec<std::path::PathBuf>,
+    },
     /// Produce records through the proxies with an idempotent acks=all producer, consume
     /// them back, and print (and save) what was measured.
     Smoke(smoke::SmokeArgs),
+}
+
+fn validate(files: &[std::path::PathBuf]) -> ExitCode {
+    let mut bad = 0;
+    for f in files {
+        match squall_scenario::load_file(f) {
+            Ok(s) => println!("{}: ok (scenario {})", f.display(), s.name),
+            Err(e) => {
+                bad += 1;
+                eprintln!("{e}");
+            }
+        }
+    }
+    if bad == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
 }
 
 fn init_tracing(format: LogFormat) {
@@ -58,6 +87,8 @@ async fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Stack(args) => stack_cmd::run(args).await,
         Command::Smoke(args) => smoke::run(args).await,
+        Command::Run(args) => run::run(args).await,
+        Command::Validate { files } => Ok(validate(&files)),
     }
 }
 

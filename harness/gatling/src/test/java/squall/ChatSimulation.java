@@ -1,0 +1,183 @@
+package squall;
+
+import static io.gatling.javaapi.core.CoreDsl.*;
+import static io.gatling.javaapi.http.HttpDsl.*;
+
+import io.gatling.javaapi.core.*;
+import io.gatling.javaapi.http.*;
+import java.io.IOException;
+import java.nio.charset.StandardCharsets;
+import java.nio.file.Files;
+import java.nio.file.Path;
+import java.time.Duration;
+import java.util.concurrent.atomic.AtomicLong;
+import java.util.concurrent.atomic.LongAccumulator;
+import java.util.concurrent.atomic.LongAdder;
+
+/**
+ * chatstream chat load, the Gatling way: the counterpart of scenarios/bench/loadgen.yaml
+ * for the load-generator comparison (scripts/loadgen-compare.sh).
+ *
+ * <p>Each virtual user takes one row of the feeder CSV ({@code user,token,conversation};
+ * the conversation must already exist with the user as a member), connects over WebSocket
+ * with its token, waits for the node's {@code hello}, then sends one chat message every
+ * {@code users / messagesPerSecond} seconds (after a random offset within the first
+ * interval, so users do not send in lockstep) for {@code durationSeconds}, each with a
+ * unique {@code client_msg_id} and a body of {@code messageBytes} bytes, and waits for
+ * the ack that names that {@code client_msg_id}. Other frames (the {@code msg} fan-out
+ * of the conversation, DELIVERED statuses) are not checked: with no message buffer
+ * Gatling drops them. Then it closes.
+ *
+ * <p>System properties (all optional but the feeder): baseUrl (http:// or ws://, default
+ * ws://127.0.0.1:31101), users (100), messagesPerSecond (total, 200), messageBytes (200),
+ * durationSeconds (20), feederFile (users.csv), connectRate (users connected per second,
+ * 500, squall's default), ackTimeoutSeconds (10, squall's default), resultFile (a JSON
+ * file the counts are written to at the end; none by default).
+ */
+public class ChatSimulation extends Simulation {
+
+  private static String prop(String key, String fallback) {
+    String v = System.getProperty(key);
+    return v == null || v.isBlank() ? fallback : v.trim();
+  }
+
+  private final String baseUrl =
+      prop("baseUrl", "ws://127.0.0.1:31101").replaceFirst("^http", "ws").replaceAll("/+$", "");
+  private final int users = Integer.parseInt(prop("users", "100"));
+  private final double messagesPerSecond = Double.parseDouble(prop("messagesPerSecond", "200"));
+  private final int messageBytes = Integer.parseInt(prop("messageBytes", "200"));
+  private final int durationSeconds = Integer.parseInt(prop("durationSeconds", "20"));
+  private final String feederFile = prop("feederFile", "users.csv");
+  private final double connectRate = Double.parseDouble(prop("connectRate", "500"));
+  private final int ackTimeoutSeconds = Integer.parseInt(prop("ackTimeoutSeconds", "10"));
+  private final String resultFile = prop("resultFile", "");
+
+  /** Each user's share of the total rate: one send per `pace`. */
+  private final Duration pace = Duration.ofNanos(Math.round(users / messagesPerSecond * 1e9));
+
+  // The simulation's own counters, read in after(): exact and cheap (no log parsing).
+  private static final LongAdder CONNECTED = new LongAdder();
+  private static final LongAdder SENT = new LongAdder();
+  private static final LongAdder ACKED = new LongAdder();
+  private static final LongAdder NOT_ACKED = new LongAdder();
+  private static final LongAccumulator FIRST_SEND_MS = new LongAccumulator(Math::min, Long.MAX_VALUE);
+  private static final LongAccumulator LAST_ACK_MS = new LongAccumulator(Math::max, 0);
+  private static final AtomicLong STARTED_MS = new AtomicLong();
+
+  /** A body of exactly messageBytes ASCII bytes (no JSON escaping needed). */
+  private static String body(int size) {
+    String filler = "gatling measures chat delivery under load and faults ";
+    StringBuilder b = new StringBuilder(size);
+    while (b.length() < size) {
+      b.append(filler.charAt(b.length() % filler.length()));
+    }
+    return b.toString();
+  }
+
+  private final String sendFrame =
+      "{\"v\":1,\"type\":\"send\",\"conversation_id\":\"#{conversation}\","
+          + "\"client_msg_id\":\"#{user}-#{i}\",\"body\":\""
+          + body(messageBytes)
+          + "\"}";
+
+  private final HttpProtocolBuilder protocol =
+      // One WebSocket per virtual user, as squall's users have; no reconnects.
+      http.wsBaseUrl(baseUrl);
+
+  private final ScenarioBuilder chat =
+      scenario("chat")
+          .feed(csv(feederFile).queue())
+          .exec(
+              ws("connect")
+                  .connect("/ws?token=#{token}")
+                  .await(ackTimeoutSeconds)
+                  .on(
+                      ws.checkTextMessage("hello")
+                          .matching(substring("\"type\":\"hello\""))
+                          .check(substring("\"type\":\"hello\""))))
+          .exitHereIfFailed()
+          .exec(
+              session -> {
+                CONNECTED.increment();
+                return session;
+              })
+          // A random start within one interval spreads the users' sends evenly.
+          .pause(Duration.ZERO, pace)
+          .during(Duration.ofSeconds(durationSeconds), "i")
+          .on(
+              pace(pace)
+                  .exec(
+                      session -> {
+                        SENT.increment();
+                        FIRST_SEND_MS.accumulate(System.currentTimeMillis());
+                        return session;
+                      })
+                  .exec(
+                      ws("send")
+                          .sendText(sendFrame)
+                          .await(ackTimeoutSeconds)
+                          .on(
+                              ws.checkTextMessage("ack")
+                                  // The ack's fields come in a fixed order: type, then client_msg_id.
+                                  .matching(
+                                      substring("\"type\":\"ack\",\"client_msg_id\":\"#{user}-#{i}\""))
+                                  .check(regex("\"seq\":(\\d+)").saveAs("seq"))))
+                  .exec(
+                      session -> {
+                        if (session.contains("seq")) {
+                          ACKED.increment();
+                          LAST_ACK_MS.accumulate(System.currentTimeMillis());
+                          return session.remove("seq");
+                        }
+                        NOT_ACKED.increment();
+                        // Keep going: an ack timeout is counted, not fatal (as in squall).
+                        return session.markAsSucceeded();
+                      }))
+          .exec(ws("close").close());
+
+  {
+    double connectSeconds = Math.max(users / connectRate, 0.001);
+    setUp(
+            chat.injectOpen(
+                rampUsers(users).during(Duration.ofMillis(Math.round(connectSeconds * 1000)))))
+        .protocols(protocol);
+  }
+
+  @Override
+  public void before() {
+    STARTED_MS.set(System.currentTimeMillis());
+    System.out.printf(
+        "squall-gatling: %d users, %.1f msg/s total (one per %d ms per user), %d-byte bodies, %d s, against %s%n",
+        users, messagesPerSecond, pace.toMillis(), messageBytes, durationSeconds, baseUrl);
+  }
+
+  @Override
+  public void after() {
+    long first = FIRST_SEND_MS.get() == Long.MAX_VALUE ? 0 : FIRST_SEND_MS.get();
+    long last = LAST_ACK_MS.get();
+    String json =
+        String.format(
+            "{\"tool\":\"gatling\",\"users\":%d,\"connected\":%d,\"messages_per_second_target\":%s,"
+                + "\"message_bytes\":%d,\"duration_s\":%d,\"sent\":%d,\"acked\":%d,\"not_acked\":%d,"
+                + "\"started_ms\":%d,\"first_send_ms\":%d,\"last_ack_ms\":%d}",
+            users,
+            CONNECTED.sum(),
+            messagesPerSecond,
+            messageBytes,
+            durationSeconds,
+            SENT.sum(),
+            ACKED.sum(),
+            NOT_ACKED.sum(),
+            STARTED_MS.get(),
+            first,
+            last);
+    System.out.println("squall-gatling result: " + json);
+    if (!resultFile.isEmpty()) {
+      try {
+        Files.writeString(Path.of(resultFile), json + "\n", StandardCharsets.UTF_8);
+      } catch (IOException e) {
+        System.err.println("squall-gatling: cannot write " + resultFile + ": " + e);
+      }
+    }
+  }
+}

@@ -1,0 +1,325 @@
+//! The load engine: creates the planned conversations through the API, connects every
+//! user (paced), waits at a rendezvous until all are connected, then runs the open-loop
+//! pacer — each operation is handed to its user when it is due, whatever the system does
+//! — over warm-up and the measured window, drains outstanding acks, and has every user
+//! resync once more before closing. A ticker closes each second of the live metrics.
+
+use chatstream_protocol::auth::{self, Claims};
+use futures::StreamExt;
+use squall_history::{Kind, Recorder, Value, HARNESS};
+use squall_scenario::Scenario;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::sync::{mpsc, watch};
+
+use crate::http::{self, HttpPlan};
+use crate::metrics::{names, Metrics, SecondPoint};
+use crate::plan::{Arrivals, Population};
+use crate::shared::Shared;
+use crate::user::{Command, User, UserSpec};
+
+/// Where the system under test answers.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// Node base URLs (`http://host:port`), in node order.
+    pub nodes: Vec<String>,
+    /// The workers' read API (`http://host:port`), when workers run.
+    pub workers_api: Option<String>,
+    /// The HMAC secret the nodes verify tokens with.
+    pub token_secret: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("setting up the load: {0}")]
+    Setup(String),
+    #[error("{failed} of {total} users could not connect (first: {first}); are the nodes up and is the token secret right?")]
+    Connect {
+        failed: usize,
+        total: usize,
+        first: String,
+    },
+}
+
+/// What the engine measured, besides the history.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub interrupted: bool,
+    /// µs on the run's clock.
+    pub load_start_us: u64,
+    pub measure_start_us: u64,
+    pub load_end_us: u64,
+    pub setup: Duration,
+    pub arrivals: u64,
+}
+
+fn ws_url(http: &str) -> String {
+    if let Some(rest) = http.strip_prefix("https://") {
+        format!("wss://{rest}")
+    } else if let Some(rest) = http.strip_prefix("http://") {
+        format!("ws://{rest}")
+    } else {
+        http.to_string()
+    }
+}
+
+/// Signs a connection token valid for `ttl`.
+pub fn token(secret: &str, user: &str, tenant: &str, ttl: Duration) -> Result<String, LoadError> {
+    let exp = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs()
+        + ttl.as_secs();
+    auth::sign(
+        secret.as_bytes(),
+        &Claims {
+            sub: user.into(),
+            tenant: tenant.into(),
+            exp,
+        },
+    )
+    .map_err(|e| LoadError::Setup(format!("signing a token: {e}")))
+}
+
+async fn create_conversations(
+    client: &reqwest::Client,
+    population: &Population,
+    target: &Target,
+    tokens: &[String],
+) -> Result<(), LoadError> {
+    let results = futures::stream::iter(population.conversations.iter().map(|conv| {
+        let creator = conv.members[0] as usize;
+        let node = &target.nodes[population.users[creator].home % target.nodes.len()];
+        let body = serde_json::json!({
+            "id": conv.id,
+            "members": conv.members.iter().map(|&m| population.users[m as usize].id.as_str()).collect::<Vec<_>>(),
+        });
+        let url = format!("{node}/api/conversations");
+        let token = &tokens[creator];
+        async move {
+            let mut last = String::new();
+            for attempt in 0..5u64 {
+                match client.post(&url).bearer_auth(token).json(&body).send().await {
+                    Ok(r) if r.status().is_success() => return Ok(()),
+                    Ok(r) => {
+                        let status = r.status();
+                        last = format!("{status}: {}", r.text().await.unwrap_or_default());
+                        if !status.is_server_error() {
+                            break;
+                        }
+                    }
+                    Err(e) => last = e.to_string(),
+                }
+                tokio::time::sleep(Duration::from_millis(200 * (attempt + 1))).await;
+            }
+            Err(LoadError::Setup(format!("creating conversation {} on {url}: {last}", conv.id)))
+        }
+    }))
+    .buffer_unordered(16)
+    .collect::<Vec<_>>()
+    .await;
+    results.into_iter().collect()
+}
+
+/// Runs the load of `scenario` against `target`. `stop` turning true (Ctrl-C) ends the
+/// schedule early; what was started is still drained and recorded.
+pub async fn run(
+    scenario: &Scenario,
+    population: &Population,
+    target: &Target,
+    rec: Recorder,
+    metrics: Arc<Metrics>,
+    progress: watch::Sender<Option<SecondPoint>>,
+    mut stop: watch::Receiver<bool>,
+) -> Result<Outcome, LoadError> {
+    let setup_started = Instant::now();
+    let load = &scenario.load;
+    let ttl = load.warmup + load.duration + Duration::from_secs(3600);
+    let tokens = population
+        .users
+        .iter()
+        .map(|u| token(&target.token_secret, &u.id, &u.tenant, ttl))
+        .collect::<Result<Vec<_>, _>>()?;
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .tcp_nodelay(true)
+        .build()
+        .map_err(|e| LoadError::Setup(format!("HTTP client: {e}")))?;
+    create_conversations(&client, population, target, &tokens).await?;
+
+    // The ticker closes one second of metrics at a time, from now to the end of the run.
+    let (ticker_stop_tx, mut ticker_stop) = watch::channel(false);
+    let ticker = {
+        let metrics = metrics.clone();
+        let origin = rec.origin();
+        tokio::spawn(async move {
+            let mut second = origin.elapsed().as_secs();
+            loop {
+                let next = origin + Duration::from_secs(second + 1);
+                tokio::select! {
+                    _ = tokio::time::sleep_until(next.into()) => {}
+                    _ = ticker_stop.changed() => {
+                        let _ = progress.send(Some(metrics.roll_second(second)));
+                        break;
+                    }
+                }
+                let point = metrics.roll_second(second);
+                let _ = progress.send(Some(point));
+                second += 1;
+            }
+        })
+    };
+
+    let shared = Arc::new(Shared::new(
+        rec.clone(),
+        metrics.clone(),
+        target.nodes.iter().map(|n| ws_url(n)).collect(),
+        population.conversations.iter().map(|c| c.id.clone()).collect(),
+        load.ack_timeout,
+        load.max_in_flight as usize,
+    ));
+    let memberships = population.memberships();
+    let (connected_tx, mut connected_rx) = mpsc::unbounded_channel();
+    let mut senders = Vec::with_capacity(population.users.len());
+    let mut handles = Vec::with_capacity(population.users.len());
+    let connect_gap = Duration::from_secs_f64(1.0 / load.connect_rate.max(0.001));
+    let mut next_connect = tokio::time::Instant::now();
+    for (i, u) in population.users.iter().enumerate() {
+        let (tx, rx) = mpsc::unbounded_channel();
+        senders.push(tx);
+        let user = User::new(
+            UserSpec {
+                index: i as u32,
+                id: u.id.clone(),
+                token: tokens[i].clone(),
+                home: u.home % target.nodes.len(),
+                conversations: memberships[i].clone(),
+            },
+            shared.clone(),
+        );
+        tokio::time::sleep_until(next_connect).await;
+        next_connect += connect_gap;
+        handles.push(tokio::spawn(user.run(rx, connected_tx.clone())));
+    }
+    drop(connected_tx);
+    // Rendezvous: fan-out is measured only once every member of every conversation is on.
+    let mut failed = Vec::new();
+    let mut answered = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while answered < population.users.len() {
+        match tokio::time::timeout_at(deadline, connected_rx.recv()).await {
+            Ok(Some(Ok(_))) => answered += 1,
+            Ok(Some(Err(e))) => {
+                answered += 1;
+                failed.push(e);
+            }
+            Ok(None) | Err(_) => break,
+        }
+    }
+    if !failed.is_empty() || answered < population.users.len() {
+        for tx in &senders {
+            let _ = tx.send(Command::Finish);
+        }
+        let _ = ticker_stop_tx.send(true);
+        let _ = ticker.await;
+        return Err(LoadError::Connect {
+            failed: failed.len() + population.users.len() - answered,
+            total: population.users.len(),
+            first: failed.first().cloned().unwrap_or_else(|| "no answer within 60 s".into()),
+        });
+    }
+    rec.record(HARNESS, Kind::Info, Value::Phase { name: "connected".into() });
+    let setup = setup_started.elapsed();
+
+    let t0 = Instant::now() + Duration::from_millis(100);
+    let measure_start = t0 + load.warmup;
+    let load_end = measure_start + load.duration;
+    shared.set_window(measure_start, load_end);
+    let http_tasks = http::spawn(
+        HttpPlan::from_scenario(scenario, population, target, &tokens),
+        shared.clone(),
+        senders.clone(),
+        t0,
+        load_end,
+        stop.clone(),
+    );
+    let mut arrivals = 0u64;
+    let mut interrupted = false;
+    let mut measuring = false;
+    if load.warmup.is_zero() {
+        metrics.set_measuring(true);
+        rec.record_at(t0, HARNESS, Kind::Info, Value::Phase { name: "load_start".into() });
+        measuring = true;
+    }
+    for a in Arrivals::new(scenario, population) {
+        let due = t0 + a.due;
+        if !measuring && due >= measure_start {
+            metrics.set_measuring(true);
+            rec.record_at(measure_start, HARNESS, Kind::Info, Value::Phase { name: "load_start".into() });
+            measuring = true;
+        }
+        let now = Instant::now();
+        if due > now + Duration::from_micros(500) {
+            tokio::select! {
+                _ = tokio::time::sleep_until(due.into()) => {}
+                _ = stop.changed() => { interrupted = true; break; }
+            }
+        }
+        let now = Instant::now();
+        shared.record_latency(names::PACER_LATENESS, now.saturating_duration_since(due), due);
+        if let Some(tx) = senders.get(a.user as usize) {
+            let _ = tx.send(Command::Op { arrival: a, due });
+        }
+        arrivals += 1;
+    }
+    if !interrupted {
+        tokio::select! {
+            _ = tokio::time::sleep_until(load_end.into()) => {}
+            _ = stop.changed() => { interrupted = true; }
+        }
+    }
+    if interrupted {
+        rec.record(HARNESS, Kind::Info, Value::Phase { name: "interrupted".into() });
+    }
+    rec.record(HARNESS, Kind::Info, Value::Phase { name: "load_end".into() });
+    metrics.set_measuring(false);
+    for t in http_tasks {
+        let _ = t.await;
+    }
+
+    // Drain: every send gets its answer or reaches its ack timeout.
+    let drain_deadline = Instant::now() + load.ack_timeout;
+    loop {
+        let c = &metrics.counters;
+        let settled = c.sends_acked.load(Ordering::Relaxed)
+            + c.sends_failed.load(Ordering::Relaxed)
+            + c.sends_unknown.load(Ordering::Relaxed)
+            + c.sends_dropped_in_flight_limit.load(Ordering::Relaxed);
+        if settled >= c.sends_invoked.load(Ordering::Relaxed) || Instant::now() >= drain_deadline || interrupted {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for tx in &senders {
+        let _ = tx.send(Command::Finish);
+    }
+    drop(senders);
+    let finish_deadline = tokio::time::Instant::now() + shared.finish_timeout + Duration::from_secs(5);
+    for h in handles {
+        if tokio::time::timeout_at(finish_deadline, h).await.is_err() {
+            tracing::warn!("a user did not finish its final resync in time");
+        }
+    }
+    rec.record(HARNESS, Kind::Info, Value::Phase { name: "drained".into() });
+    let _ = ticker_stop_tx.send(true);
+    let _ = ticker.await;
+    Ok(Outcome {
+        interrupted,
+        load_start_us: rec.micros(t0),
+        measure_start_us: rec.micros(measure_start),
+        load_end_us: rec.micros(load_end),
+        setup,
+        arrivals,
+    })
+}

@@ -1,0 +1,757 @@
+//! One simulated user: a WebSocket connection to its node, driven by the operations the
+//! pacer hands it and by what the node sends. It records every operation and delivery in
+//! the history, keeps a per-conversation cursor of the seqs it has seen, retries unacked
+//! sends with the same client id after a reconnect (to the next node when its own died or
+//! drains), resyncs every conversation after each reconnect and resumes its streams.
+
+use chatstream_protocol::frames::{ClientFrame, ErrorCode, ServerFrame, StreamOutcome, Via as WireVia};
+use futures::{SinkExt, StreamExt};
+use squall_history::{Kind, Value, Via};
+use squall_scenario::OpKind;
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+use crate::body::{self, BodyStamp};
+use crate::metrics::names;
+use crate::plan::Arrival;
+use crate::shared::Shared;
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// What the engine asks of a user.
+#[derive(Debug)]
+pub enum Command {
+    /// An operation of the schedule, due at `due`.
+    Op { arrival: Arrival, due: Instant },
+    /// Follow a stream started over HTTP (`POST /api/chat`) from its first chunk.
+    FollowStream {
+        session: String,
+        conversation: u32,
+        due: Instant,
+    },
+    /// The load is over: resync every conversation once more, then close.
+    Finish,
+}
+
+/// Who the user is.
+#[derive(Debug, Clone)]
+pub struct UserSpec {
+    pub index: u32,
+    pub id: String,
+    pub token: String,
+    pub home: usize,
+    pub conversations: Vec<u32>,
+}
+
+struct PendingSend {
+    conversation: u32,
+    cmid: String,
+    body: String,
+    due: Instant,
+    first_invoked: Instant,
+    last_written: Option<Instant>,
+}
+
+#[derive(Default)]
+struct Cursor {
+    /// Every seq up to here has been seen.
+    contiguous: i64,
+    above: BTreeSet<i64>,
+    /// A sync is in flight (its `after`), with when it started.
+    syncing: Option<(i64, Instant, u32)>,
+}
+
+impl Cursor {
+    fn see(&mut self, seq: i64) {
+        if seq == self.contiguous + 1 {
+            self.contiguous = seq;
+            while self.above.remove(&(self.contiguous + 1)) {
+                self.contiguous += 1;
+            }
+        } else if seq > self.contiguous + 1 {
+            self.above.insert(seq);
+        }
+    }
+}
+
+struct StreamFollow {
+    due: Instant,
+    last_index: i64,
+    last_chunk_at: Option<Instant>,
+}
+
+/// Why a connection ended.
+enum Ended {
+    Lost(String),
+    Planned,
+    Finished,
+}
+
+pub struct User {
+    spec: UserSpec,
+    shared: Arc<Shared>,
+    node: usize,
+    pending: HashMap<String, PendingSend>,
+    unsent: VecDeque<String>,
+    cursors: HashMap<u32, Cursor>,
+    stream_requests: VecDeque<(u32, Instant)>,
+    streams: HashMap<String, StreamFollow>,
+    next_msg: u64,
+    /// Since when every conversation has to be resynced (set at a reconnect).
+    resync_since: Option<Instant>,
+    finishing: bool,
+}
+
+impl User {
+    pub fn new(spec: UserSpec, shared: Arc<Shared>) -> Self {
+        let cursors = spec.conversations.iter().map(|&c| (c, Cursor::default())).collect();
+        User {
+            node: spec.home,
+            spec,
+            shared,
+            pending: HashMap::new(),
+            unsent: VecDeque::new(),
+            cursors,
+            stream_requests: VecDeque::new(),
+            streams: HashMap::new(),
+            next_msg: 0,
+            resync_since: None,
+            finishing: false,
+        }
+    }
+
+    fn record(&self, k: Kind, v: Value) {
+        self.shared.rec.record(self.spec.index, k, v);
+    }
+
+    fn due_us(&self, at: Instant) -> u64 {
+        self.shared.rec.micros(at)
+    }
+
+    /// Connects to the home node; `connected` is told once (success or giving up).
+    pub async fn run(
+        mut self,
+        mut rx: mpsc::UnboundedReceiver<Command>,
+        connected: tokio::sync::mpsc::UnboundedSender<Result<u32, String>>,
+    ) {
+        let mut first = Some(connected);
+        let mut failures = 0u32;
+        let mut lost_at: Option<Instant> = None;
+        loop {
+            match self.connect().await {
+                Ok(ws) => {
+                    failures = 0;
+                    if let Some(tx) = first.take() {
+                        let _ = tx.send(Ok(self.spec.index));
+                    }
+                    if let Some(at) = lost_at.take() {
+                        self.resync_since = Some(at);
+                        self.start_resync();
+                    }
+                    match self.serve(ws, &mut rx).await {
+                        Ended::Finished => break,
+                        Ended::Planned => {
+                            lost_at = Some(Instant::now());
+                            self.node = (self.node + 1) % self.shared.nodes.len();
+                        }
+                        Ended::Lost(reason) => {
+                            lost_at = Some(Instant::now());
+                            self.record(
+                                Kind::Info,
+                                Value::Disconnect {
+                                    node: self.node as u16 + 1,
+                                    reason,
+                                },
+                            );
+                            self.shared.metrics.counters.disconnects.fetch_add(1, Ordering::Relaxed);
+                            self.node = (self.node + 1) % self.shared.nodes.len();
+                        }
+                    }
+                    self.shared.metrics.counters.connected.fetch_sub(1, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    failures += 1;
+                    if let Some(tx) = &first {
+                        if failures >= self.shared.connect_attempts {
+                            let _ = tx.send(Err(format!("{}: {e}", self.spec.id)));
+                            return;
+                        }
+                    }
+                    if self.finishing {
+                        break;
+                    }
+                    self.node = (self.node + 1) % self.shared.nodes.len();
+                    // Back off, but keep taking operations: they are due whatever the system does.
+                    let backoff = Duration::from_millis(100 * u64::from(failures.min(20)));
+                    let until = tokio::time::Instant::now() + backoff;
+                    loop {
+                        tokio::select! {
+                            _ = tokio::time::sleep_until(until) => break,
+                            cmd = rx.recv() => match cmd {
+                                Some(Command::Finish) | None => { self.finishing = true; break; }
+                                Some(cmd) => self.queue_offline(cmd),
+                            },
+                        }
+                    }
+                    self.expire_pending();
+                }
+            }
+        }
+        self.give_up_pending();
+    }
+
+    async fn connect(&mut self) -> Result<Ws, String> {
+        let node = self.node;
+        self.record(Kind::Invoke, Value::Connect { node: node as u16 + 1, err: None });
+        let started = Instant::now();
+        let url = format!("{}/ws?token={}", self.shared.nodes[node], self.spec.token);
+        let attempt = async {
+            let (mut ws, _) = tokio_tungstenite::connect_async_with_config(url, None, true)
+                .await
+                .map_err(|e| e.to_string())?;
+            // The first frame is `hello`, or an error and a close for a bad token.
+            match ws.next().await {
+                Some(Ok(Message::Text(t))) => match ServerFrame::decode(&t) {
+                    Ok(ServerFrame::Hello { .. }) => Ok(ws),
+                    Ok(ServerFrame::Error { code, message, .. }) => Err(format!("{code:?}: {message}")),
+                    Ok(other) => Err(format!("expected hello, got {other:?}")),
+                    Err(e) => Err(e.to_string()),
+                },
+                Some(Ok(other)) => Err(format!("expected hello, got {other:?}")),
+                Some(Err(e)) => Err(e.to_string()),
+                None => Err("closed before hello".into()),
+            }
+        };
+        let result = match tokio::time::timeout(Duration::from_secs(5), attempt).await {
+            Ok(r) => r,
+            Err(_) => Err("no hello within 5 s".into()),
+        };
+        let counters = &self.shared.metrics.counters;
+        match &result {
+            Ok(_) => {
+                counters.connects.fetch_add(1, Ordering::Relaxed);
+                counters.connected.fetch_add(1, Ordering::Relaxed);
+                let now = Instant::now();
+                self.shared.record_latency(names::CONNECT, now - started, now);
+                self.record(Kind::Ok, Value::Connect { node: node as u16 + 1, err: None });
+            }
+            Err(e) => {
+                counters.connect_failures.fetch_add(1, Ordering::Relaxed);
+                self.record(
+                    Kind::Fail,
+                    Value::Connect {
+                        node: node as u16 + 1,
+                        err: Some(e.clone()),
+                    },
+                );
+            }
+        }
+        result
+    }
+
+    async fn serve(&mut self, mut ws: Ws, rx: &mut mpsc::UnboundedReceiver<Command>) -> Ended {
+        // Retries first, with their original client ids, then whatever the resync needs.
+        if let Err(e) = self.flush_unsent(&mut ws).await {
+            return Ended::Lost(e);
+        }
+        if let Err(e) = self.send_resyncs(&mut ws).await {
+            return Ended::Lost(e);
+        }
+        if let Err(e) = self.resume_streams(&mut ws).await {
+            return Ended::Lost(e);
+        }
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        let mut finish_deadline: Option<Instant> = None;
+        loop {
+            tokio::select! {
+                cmd = rx.recv(), if !self.finishing => {
+                    let result = match cmd {
+                        Some(Command::Finish) | None => {
+                            self.finishing = true;
+                            finish_deadline = Some(Instant::now() + self.shared.finish_timeout);
+                            self.resync_since = None;
+                            self.final_resync(&mut ws).await
+                        }
+                        Some(Command::Op { arrival, due }) => {
+                            if arrival.kind == OpKind::Reconnect {
+                                self.record(Kind::Info, Value::Disconnect { node: self.node as u16 + 1, reason: "planned reconnect".into() });
+                                let _ = ws.close(None).await;
+                                return Ended::Planned;
+                            }
+                            self.op(&mut ws, arrival, due).await
+                        }
+                        Some(Command::FollowStream { session, due, .. }) => {
+                            self.follow(&mut ws, session, due).await
+                        }
+                    };
+                    if let Err(e) = result {
+                        return Ended::Lost(e);
+                    }
+                }
+                msg = ws.next() => match msg {
+                    Some(Ok(Message::Text(t))) => {
+                        if let Err(e) = self.frame(&mut ws, &t).await {
+                            return Ended::Lost(e);
+                        }
+                    }
+                    Some(Ok(Message::Close(frame))) => {
+                        let reason = frame.map(|f| format!("closed {} {}", u16::from(f.code), f.reason)).unwrap_or_else(|| "closed".into());
+                        return Ended::Lost(reason);
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => return Ended::Lost(e.to_string()),
+                    None => return Ended::Lost("connection ended".into()),
+                },
+                _ = tick.tick() => {
+                    self.expire_pending();
+                    if let Some(deadline) = finish_deadline {
+                        let synced = self.cursors.values().all(|c| c.syncing.is_none());
+                        if (synced && self.pending.is_empty()) || Instant::now() >= deadline {
+                            let _ = ws.close(None).await;
+                            return Ended::Finished;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn queue_offline(&mut self, cmd: Command) {
+        match cmd {
+            Command::Op { arrival, due } if arrival.kind == OpKind::Chat => {
+                let cmid = self.invoke_send(arrival, due);
+                if let Some(cmid) = cmid {
+                    self.unsent.push_back(cmid);
+                }
+            }
+            Command::FollowStream { session, due, .. } => {
+                self.streams.insert(
+                    session,
+                    StreamFollow { due, last_index: -1, last_chunk_at: None },
+                );
+            }
+            // Typing, reads, syncs and stream requests while offline are not attempted;
+            // the resync after the reconnect covers what a sync would have fetched.
+            _ => {}
+        }
+    }
+
+    /// Records the invoke of a send and keeps it pending; None when the in-flight limit
+    /// refused it (recorded as a failure of the harness, not of the system).
+    fn invoke_send(&mut self, arrival: Arrival, due: Instant) -> Option<String> {
+        let counters = &self.shared.metrics.counters;
+        let cmid = format!("{}-{}", self.spec.index, self.next_msg);
+        self.next_msg += 1;
+        let due_us = self.due_us(due);
+        self.record(
+            Kind::Invoke,
+            Value::Send {
+                c: arrival.conversation,
+                m: cmid.clone(),
+                due: Some(due_us),
+                size: Some(arrival.size),
+                seq: None,
+                mid: None,
+                dup: None,
+                err: None,
+            },
+        );
+        counters.sends_invoked.fetch_add(1, Ordering::Relaxed);
+        if self.pending.len() >= self.shared.max_in_flight {
+            counters.sends_dropped_in_flight_limit.fetch_add(1, Ordering::Relaxed);
+            self.record(
+                Kind::Fail,
+                Value::Send {
+                    c: arrival.conversation,
+                    m: cmid,
+                    due: None,
+                    size: None,
+                    seq: None,
+                    mid: None,
+                    dup: None,
+                    err: Some("harness: in-flight limit reached, not sent".into()),
+                },
+            );
+            return None;
+        }
+        let stamp = BodyStamp {
+            due_us,
+            sender_node: self.node as u16,
+        };
+        self.pending.insert(
+            cmid.clone(),
+            PendingSend {
+                conversation: arrival.conversation,
+                cmid: cmid.clone(),
+                body: body::encode(stamp, arrival.size as usize),
+                due,
+                first_invoked: Instant::now(),
+                last_written: None,
+            },
+        );
+        Some(cmid)
+    }
+
+    async fn write(ws: &mut Ws, frame: &ClientFrame) -> Result<(), String> {
+        ws.send(Message::text(frame.encode())).await.map_err(|e| e.to_string())
+    }
+
+    async fn write_send(&mut self, ws: &mut Ws, cmid: &str) -> Result<(), String> {
+        let Some(p) = self.pending.get_mut(cmid) else {
+            return Ok(());
+        };
+        let frame = ClientFrame::Send {
+            conversation_id: self.shared.conversation_ids[p.conversation as usize].clone(),
+            client_msg_id: p.cmid.clone(),
+            body: p.body.clone(),
+        };
+        p.last_written = Some(Instant::now());
+        Self::write(ws, &frame).await
+    }
+
+    async fn flush_unsent(&mut self, ws: &mut Ws) -> Result<(), String> {
+        // Everything pending is written again: unsent ones for the first time, written
+        // ones because their outcome died with the old connection (same client id).
+        let mut all: Vec<(Instant, String)> =
+            self.pending.values().map(|p| (p.first_invoked, p.cmid.clone())).collect();
+        all.sort();
+        self.unsent.clear();
+        for (_, cmid) in all {
+            self.write_send(ws, &cmid).await?;
+        }
+        Ok(())
+    }
+
+    async fn op(&mut self, ws: &mut Ws, arrival: Arrival, due: Instant) -> Result<(), String> {
+        let c = arrival.conversation;
+        let conversation_id = self.shared.conversation_ids[c as usize].clone();
+        let counters = &self.shared.metrics.counters;
+        match arrival.kind {
+            OpKind::Chat => {
+                if let Some(cmid) = self.invoke_send(arrival, due) {
+                    self.write_send(ws, &cmid).await?;
+                }
+            }
+            OpKind::Typing => {
+                counters.typing.fetch_add(1, Ordering::Relaxed);
+                Self::write(ws, &ClientFrame::Typing { conversation_id, is_typing: true }).await?;
+                self.record(Kind::Ok, Value::Typing { c });
+            }
+            OpKind::Read => {
+                let up_to = self.cursors.get(&c).map(|k| k.contiguous).unwrap_or(0);
+                if up_to > 0 {
+                    counters.reads.fetch_add(1, Ordering::Relaxed);
+                    Self::write(ws, &ClientFrame::Read { conversation_id, up_to_seq: up_to }).await?;
+                    self.record(Kind::Ok, Value::Read { c, s: up_to });
+                }
+            }
+            OpKind::Sync => self.sync(ws, c).await?,
+            OpKind::Stream => {
+                let due_us = self.due_us(due);
+                self.record(Kind::Invoke, Value::Stream { c, due: Some(due_us), session: None, http: false, err: None });
+                self.stream_requests.push_back((c, due));
+                let prompt = format!("squall prompt {} {}", self.spec.index, self.next_msg);
+                self.next_msg += 1;
+                Self::write(ws, &ClientFrame::Stream { conversation_id, prompt }).await?;
+            }
+            OpKind::Reconnect => {}
+        }
+        Ok(())
+    }
+
+    async fn sync(&mut self, ws: &mut Ws, c: u32) -> Result<(), String> {
+        let Some(cursor) = self.cursors.get_mut(&c) else {
+            return Ok(());
+        };
+        if cursor.syncing.is_some() {
+            return Ok(());
+        }
+        let after = cursor.contiguous;
+        cursor.syncing = Some((after, Instant::now(), 0));
+        self.shared.metrics.counters.syncs.fetch_add(1, Ordering::Relaxed);
+        self.record(Kind::Invoke, Value::Sync { c, after, last: None, n: None, err: None });
+        let conversation_id = self.shared.conversation_ids[c as usize].clone();
+        Self::write(ws, &ClientFrame::Sync { conversation_id, after_seq: after, limit: None }).await
+    }
+
+    fn start_resync(&mut self) {
+        for cursor in self.cursors.values_mut() {
+            cursor.syncing = None;
+        }
+    }
+
+    async fn send_resyncs(&mut self, ws: &mut Ws) -> Result<(), String> {
+        if self.resync_since.is_none() {
+            return Ok(());
+        }
+        let convs: Vec<u32> = self.spec.conversations.clone();
+        for c in convs {
+            self.sync(ws, c).await?;
+        }
+        Ok(())
+    }
+
+    async fn final_resync(&mut self, ws: &mut Ws) -> Result<(), String> {
+        let convs: Vec<u32> = self.spec.conversations.clone();
+        for c in convs {
+            self.sync(ws, c).await?;
+        }
+        Ok(())
+    }
+
+    async fn resume_streams(&mut self, ws: &mut Ws) -> Result<(), String> {
+        let open: Vec<(String, i64)> =
+            self.streams.iter().map(|(s, f)| (s.clone(), f.last_index)).collect();
+        for (session, after) in open {
+            self.record(Kind::Invoke, Value::Resume { session: session.clone(), after });
+            Self::write(ws, &ClientFrame::Resume { session_id: session, after_index: after }).await?;
+        }
+        Ok(())
+    }
+
+    async fn follow(&mut self, ws: &mut Ws, session: String, due: Instant) -> Result<(), String> {
+        self.streams.insert(
+            session.clone(),
+            StreamFollow { due, last_index: -1, last_chunk_at: None },
+        );
+        self.record(Kind::Invoke, Value::Resume { session: session.clone(), after: -1 });
+        Self::write(ws, &ClientFrame::Resume { session_id: session, after_index: -1 }).await
+    }
+
+    fn expire_pending(&mut self) {
+        let timeout = self.shared.ack_timeout;
+        let now = Instant::now();
+        let expired: Vec<String> = self
+            .pending
+            .values()
+            .filter(|p| now.duration_since(p.first_invoked) >= timeout)
+            .map(|p| p.cmid.clone())
+            .collect();
+        for cmid in expired {
+            if let Some(p) = self.pending.remove(&cmid) {
+                self.unknown_outcome(p, "no ack within the ack timeout");
+            }
+        }
+    }
+
+    fn unknown_outcome(&self, p: PendingSend, why: &str) {
+        self.shared.metrics.counters.sends_unknown.fetch_add(1, Ordering::Relaxed);
+        self.record(
+            Kind::Info,
+            Value::Send {
+                c: p.conversation,
+                m: p.cmid,
+                due: None,
+                size: None,
+                seq: None,
+                mid: None,
+                dup: None,
+                err: Some(why.into()),
+            },
+        );
+    }
+
+    fn give_up_pending(&mut self) {
+        let pending: Vec<PendingSend> = self.pending.drain().map(|(_, p)| p).collect();
+        for p in pending {
+            self.unknown_outcome(p, "the run ended before an ack");
+        }
+    }
+
+    fn sender_index(sender_id: &str) -> u32 {
+        // Users are named `<tag>-u<index>` by the plan.
+        sender_id
+            .rsplit_once("-u")
+            .and_then(|(_, i)| i.parse().ok())
+            .unwrap_or(u32::MAX)
+    }
+
+    async fn frame(&mut self, ws: &mut Ws, text: &str) -> Result<(), String> {
+        let now = Instant::now();
+        let frame = match ServerFrame::decode(text) {
+            Ok(f) => f,
+            Err(e) => {
+                self.record(Kind::Info, Value::ServerError { code: "undecodable".into(), message: e.to_string() });
+                return Ok(());
+            }
+        };
+        let counters = &self.shared.metrics.counters;
+        match frame {
+            ServerFrame::Ack { client_msg_id, message_id, seq, duplicate, .. } => {
+                let Some(p) = self.pending.remove(&client_msg_id) else {
+                    return Ok(());
+                };
+                counters.sends_acked.fetch_add(1, Ordering::Relaxed);
+                if duplicate {
+                    counters.sends_duplicate_acks.fetch_add(1, Ordering::Relaxed);
+                }
+                self.shared.record_latency(names::SEND_ACK, now.saturating_duration_since(p.due), p.due);
+                if let Some(w) = p.last_written {
+                    self.shared.record_latency(names::SEND_ACK_UNCORRECTED, now.saturating_duration_since(w), p.due);
+                }
+                if let Some(cursor) = self.cursors.get_mut(&p.conversation) {
+                    cursor.see(seq);
+                }
+                self.record(
+                    Kind::Ok,
+                    Value::Send {
+                        c: p.conversation,
+                        m: client_msg_id,
+                        due: None,
+                        size: None,
+                        seq: Some(seq),
+                        mid: Some(message_id),
+                        dup: Some(duplicate),
+                        err: None,
+                    },
+                );
+            }
+            ServerFrame::Msg { client_msg_id, conversation_id, seq, sender_id, body, via, .. } => {
+                let Some(c) = self.shared.conversation_index(&conversation_id) else {
+                    self.record(Kind::Info, Value::ServerError { code: "unknown_conversation".into(), message: conversation_id });
+                    return Ok(());
+                };
+                let via = match via {
+                    WireVia::Live => Via::Live,
+                    WireVia::Sync => Via::Sync,
+                };
+                if via == Via::Live {
+                    counters.delivered_live.fetch_add(1, Ordering::Relaxed);
+                    if let Some(stamp) = body::decode(&body) {
+                        let due = self.shared.rec.origin() + Duration::from_micros(stamp.due_us);
+                        let latency = now.saturating_duration_since(due);
+                        self.shared.record_latency(names::DELIVERY, latency, due);
+                        let name = if usize::from(stamp.sender_node) == self.node {
+                            names::DELIVERY_SAME_NODE
+                        } else {
+                            names::DELIVERY_CROSS_NODE
+                        };
+                        self.shared.record_latency(name, latency, due);
+                    }
+                } else {
+                    counters.delivered_sync.fetch_add(1, Ordering::Relaxed);
+                    if let Some(cursor) = self.cursors.get_mut(&c) {
+                        if let Some((_, _, n)) = cursor.syncing.as_mut() {
+                            *n += 1;
+                        }
+                    }
+                }
+                if let Some(cursor) = self.cursors.get_mut(&c) {
+                    cursor.see(seq);
+                }
+                self.record(
+                    Kind::Ok,
+                    Value::Deliver { c, s: seq, m: client_msg_id, from: Self::sender_index(&sender_id), via },
+                );
+            }
+            ServerFrame::SyncDone { conversation_id, last_seq, more } => {
+                let Some(c) = self.shared.conversation_index(&conversation_id) else {
+                    return Ok(());
+                };
+                let Some(cursor) = self.cursors.get_mut(&c) else {
+                    return Ok(());
+                };
+                let Some((after, started, n)) = cursor.syncing.take() else {
+                    return Ok(());
+                };
+                if more {
+                    // Keep paging from where this page ended.
+                    cursor.syncing = Some((last_seq, started, n));
+                    let conversation_id = conversation_id.clone();
+                    Self::write(ws, &ClientFrame::Sync { conversation_id, after_seq: last_seq, limit: None }).await?;
+                    return Ok(());
+                }
+                self.shared.record_latency(names::SYNC, now - started, now);
+                self.record(Kind::Ok, Value::Sync { c, after, last: Some(last_seq), n: Some(n), err: None });
+                if let Some(since) = self.resync_since {
+                    if self.cursors.values().all(|k| k.syncing.is_none()) {
+                        self.shared.record_latency(names::RECONNECT_RESYNC, now - since, now);
+                        self.resync_since = None;
+                    }
+                }
+            }
+            ServerFrame::StreamStarted { session_id, conversation_id, .. } => {
+                let c = self.shared.conversation_index(&conversation_id);
+                let pos = self.stream_requests.iter().position(|(rc, _)| Some(*rc) == c);
+                if let Some((c, due)) = pos.and_then(|i| self.stream_requests.remove(i)) {
+                    counters.streams_started.fetch_add(1, Ordering::Relaxed);
+                    self.record(Kind::Ok, Value::Stream { c, due: None, session: Some(session_id.clone()), http: false, err: None });
+                    self.streams.insert(session_id, StreamFollow { due, last_index: -1, last_chunk_at: None });
+                }
+            }
+            ServerFrame::Chunk { session_id, index, .. } => {
+                counters.chunks.fetch_add(1, Ordering::Relaxed);
+                if let Some(f) = self.streams.get_mut(&session_id) {
+                    match f.last_chunk_at {
+                        None => self.shared.record_latency(names::STREAM_FIRST_CHUNK, now.saturating_duration_since(f.due), f.due),
+                        Some(prev) => self.shared.record_latency(names::STREAM_CHUNK_GAP, now - prev, f.due),
+                    }
+                    f.last_chunk_at = Some(now);
+                    f.last_index = f.last_index.max(index);
+                }
+                self.record(Kind::Ok, Value::Chunk { session: session_id, idx: index });
+            }
+            ServerFrame::StreamEnd { session_id, outcome, total_chunks, .. } => {
+                match outcome {
+                    StreamOutcome::Completed => counters.streams_completed.fetch_add(1, Ordering::Relaxed),
+                    StreamOutcome::Failed => counters.streams_failed.fetch_add(1, Ordering::Relaxed),
+                };
+                self.streams.remove(&session_id);
+                let outcome = match outcome {
+                    StreamOutcome::Completed => "completed",
+                    StreamOutcome::Failed => "failed",
+                };
+                self.record(Kind::Ok, Value::StreamEnd { session: session_id, outcome: outcome.into(), total: total_chunks });
+            }
+            ServerFrame::Error { code, message, ref_id, .. } => {
+                counters.server_errors.fetch_add(1, Ordering::Relaxed);
+                let code_name = serde_json::to_value(code)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_string))
+                    .unwrap_or_else(|| format!("{code:?}"));
+                if let Some(p) = ref_id.as_ref().and_then(|r| self.pending.remove(r)) {
+                    // A definite refusal: nothing was stored.
+                    counters.sends_failed.fetch_add(1, Ordering::Relaxed);
+                    self.record(
+                        Kind::Fail,
+                        Value::Send {
+                            c: p.conversation,
+                            m: p.cmid,
+                            due: None,
+                            size: None,
+                            seq: None,
+                            mid: None,
+                            dup: None,
+                            err: Some(format!("{code_name}: {message}")),
+                        },
+                    );
+                } else if let Some(session) = ref_id.filter(|r| self.streams.contains_key(r)) {
+                    self.streams.remove(&session);
+                    self.record(Kind::Fail, Value::Resume { session, after: -1 });
+                } else {
+                    if code == ErrorCode::ShuttingDown {
+                        return Err("node shutting down".into());
+                    }
+                    if matches!(code, ErrorCode::Unavailable | ErrorCode::NotMember) {
+                        if let Some((c, _)) = self.stream_requests.pop_front() {
+                            self.record(Kind::Fail, Value::Stream { c, due: None, session: None, http: false, err: Some(format!("{code_name}: {message}")) });
+                            return Ok(());
+                        }
+                    }
+                    self.record(Kind::Info, Value::ServerError { code: code_name, message });
+                }
+            }
+            ServerFrame::Hello { .. }
+            | ServerFrame::Status { .. }
+            | ServerFrame::Typing { .. }
+            | ServerFrame::Pong { .. } => {}
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,186 @@
+//! The `load` section: who the simulated users are, which conversations they share, how
+//! much they do and of what kind, and for how long.
+
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
+
+use crate::distribution::Distribution;
+use crate::rate::Rate;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Load {
+    /// Simulated users, each with its own WebSocket connection (1..=200000).
+    pub users: u32,
+    /// Tenants the users are split across, evenly by user index (<= users).
+    #[serde(default = "one_tenant")]
+    pub tenants: u32,
+    pub conversations: Conversations,
+    pub rate: Rate,
+    /// Weights of the operation kinds drawn for each arrival.
+    #[serde(default)]
+    pub mix: Mix,
+    /// Size of a chat message body in bytes (1..=1048576).
+    #[serde(default = "default_message_size")]
+    pub message_size: Distribution,
+    /// Load that runs before measuring starts; its operations are recorded but not judged.
+    #[serde(default, with = "crate::duration")]
+    pub warmup: Duration,
+    /// The measured part of the run, after the warm-up (> 0, <= 24h).
+    #[serde(with = "crate::duration")]
+    pub duration: Duration,
+    /// Users connected per second while setting up.
+    #[serde(default = "default_connect_rate")]
+    pub connect_rate: f64,
+    /// After this an operation with no acknowledgement has an unknown outcome.
+    #[serde(default = "default_ack_timeout", with = "crate::duration")]
+    pub ack_timeout: Duration,
+    /// Operations one user may have awaiting acknowledgement at once.
+    #[serde(default = "default_max_in_flight")]
+    pub max_in_flight: u32,
+}
+
+fn one_tenant() -> u32 {
+    1
+}
+
+fn default_message_size() -> Distribution {
+    Distribution::Fixed(200)
+}
+
+fn default_connect_rate() -> f64 {
+    500.0
+}
+
+fn default_ack_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+fn default_max_in_flight() -> u32 {
+    64
+}
+
+impl Load {
+    /// Warm-up plus measured duration: the whole time load is offered.
+    pub fn total(&self) -> Duration {
+        // Saturating: absurd values are reported by validation rather than panicking here.
+        self.warmup.saturating_add(self.duration)
+    }
+
+    /// Users in the largest tenant: users divided by tenants, rounded up.
+    pub fn users_per_tenant(&self) -> u32 {
+        self.users.div_ceil(self.tenants.max(1))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Conversations {
+    /// Conversations in all (>= 1), spread over the tenants.
+    pub count: u32,
+    /// Members of one conversation, all from one tenant.
+    pub members: Distribution,
+    #[serde(default)]
+    pub placement: Placement,
+}
+
+/// Which node each member of a conversation connects to.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Placement {
+    /// Users are assigned to nodes round-robin by user index.
+    #[default]
+    Spread,
+    /// All members of a conversation on one node.
+    SameNode,
+    /// Members of a conversation on distinct nodes, as far as the nodes allow.
+    CrossNode,
+    /// Each user on a node drawn from the scenario seed.
+    Random,
+}
+
+/// The kinds of operation a user's arrival can be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OpKind {
+    /// Send a chat message to one of the user's conversations.
+    Chat,
+    /// Start an AI stream and follow its chunks.
+    Stream,
+    /// Send a typing indicator.
+    Typing,
+    /// Mark messages read.
+    Read,
+    /// Ask for the messages after a sequence number.
+    Sync,
+    /// Drop the connection and reconnect (to any node), then catch up.
+    Reconnect,
+}
+
+impl OpKind {
+    pub const ALL: [OpKind; 6] = [
+        OpKind::Chat,
+        OpKind::Stream,
+        OpKind::Typing,
+        OpKind::Read,
+        OpKind::Sync,
+        OpKind::Reconnect,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            OpKind::Chat => "chat",
+            OpKind::Stream => "stream",
+            OpKind::Typing => "typing",
+            OpKind::Read => "read",
+            OpKind::Sync => "sync",
+            OpKind::Reconnect => "reconnect",
+        }
+    }
+}
+
+/// Relative weights; an omitted kind weighs 0. When the whole mix is omitted, every
+/// operation is a chat message.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Mix {
+    #[serde(default)]
+    pub chat: f64,
+    #[serde(default)]
+    pub stream: f64,
+    #[serde(default)]
+    pub typing: f64,
+    #[serde(default)]
+    pub read: f64,
+    #[serde(default)]
+    pub sync: f64,
+    #[serde(default)]
+    pub reconnect: f64,
+}
+
+impl Default for Mix {
+    fn default() -> Self {
+        Mix {
+            chat: 1.0,
+            stream: 0.0,
+            typing: 0.0,
+            read: 0.0,
+            sync: 0.0,
+            reconnect: 0.0,
+        }
+    }
+}
+
+impl Mix {
+    /// Each kind with its weight, in [`OpKind::ALL`] order.
+    pub fn weights(&self) -> [(OpKind, f64); 6] {
+        [
+            (OpKind::Chat, self.chat),
+            (OpKind::Stream, self.stream),
+            (OpKind::Typing, self.typing),
+            (OpKind::Read, self.read),
+            (OpKind::Sync, self.sync),
+            (OpKind::Reconnect, self.reconnect),
+        ]
+    }
+}
