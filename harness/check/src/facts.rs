@@ -1174,7 +1174,7 @@ impl Facts {
         }
     }
 
-    /// Deliveries of `m` to any member of conversation `c` (and to `also`, if given).
+    /// Deliveries of `m` to any member of conversation `c`.
     pub(crate) fn timeline_deliveries_of_msg(&self, m: MsgId, c: u32, tl: &mut Timeline) {
         for &r in self.members(c) {
             self.timeline_deliveries_to(r, c, |d| d.m == m, tl);

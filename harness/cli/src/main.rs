@@ -41,6 +41,13 @@ enum Command {
     /// what it started, print the headline figures. Exit 0 ran (and every check passed),
     /// 1 a check failed, 2 the run could not be carried out.
     Run(run::RunArgs),
+    /// Judge a finished run again, offline, from its directory (history, readback,
+    /// histograms, signals): every check of its scenario, with evidence. Exit 0 all
+    /// passed, 1 a check failed, 2 the run directory could not be read.
+    Check {
+        /// A run directory (reports/<scenario>-<timestamp>/).
+        run_dir: std::path::PathBuf,
+    },
     /// Check a scenario file without running it: every problem with file:line:column.
     Validate {
         /// Scenario files.
@@ -89,6 +96,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Smoke(args) => smoke::run(args).await,
         Command::Run(args) => run::run(args).await,
         Command::Validate { files } => Ok(validate(&files)),
+        Command::Check { run_dir } => run::check(&run_dir),
     }
 }
 

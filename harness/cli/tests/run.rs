@@ -18,11 +18,15 @@ fn squall() -> &'static str {
 }
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
 }
 
 fn reports_dir(test: &str) -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("run-tests").join(test);
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join("run-tests")
+        .join(test);
     let _ = std::fs::remove_dir_all(&dir);
     dir
 }
@@ -34,7 +38,11 @@ fn only_run_dir(reports: &Path) -> Result<PathBuf> {
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.is_dir())
         .collect();
-    ensure!(dirs.len() == 1, "expected one run directory in {}, found {dirs:?}", reports.display());
+    ensure!(
+        dirs.len() == 1,
+        "expected one run directory in {}, found {dirs:?}",
+        reports.display()
+    );
     Ok(dirs[0].clone())
 }
 
@@ -58,19 +66,42 @@ async fn run_reconciles_history_and_figures(stack: &mut Stack) -> Result<()> {
         .output()?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    ensure!(out.status.code() == Some(0), "exit {:?}\n{stdout}\n{stderr}", out.status.code());
-    ensure!(stdout.contains("send_ack") && stdout.contains("delivery"), "summary lacks latencies:\n{stdout}");
+    ensure!(
+        out.status.code() == Some(0),
+        "exit {:?}\n{stdout}\n{stderr}",
+        out.status.code()
+    );
+    ensure!(
+        stdout.contains("send_ack") && stdout.contains("delivery"),
+        "summary lacks latencies:\n{stdout}"
+    );
     let dir = only_run_dir(&reports)?;
-    for f in ["run.json", "history.jsonl.gz", "signals.jsonl", "series.json", "histograms.json", "scenario.yaml", "logs/node-1.log", "logs/node-2.log", "logs/workers.log"] {
+    for f in [
+        "run.json",
+        "history.jsonl.gz",
+        "signals.jsonl",
+        "series.json",
+        "histograms.json",
+        "scenario.yaml",
+        "logs/node-1.log",
+        "logs/node-2.log",
+        "logs/workers.log",
+    ] {
         ensure!(dir.join(f).is_file(), "{f} missing in {}", dir.display());
     }
     // Everything squall started is stopped: the nodes' and the workers' ports are free.
     for port in [base + 101, base + 102, base + 130] {
-        ensure!(port_is_closed(port), "port {port} still answers after the run");
+        ensure!(
+            port_is_closed(port),
+            "port {port} still answers after the run"
+        );
     }
 
     let (header, ops) = squall_history::read(&dir.join(squall_history::FILE_NAME))?;
-    ensure!(header.users.len() == 12 && header.conversations.len() == 4, "header: {header:?}");
+    ensure!(
+        header.users.len() == 12 && header.conversations.len() == 4,
+        "header: {header:?}"
+    );
     let mut invoked = BTreeSet::new();
     let mut acked: BTreeMap<String, i64> = BTreeMap::new();
     let mut deliveries = 0u64;
@@ -82,11 +113,22 @@ async fn run_reconciles_history_and_figures(stack: &mut Stack) -> Result<()> {
         let op = op?;
         match (&op.k, &op.v) {
             (Kind::Invoke, Value::Send { m, due, .. }) => {
-                ensure!(due.is_some(), "send invoke without its intended time: {op:?}");
+                ensure!(
+                    due.is_some(),
+                    "send invoke without its intended time: {op:?}"
+                );
                 invoked.insert(m.clone());
             }
-            (Kind::Ok, Value::Send { m, seq: Some(seq), .. }) => {
-                ensure!(invoked.contains(m), "ack for {m} before (or without) its invoke");
+            (
+                Kind::Ok,
+                Value::Send {
+                    m, seq: Some(seq), ..
+                },
+            ) => {
+                ensure!(
+                    invoked.contains(m),
+                    "ack for {m} before (or without) its invoke"
+                );
                 if let Some(prev) = acked.insert(m.clone(), *seq) {
                     ensure!(prev == *seq, "{m} acked with seq {prev} and {seq}");
                 }
@@ -94,9 +136,15 @@ async fn run_reconciles_history_and_figures(stack: &mut Stack) -> Result<()> {
             (Kind::Ok, Value::Deliver { c, from, via, .. }) => {
                 deliveries += 1;
                 let conv = &header.conversations[*c as usize];
-                ensure!(conv.members.contains(&op.p), "user {} got a message of conversation {c} it is not in", op.p);
+                ensure!(
+                    conv.members.contains(&op.p),
+                    "user {} got a message of conversation {c} it is not in",
+                    op.p
+                );
                 ensure!(*from != op.p, "user {} got its own message", op.p);
-                if *via == Via::Live && header.users[op.p as usize].node != header.users[*from as usize].node {
+                if *via == Via::Live
+                    && header.users[op.p as usize].node != header.users[*from as usize].node
+                {
                     cross_node += 1;
                 }
             }
@@ -106,26 +154,55 @@ async fn run_reconciles_history_and_figures(stack: &mut Stack) -> Result<()> {
             _ => {}
         }
     }
-    ensure!(phases == ["connected", "load_start", "load_end", "drained"], "phases {phases:?}");
-    ensure!(acked.len() > 150, "only {} messages acked at 32/s for 9 s", acked.len());
-    ensure!(deliveries >= acked.len() as u64, "{deliveries} deliveries for {} acked messages in 3-member conversations", acked.len());
-    ensure!(cross_node > 0, "no cross-node delivery in a cross_node placement");
+    ensure!(
+        phases == ["connected", "load_start", "load_end", "drained"],
+        "phases {phases:?}"
+    );
+    ensure!(
+        acked.len() > 150,
+        "only {} messages acked at 32/s for 9 s",
+        acked.len()
+    );
+    ensure!(
+        deliveries >= acked.len() as u64,
+        "{deliveries} deliveries for {} acked messages in 3-member conversations",
+        acked.len()
+    );
+    ensure!(
+        cross_node > 0,
+        "no cross-node delivery in a cross_node placement"
+    );
     ensure!(chunks > 0, "no stream chunk recorded");
     ensure!(http_ok > 0, "no HTTP request succeeded");
 
-    let run: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("run.json"))?)?;
+    let run: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("run.json"))?)?;
     ensure!(
         run["counters"]["sends_acked"].as_u64() == Some(acked.len() as u64),
         "run.json says {} acked, the history {}",
         run["counters"]["sends_acked"],
         acked.len()
     );
-    let p99 = run["latency_us"]["send_ack"]["p99_us"].as_u64().context("no send_ack p99")?;
+    let p99 = run["latency_us"]["send_ack"]["p99_us"]
+        .as_u64()
+        .context("no send_ack p99")?;
     ensure!(p99 > 0 && p99 < 5_000_000, "send_ack p99 {p99} µs");
     let signals = std::fs::read_to_string(dir.join("signals.jsonl"))?;
-    let last: serde_json::Value = serde_json::from_str(signals.lines().last().context("no signals")?)?;
-    ensure!(last["processes"]["node-1"]["rss_bytes"].as_u64().unwrap_or(0) > 0, "no RSS for node-1: {last}");
-    ensure!(last["metrics"]["node-2"].as_object().is_some_and(|m| !m.is_empty()), "node-2 not scraped: {last}");
+    let last: serde_json::Value =
+        serde_json::from_str(signals.lines().last().context("no signals")?)?;
+    ensure!(
+        last["processes"]["node-1"]["rss_bytes"]
+            .as_u64()
+            .unwrap_or(0)
+            > 0,
+        "no RSS for node-1: {last}"
+    );
+    ensure!(
+        last["metrics"]["node-2"]
+            .as_object()
+            .is_some_and(|m| !m.is_empty()),
+        "node-2 not scraped: {last}"
+    );
     Ok(())
 }
 
@@ -134,11 +211,26 @@ async fn target_mode_starts_and_stops_nothing(stack: &mut Stack) -> Result<()> {
     let port = base + 150;
     let endpoints = stack.endpoints();
     let bin = Path::new(squall()).with_file_name("chatstream");
-    ensure!(bin.is_file(), "{} missing: run the tests with --workspace", bin.display());
+    ensure!(
+        bin.is_file(),
+        "{} missing: run the tests with --workspace",
+        bin.display()
+    );
     let log = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("target-node.log");
     let mut node = Command::new(&bin)
-        .args(["node", "--node-id", "external-1", "--listen", &format!("127.0.0.1:{port}")])
-        .args(["--postgres-url", &endpoints.postgres_url, "--redis-url", &endpoints.redis_url])
+        .args([
+            "node",
+            "--node-id",
+            "external-1",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .args([
+            "--postgres-url",
+            &endpoints.postgres_url,
+            "--redis-url",
+            &endpoints.redis_url,
+        ])
         .args(["--kafka-bootstrap", &endpoints.kafka_bootstrap])
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log)?)
@@ -211,7 +303,10 @@ async fn ctrl_c_stops_everything_the_run_started(stack: &mut Stack) -> Result<()
         if let Ok(dir) = only_run_dir(&reports) {
             if let Ok((_, ops)) = squall_history::read(&dir.join(squall_history::FILE_NAME)) {
                 // The file is still being written: count what is readable so far.
-                if ops.filter_map(|o| o.ok()).any(|o| matches!(o.v, Value::Phase { ref name } if name == "connected")) {
+                if ops
+                    .filter_map(|o| o.ok())
+                    .any(|o| matches!(o.v, Value::Phase { ref name } if name == "connected"))
+                {
                     break;
                 }
             }
@@ -223,17 +318,29 @@ async fn ctrl_c_stops_everything_the_run_started(stack: &mut Stack) -> Result<()
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGINT)?;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )?;
     let started = Instant::now();
     let status = loop {
         if let Some(s) = child.try_wait()? {
             break s;
         }
-        ensure!(started.elapsed() < Duration::from_secs(60), "squall did not stop within 60 s of Ctrl-C");
+        ensure!(
+            started.elapsed() < Duration::from_secs(60),
+            "squall did not stop within 60 s of Ctrl-C"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
-    ensure!(status.code() == Some(2), "an interrupted run exits 2, got {status}");
-    ensure!(port_is_closed(base + 101), "the node squall started still answers after Ctrl-C");
+    ensure!(
+        status.code() == Some(2),
+        "an interrupted run exits 2, got {status}"
+    );
+    ensure!(
+        port_is_closed(base + 101),
+        "the node squall started still answers after Ctrl-C"
+    );
     let dir = only_run_dir(&reports)?;
     let (_, ops) = squall_history::read(&dir.join(squall_history::FILE_NAME))?;
     let phases: Vec<String> = ops
@@ -243,9 +350,15 @@ async fn ctrl_c_stops_everything_the_run_started(stack: &mut Stack) -> Result<()
             _ => None,
         })
         .collect();
-    ensure!(phases.contains(&"interrupted".to_string()), "phases {phases:?}");
+    ensure!(
+        phases.contains(&"interrupted".to_string()),
+        "phases {phases:?}"
+    );
     // The shared stack squall did not start is untouched.
-    ensure!(stack.status().await.healthy(), "the reused stack is unhealthy after the run");
+    ensure!(
+        stack.status().await.healthy(),
+        "the reused stack is unhealthy after the run"
+    );
     Ok(())
 }
 
@@ -257,11 +370,29 @@ async fn a_bad_scenario_is_refused_before_anything_starts(_base: u16) -> Result<
         .arg(fixture("bad.yaml"))
         .output()?;
     let stderr = String::from_utf8_lossy(&out.stderr);
-    ensure!(out.status.code() == Some(2), "exit {:?}: {stderr}", out.status.code());
-    ensure!(stderr.contains("bad.yaml:9:5") && stderr.contains("placment"), "{stderr}");
-    ensure!(!reports.exists(), "a run directory was created for a refused scenario");
-    let out = Command::new(squall()).args(["validate"]).arg(fixture("tiny.yaml")).arg(fixture("bad.yaml")).output()?;
-    ensure!(out.status.code() == Some(1), "validate exit {:?}", out.status.code());
+    ensure!(
+        out.status.code() == Some(2),
+        "exit {:?}: {stderr}",
+        out.status.code()
+    );
+    ensure!(
+        stderr.contains("bad.yaml:9:5") && stderr.contains("placment"),
+        "{stderr}"
+    );
+    ensure!(
+        !reports.exists(),
+        "a run directory was created for a refused scenario"
+    );
+    let out = Command::new(squall())
+        .args(["validate"])
+        .arg(fixture("tiny.yaml"))
+        .arg(fixture("bad.yaml"))
+        .output()?;
+    ensure!(
+        out.status.code() == Some(1),
+        "validate exit {:?}",
+        out.status.code()
+    );
     Ok(())
 }
 
@@ -272,10 +403,26 @@ fn main() {
         PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("run-stack"),
     );
     let trials = vec![
-        alone_test!(shared, "run::a_bad_scenario_is_refused_before_anything_starts", a_bad_scenario_is_refused_before_anything_starts),
-        stack_test!(shared, "run::run_reconciles_history_and_figures", run_reconciles_history_and_figures),
-        stack_test!(shared, "run::target_mode_starts_and_stops_nothing", target_mode_starts_and_stops_nothing),
-        stack_test!(shared, "run::ctrl_c_stops_everything_the_run_started", ctrl_c_stops_everything_the_run_started),
+        alone_test!(
+            shared,
+            "run::a_bad_scenario_is_refused_before_anything_starts",
+            a_bad_scenario_is_refused_before_anything_starts
+        ),
+        stack_test!(
+            shared,
+            "run::run_reconciles_history_and_figures",
+            run_reconciles_history_and_figures
+        ),
+        stack_test!(
+            shared,
+            "run::target_mode_starts_and_stops_nothing",
+            target_mode_starts_and_stops_nothing
+        ),
+        stack_test!(
+            shared,
+            "run::ctrl_c_stops_everything_the_run_started",
+            ctrl_c_stops_everything_the_run_started
+        ),
     ];
     shared.run(trials);
 }

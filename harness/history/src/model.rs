@@ -91,7 +91,10 @@ pub enum Value {
         err: Option<String>,
     },
     /// The connection ended without being asked to (info).
-    Disconnect { node: u16, reason: String },
+    Disconnect {
+        node: u16,
+        reason: String,
+    },
     /// A chat message: invoke carries `m` (client_msg_id), `due`, `size`; ok adds `seq`,
     /// `mid` and `dup`; fail adds `err` (a definite refusal); info: the outcome is unknown.
     Send {
@@ -129,8 +132,13 @@ pub enum Value {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         err: Option<String>,
     },
-    Typing { c: u32 },
-    Read { c: u32, s: i64 },
+    Typing {
+        c: u32,
+    },
+    Read {
+        c: u32,
+        s: i64,
+    },
     /// An AI stream: invoke (over WebSocket, or `http: true` for `POST /api/chat`) → ok with
     /// the session id, or fail.
     Stream {
@@ -145,9 +153,15 @@ pub enum Value {
         err: Option<String>,
     },
     /// Following a stream again after `after` (the last chunk index seen).
-    Resume { session: String, after: i64 },
+    Resume {
+        session: String,
+        after: i64,
+    },
     /// A stream chunk received (ok).
-    Chunk { session: String, idx: i64 },
+    Chunk {
+        session: String,
+        idx: i64,
+    },
     /// A stream's end as the client saw it (ok).
     StreamEnd {
         session: String,
@@ -173,10 +187,15 @@ pub enum Value {
         err: Option<String>,
     },
     /// A server error frame not tied to one of the process's own operations (info).
-    ServerError { code: String, message: String },
+    ServerError {
+        code: String,
+        message: String,
+    },
     /// A phase boundary of the run (info by the harness): `connected`, `load_start`
     /// (after warm-up), `load_end`, `drained`.
-    Phase { name: String },
+    Phase {
+        name: String,
+    },
 }
 
 impl Value {

@@ -129,9 +129,7 @@ impl Writer {
             })??,
             None => (0, 0),
         };
-        let bytes_on_disk = std::fs::metadata(&self.path)
-            .map(|m| m.len())
-            .unwrap_or(0);
+        let bytes_on_disk = std::fs::metadata(&self.path).map(|m| m.len()).unwrap_or(0);
         Ok(WriteStats {
             records,
             bytes_uncompressed,

@@ -43,22 +43,60 @@ fn what_is_written_is_read_back_in_order() {
         let m = format!("{sender}-{n}");
         let at = origin + Duration::from_micros(u64::from(n) * 200);
         let ops = [
-            (sender, Kind::Invoke, Value::Send { c: 0, m: m.clone(), due: Some(u64::from(n) * 200), size: Some(200), seq: None, mid: None, dup: None, err: None }),
-            (sender, Kind::Ok, Value::Send { c: 0, m: m.clone(), due: None, size: None, seq: Some(i64::from(n) + 1), mid: Some("0190f5d2-7a4b-7c3e-9d1f-2b3c4d5e6f70".into()), dup: Some(false), err: None }),
+            (
+                sender,
+                Kind::Invoke,
+                Value::Send {
+                    c: 0,
+                    m: m.clone(),
+                    due: Some(u64::from(n) * 200),
+                    size: Some(200),
+                    seq: None,
+                    mid: None,
+                    dup: None,
+                    err: None,
+                },
+            ),
+            (
+                sender,
+                Kind::Ok,
+                Value::Send {
+                    c: 0,
+                    m: m.clone(),
+                    due: None,
+                    size: None,
+                    seq: Some(i64::from(n) + 1),
+                    mid: Some("0190f5d2-7a4b-7c3e-9d1f-2b3c4d5e6f70".into()),
+                    dup: Some(false),
+                    err: None,
+                },
+            ),
         ];
         for (p, k, v) in ops {
             rec.record_at(at, p, k, v.clone());
             expected.push((p, k, v));
         }
         for r in 1..=4 {
-            let v = Value::Deliver { c: 0, s: i64::from(n) + 1, m: m.clone(), from: sender, via: Via::Live };
+            let v = Value::Deliver {
+                c: 0,
+                s: i64::from(n) + 1,
+                m: m.clone(),
+                from: sender,
+                via: Via::Live,
+            };
             rec.record_at(at, (sender + r) % 100, Kind::Ok, v.clone());
             expected.push(((sender + r) % 100, Kind::Ok, v));
         }
     }
     let stats = writer.finish().unwrap();
     assert_eq!(stats.records, expected.len() as u64);
-    rec.record(0, Kind::Info, Value::Phase { name: "late".into() });
+    rec.record(
+        0,
+        Kind::Info,
+        Value::Phase {
+            name: "late".into(),
+        },
+    );
     let (h, ops) = read(&path).unwrap();
     assert_eq!(h, header());
     let ops: Vec<Op> = ops.collect::<Result<_>>().unwrap();

@@ -122,8 +122,11 @@ async fn create_conversations(
     results.into_iter().collect()
 }
 
-/// Runs the load of `scenario` against `target`. `stop` turning true (Ctrl-C) ends the
-/// schedule early; what was started is still drained and recorded.
+/// Runs the load of `scenario` against `target`. `stop` turning true (Ctrl-C, a
+/// guardrail) ends the schedule early; what was started is still drained and recorded.
+/// `measure_start_tx` learns when the measured window (after warm-up) begins: the
+/// nemesis times its faults from it.
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     scenario: &Scenario,
     population: &Population,
@@ -132,6 +135,7 @@ pub async fn run(
     metrics: Arc<Metrics>,
     progress: watch::Sender<Option<SecondPoint>>,
     mut stop: watch::Receiver<bool>,
+    measure_start_tx: Option<tokio::sync::oneshot::Sender<Instant>>,
 ) -> Result<Outcome, LoadError> {
     let setup_started = Instant::now();
     let load = &scenario.load;
@@ -175,7 +179,11 @@ pub async fn run(
         rec.clone(),
         metrics.clone(),
         target.nodes.iter().map(|n| ws_url(n)).collect(),
-        population.conversations.iter().map(|c| c.id.clone()).collect(),
+        population
+            .conversations
+            .iter()
+            .map(|c| c.id.clone())
+            .collect(),
         load.ack_timeout,
         load.max_in_flight as usize,
     ));
@@ -226,16 +234,28 @@ pub async fn run(
         return Err(LoadError::Connect {
             failed: failed.len() + population.users.len() - answered,
             total: population.users.len(),
-            first: failed.first().cloned().unwrap_or_else(|| "no answer within 60 s".into()),
+            first: failed
+                .first()
+                .cloned()
+                .unwrap_or_else(|| "no answer within 60 s".into()),
         });
     }
-    rec.record(HARNESS, Kind::Info, Value::Phase { name: "connected".into() });
+    rec.record(
+        HARNESS,
+        Kind::Info,
+        Value::Phase {
+            name: "connected".into(),
+        },
+    );
     let setup = setup_started.elapsed();
 
     let t0 = Instant::now() + Duration::from_millis(100);
     let measure_start = t0 + load.warmup;
     let load_end = measure_start + load.duration;
     shared.set_window(measure_start, load_end);
+    if let Some(tx) = measure_start_tx {
+        let _ = tx.send(measure_start);
+    }
     let http_tasks = http::spawn(
         HttpPlan::from_scenario(scenario, population, target, &tokens),
         shared.clone(),
@@ -249,14 +269,28 @@ pub async fn run(
     let mut measuring = false;
     if load.warmup.is_zero() {
         metrics.set_measuring(true);
-        rec.record_at(t0, HARNESS, Kind::Info, Value::Phase { name: "load_start".into() });
+        rec.record_at(
+            t0,
+            HARNESS,
+            Kind::Info,
+            Value::Phase {
+                name: "load_start".into(),
+            },
+        );
         measuring = true;
     }
     for a in Arrivals::new(scenario, population) {
         let due = t0 + a.due;
         if !measuring && due >= measure_start {
             metrics.set_measuring(true);
-            rec.record_at(measure_start, HARNESS, Kind::Info, Value::Phase { name: "load_start".into() });
+            rec.record_at(
+                measure_start,
+                HARNESS,
+                Kind::Info,
+                Value::Phase {
+                    name: "load_start".into(),
+                },
+            );
             measuring = true;
         }
         let now = Instant::now();
@@ -267,7 +301,11 @@ pub async fn run(
             }
         }
         let now = Instant::now();
-        shared.record_latency(names::PACER_LATENESS, now.saturating_duration_since(due), due);
+        shared.record_latency(
+            names::PACER_LATENESS,
+            now.saturating_duration_since(due),
+            due,
+        );
         if let Some(tx) = senders.get(a.user as usize) {
             let _ = tx.send(Command::Op { arrival: a, due });
         }
@@ -280,9 +318,21 @@ pub async fn run(
         }
     }
     if interrupted {
-        rec.record(HARNESS, Kind::Info, Value::Phase { name: "interrupted".into() });
+        rec.record(
+            HARNESS,
+            Kind::Info,
+            Value::Phase {
+                name: "interrupted".into(),
+            },
+        );
     }
-    rec.record(HARNESS, Kind::Info, Value::Phase { name: "load_end".into() });
+    rec.record(
+        HARNESS,
+        Kind::Info,
+        Value::Phase {
+            name: "load_end".into(),
+        },
+    );
     metrics.set_measuring(false);
     for t in http_tasks {
         let _ = t.await;
@@ -296,7 +346,10 @@ pub async fn run(
             + c.sends_failed.load(Ordering::Relaxed)
             + c.sends_unknown.load(Ordering::Relaxed)
             + c.sends_dropped_in_flight_limit.load(Ordering::Relaxed);
-        if settled >= c.sends_invoked.load(Ordering::Relaxed) || Instant::now() >= drain_deadline || interrupted {
+        if settled >= c.sends_invoked.load(Ordering::Relaxed)
+            || Instant::now() >= drain_deadline
+            || interrupted
+        {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -305,13 +358,20 @@ pub async fn run(
         let _ = tx.send(Command::Finish);
     }
     drop(senders);
-    let finish_deadline = tokio::time::Instant::now() + shared.finish_timeout + Duration::from_secs(5);
+    let finish_deadline =
+        tokio::time::Instant::now() + shared.finish_timeout + Duration::from_secs(5);
     for h in handles {
         if tokio::time::timeout_at(finish_deadline, h).await.is_err() {
             tracing::warn!("a user did not finish its final resync in time");
         }
     }
-    rec.record(HARNESS, Kind::Info, Value::Phase { name: "drained".into() });
+    rec.record(
+        HARNESS,
+        Kind::Info,
+        Value::Phase {
+            name: "drained".into(),
+        },
+    );
     let _ = ticker_stop_tx.send(true);
     let _ = ticker.await;
     Ok(Outcome {

@@ -117,17 +117,29 @@ fn build(plan: &HttpPlan, stream: &HttpStream, rng: &mut Pcg64, n: u64) -> Optio
             method: reqwest::Method::POST,
             url: format!("{node}/api/chat"),
             token,
-            body: Some(serde_json::json!({ "conversation_id": conv_id, "prompt": format!("squall http prompt {n}") })),
+            body: Some(
+                serde_json::json!({ "conversation_id": conv_id, "prompt": format!("squall http prompt {n}") }),
+            ),
             follow: Some((user, conv_index)),
         },
-        HttpEndpoint::History => get(format!("{node}/api/conversations/{conv_id}/messages?after_seq=0&limit=50"), token),
+        HttpEndpoint::History => get(
+            format!("{node}/api/conversations/{conv_id}/messages?after_seq=0&limit=50"),
+            token,
+        ),
         HttpEndpoint::Readyz => get(format!("{node}/readyz"), None),
         HttpEndpoint::AuditUser => get(format!("{workers}/api/audit/users/{user_id}"), None),
-        HttpEndpoint::AuditConversation => get(format!("{workers}/api/audit/conversations/{conv_id}"), None),
+        HttpEndpoint::AuditConversation => {
+            get(format!("{workers}/api/audit/conversations/{conv_id}"), None)
+        }
         HttpEndpoint::AuditErrors => get(format!("{workers}/api/audit/errors?hours=1"), None),
         HttpEndpoint::AuditCounts => get(format!("{workers}/api/audit/counts"), None),
-        HttpEndpoint::AnalyticsMinutes => get(format!("{workers}/api/analytics/minutes?hours=1"), None),
-        HttpEndpoint::Search => get(format!("{workers}/api/search?tenant={tenant}&q=squall"), None),
+        HttpEndpoint::AnalyticsMinutes => {
+            get(format!("{workers}/api/analytics/minutes?hours=1"), None)
+        }
+        HttpEndpoint::Search => get(
+            format!("{workers}/api/search?tenant={tenant}&q=squall"),
+            None,
+        ),
     })
 }
 
@@ -168,18 +180,47 @@ pub fn spawn(
                         _ = tokio::time::sleep_until(due.into()) => {}
                         _ = stop.changed() => break,
                     }
-                    let Some(req) = build(&plan, &stream, &mut rng, n) else { break };
+                    let Some(req) = build(&plan, &stream, &mut rng, n) else {
+                        break;
+                    };
                     n += 1;
                     let due_us = shared.rec.micros(due);
-                    shared.rec.record(HTTP, Kind::Invoke, Value::Http { ep: stream.name.clone(), due: Some(due_us), status: None, err: None });
+                    shared.rec.record(
+                        HTTP,
+                        Kind::Invoke,
+                        Value::Http {
+                            ep: stream.name.clone(),
+                            due: Some(due_us),
+                            status: None,
+                            err: None,
+                        },
+                    );
                     let Ok(permit) = limit.clone().try_acquire_owned() else {
-                        shared.metrics.counters.http_failed.fetch_add(1, Ordering::Relaxed);
-                        shared.rec.record(HTTP, Kind::Fail, Value::Http { ep: stream.name.clone(), due: None, status: None, err: Some("harness: in-flight limit reached, not sent".into()) });
+                        shared
+                            .metrics
+                            .counters
+                            .http_failed
+                            .fetch_add(1, Ordering::Relaxed);
+                        shared.rec.record(
+                            HTTP,
+                            Kind::Fail,
+                            Value::Http {
+                                ep: stream.name.clone(),
+                                due: None,
+                                status: None,
+                                err: Some("harness: in-flight limit reached, not sent".into()),
+                            },
+                        );
                         due += gap;
                         continue;
                     };
-                    let (client, shared, users, name, timeout) =
-                        (client.clone(), shared.clone(), users.clone(), stream.name.clone(), stream.timeout);
+                    let (client, shared, users, name, timeout) = (
+                        client.clone(),
+                        shared.clone(),
+                        users.clone(),
+                        stream.name.clone(),
+                        stream.timeout,
+                    );
                     let this_due = due;
                     tokio::spawn(async move {
                         let _permit = permit;
@@ -215,19 +256,50 @@ async fn issue(
         Ok(r) => {
             let status = r.status();
             let body: Option<serde_json::Value> = r.json().await.ok();
-            shared.record_latency(&format!("http_{name}"), now.saturating_duration_since(due), due);
-            let kind = if status.is_success() { Kind::Ok } else { Kind::Fail };
+            shared.record_latency(
+                &format!("http_{name}"),
+                now.saturating_duration_since(due),
+                due,
+            );
+            let kind = if status.is_success() {
+                Kind::Ok
+            } else {
+                Kind::Fail
+            };
             if status.is_success() {
                 counters.http_ok.fetch_add(1, Ordering::Relaxed);
             } else {
                 counters.http_failed.fetch_add(1, Ordering::Relaxed);
             }
-            shared.rec.record(HTTP, kind, Value::Http { ep: name.into(), due: None, status: Some(status.as_u16()), err: None });
+            shared.rec.record(
+                HTTP,
+                kind,
+                Value::Http {
+                    ep: name.into(),
+                    due: None,
+                    status: Some(status.as_u16()),
+                    err: None,
+                },
+            );
             if let (true, Some((user, conversation))) = (status.is_success(), req.follow) {
                 if let Some(session) = body.as_ref().and_then(|b| b["session_id"].as_str()) {
-                    shared.rec.record(user, Kind::Ok, Value::Stream { c: conversation, due: Some(shared.rec.micros(due)), session: Some(session.into()), http: true, err: None });
+                    shared.rec.record(
+                        user,
+                        Kind::Ok,
+                        Value::Stream {
+                            c: conversation,
+                            due: Some(shared.rec.micros(due)),
+                            session: Some(session.into()),
+                            http: true,
+                            err: None,
+                        },
+                    );
                     if let Some(tx) = users.get(user as usize) {
-                        let _ = tx.send(Command::FollowStream { session: session.into(), conversation, due });
+                        let _ = tx.send(Command::FollowStream {
+                            session: session.into(),
+                            conversation,
+                            due,
+                        });
                     }
                 }
             }
@@ -235,7 +307,16 @@ async fn issue(
         Err(e) => {
             counters.http_failed.fetch_add(1, Ordering::Relaxed);
             // A timeout or a lost connection: the request may or may not have been served.
-            shared.rec.record(HTTP, Kind::Info, Value::Http { ep: name.into(), due: None, status: None, err: Some(e.to_string()) });
+            shared.rec.record(
+                HTTP,
+                Kind::Info,
+                Value::Http {
+                    ep: name.into(),
+                    due: None,
+                    status: None,
+                    err: Some(e.to_string()),
+                },
+            );
         }
     }
 }

@@ -118,6 +118,8 @@ pub struct Counters {
     pub connects: AtomicU64,
     pub connect_failures: AtomicU64,
     pub disconnects: AtomicU64,
+    /// Connections after a user's first (planned or after a loss).
+    pub reconnects: AtomicU64,
     pub connected: AtomicU64,
     pub streams_started: AtomicU64,
     pub streams_completed: AtomicU64,
@@ -132,19 +134,23 @@ pub struct Counters {
 
 impl Counters {
     pub fn snapshot(&self) -> BTreeMap<String, u64> {
-        let pairs: [(&str, &AtomicU64); 22] = [
+        let pairs: [(&str, &AtomicU64); 23] = [
             ("sends_invoked", &self.sends_invoked),
             ("sends_acked", &self.sends_acked),
             ("sends_duplicate_acks", &self.sends_duplicate_acks),
             ("sends_failed", &self.sends_failed),
             ("sends_unknown", &self.sends_unknown),
-            ("sends_dropped_in_flight_limit", &self.sends_dropped_in_flight_limit),
+            (
+                "sends_dropped_in_flight_limit",
+                &self.sends_dropped_in_flight_limit,
+            ),
             ("delivered_live", &self.delivered_live),
             ("delivered_sync", &self.delivered_sync),
             ("server_errors", &self.server_errors),
             ("connects", &self.connects),
             ("connect_failures", &self.connect_failures),
             ("disconnects", &self.disconnects),
+            ("reconnects", &self.reconnects),
             ("connected", &self.connected),
             ("streams_started", &self.streams_started),
             ("streams_completed", &self.streams_completed),
@@ -238,7 +244,10 @@ impl Metrics {
                 if GAUGES.contains(&k.as_str()) {
                     (k.clone(), *v)
                 } else {
-                    (k.clone(), v - book.last_counters.get(k).copied().unwrap_or(0))
+                    (
+                        k.clone(),
+                        v - book.last_counters.get(k).copied().unwrap_or(0),
+                    )
                 }
             })
             .collect();
@@ -257,12 +266,20 @@ impl Metrics {
     pub fn summaries(&self) -> BTreeMap<String, Summary> {
         self.book
             .lock()
-            .map(|b| b.total.iter().map(|(k, h)| (k.clone(), summarize(h))).collect())
+            .map(|b| {
+                b.total
+                    .iter()
+                    .map(|(k, h)| (k.clone(), summarize(h)))
+                    .collect()
+            })
             .unwrap_or_default()
     }
 
     pub fn series(&self) -> Vec<SecondPoint> {
-        self.book.lock().map(|b| b.series.clone()).unwrap_or_default()
+        self.book
+            .lock()
+            .map(|b| b.series.clone())
+            .unwrap_or_default()
     }
 
     /// The p99 of one latency over the last `seconds` of the series (for live progress).
@@ -287,7 +304,10 @@ impl Metrics {
         for (k, h) in &book.total {
             let mut bytes = Vec::new();
             if V2DeflateSerializer::new().serialize(h, &mut bytes).is_ok() {
-                out.insert(k.clone(), base64::engine::general_purpose::STANDARD.encode(bytes));
+                out.insert(
+                    k.clone(),
+                    base64::engine::general_purpose::STANDARD.encode(bytes),
+                );
             }
         }
         out

@@ -53,7 +53,12 @@ impl Population {
             })
             .collect();
         let by_tenant: Vec<Vec<u32>> = (0..tenants)
-            .map(|t| (t..users.len()).step_by(tenants).map(|i| i as u32).collect())
+            .map(|t| {
+                (t..users.len())
+                    .step_by(tenants)
+                    .map(|i| i as u32)
+                    .collect()
+            })
             .collect();
         let conversations = (0..load.conversations.count as usize)
             .map(|j| {
@@ -106,7 +111,10 @@ fn pick_members(
     let candidates: Vec<u32> = match placement {
         Placement::SameNode => {
             let home = users[anchor as usize].home;
-            pool.iter().copied().filter(|&u| users[u as usize].home == home).collect()
+            pool.iter()
+                .copied()
+                .filter(|&u| users[u as usize].home == home)
+                .collect()
         }
         _ => pool.to_vec(),
     };
@@ -220,7 +228,9 @@ impl Iterator for Arrivals<'_> {
         let due = Duration::from_secs_f64(self.t);
         self.t += 1.0 / rate;
         let kind = self.kind();
-        let conversation = self.rng.random_range(0..self.population.conversations.len());
+        let conversation = self
+            .rng
+            .random_range(0..self.population.conversations.len());
         let members = &self.population.conversations[conversation].members;
         let user = members[self.rng.random_range(0..members.len())];
         let size = self

@@ -4,7 +4,9 @@
 //! sends with the same client id after a reconnect (to the next node when its own died or
 //! drains), resyncs every conversation after each reconnect and resumes its streams.
 
-use chatstream_protocol::frames::{ClientFrame, ErrorCode, ServerFrame, StreamOutcome, Via as WireVia};
+use chatstream_protocol::frames::{
+    ClientFrame, ErrorCode, ServerFrame, StreamOutcome, Via as WireVia,
+};
 use futures::{SinkExt, StreamExt};
 use squall_history::{Kind, Value, Via};
 use squall_scenario::OpKind;
@@ -110,7 +112,11 @@ pub struct User {
 
 impl User {
     pub fn new(spec: UserSpec, shared: Arc<Shared>) -> Self {
-        let cursors = spec.conversations.iter().map(|&c| (c, Cursor::default())).collect();
+        let cursors = spec
+            .conversations
+            .iter()
+            .map(|&c| (c, Cursor::default()))
+            .collect();
         User {
             node: spec.home,
             spec,
@@ -151,6 +157,11 @@ impl User {
                         let _ = tx.send(Ok(self.spec.index));
                     }
                     if let Some(at) = lost_at.take() {
+                        self.shared
+                            .metrics
+                            .counters
+                            .reconnects
+                            .fetch_add(1, Ordering::Relaxed);
                         self.resync_since = Some(at);
                         self.start_resync();
                     }
@@ -169,11 +180,19 @@ impl User {
                                     reason,
                                 },
                             );
-                            self.shared.metrics.counters.disconnects.fetch_add(1, Ordering::Relaxed);
+                            self.shared
+                                .metrics
+                                .counters
+                                .disconnects
+                                .fetch_add(1, Ordering::Relaxed);
                             self.node = (self.node + 1) % self.shared.nodes.len();
                         }
                     }
-                    self.shared.metrics.counters.connected.fetch_sub(1, Ordering::Relaxed);
+                    self.shared
+                        .metrics
+                        .counters
+                        .connected
+                        .fetch_sub(1, Ordering::Relaxed);
                 }
                 Err(e) => {
                     failures += 1;
@@ -208,7 +227,13 @@ impl User {
 
     async fn connect(&mut self) -> Result<Ws, String> {
         let node = self.node;
-        self.record(Kind::Invoke, Value::Connect { node: node as u16 + 1, err: None });
+        self.record(
+            Kind::Invoke,
+            Value::Connect {
+                node: node as u16 + 1,
+                err: None,
+            },
+        );
         let started = Instant::now();
         let url = format!("{}/ws?token={}", self.shared.nodes[node], self.spec.token);
         let attempt = async {
@@ -219,7 +244,9 @@ impl User {
             match ws.next().await {
                 Some(Ok(Message::Text(t))) => match ServerFrame::decode(&t) {
                     Ok(ServerFrame::Hello { .. }) => Ok(ws),
-                    Ok(ServerFrame::Error { code, message, .. }) => Err(format!("{code:?}: {message}")),
+                    Ok(ServerFrame::Error { code, message, .. }) => {
+                        Err(format!("{code:?}: {message}"))
+                    }
                     Ok(other) => Err(format!("expected hello, got {other:?}")),
                     Err(e) => Err(e.to_string()),
                 },
@@ -238,8 +265,15 @@ impl User {
                 counters.connects.fetch_add(1, Ordering::Relaxed);
                 counters.connected.fetch_add(1, Ordering::Relaxed);
                 let now = Instant::now();
-                self.shared.record_latency(names::CONNECT, now - started, now);
-                self.record(Kind::Ok, Value::Connect { node: node as u16 + 1, err: None });
+                self.shared
+                    .record_latency(names::CONNECT, now - started, now);
+                self.record(
+                    Kind::Ok,
+                    Value::Connect {
+                        node: node as u16 + 1,
+                        err: None,
+                    },
+                );
             }
             Err(e) => {
                 counters.connect_failures.fetch_add(1, Ordering::Relaxed);
@@ -333,7 +367,11 @@ impl User {
             Command::FollowStream { session, due, .. } => {
                 self.streams.insert(
                     session,
-                    StreamFollow { due, last_index: -1, last_chunk_at: None },
+                    StreamFollow {
+                        due,
+                        last_index: -1,
+                        last_chunk_at: None,
+                    },
                 );
             }
             // Typing, reads, syncs and stream requests while offline are not attempted;
@@ -364,7 +402,9 @@ impl User {
         );
         counters.sends_invoked.fetch_add(1, Ordering::Relaxed);
         if self.pending.len() >= self.shared.max_in_flight {
-            counters.sends_dropped_in_flight_limit.fetch_add(1, Ordering::Relaxed);
+            counters
+                .sends_dropped_in_flight_limit
+                .fetch_add(1, Ordering::Relaxed);
             self.record(
                 Kind::Fail,
                 Value::Send {
@@ -399,7 +439,9 @@ impl User {
     }
 
     async fn write(ws: &mut Ws, frame: &ClientFrame) -> Result<(), String> {
-        ws.send(Message::text(frame.encode())).await.map_err(|e| e.to_string())
+        ws.send(Message::text(frame.encode()))
+            .await
+            .map_err(|e| e.to_string())
     }
 
     async fn write_send(&mut self, ws: &mut Ws, cmid: &str) -> Result<(), String> {
@@ -418,8 +460,11 @@ impl User {
     async fn flush_unsent(&mut self, ws: &mut Ws) -> Result<(), String> {
         // Everything pending is written again: unsent ones for the first time, written
         // ones because their outcome died with the old connection (same client id).
-        let mut all: Vec<(Instant, String)> =
-            self.pending.values().map(|p| (p.first_invoked, p.cmid.clone())).collect();
+        let mut all: Vec<(Instant, String)> = self
+            .pending
+            .values()
+            .map(|p| (p.first_invoked, p.cmid.clone()))
+            .collect();
         all.sort();
         self.unsent.clear();
         for (_, cmid) in all {
@@ -440,25 +485,55 @@ impl User {
             }
             OpKind::Typing => {
                 counters.typing.fetch_add(1, Ordering::Relaxed);
-                Self::write(ws, &ClientFrame::Typing { conversation_id, is_typing: true }).await?;
+                Self::write(
+                    ws,
+                    &ClientFrame::Typing {
+                        conversation_id,
+                        is_typing: true,
+                    },
+                )
+                .await?;
                 self.record(Kind::Ok, Value::Typing { c });
             }
             OpKind::Read => {
                 let up_to = self.cursors.get(&c).map(|k| k.contiguous).unwrap_or(0);
                 if up_to > 0 {
                     counters.reads.fetch_add(1, Ordering::Relaxed);
-                    Self::write(ws, &ClientFrame::Read { conversation_id, up_to_seq: up_to }).await?;
+                    Self::write(
+                        ws,
+                        &ClientFrame::Read {
+                            conversation_id,
+                            up_to_seq: up_to,
+                        },
+                    )
+                    .await?;
                     self.record(Kind::Ok, Value::Read { c, s: up_to });
                 }
             }
             OpKind::Sync => self.sync(ws, c).await?,
             OpKind::Stream => {
                 let due_us = self.due_us(due);
-                self.record(Kind::Invoke, Value::Stream { c, due: Some(due_us), session: None, http: false, err: None });
+                self.record(
+                    Kind::Invoke,
+                    Value::Stream {
+                        c,
+                        due: Some(due_us),
+                        session: None,
+                        http: false,
+                        err: None,
+                    },
+                );
                 self.stream_requests.push_back((c, due));
                 let prompt = format!("squall prompt {} {}", self.spec.index, self.next_msg);
                 self.next_msg += 1;
-                Self::write(ws, &ClientFrame::Stream { conversation_id, prompt }).await?;
+                Self::write(
+                    ws,
+                    &ClientFrame::Stream {
+                        conversation_id,
+                        prompt,
+                    },
+                )
+                .await?;
             }
             OpKind::Reconnect => {}
         }
@@ -474,10 +549,31 @@ impl User {
         }
         let after = cursor.contiguous;
         cursor.syncing = Some((after, Instant::now(), 0));
-        self.shared.metrics.counters.syncs.fetch_add(1, Ordering::Relaxed);
-        self.record(Kind::Invoke, Value::Sync { c, after, last: None, n: None, err: None });
+        self.shared
+            .metrics
+            .counters
+            .syncs
+            .fetch_add(1, Ordering::Relaxed);
+        self.record(
+            Kind::Invoke,
+            Value::Sync {
+                c,
+                after,
+                last: None,
+                n: None,
+                err: None,
+            },
+        );
         let conversation_id = self.shared.conversation_ids[c as usize].clone();
-        Self::write(ws, &ClientFrame::Sync { conversation_id, after_seq: after, limit: None }).await
+        Self::write(
+            ws,
+            &ClientFrame::Sync {
+                conversation_id,
+                after_seq: after,
+                limit: None,
+            },
+        )
+        .await
     }
 
     fn start_resync(&mut self) {
@@ -506,11 +602,27 @@ impl User {
     }
 
     async fn resume_streams(&mut self, ws: &mut Ws) -> Result<(), String> {
-        let open: Vec<(String, i64)> =
-            self.streams.iter().map(|(s, f)| (s.clone(), f.last_index)).collect();
+        let open: Vec<(String, i64)> = self
+            .streams
+            .iter()
+            .map(|(s, f)| (s.clone(), f.last_index))
+            .collect();
         for (session, after) in open {
-            self.record(Kind::Invoke, Value::Resume { session: session.clone(), after });
-            Self::write(ws, &ClientFrame::Resume { session_id: session, after_index: after }).await?;
+            self.record(
+                Kind::Invoke,
+                Value::Resume {
+                    session: session.clone(),
+                    after,
+                },
+            );
+            Self::write(
+                ws,
+                &ClientFrame::Resume {
+                    session_id: session,
+                    after_index: after,
+                },
+            )
+            .await?;
         }
         Ok(())
     }
@@ -518,10 +630,27 @@ impl User {
     async fn follow(&mut self, ws: &mut Ws, session: String, due: Instant) -> Result<(), String> {
         self.streams.insert(
             session.clone(),
-            StreamFollow { due, last_index: -1, last_chunk_at: None },
+            StreamFollow {
+                due,
+                last_index: -1,
+                last_chunk_at: None,
+            },
         );
-        self.record(Kind::Invoke, Value::Resume { session: session.clone(), after: -1 });
-        Self::write(ws, &ClientFrame::Resume { session_id: session, after_index: -1 }).await
+        self.record(
+            Kind::Invoke,
+            Value::Resume {
+                session: session.clone(),
+                after: -1,
+            },
+        );
+        Self::write(
+            ws,
+            &ClientFrame::Resume {
+                session_id: session,
+                after_index: -1,
+            },
+        )
+        .await
     }
 
     fn expire_pending(&mut self) {
@@ -541,7 +670,11 @@ impl User {
     }
 
     fn unknown_outcome(&self, p: PendingSend, why: &str) {
-        self.shared.metrics.counters.sends_unknown.fetch_add(1, Ordering::Relaxed);
+        self.shared
+            .metrics
+            .counters
+            .sends_unknown
+            .fetch_add(1, Ordering::Relaxed);
         self.record(
             Kind::Info,
             Value::Send {
@@ -577,23 +710,45 @@ impl User {
         let frame = match ServerFrame::decode(text) {
             Ok(f) => f,
             Err(e) => {
-                self.record(Kind::Info, Value::ServerError { code: "undecodable".into(), message: e.to_string() });
+                self.record(
+                    Kind::Info,
+                    Value::ServerError {
+                        code: "undecodable".into(),
+                        message: e.to_string(),
+                    },
+                );
                 return Ok(());
             }
         };
         let counters = &self.shared.metrics.counters;
         match frame {
-            ServerFrame::Ack { client_msg_id, message_id, seq, duplicate, .. } => {
+            ServerFrame::Ack {
+                client_msg_id,
+                message_id,
+                seq,
+                duplicate,
+                ..
+            } => {
                 let Some(p) = self.pending.remove(&client_msg_id) else {
                     return Ok(());
                 };
                 counters.sends_acked.fetch_add(1, Ordering::Relaxed);
                 if duplicate {
-                    counters.sends_duplicate_acks.fetch_add(1, Ordering::Relaxed);
+                    counters
+                        .sends_duplicate_acks
+                        .fetch_add(1, Ordering::Relaxed);
                 }
-                self.shared.record_latency(names::SEND_ACK, now.saturating_duration_since(p.due), p.due);
+                self.shared.record_latency(
+                    names::SEND_ACK,
+                    now.saturating_duration_since(p.due),
+                    p.due,
+                );
                 if let Some(w) = p.last_written {
-                    self.shared.record_latency(names::SEND_ACK_UNCORRECTED, now.saturating_duration_since(w), p.due);
+                    self.shared.record_latency(
+                        names::SEND_ACK_UNCORRECTED,
+                        now.saturating_duration_since(w),
+                        p.due,
+                    );
                 }
                 if let Some(cursor) = self.cursors.get_mut(&p.conversation) {
                     cursor.see(seq);
@@ -612,9 +767,23 @@ impl User {
                     },
                 );
             }
-            ServerFrame::Msg { client_msg_id, conversation_id, seq, sender_id, body, via, .. } => {
+            ServerFrame::Msg {
+                client_msg_id,
+                conversation_id,
+                seq,
+                sender_id,
+                body,
+                via,
+                ..
+            } => {
                 let Some(c) = self.shared.conversation_index(&conversation_id) else {
-                    self.record(Kind::Info, Value::ServerError { code: "unknown_conversation".into(), message: conversation_id });
+                    self.record(
+                        Kind::Info,
+                        Value::ServerError {
+                            code: "unknown_conversation".into(),
+                            message: conversation_id,
+                        },
+                    );
                     return Ok(());
                 };
                 let via = match via {
@@ -647,10 +816,20 @@ impl User {
                 }
                 self.record(
                     Kind::Ok,
-                    Value::Deliver { c, s: seq, m: client_msg_id, from: Self::sender_index(&sender_id), via },
+                    Value::Deliver {
+                        c,
+                        s: seq,
+                        m: client_msg_id,
+                        from: Self::sender_index(&sender_id),
+                        via,
+                    },
                 );
             }
-            ServerFrame::SyncDone { conversation_id, last_seq, more } => {
+            ServerFrame::SyncDone {
+                conversation_id,
+                last_seq,
+                more,
+            } => {
                 let Some(c) = self.shared.conversation_index(&conversation_id) else {
                     return Ok(());
                 };
@@ -664,52 +843,129 @@ impl User {
                     // Keep paging from where this page ended.
                     cursor.syncing = Some((last_seq, started, n));
                     let conversation_id = conversation_id.clone();
-                    Self::write(ws, &ClientFrame::Sync { conversation_id, after_seq: last_seq, limit: None }).await?;
+                    Self::write(
+                        ws,
+                        &ClientFrame::Sync {
+                            conversation_id,
+                            after_seq: last_seq,
+                            limit: None,
+                        },
+                    )
+                    .await?;
                     return Ok(());
                 }
                 self.shared.record_latency(names::SYNC, now - started, now);
-                self.record(Kind::Ok, Value::Sync { c, after, last: Some(last_seq), n: Some(n), err: None });
+                self.record(
+                    Kind::Ok,
+                    Value::Sync {
+                        c,
+                        after,
+                        last: Some(last_seq),
+                        n: Some(n),
+                        err: None,
+                    },
+                );
                 if let Some(since) = self.resync_since {
                     if self.cursors.values().all(|k| k.syncing.is_none()) {
-                        self.shared.record_latency(names::RECONNECT_RESYNC, now - since, now);
+                        self.shared
+                            .record_latency(names::RECONNECT_RESYNC, now - since, now);
                         self.resync_since = None;
                     }
                 }
             }
-            ServerFrame::StreamStarted { session_id, conversation_id, .. } => {
+            ServerFrame::StreamStarted {
+                session_id,
+                conversation_id,
+                ..
+            } => {
                 let c = self.shared.conversation_index(&conversation_id);
-                let pos = self.stream_requests.iter().position(|(rc, _)| Some(*rc) == c);
+                let pos = self
+                    .stream_requests
+                    .iter()
+                    .position(|(rc, _)| Some(*rc) == c);
                 if let Some((c, due)) = pos.and_then(|i| self.stream_requests.remove(i)) {
                     counters.streams_started.fetch_add(1, Ordering::Relaxed);
-                    self.record(Kind::Ok, Value::Stream { c, due: None, session: Some(session_id.clone()), http: false, err: None });
-                    self.streams.insert(session_id, StreamFollow { due, last_index: -1, last_chunk_at: None });
+                    self.record(
+                        Kind::Ok,
+                        Value::Stream {
+                            c,
+                            due: None,
+                            session: Some(session_id.clone()),
+                            http: false,
+                            err: None,
+                        },
+                    );
+                    self.streams.insert(
+                        session_id,
+                        StreamFollow {
+                            due,
+                            last_index: -1,
+                            last_chunk_at: None,
+                        },
+                    );
                 }
             }
-            ServerFrame::Chunk { session_id, index, .. } => {
+            ServerFrame::Chunk {
+                session_id, index, ..
+            } => {
                 counters.chunks.fetch_add(1, Ordering::Relaxed);
                 if let Some(f) = self.streams.get_mut(&session_id) {
                     match f.last_chunk_at {
-                        None => self.shared.record_latency(names::STREAM_FIRST_CHUNK, now.saturating_duration_since(f.due), f.due),
-                        Some(prev) => self.shared.record_latency(names::STREAM_CHUNK_GAP, now - prev, f.due),
+                        None => self.shared.record_latency(
+                            names::STREAM_FIRST_CHUNK,
+                            now.saturating_duration_since(f.due),
+                            f.due,
+                        ),
+                        Some(prev) => {
+                            self.shared
+                                .record_latency(names::STREAM_CHUNK_GAP, now - prev, f.due)
+                        }
                     }
                     f.last_chunk_at = Some(now);
                     f.last_index = f.last_index.max(index);
                 }
-                self.record(Kind::Ok, Value::Chunk { session: session_id, idx: index });
+                self.record(
+                    Kind::Ok,
+                    Value::Chunk {
+                        session: session_id,
+                        idx: index,
+                    },
+                );
             }
-            ServerFrame::StreamEnd { session_id, outcome, total_chunks, .. } => {
+            ServerFrame::StreamEnd {
+                session_id,
+                outcome,
+                total_chunks,
+                ..
+            } => {
                 match outcome {
-                    StreamOutcome::Completed => counters.streams_completed.fetch_add(1, Ordering::Relaxed),
-                    StreamOutcome::Failed => counters.streams_failed.fetch_add(1, Ordering::Relaxed),
+                    StreamOutcome::Completed => {
+                        counters.streams_completed.fetch_add(1, Ordering::Relaxed)
+                    }
+                    StreamOutcome::Failed => {
+                        counters.streams_failed.fetch_add(1, Ordering::Relaxed)
+                    }
                 };
                 self.streams.remove(&session_id);
                 let outcome = match outcome {
                     StreamOutcome::Completed => "completed",
                     StreamOutcome::Failed => "failed",
                 };
-                self.record(Kind::Ok, Value::StreamEnd { session: session_id, outcome: outcome.into(), total: total_chunks });
+                self.record(
+                    Kind::Ok,
+                    Value::StreamEnd {
+                        session: session_id,
+                        outcome: outcome.into(),
+                        total: total_chunks,
+                    },
+                );
             }
-            ServerFrame::Error { code, message, ref_id, .. } => {
+            ServerFrame::Error {
+                code,
+                message,
+                ref_id,
+                ..
+            } => {
                 counters.server_errors.fetch_add(1, Ordering::Relaxed);
                 let code_name = serde_json::to_value(code)
                     .ok()
@@ -740,11 +996,26 @@ impl User {
                     }
                     if matches!(code, ErrorCode::Unavailable | ErrorCode::NotMember) {
                         if let Some((c, _)) = self.stream_requests.pop_front() {
-                            self.record(Kind::Fail, Value::Stream { c, due: None, session: None, http: false, err: Some(format!("{code_name}: {message}")) });
+                            self.record(
+                                Kind::Fail,
+                                Value::Stream {
+                                    c,
+                                    due: None,
+                                    session: None,
+                                    http: false,
+                                    err: Some(format!("{code_name}: {message}")),
+                                },
+                            );
                             return Ok(());
                         }
                     }
-                    self.record(Kind::Info, Value::ServerError { code: code_name, message });
+                    self.record(
+                        Kind::Info,
+                        Value::ServerError {
+                            code: code_name,
+                            message,
+                        },
+                    );
                 }
             }
             ServerFrame::Hello { .. }

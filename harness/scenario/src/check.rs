@@ -78,7 +78,12 @@ pub enum DuplicatePath {
 }
 
 fn every_duplicate_path() -> Vec<DuplicatePath> {
-    vec![DuplicatePath::Live, DuplicatePath::Sync, DuplicatePath::Kafka, DuplicatePath::Audit]
+    vec![
+        DuplicatePath::Live,
+        DuplicatePath::Sync,
+        DuplicatePath::Kafka,
+        DuplicatePath::Audit,
+    ]
 }
 
 /// A projection the workers build from Kafka.

@@ -91,7 +91,9 @@ impl TryFrom<DistributionFields> for Distribution {
                 weighted: None,
                 lognormal: Some(LognormalShape { median, sigma, max }),
             } => Ok(Distribution::Lognormal { median, sigma, max }),
-            _ => Err(format!("a distribution needs exactly one form; expected {DISTRIBUTION_FORMS}")),
+            _ => Err(format!(
+                "a distribution needs exactly one form; expected {DISTRIBUTION_FORMS}"
+            )),
         }
     }
 }
@@ -108,7 +110,9 @@ impl From<Distribution> for DistributionFields {
             Distribution::Fixed(value) => fields.fixed = Some(value),
             Distribution::Uniform { min, max } => fields.uniform = Some(UniformBounds { min, max }),
             Distribution::Weighted(entries) => fields.weighted = Some(entries),
-            Distribution::Lognormal { median, sigma, max } => fields.lognormal = Some(LognormalShape { median, sigma, max }),
+            Distribution::Lognormal { median, sigma, max } => {
+                fields.lognormal = Some(LognormalShape { median, sigma, max })
+            }
         }
         fields
     }
@@ -120,7 +124,9 @@ impl Distribution {
         match self {
             Distribution::Fixed(value) => *value,
             Distribution::Uniform { min, .. } => *min,
-            Distribution::Weighted(entries) => entries.iter().map(|entry| entry.value).min().unwrap_or(0),
+            Distribution::Weighted(entries) => {
+                entries.iter().map(|entry| entry.value).min().unwrap_or(0)
+            }
             Distribution::Lognormal { .. } => 1,
         }
     }
@@ -130,7 +136,9 @@ impl Distribution {
         match self {
             Distribution::Fixed(value) => *value,
             Distribution::Uniform { max, .. } => *max,
-            Distribution::Weighted(entries) => entries.iter().map(|entry| entry.value).max().unwrap_or(0),
+            Distribution::Weighted(entries) => {
+                entries.iter().map(|entry| entry.value).max().unwrap_or(0)
+            }
             Distribution::Lognormal { max, .. } => (*max).max(1),
         }
     }
@@ -138,7 +146,11 @@ impl Distribution {
     /// Maps `unit`, a uniform draw in `[0, 1)`, to a value of the distribution (inverse
     /// transform sampling). Out-of-range draws are clamped into `[0, 1)`.
     pub fn sample(&self, unit: f64) -> u64 {
-        let unit = if unit.is_nan() { 0.0 } else { unit.clamp(0.0, 1.0 - f64::EPSILON) };
+        let unit = if unit.is_nan() {
+            0.0
+        } else {
+            unit.clamp(0.0, 1.0 - f64::EPSILON)
+        };
         match self {
             Distribution::Fixed(value) => *value,
             Distribution::Uniform { min, max } => {
@@ -163,7 +175,11 @@ impl Distribution {
 
 fn sample_weighted(entries: &[WeightedValue], unit: f64) -> u64 {
     let usable = |entry: &&WeightedValue| entry.weight.is_finite() && entry.weight > 0.0;
-    let total: f64 = entries.iter().filter(usable).map(|entry| entry.weight).sum();
+    let total: f64 = entries
+        .iter()
+        .filter(usable)
+        .map(|entry| entry.weight)
+        .sum();
     let mut remaining = unit * total;
     let mut last = 0;
     for entry in entries.iter().filter(usable) {
@@ -237,7 +253,13 @@ mod tests {
     use super::*;
 
     fn draws() -> impl Iterator<Item = f64> {
-        (0..10_000).map(|i| f64::from(i) / 10_000.0).chain([0.0, 0.999_999_999_9, 1.0, -1.0, f64::NAN])
+        (0..10_000).map(|i| f64::from(i) / 10_000.0).chain([
+            0.0,
+            0.999_999_999_9,
+            1.0,
+            -1.0,
+            f64::NAN,
+        ])
     }
 
     #[test]
@@ -247,8 +269,14 @@ mod tests {
             Distribution::Uniform { min: 2, max: 8 },
             Distribution::Uniform { min: 5, max: 5 },
             Distribution::Weighted(vec![
-                WeightedValue { value: 2, weight: 3.0 },
-                WeightedValue { value: 50, weight: 1.0 },
+                WeightedValue {
+                    value: 2,
+                    weight: 3.0,
+                },
+                WeightedValue {
+                    value: 50,
+                    weight: 1.0,
+                },
             ]),
             Distribution::Lognormal {
                 median: 200,
@@ -280,10 +308,18 @@ mod tests {
     #[test]
     fn weighted_follows_the_weights() {
         let weighted = Distribution::Weighted(vec![
-            WeightedValue { value: 2, weight: 3.0 },
-            WeightedValue { value: 50, weight: 1.0 },
+            WeightedValue {
+                value: 2,
+                weight: 3.0,
+            },
+            WeightedValue {
+                value: 50,
+                weight: 1.0,
+            },
         ]);
-        let twos = (0..4000).filter(|i| weighted.sample(f64::from(*i) / 4000.0) == 2).count();
+        let twos = (0..4000)
+            .filter(|i| weighted.sample(f64::from(*i) / 4000.0) == 2)
+            .count();
         assert_eq!(twos, 3000);
     }
 
@@ -291,10 +327,16 @@ mod tests {
     fn parses_and_writes_the_one_key_mapping_form() {
         for (text, distribution) in [
             ("fixed: 200\n", Distribution::Fixed(200)),
-            ("uniform:\n  min: 2\n  max: 8\n", Distribution::Uniform { min: 2, max: 8 }),
+            (
+                "uniform:\n  min: 2\n  max: 8\n",
+                Distribution::Uniform { min: 2, max: 8 },
+            ),
             (
                 "weighted:\n- value: 2\n  weight: 3.0\n",
-                Distribution::Weighted(vec![WeightedValue { value: 2, weight: 3.0 }]),
+                Distribution::Weighted(vec![WeightedValue {
+                    value: 2,
+                    weight: 3.0,
+                }]),
             ),
             (
                 "lognormal:\n  median: 200\n  sigma: 1.5\n  max: 4096\n",
@@ -305,11 +347,23 @@ mod tests {
                 },
             ),
         ] {
-            assert_eq!(serde_yaml::from_str::<Distribution>(text).unwrap(), distribution);
+            assert_eq!(
+                serde_yaml::from_str::<Distribution>(text).unwrap(),
+                distribution
+            );
             assert_eq!(serde_yaml::to_string(&distribution).unwrap(), text);
         }
-        for text in ["{}", "{fixed: 1, uniform: {min: 1, max: 2}}", "{normal: 3}", "{uniform: {min: 1}}", "7"] {
-            assert!(serde_yaml::from_str::<Distribution>(text).is_err(), "{text}");
+        for text in [
+            "{}",
+            "{fixed: 1, uniform: {min: 1, max: 2}}",
+            "{normal: 3}",
+            "{uniform: {min: 1}}",
+            "7",
+        ] {
+            assert!(
+                serde_yaml::from_str::<Distribution>(text).is_err(),
+                "{text}"
+            );
         }
     }
 

@@ -6,7 +6,8 @@ use std::fmt;
 use std::time::Duration;
 
 /// The form every duration error names, so messages and REFERENCE.md agree.
-pub const EXPECTED_FORM: &str = "a duration like \"500ms\", \"30s\", \"3m\" or \"1h\" (units: ns, us, ms, s, m, h)";
+pub const EXPECTED_FORM: &str =
+    "a duration like \"500ms\", \"30s\", \"3m\" or \"1h\" (units: ns, us, ms, s, m, h)";
 
 const NANOS_PER_UNIT: [(&str, u128); 6] = [
     ("ns", 1),
@@ -56,13 +57,17 @@ pub fn parse_duration(text: &str) -> Result<Duration, DurationError> {
             return Err(fail(&format!("unknown unit `{unit}`")));
         };
         total_nanos = total_nanos
-            .checked_add(segment_nanos(number, unit_nanos).ok_or_else(|| fail("the number is malformed or too large"))?)
+            .checked_add(
+                segment_nanos(number, unit_nanos)
+                    .ok_or_else(|| fail("the number is malformed or too large"))?,
+            )
             .ok_or_else(|| fail("it is too large"))?;
         rest = after_unit;
     }
     let secs = u64::try_from(total_nanos / 1_000_000_000).map_err(|_| fail("it is too large"))?;
     // The remainder of a division by 10^9 always fits in u32.
-    let sub_nanos = u32::try_from(total_nanos % 1_000_000_000).map_err(|_| fail("it is too large"))?;
+    let sub_nanos =
+        u32::try_from(total_nanos % 1_000_000_000).map_err(|_| fail("it is too large"))?;
     Ok(Duration::new(secs, sub_nanos))
 }
 
@@ -76,7 +81,11 @@ fn segment_nanos(number: &str, unit_nanos: u128) -> Option<u128> {
     if (whole.is_empty() && fraction.is_empty()) || fraction.contains('.') {
         return None;
     }
-    let whole_value: u128 = if whole.is_empty() { 0 } else { whole.parse().ok()? };
+    let whole_value: u128 = if whole.is_empty() {
+        0
+    } else {
+        whole.parse().ok()?
+    };
     let mut nanos = whole_value.checked_mul(unit_nanos)?;
     if !fraction.is_empty() {
         // Digits past nanosecond precision of the unit cannot matter; keep 18 at most.
@@ -99,7 +108,11 @@ pub fn format_duration(duration: Duration) -> String {
     if duration.subsec_nanos() == 0 {
         let seconds = duration.as_secs();
         let mut text = String::new();
-        for (unit, amount) in [("h", seconds / 3600), ("m", seconds % 3600 / 60), ("s", seconds % 60)] {
+        for (unit, amount) in [
+            ("h", seconds / 3600),
+            ("m", seconds % 3600 / 60),
+            ("s", seconds % 60),
+        ] {
             if amount > 0 {
                 text.push_str(&format!("{amount}{unit}"));
             }
@@ -137,11 +150,16 @@ impl serde::de::Visitor<'_> for DurationVisitor {
     }
 }
 
-pub fn serialize<S: serde::Serializer>(duration: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
+pub fn serialize<S: serde::Serializer>(
+    duration: &Duration,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
     serializer.serialize_str(&format_duration(*duration))
 }
 
-pub fn deserialize<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+pub fn deserialize<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Duration, D::Error> {
     deserializer.deserialize_str(DurationVisitor)
 }
 
@@ -169,19 +187,27 @@ pub mod option {
             Ok(None)
         }
 
-        fn visit_some<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        fn visit_some<D: serde::Deserializer<'de>>(
+            self,
+            deserializer: D,
+        ) -> Result<Self::Value, D::Error> {
             deserializer.deserialize_str(DurationVisitor).map(Some)
         }
     }
 
-    pub fn serialize<S: serde::Serializer>(duration: &Option<Duration>, serializer: S) -> Result<S::Ok, S::Error> {
+    pub fn serialize<S: serde::Serializer>(
+        duration: &Option<Duration>,
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
         match duration {
             Some(duration) => super::serialize(duration, serializer),
             None => serializer.serialize_none(),
         }
     }
 
-    pub fn deserialize<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<Duration>, D::Error> {
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Option<Duration>, D::Error> {
         deserializer.deserialize_option(OptionVisitor)
     }
 }

@@ -40,7 +40,11 @@ pub struct Problem {
 }
 
 impl Problem {
-    pub fn new(path: impl Into<String>, message: impl Into<String>, expected: impl Into<String>) -> Self {
+    pub fn new(
+        path: impl Into<String>,
+        message: impl Into<String>,
+        expected: impl Into<String>,
+    ) -> Self {
         Problem {
             path: path.into(),
             message: message.into(),
@@ -51,17 +55,27 @@ impl Problem {
 
 impl fmt::Display for Problem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}; expected {}", self.path, self.message, self.expected)
+        write!(
+            f,
+            "{}: {}; expected {}",
+            self.path, self.message, self.expected
+        )
     }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum ScenarioError {
     #[error("cannot read scenario {}: {source}", path.display())]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     /// Every problem found, in the order they appear in the file.
     #[error("{}", render_diagnostics(file, diagnostics))]
-    Invalid { file: String, diagnostics: Vec<Diagnostic> },
+    Invalid {
+        file: String,
+        diagnostics: Vec<Diagnostic>,
+    },
 }
 
 fn render_diagnostics(file: &str, diagnostics: &[Diagnostic]) -> String {

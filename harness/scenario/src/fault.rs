@@ -218,13 +218,19 @@ impl FaultKind {
 
     /// Whether the fault acts on the worker processes.
     pub fn targets_workers(self) -> bool {
-        matches!(self, FaultKind::KillWorkers | FaultKind::TermWorkers | FaultKind::PauseWorkers)
+        matches!(
+            self,
+            FaultKind::KillWorkers | FaultKind::TermWorkers | FaultKind::PauseWorkers
+        )
     }
 
     fn describe_keys(self) -> String {
         let keys = self.action_keys();
         if keys.is_empty() {
-            format!("for kind `{}`, only the timing keys `at`, `duration`, `repeat`, `random`", self.name())
+            format!(
+                "for kind `{}`, only the timing keys `at`, `duration`, `repeat`, `random`",
+                self.name()
+            )
         } else {
             let listed: Vec<String> = keys.iter().map(|key| format!("`{key}`")).collect();
             format!(
@@ -271,14 +277,24 @@ impl Fault {
         let length = self.duration.unwrap_or(Duration::ZERO);
         let starts: Vec<Duration> = if let Some(repeat) = &self.repeat {
             (0..repeat.count)
-                .map(|occurrence| self.at.saturating_add(repeat.every.checked_mul(occurrence).unwrap_or(Duration::MAX)))
+                .map(|occurrence| {
+                    self.at.saturating_add(
+                        repeat
+                            .every
+                            .checked_mul(occurrence)
+                            .unwrap_or(Duration::MAX),
+                    )
+                })
                 .collect()
         } else if let Some(random) = &self.random {
             random_starts(self.at, random, length, seed, index)
         } else {
             vec![self.at]
         };
-        starts.into_iter().map(|start| (start, start.saturating_add(length))).collect()
+        starts
+            .into_iter()
+            .map(|start| (start, start.saturating_add(length)))
+            .collect()
     }
 
     /// The latest time any occurrence can end, whatever the seed.
@@ -298,7 +314,13 @@ impl Fault {
     }
 }
 
-fn random_starts(at: Duration, random: &RandomTimes, length: Duration, seed: u64, index: usize) -> Vec<Duration> {
+fn random_starts(
+    at: Duration,
+    random: &RandomTimes,
+    length: Duration,
+    seed: u64,
+    index: usize,
+) -> Vec<Duration> {
     if random.count == 0 {
         return Vec::new();
     }
@@ -307,7 +329,8 @@ fn random_starts(at: Duration, random: &RandomTimes, length: Duration, seed: u64
     let slack_nanos = u64::try_from(slice.saturating_sub(length).as_nanos()).unwrap_or(u64::MAX);
     (0..random.count)
         .map(|occurrence| {
-            let slice_start = at.saturating_add(slice.checked_mul(occurrence).unwrap_or(Duration::MAX));
+            let slice_start =
+                at.saturating_add(slice.checked_mul(occurrence).unwrap_or(Duration::MAX));
             slice_start.saturating_add(Duration::from_nanos(generator.up_to(slack_nanos)))
         })
         .collect()
@@ -319,7 +342,11 @@ fn random_starts(at: Duration, random: &RandomTimes, length: Duration, seed: u64
 struct FaultFields {
     #[serde(with = "crate::duration")]
     at: Duration,
-    #[serde(default, with = "crate::duration::option", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        with = "crate::duration::option",
+        skip_serializing_if = "Option::is_none"
+    )]
     duration: Option<Duration>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     repeat: Option<Repeat>,
@@ -372,7 +399,8 @@ impl TryFrom<FaultFields> for Fault {
                 kind.describe_keys()
             ));
         }
-        let required = |key: &str| format!("missing field `{key}`; expected {}", kind.describe_keys());
+        let required =
+            |key: &str| format!("missing field `{key}`; expected {}", kind.describe_keys());
         let action = match kind {
             FaultKind::KillNode => FaultAction::KillNode {
                 node: fields.node.ok_or_else(|| required("node"))?,
@@ -440,15 +468,21 @@ impl From<Fault> for FaultFields {
             toxic: None,
         };
         match fault.action {
-            FaultAction::KillNode { node } | FaultAction::TermNode { node } | FaultAction::PauseNode { node } => {
+            FaultAction::KillNode { node }
+            | FaultAction::TermNode { node }
+            | FaultAction::PauseNode { node } => {
                 fields.node = Some(node);
             }
-            FaultAction::KillBroker { broker } | FaultAction::IsolateBroker { broker } => fields.broker = Some(broker),
+            FaultAction::KillBroker { broker } | FaultAction::IsolateBroker { broker } => {
+                fields.broker = Some(broker)
+            }
             FaultAction::PartitionOneWay { from, to } => {
                 fields.from = Some(from);
                 fields.to = Some(to);
             }
-            FaultAction::RedisDown { mode } | FaultAction::PostgresDown { mode } => fields.mode = Some(mode),
+            FaultAction::RedisDown { mode } | FaultAction::PostgresDown { mode } => {
+                fields.mode = Some(mode)
+            }
             FaultAction::Toxic {
                 link,
                 stream,
@@ -507,30 +541,55 @@ mod tests {
 
     #[test]
     fn keys_of_another_kind_and_missing_keys_are_rejected() {
-        let misplaced = serde_yaml::from_str::<Fault>("{ at: 1s, kind: cut_kafka, node: 2 }").unwrap_err();
-        assert!(misplaced.to_string().contains("unknown field `node` for kind `cut_kafka`"), "{misplaced}");
+        let misplaced =
+            serde_yaml::from_str::<Fault>("{ at: 1s, kind: cut_kafka, node: 2 }").unwrap_err();
+        assert!(
+            misplaced
+                .to_string()
+                .contains("unknown field `node` for kind `cut_kafka`"),
+            "{misplaced}"
+        );
         let missing = serde_yaml::from_str::<Fault>("{ at: 1s, kind: kill_broker }").unwrap_err();
-        assert!(missing.to_string().contains("missing field `broker`"), "{missing}");
-        let unknown = serde_yaml::from_str::<Fault>("{ at: 1s, kind: cut_kafka, nodes: 2 }").unwrap_err();
-        assert!(unknown.to_string().contains("unknown field `nodes`"), "{unknown}");
-        let bad_toxic =
-            serde_yaml::from_str::<Fault>("{ at: 1s, kind: toxic, link: redis, toxic: { type: latency, latency: 3 } }").unwrap_err();
-        assert!(bad_toxic.to_string().contains("unknown field `latency`"), "{bad_toxic}");
+        assert!(
+            missing.to_string().contains("missing field `broker`"),
+            "{missing}"
+        );
+        let unknown =
+            serde_yaml::from_str::<Fault>("{ at: 1s, kind: cut_kafka, nodes: 2 }").unwrap_err();
+        assert!(
+            unknown.to_string().contains("unknown field `nodes`"),
+            "{unknown}"
+        );
+        let bad_toxic = serde_yaml::from_str::<Fault>(
+            "{ at: 1s, kind: toxic, link: redis, toxic: { type: latency, latency: 3 } }",
+        )
+        .unwrap_err();
+        assert!(
+            bad_toxic.to_string().contains("unknown field `latency`"),
+            "{bad_toxic}"
+        );
     }
 
     #[test]
     fn repeat_windows_are_evenly_spaced() {
-        let repeated = fault("{ at: 10s, duration: 5s, repeat: { every: 30s, count: 3 }, kind: cut_kafka }");
+        let repeated =
+            fault("{ at: 10s, duration: 5s, repeat: { every: 30s, count: 3 }, kind: cut_kafka }");
         assert_eq!(
             repeated.windows(1, 0),
-            vec![(secs(10), secs(15)), (secs(40), secs(45)), (secs(70), secs(75))]
+            vec![
+                (secs(10), secs(15)),
+                (secs(40), secs(45)),
+                (secs(70), secs(75))
+            ]
         );
         assert_eq!(repeated.latest_end(), secs(75));
     }
 
     #[test]
     fn random_windows_are_deterministic_ordered_and_inside_their_span() {
-        let random = fault("{ at: 1m, duration: 10s, random: { count: 4, within: 4m }, kind: pause_workers }");
+        let random = fault(
+            "{ at: 1m, duration: 10s, random: { count: 4, within: 4m }, kind: pause_workers }",
+        );
         let first = random.windows(7, 3);
         assert_eq!(first, random.windows(7, 3));
         assert_ne!(first, random.windows(8, 3));
@@ -538,7 +597,10 @@ mod tests {
         assert_eq!(first.len(), 4);
         for (slice, (start, end)) in first.iter().enumerate() {
             let slice_start = secs(60) + secs(60) * slice as u32;
-            assert!(*start >= slice_start && *end <= slice_start + secs(60), "{first:?}");
+            assert!(
+                *start >= slice_start && *end <= slice_start + secs(60),
+                "{first:?}"
+            );
             assert_eq!(*end - *start, secs(10));
         }
         assert!(first.windows(2).all(|pair| pair[0].1 <= pair[1].0));

@@ -16,10 +16,12 @@ use std::time::Duration;
 
 use crate::duration::parse_duration;
 
-pub const GATE_FORM: &str = "`<metric> <op> <threshold> [scope]`, e.g. `p99(delivery) < 100ms outside faults`";
+pub const GATE_FORM: &str =
+    "`<metric> <op> <threshold> [scope]`, e.g. `p99(delivery) < 100ms outside faults`";
 const METRIC_FORM: &str = "`p<N>(<name>)`, `max(<name>)`, `mean(<name>)`, `lag(<group>)`, `rate(<name>)` or a counter such as `lost`";
 const OP_FORM: &str = "one of `<`, `<=`, `>`, `>=`, `==`";
-const THRESHOLD_FORM: &str = "a number, a number with a unit (`100ms`, `2s`) or a percentage (`0.1%`)";
+const THRESHOLD_FORM: &str =
+    "a number, a number with a unit (`100ms`, `2s`) or a percentage (`0.1%`)";
 const SCOPE_FORM: &str = "nothing, `outside faults` or `within <duration> after faults`";
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -223,15 +225,19 @@ const FUNCTIONS: [&str; 4] = ["max", "mean", "lag", "rate"];
 
 /// `p99`, `p99.9`, `p50` → the percentile, if `word` has that shape.
 fn percentile_label(word: &str) -> Option<&str> {
-    word.strip_prefix('p')
-        .filter(|digits| !digits.is_empty() && digits.chars().all(|c| c.is_ascii_digit() || c == '.'))
+    word.strip_prefix('p').filter(|digits| {
+        !digits.is_empty() && digits.chars().all(|c| c.is_ascii_digit() || c == '.')
+    })
 }
 
 fn parse_metric(cursor: &mut Cursor) -> Result<MetricRef, GateError> {
     cursor.skip_space();
     let word = cursor.take_while(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.');
     if word.is_empty() {
-        return reject(format!("expected a metric, found {}", cursor.shown_rest()), METRIC_FORM);
+        return reject(
+            format!("expected a metric, found {}", cursor.shown_rest()),
+            METRIC_FORM,
+        );
     }
     cursor.skip_space();
     if !cursor.eat("(") {
@@ -241,7 +247,8 @@ fn parse_metric(cursor: &mut Cursor) -> Result<MetricRef, GateError> {
                 format!("`{word}(<name>)`, e.g. `{word}(delivery)`"),
             );
         }
-        let is_identifier = word.starts_with(|c: char| c.is_ascii_alphabetic()) && !word.contains('.');
+        let is_identifier =
+            word.starts_with(|c: char| c.is_ascii_alphabetic()) && !word.contains('.');
         if !is_identifier {
             return reject(format!("`{word}` is not a metric"), METRIC_FORM);
         }
@@ -251,10 +258,16 @@ fn parse_metric(cursor: &mut Cursor) -> Result<MetricRef, GateError> {
     let name = cursor.take_while(is_name_char);
     cursor.skip_space();
     if name.is_empty() {
-        return reject(format!("`{word}(` needs a metric name"), format!("`{word}(<name>)`"));
+        return reject(
+            format!("`{word}(` needs a metric name"),
+            format!("`{word}(<name>)`"),
+        );
     }
     if !cursor.eat(")") {
-        return reject(format!("`{word}({name}` is missing its closing `)`"), format!("`{word}({name})`"));
+        return reject(
+            format!("`{word}({name}` is missing its closing `)`"),
+            format!("`{word}({name})`"),
+        );
     }
     let name = name.to_string();
     match word {
@@ -288,7 +301,13 @@ fn parse_op(cursor: &mut Cursor) -> Result<CmpOp, GateError> {
             return Ok(op);
         }
     }
-    reject(format!("expected a comparison after the metric, found {}", cursor.shown_rest()), OP_FORM)
+    reject(
+        format!(
+            "expected a comparison after the metric, found {}",
+            cursor.shown_rest()
+        ),
+        OP_FORM,
+    )
 }
 
 fn parse_threshold(cursor: &mut Cursor, op: CmpOp) -> Result<Threshold, GateError> {
@@ -296,7 +315,11 @@ fn parse_threshold(cursor: &mut Cursor, op: CmpOp) -> Result<Threshold, GateErro
     let number = cursor.take_while(|c| c.is_ascii_digit() || c == '.');
     if number.is_empty() {
         return reject(
-            format!("expected a threshold after `{}`, found {}", op.symbol(), cursor.shown_rest()),
+            format!(
+                "expected a threshold after `{}`, found {}",
+                op.symbol(),
+                cursor.shown_rest()
+            ),
             format!("{THRESHOLD_FORM}, not negative"),
         );
     }
@@ -307,10 +330,16 @@ fn parse_threshold(cursor: &mut Cursor, op: CmpOp) -> Result<Threshold, GateErro
     match unit {
         "" => Ok(Threshold::Number(value)),
         "%" if value <= 100.0 => Ok(Threshold::Percent(value)),
-        "%" => reject(format!("`{number}%` is more than 100%"), "a percentage in 0..=100"),
+        "%" => reject(
+            format!("`{number}%` is more than 100%"),
+            "a percentage in 0..=100",
+        ),
         _ => match parse_duration(&format!("{number}{unit}")) {
             Ok(duration) => Ok(Threshold::Duration(duration)),
-            Err(_) => reject(format!("unknown unit `{unit}` in `{number}{unit}`"), "a unit among ns, us, ms, s, m, h, or `%`"),
+            Err(_) => reject(
+                format!("unknown unit `{unit}` in `{number}{unit}`"),
+                "a unit among ns, us, ms, s, m, h, or `%`",
+            ),
         },
     }
 }
@@ -322,10 +351,19 @@ fn parse_scope(cursor: &mut Cursor) -> Result<GateScope, GateError> {
         ["outside", "faults"] => Ok(GateScope::OutsideFaults),
         ["within", length, "after", "faults"] => match parse_duration(length) {
             Ok(duration) if !duration.is_zero() => Ok(GateScope::WithinAfterFaults(duration)),
-            Ok(_) => reject("`within 0s after faults` covers no time", "a positive duration like `30s`"),
-            Err(_) => reject(format!("`{length}` is not a duration"), "`within <duration> after faults`, e.g. `within 30s after faults`"),
+            Ok(_) => reject(
+                "`within 0s after faults` covers no time",
+                "a positive duration like `30s`",
+            ),
+            Err(_) => reject(
+                format!("`{length}` is not a duration"),
+                "`within <duration> after faults`, e.g. `within 30s after faults`",
+            ),
         },
-        _ => reject(format!("unexpected {} after the threshold", cursor.shown_rest()), SCOPE_FORM),
+        _ => reject(
+            format!("unexpected {} after the threshold", cursor.shown_rest()),
+            SCOPE_FORM,
+        ),
     }
 }
 
@@ -339,16 +377,30 @@ fn check_threshold_fits(metric: &MetricRef, threshold: &Threshold) -> Result<(),
     match (metric, threshold) {
         (_, Threshold::Duration(_)) if latency_statistic.is_some() => Ok(()),
         (_, Threshold::Percent(_)) if latency_statistic.is_some() => reject(
-            format!("{} of a latency compares with a duration, not a percentage", latency_statistic.unwrap_or_default()),
+            format!(
+                "{} of a latency compares with a duration, not a percentage",
+                latency_statistic.unwrap_or_default()
+            ),
             "a duration like `100ms`",
         ),
         (_, Threshold::Number(_)) if latency_statistic.is_some() => reject(
-            format!("{} of a latency needs a unit on its threshold", latency_statistic.unwrap_or_default()),
+            format!(
+                "{} of a latency needs a unit on its threshold",
+                latency_statistic.unwrap_or_default()
+            ),
             "a duration like `100ms`",
         ),
-        (MetricRef::Lag(_), Threshold::Number(_)) | (MetricRef::Rate(_), Threshold::Number(_)) => Ok(()),
-        (MetricRef::Lag(_), _) => reject("consumer lag is counted in messages", "a plain number like `1000`"),
-        (MetricRef::Rate(_), _) => reject("a rate is a plain number per second", "a plain number like `900`"),
+        (MetricRef::Lag(_), Threshold::Number(_)) | (MetricRef::Rate(_), Threshold::Number(_)) => {
+            Ok(())
+        }
+        (MetricRef::Lag(_), _) => reject(
+            "consumer lag is counted in messages",
+            "a plain number like `1000`",
+        ),
+        (MetricRef::Rate(_), _) => reject(
+            "a rate is a plain number per second",
+            "a plain number like `900`",
+        ),
         (MetricRef::Counter(name), Threshold::Duration(_)) => reject(
             format!("`{name}` is a counter, so a duration threshold does not apply"),
             "a plain number like `0`, or a percentage like `0.1%`",
@@ -465,19 +517,47 @@ mod tests {
             ("lost < 5s", "a counter, so a duration", "a plain number"),
             ("lag(audit) < 5s", "counted in messages", "plain number"),
             ("rate(delivered) > 5%", "per second", "plain number"),
-            ("p99(delivery) < 100ms always", "unexpected `always`", "outside faults"),
-            ("p99(delivery) < 100ms within 30s", "unexpected", "after faults"),
-            ("p99(delivery) < 100ms within soon after faults", "`soon` is not a duration", "within <duration>"),
+            (
+                "p99(delivery) < 100ms always",
+                "unexpected `always`",
+                "outside faults",
+            ),
+            (
+                "p99(delivery) < 100ms within 30s",
+                "unexpected",
+                "after faults",
+            ),
+            (
+                "p99(delivery) < 100ms within soon after faults",
+                "`soon` is not a duration",
+                "within <duration>",
+            ),
             ("p99(delivery) = 100ms", "expected a comparison", "`<=`"),
-            ("p99(delivery) < -5ms", "expected a threshold after `<`", "not negative"),
+            (
+                "p99(delivery) < -5ms",
+                "expected a threshold after `<`",
+                "not negative",
+            ),
             ("p99(delivery) < 100 ms", "needs a unit", "a duration"),
             ("p99(delivery) < 100ks", "unknown unit `ks`", "ms"),
             ("p0(delivery) < 1ms", "not a percentile", "p99"),
             ("p101(delivery) < 1ms", "not a percentile", "p99"),
-            ("p99 < 100ms", "needs the metric it applies to", "`p99(<name>)`"),
-            ("p99(delivery < 100ms", "missing its closing", "`p99(delivery)`"),
+            (
+                "p99 < 100ms",
+                "needs the metric it applies to",
+                "`p99(<name>)`",
+            ),
+            (
+                "p99(delivery < 100ms",
+                "missing its closing",
+                "`p99(delivery)`",
+            ),
             ("p99() < 100ms", "needs a metric name", "`p99(<name>)`"),
-            ("median(delivery) < 100ms", "unknown function `median`", "p<N>"),
+            (
+                "median(delivery) < 100ms",
+                "unknown function `median`",
+                "p<N>",
+            ),
             ("< 5", "expected a metric", "counter"),
             ("lost == 150%", "more than 100%", "0..=100"),
             ("1lost == 0", "not a metric", "counter"),

@@ -25,13 +25,18 @@ use std::path::Path;
 pub use check::{Check, Checker, DuplicatePath, Projection};
 pub use distribution::{inverse_normal_cdf, Distribution, WeightedValue};
 pub use error::{Diagnostic, Problem, ScenarioError};
-pub use fault::{Fault, FaultAction, FaultKind, OutageMode, RandomTimes, Repeat, ToxicKind, ToxicStream};
+pub use fault::{
+    Fault, FaultAction, FaultKind, OutageMode, RandomTimes, Repeat, ToxicKind, ToxicStream,
+};
 pub use gate::{CmpOp, Gate, GateError, GateScope, MetricRef, Threshold};
 pub use http::{HttpEndpoint, HttpTraffic};
 pub use load::{Conversations, Load, Mix, OpKind, Placement};
 pub use rate::{Phase, Rate};
 pub use scenario::Scenario;
-pub use topology::{FanoutMode, NodeSettings, PublishMode, StackOptions, StreamSettings, Topology, WorkerKind, Workers};
+pub use topology::{
+    FanoutMode, NodeSettings, PublishMode, StackOptions, StreamSettings, Topology, WorkerKind,
+    Workers,
+};
 pub use validate::{BROKERS, MAX_MESSAGE_BYTES, MAX_NODES, MAX_USERS};
 
 /// Reads, parses and validates the scenario at `path`.

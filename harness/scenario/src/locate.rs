@@ -75,7 +75,9 @@ pub struct Outline {
 impl Outline {
     pub fn parse(text: &str) -> Outline {
         let mut scanner = Scanner::new(text);
-        Outline { root: scanner.document() }
+        Outline {
+            root: scanner.document(),
+        }
     }
 
     /// The position of the key (or list item) at `path`, or of its deepest ancestor found.
@@ -94,10 +96,13 @@ impl Outline {
     /// Like [`Outline::locate`], but `None` when not even the first key of the path was
     /// found (the position would only be the document's start).
     pub fn locate_within(&self, path: &str) -> Option<Position> {
-        let first_segment = split_path(path).into_iter().take(1).map(|segment| match segment {
-            Segment::Key(key) => key,
-            Segment::Index(index) => format!("[{index}]"),
-        });
+        let first_segment = split_path(path)
+            .into_iter()
+            .take(1)
+            .map(|segment| match segment {
+                Segment::Key(key) => key,
+                Segment::Index(index) => format!("[{index}]"),
+            });
         let first = first_segment.collect::<String>();
         self.locate_exactly(&first).map(|_| self.locate(path))
     }
@@ -113,7 +118,9 @@ impl Outline {
                     .iter()
                     .find(|entry| entry.key == *key)
                     .map(|entry| (entry.key_position, &entry.value)),
-                (Shape::Sequence(items), Segment::Index(index)) => items.get(*index).map(|item| (item.position, item)),
+                (Shape::Sequence(items), Segment::Index(index)) => {
+                    items.get(*index).map(|item| (item.position, item))
+                }
                 _ => None,
             };
             match next {
@@ -139,7 +146,11 @@ struct Scanner {
 
 impl Scanner {
     fn new(text: &str) -> Scanner {
-        let chars: Vec<char> = text.strip_prefix('\u{feff}').unwrap_or(text).chars().collect();
+        let chars: Vec<char> = text
+            .strip_prefix('\u{feff}')
+            .unwrap_or(text)
+            .chars()
+            .collect();
         let mut line_starts = vec![0];
         line_starts.extend(
             chars
@@ -168,7 +179,10 @@ impl Scanner {
     }
 
     fn position_of(&self, index: usize) -> Position {
-        let line_index = self.line_starts.partition_point(|start| *start <= index).saturating_sub(1);
+        let line_index = self
+            .line_starts
+            .partition_point(|start| *start <= index)
+            .saturating_sub(1);
         let line_start = self.line_starts.get(line_index).copied().unwrap_or(0);
         Position {
             line: line_index + 1,
@@ -195,7 +209,9 @@ impl Scanner {
     fn at_line_end(&self) -> bool {
         match self.peek() {
             None | Some('\n') => true,
-            Some('#') => self.at == 0 || matches!(self.chars.get(self.at - 1), Some(' ' | '\t' | '\n')),
+            Some('#') => {
+                self.at == 0 || matches!(self.chars.get(self.at - 1), Some(' ' | '\t' | '\n'))
+            }
             _ => false,
         }
     }
@@ -219,7 +235,8 @@ impl Scanner {
 
     /// A `-` that starts a block sequence item.
     fn at_sequence_dash(&self) -> bool {
-        self.peek() == Some('-') && matches!(self.peek_ahead(1), None | Some(' ' | '\t' | '\n' | '\r'))
+        self.peek() == Some('-')
+            && matches!(self.peek_ahead(1), None | Some(' ' | '\t' | '\n' | '\r'))
     }
 
     fn document(&mut self) -> Option<Node> {
@@ -234,7 +251,10 @@ impl Scanner {
         if self.at_end() {
             return None;
         }
-        if self.column() == 0 && self.looking_at("---") && matches!(self.peek_ahead(3), None | Some(' ' | '\t' | '\n' | '\r')) {
+        if self.column() == 0
+            && self.looking_at("---")
+            && matches!(self.peek_ahead(3), None | Some(' ' | '\t' | '\n' | '\r'))
+        {
             let marker = self.position();
             self.at += 3;
             return Some(self.value_after_indicator(-1, true, marker));
@@ -243,13 +263,20 @@ impl Scanner {
     }
 
     fn looking_at(&self, text: &str) -> bool {
-        text.chars().enumerate().all(|(offset, c)| self.peek_ahead(offset) == Some(c))
+        text.chars()
+            .enumerate()
+            .all(|(offset, c)| self.peek_ahead(offset) == Some(c))
     }
 
     /// The value after `key:` or `- ` (or `---`): on the same line, or on the following
     /// lines when they are indented deeper than `parent_indent` (a block sequence may also
     /// sit at the parent's own indentation under a mapping key).
-    fn value_after_indicator(&mut self, parent_indent: isize, sequence_may_share_indent: bool, fallback: Position) -> Node {
+    fn value_after_indicator(
+        &mut self,
+        parent_indent: isize,
+        sequence_may_share_indent: bool,
+        fallback: Position,
+    ) -> Node {
         self.skip_inline_space();
         self.skip_properties();
         if !self.at_line_end() {
@@ -261,7 +288,8 @@ impl Scanner {
         }
         let indent = column_as_indent(self.column());
         let deeper = indent > parent_indent;
-        let sequence_at_same_indent = sequence_may_share_indent && indent == parent_indent && self.at_sequence_dash();
+        let sequence_at_same_indent =
+            sequence_may_share_indent && indent == parent_indent && self.at_sequence_dash();
         if deeper || sequence_at_same_indent {
             self.skip_properties();
             self.node_here(parent_indent)
@@ -316,7 +344,8 @@ impl Scanner {
 
     /// A `:` that ends a key: followed by a space, a line break or the end.
     fn at_mapping_colon(&self) -> bool {
-        self.peek() == Some(':') && matches!(self.peek_ahead(1), None | Some(' ' | '\t' | '\n' | '\r'))
+        self.peek() == Some(':')
+            && matches!(self.peek_ahead(1), None | Some(' ' | '\t' | '\n' | '\r'))
     }
 
     fn block_mapping(&mut self) -> Node {
@@ -330,7 +359,8 @@ impl Scanner {
             self.skip_inline_space();
             if self.at_mapping_colon() {
                 self.at += 1;
-                let value = self.value_after_indicator(column_as_indent(indent), true, key_position);
+                let value =
+                    self.value_after_indicator(column_as_indent(indent), true, key_position);
                 entries.push(Entry {
                     key,
                     key_position,
@@ -396,7 +426,11 @@ impl Scanner {
                     }
                     self.at += 1;
                 }
-                self.chars[start..self.at].iter().collect::<String>().trim().to_string()
+                self.chars[start..self.at]
+                    .iter()
+                    .collect::<String>()
+                    .trim()
+                    .to_string()
             }
         }
     }
@@ -462,7 +496,11 @@ impl Scanner {
             _ => {
                 let start = self.at;
                 while let Some(c) = self.peek() {
-                    let ends_key = c == ':' && matches!(self.peek_ahead(1), None | Some(' ' | '\t' | '\n' | '\r' | ',' | '}' | ']'));
+                    let ends_key = c == ':'
+                        && matches!(
+                            self.peek_ahead(1),
+                            None | Some(' ' | '\t' | '\n' | '\r' | ',' | '}' | ']')
+                        );
                     if matches!(c, ',' | '{' | '}' | '[' | ']' | '\n') || ends_key {
                         break;
                     }
@@ -471,7 +509,11 @@ impl Scanner {
                     }
                     self.at += 1;
                 }
-                self.chars[start..self.at].iter().collect::<String>().trim().to_string()
+                self.chars[start..self.at]
+                    .iter()
+                    .collect::<String>()
+                    .trim()
+                    .to_string()
             }
         }
     }
@@ -610,7 +652,10 @@ checks:
         assert_eq!(outline.locate("load.rate[0].rate"), at(6, 20));
         assert_eq!(outline.locate("load.rate[1].ramp"), at(7, 7));
         assert_eq!(outline.locate("load.rate[1].to"), at(9, 7));
-        assert_eq!(outline.locate("load.conversations.members.uniform.max"), at(12, 25));
+        assert_eq!(
+            outline.locate("load.conversations.members.uniform.max"),
+            at(12, 25)
+        );
         assert_eq!(outline.locate("faults[0].node"), at(16, 3));
         assert_eq!(outline.locate("faults[1]"), at(17, 5));
         assert_eq!(outline.locate("faults[1].toxic.type"), at(20, 7));
@@ -635,6 +680,17 @@ checks:
         let outline = Outline::parse("---\nseed: 3\nload:\n  users: 1\n");
         assert_eq!(outline.locate("load.users"), at(4, 3));
         assert_eq!(Outline::parse("").locate("load"), at(1, 1));
+    }
+
+    #[test]
+    fn handles_crlf_line_ends_anchors_and_multibyte_text() {
+        let outline = Outline::parse(
+            "description: \"héllo – wörld\"\r\nload: &base\r\n  users: 5\r\n  rate: *x\r\n",
+        );
+        assert_eq!(outline.locate("load.users"), at(3, 3));
+        assert_eq!(outline.locate("load.rate"), at(4, 3));
+        let outline = Outline::parse("a: { b: \"x, y: z\", c: 1 }\n");
+        assert_eq!(outline.locate("a.c"), at(1, 20));
     }
 
     #[test]

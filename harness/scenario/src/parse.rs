@@ -25,7 +25,9 @@ pub const DOCUMENT_PATH: &str = "(document)";
 const FALLBACK_EXPECTED: &str = "the form described in scenarios/REFERENCE.md";
 
 pub(crate) fn deserialize(text: &str, outline: &Outline) -> Result<Scenario, Vec<Diagnostic>> {
-    let first_error = match serde_path_to_error::deserialize::<_, Scenario>(serde_yaml::Deserializer::from_str(text)) {
+    let first_error = match serde_path_to_error::deserialize::<_, Scenario>(
+        serde_yaml::Deserializer::from_str(text),
+    ) {
         Ok(scenario) => return Ok(scenario),
         Err(error) => error,
     };
@@ -49,7 +51,10 @@ pub(crate) fn deserialize(text: &str, outline: &Outline) -> Result<Scenario, Vec
     };
     let mut diagnostics = vec![first];
     for diagnostic in diagnose_parts(&document, outline) {
-        if diagnostics.iter().all(|known| known.path != diagnostic.path) {
+        if diagnostics
+            .iter()
+            .all(|known| known.path != diagnostic.path)
+        {
             diagnostics.push(diagnostic);
         }
     }
@@ -68,7 +73,9 @@ fn diagnose_parts(document: &Value, outline: &Outline) -> Vec<Diagnostic> {
             continue;
         };
         match key {
-            "name" | "description" => diagnose_part::<String>(key, value, outline, &mut diagnostics),
+            "name" | "description" => {
+                diagnose_part::<String>(key, value, outline, &mut diagnostics)
+            }
             "seed" => diagnose_part::<u64>(key, value, outline, &mut diagnostics),
             "topology" => diagnose_part::<Topology>(key, value, outline, &mut diagnostics),
             "load" => diagnose_part::<Load>(key, value, outline, &mut diagnostics),
@@ -76,10 +83,16 @@ fn diagnose_parts(document: &Value, outline: &Outline) -> Vec<Diagnostic> {
             "faults" => diagnose_items::<Fault>(key, value, outline, &mut diagnostics),
             "checks" => diagnose_items::<Check>(key, value, outline, &mut diagnostics),
             unknown => {
-                let listed: Vec<String> = TOP_LEVEL_KEYS.iter().map(|key| format!("`{key}`")).collect();
+                let listed: Vec<String> = TOP_LEVEL_KEYS
+                    .iter()
+                    .map(|key| format!("`{key}`"))
+                    .collect();
                 diagnostics.push(diagnose(
                     unknown.to_string(),
-                    &format!("unknown field `{unknown}`, expected one of {}", listed.join(", ")),
+                    &format!(
+                        "unknown field `{unknown}`, expected one of {}",
+                        listed.join(", ")
+                    ),
                     None,
                     outline,
                 ));
@@ -88,20 +101,40 @@ fn diagnose_parts(document: &Value, outline: &Outline) -> Vec<Diagnostic> {
     }
     for required in ["name", "load"] {
         if !sections.contains_key(required) {
-            diagnostics.push(diagnose(String::new(), &format!("missing field `{required}`"), None, outline));
+            diagnostics.push(diagnose(
+                String::new(),
+                &format!("missing field `{required}`"),
+                None,
+                outline,
+            ));
         }
     }
     diagnostics
 }
 
-fn diagnose_part<T: DeserializeOwned>(path: &str, value: &Value, outline: &Outline, diagnostics: &mut Vec<Diagnostic>) {
+fn diagnose_part<T: DeserializeOwned>(
+    path: &str,
+    value: &Value,
+    outline: &Outline,
+    diagnostics: &mut Vec<Diagnostic>,
+) {
     if let Err(error) = serde_path_to_error::deserialize::<_, T>(value.clone()) {
         let inner_path = render_path(error.path());
-        diagnostics.push(diagnose(join_path(path, &inner_path), &error.inner().to_string(), None, outline));
+        diagnostics.push(diagnose(
+            join_path(path, &inner_path),
+            &error.inner().to_string(),
+            None,
+            outline,
+        ));
     }
 }
 
-fn diagnose_items<T: DeserializeOwned>(path: &str, value: &Value, outline: &Outline, diagnostics: &mut Vec<Diagnostic>) {
+fn diagnose_items<T: DeserializeOwned>(
+    path: &str,
+    value: &Value,
+    outline: &Outline,
+    diagnostics: &mut Vec<Diagnostic>,
+) {
     match value {
         Value::Sequence(items) => {
             for (index, item) in items.iter().enumerate() {
@@ -132,7 +165,8 @@ fn render_path(path: &serde_path_to_error::Path) -> String {
             serde_path_to_error::Segment::Seq { index } => {
                 let _ = write!(rendered, "[{index}]");
             }
-            serde_path_to_error::Segment::Map { key } | serde_path_to_error::Segment::Enum { variant: key } => {
+            serde_path_to_error::Segment::Map { key }
+            | serde_path_to_error::Segment::Enum { variant: key } => {
                 rendered = join_path(&rendered, key);
             }
             serde_path_to_error::Segment::Unknown => {}
@@ -146,18 +180,30 @@ fn render_path(path: &serde_path_to_error::Path) -> String {
 /// points at the value, or at the start or end of the enclosing mapping. `serde_position`,
 /// when serde_yaml gave one, is used for what the outline cannot place: problems of the
 /// document as a whole, such as malformed YAML.
-fn diagnose(path: String, raw_message: &str, serde_position: Option<Position>, outline: &Outline) -> Diagnostic {
+fn diagnose(
+    path: String,
+    raw_message: &str,
+    serde_position: Option<Position>,
+    outline: &Outline,
+) -> Diagnostic {
     let message = strip_path_prefix(&strip_marks(raw_message)).to_string();
-    let (problem, expected) = match message.split_once("; expected ").or_else(|| message.split_once(", expected ")) {
+    let (problem, expected) = match message
+        .split_once("; expected ")
+        .or_else(|| message.split_once(", expected "))
+    {
         Some((problem, expected)) => (problem.to_string(), humanise_expected(expected)),
         None if message.ends_with(", there are no fields") => (
-            message.trim_end_matches(", there are no fields").to_string(),
+            message
+                .trim_end_matches(", there are no fields")
+                .to_string(),
             "no further keys: this form takes none".to_string(),
         ),
         None => {
             let expected = match backticked_after(&message, "missing field `") {
                 Some(field) => format!("the key `{field}`, which has no default"),
-                None if path.is_empty() => "a well-formed YAML mapping of the scenario keys".to_string(),
+                None if path.is_empty() => {
+                    "a well-formed YAML mapping of the scenario keys".to_string()
+                }
                 None => FALLBACK_EXPECTED.to_string(),
             };
             (message.clone(), expected)
@@ -166,12 +212,18 @@ fn diagnose(path: String, raw_message: &str, serde_position: Option<Position>, o
     let mut path = path;
     // serde_path_to_error already ends the path with an unknown key; a missing key, or a
     // key rejected by a conversion (a fault's kind), is added here.
-    if let Some(field) = backticked_after(&problem, "unknown field `").or_else(|| backticked_after(&problem, "missing field `")) {
+    if let Some(field) = backticked_after(&problem, "unknown field `")
+        .or_else(|| backticked_after(&problem, "missing field `"))
+    {
         if !path.ends_with(field) {
             path = join_path(&path, field);
         }
     }
-    let outline_position = if path.is_empty() { None } else { outline.locate_within(&path) };
+    let outline_position = if path.is_empty() {
+        None
+    } else {
+        outline.locate_within(&path)
+    };
     let position = match (outline_position, serde_position) {
         (Some(position), _) => position,
         // A problem of the whole document (malformed YAML): only serde_yaml knows where.
@@ -181,7 +233,11 @@ fn diagnose(path: String, raw_message: &str, serde_position: Option<Position>, o
     Diagnostic {
         line: position.line,
         column: position.column,
-        path: if path.is_empty() { DOCUMENT_PATH.to_string() } else { path },
+        path: if path.is_empty() {
+            DOCUMENT_PATH.to_string()
+        } else {
+            path
+        },
         message: problem,
         expected,
     }
@@ -215,7 +271,10 @@ fn strip_marks(message: &str) -> String {
     while let Some(found) = rest.find(" at line ") {
         result.push_str(&rest[..found]);
         let after = &rest[found + " at line ".len()..];
-        let digits = |text: &str| text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+        let digits = |text: &str| {
+            text.find(|c: char| !c.is_ascii_digit())
+                .unwrap_or(text.len())
+        };
         let line_digits = digits(after);
         let column_part = after[line_digits..].strip_prefix(" column ");
         match column_part {
@@ -252,8 +311,17 @@ mod tests {
             "did not find expected key, while parsing a block mapping"
         );
         assert_eq!(strip_marks("a value at line x"), "a value at line x");
-        assert_eq!(strip_path_prefix("load.users: invalid type: string"), "invalid type: string");
-        assert_eq!(strip_path_prefix("invalid type: string"), "invalid type: string");
-        assert_eq!(strip_path_prefix("unknown field `x`: y"), "unknown field `x`: y");
+        assert_eq!(
+            strip_path_prefix("load.users: invalid type: string"),
+            "invalid type: string"
+        );
+        assert_eq!(
+            strip_path_prefix("invalid type: string"),
+            "invalid type: string"
+        );
+        assert_eq!(
+            strip_path_prefix("unknown field `x`: y"),
+            "unknown field `x`: y"
+        );
     }
 }

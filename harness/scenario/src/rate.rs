@@ -171,9 +171,9 @@ impl Rate {
     pub fn phases_length(&self) -> Duration {
         match self {
             Rate::Constant(_) => Duration::ZERO,
-            Rate::Phases(phases) => phases
-                .iter()
-                .fold(Duration::ZERO, |total, phase| total.saturating_add(phase.length())),
+            Rate::Phases(phases) => phases.iter().fold(Duration::ZERO, |total, phase| {
+                total.saturating_add(phase.length())
+            }),
         }
     }
 
@@ -198,7 +198,10 @@ impl<'de> Deserialize<'de> for Rate {
             type Value = Rate;
 
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                write!(f, "a number of operations per second, or a list of phases, each {PHASE_FORMS}")
+                write!(
+                    f,
+                    "a number of operations per second, or a list of phases, each {PHASE_FORMS}"
+                )
             }
 
             fn visit_f64<E: de::Error>(self, rate: f64) -> Result<Rate, E> {
@@ -214,7 +217,8 @@ impl<'de> Deserialize<'de> for Rate {
             }
 
             fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Rate, A::Error> {
-                Vec::<Phase>::deserialize(de::value::SeqAccessDeserializer::new(seq)).map(Rate::Phases)
+                Vec::<Phase>::deserialize(de::value::SeqAccessDeserializer::new(seq))
+                    .map(Rate::Phases)
             }
         }
 
@@ -275,7 +279,8 @@ mod tests {
     fn parses_a_number_or_phases() {
         let constant: Rate = serde_yaml::from_str("250").unwrap();
         assert_eq!(constant, Rate::Constant(250.0));
-        let phases: Rate = serde_yaml::from_str("[{hold: 30s, rate: 5}, {ramp: 1m, from: 5, to: 7.5}]").unwrap();
+        let phases: Rate =
+            serde_yaml::from_str("[{hold: 30s, rate: 5}, {ramp: 1m, from: 5, to: 7.5}]").unwrap();
         assert_eq!(
             phases,
             Rate::Phases(vec![
@@ -298,7 +303,13 @@ mod tests {
 
     #[test]
     fn rejects_phases_that_mix_forms() {
-        for text in ["[{hold: 30s}]", "[{hold: 30s, rate: 1, to: 3}]", "[{ramp: 1m, from: 1}]", "[{step: 3}]", "fast"] {
+        for text in [
+            "[{hold: 30s}]",
+            "[{hold: 30s, rate: 1, to: 3}]",
+            "[{ramp: 1m, from: 1}]",
+            "[{step: 3}]",
+            "fast",
+        ] {
             assert!(serde_yaml::from_str::<Rate>(text).is_err(), "{text}");
         }
     }

@@ -34,4 +34,13 @@ fn default_seed() -> u64 {
 }
 
 /// The top-level keys, in the order of the struct (for messages about unknown keys).
-pub(crate) const TOP_LEVEL_KEYS: [&str; 8] = ["name", "description", "seed", "topology", "load", "http", "faults", "checks"];
+pub(crate) const TOP_LEVEL_KEYS: [&str; 8] = [
+    "name",
+    "description",
+    "seed",
+    "topology",
+    "load",
+    "http",
+    "faults",
+    "checks",
+];

@@ -47,7 +47,12 @@ struct Rules {
 }
 
 impl Rules {
-    fn add(&mut self, path: impl Into<String>, message: impl Into<String>, expected: impl Into<String>) {
+    fn add(
+        &mut self,
+        path: impl Into<String>,
+        message: impl Into<String>,
+        expected: impl Into<String>,
+    ) {
         self.problems.push(Problem::new(path, message, expected));
     }
 
@@ -57,21 +62,37 @@ impl Rules {
         }
     }
 
-    fn in_range<T: PartialOrd + std::fmt::Display>(&mut self, path: &str, value: T, low: T, high: T) {
+    fn in_range<T: PartialOrd + std::fmt::Display>(
+        &mut self,
+        path: &str,
+        value: T,
+        low: T,
+        high: T,
+    ) {
         if value < low || value > high {
-            self.add(path, format!("{value} is out of range"), format!("a value in {low}..={high}"));
+            self.add(
+                path,
+                format!("{value} is out of range"),
+                format!("a value in {low}..={high}"),
+            );
         }
     }
 
     fn positive_rate(&mut self, path: &str, rate: f64) {
         if !(rate.is_finite() && rate > 0.0) {
-            self.add(path, format!("{rate} is not a positive rate"), "a number greater than 0 (per second)");
+            self.add(
+                path,
+                format!("{rate} is not a positive rate"),
+                "a number greater than 0 (per second)",
+            );
         }
     }
 
     fn name(&mut self, name: &str) {
         let well_formed = name.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
-            && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+            && name
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
         if !well_formed || name.len() > MAX_NAME_LENGTH {
             self.add(
                 "name",
@@ -83,7 +104,12 @@ impl Rules {
 
     fn topology(&mut self, topology: &Topology) {
         self.in_range("topology.nodes", topology.nodes, 1, MAX_NODES);
-        self.in_range("topology.stack.partitions", topology.stack.partitions, 1, MAX_PARTITIONS);
+        self.in_range(
+            "topology.stack.partitions",
+            topology.stack.partitions,
+            1,
+            MAX_PARTITIONS,
+        );
         self.positive_duration("topology.stack.start_timeout", topology.stack.start_timeout);
         self.node_settings(&topology.node);
         self.workers(&topology.workers);
@@ -91,7 +117,11 @@ impl Rules {
 
     fn node_settings(&mut self, node: &NodeSettings) {
         if node.max_frame_bytes == Some(0) {
-            self.add("topology.node.max_frame_bytes", "is zero", "a positive number of bytes");
+            self.add(
+                "topology.node.max_frame_bytes",
+                "is zero",
+                "a positive number of bytes",
+            );
         }
         if let (Some(frame), Some(cap)) = (node.max_frame_bytes, node.hard_frame_cap_bytes) {
             if frame > cap {
@@ -108,20 +138,39 @@ impl Rules {
             ("pg_max_connections", node.pg_max_connections),
         ] {
             if value == Some(0) {
-                self.add(format!("topology.node.{key}"), "is zero", "a positive number");
+                self.add(
+                    format!("topology.node.{key}"),
+                    "is zero",
+                    "a positive number",
+                );
             }
         }
-        for (key, value) in [("relay_batch", node.relay_batch), ("sync_limit", node.sync_limit)] {
+        for (key, value) in [
+            ("relay_batch", node.relay_batch),
+            ("sync_limit", node.sync_limit),
+        ] {
             if let Some(value) = value.filter(|value| *value < 1) {
-                self.add(format!("topology.node.{key}"), format!("{value} is not positive"), "a number >= 1");
+                self.add(
+                    format!("topology.node.{key}"),
+                    format!("{value} is not positive"),
+                    "a number >= 1",
+                );
             }
         }
         if let Some(stream) = &node.stream {
             if let Some(chunks) = stream.chunks.filter(|chunks| *chunks < 1) {
-                self.add("topology.node.stream.chunks", format!("{chunks} is not positive"), "a number >= 1");
+                self.add(
+                    "topology.node.stream.chunks",
+                    format!("{chunks} is not positive"),
+                    "a number >= 1",
+                );
             }
             if stream.words_per_chunk == Some(0) {
-                self.add("topology.node.stream.words_per_chunk", "is zero", "a number >= 1");
+                self.add(
+                    "topology.node.stream.words_per_chunk",
+                    "is zero",
+                    "a number >= 1",
+                );
             }
             if let Some(error_rate) = stream.error_rate.filter(|rate| !(0.0..=1.0).contains(rate)) {
                 self.add(
@@ -134,7 +183,12 @@ impl Rules {
     }
 
     fn workers(&mut self, workers: &Workers) {
-        self.in_range("topology.workers.concurrency", workers.concurrency, 1, MAX_WORKER_CONCURRENCY);
+        self.in_range(
+            "topology.workers.concurrency",
+            workers.concurrency,
+            1,
+            MAX_WORKER_CONCURRENCY,
+        );
         if workers.enabled && workers.only.is_empty() {
             self.add(
                 "topology.workers.only",
@@ -152,9 +206,16 @@ impl Rules {
                 );
             }
         }
-        for (key, value) in [("sla_ms", workers.sla_ms), ("commit_interval_ms", workers.commit_interval_ms)] {
+        for (key, value) in [
+            ("sla_ms", workers.sla_ms),
+            ("commit_interval_ms", workers.commit_interval_ms),
+        ] {
             if value == Some(0) {
-                self.add(format!("topology.workers.{key}"), "is zero", "a positive number of milliseconds");
+                self.add(
+                    format!("topology.workers.{key}"),
+                    "is zero",
+                    "a positive number of milliseconds",
+                );
             }
         }
     }
@@ -169,7 +230,11 @@ impl Rules {
             );
         }
         if load.conversations.count == 0 {
-            self.add("load.conversations.count", "is zero", "at least 1 conversation");
+            self.add(
+                "load.conversations.count",
+                "is zero",
+                "at least 1 conversation",
+            );
         }
         let members_per_tenant = u64::from(load.users_per_tenant());
         self.distribution(
@@ -179,41 +244,73 @@ impl Rules {
             members_per_tenant,
             "users in a tenant (users / tenants, rounded up)",
         );
-        self.distribution("load.message_size", &load.message_size, 1, MAX_MESSAGE_BYTES, "bytes");
+        self.distribution(
+            "load.message_size",
+            &load.message_size,
+            1,
+            MAX_MESSAGE_BYTES,
+            "bytes",
+        );
         self.mix(load);
         if load.duration.is_zero() || load.duration > MAX_RUN_LENGTH {
             self.add(
                 "load.duration",
-                format!("{} is not a usable measured duration", Readable(load.duration)),
+                format!(
+                    "{} is not a usable measured duration",
+                    Readable(load.duration)
+                ),
                 "a duration above 0s and at most 24h",
             );
         }
         if load.warmup > MAX_RUN_LENGTH {
-            self.add("load.warmup", format!("{} is longer than 24h", Readable(load.warmup)), "at most 24h");
+            self.add(
+                "load.warmup",
+                format!("{} is longer than 24h", Readable(load.warmup)),
+                "at most 24h",
+            );
         }
         self.rate(&load.rate, load.total());
         self.positive_rate("load.connect_rate", load.connect_rate);
         self.positive_duration("load.ack_timeout", load.ack_timeout);
         if load.max_in_flight == 0 {
-            self.add("load.max_in_flight", "is zero", "at least 1 operation in flight per user");
+            self.add(
+                "load.max_in_flight",
+                "is zero",
+                "at least 1 operation in flight per user",
+            );
         }
     }
 
     /// Checks a distribution on its own and that all its values lie in `low..=high`,
     /// pointing at the key that states the offending bound.
-    fn distribution(&mut self, path: &str, distribution: &Distribution, low: u64, high: u64, unit: &str) {
+    fn distribution(
+        &mut self,
+        path: &str,
+        distribution: &Distribution,
+        low: u64,
+        high: u64,
+        unit: &str,
+    ) {
         let in_bounds = format!("every value in {low}..={high} ({unit})");
         match distribution {
             Distribution::Fixed(_) => {}
             Distribution::Uniform { min, max } => {
                 if min > max {
-                    self.add(format!("{path}.uniform.min"), format!("min {min} exceeds max {max}"), "min <= max");
+                    self.add(
+                        format!("{path}.uniform.min"),
+                        format!("min {min} exceeds max {max}"),
+                        "min <= max",
+                    );
                     return;
                 }
             }
             Distribution::Weighted(entries) => {
                 if entries.is_empty() {
-                    self.add(format!("{path}.weighted"), "has no values", "at least one `{ value, weight }`");
+                    self.add(
+                        format!("{path}.weighted"),
+                        "has no values",
+                        "at least one `{ value, weight }`",
+                    );
                     return;
                 }
                 for (index, entry) in entries.iter().enumerate() {
@@ -228,29 +325,48 @@ impl Rules {
             }
             Distribution::Lognormal { median, sigma, max } => {
                 if !(sigma.is_finite() && *sigma > 0.0) {
-                    self.add(format!("{path}.lognormal.sigma"), format!("{sigma} is not positive"), "a sigma greater than 0");
+                    self.add(
+                        format!("{path}.lognormal.sigma"),
+                        format!("{sigma} is not positive"),
+                        "a sigma greater than 0",
+                    );
                 }
                 if *median == 0 {
-                    self.add(format!("{path}.lognormal.median"), "is zero", "a median of at least 1");
+                    self.add(
+                        format!("{path}.lognormal.median"),
+                        "is zero",
+                        "a median of at least 1",
+                    );
                 }
                 if max < median {
-                    self.add(format!("{path}.lognormal.max"), format!("max {max} is below the median {median}"), "max >= median");
+                    self.add(
+                        format!("{path}.lognormal.max"),
+                        format!("max {max} is below the median {median}"),
+                        "max >= median",
+                    );
                     return;
                 }
             }
         }
-        let offending_key = |which_end: &str, out_of_bounds: &dyn Fn(u64) -> bool| match distribution {
-            Distribution::Fixed(_) => format!("{path}.fixed"),
-            Distribution::Uniform { .. } => format!("{path}.uniform.{which_end}"),
-            Distribution::Weighted(entries) => match entries.iter().position(|entry| out_of_bounds(entry.value)) {
-                Some(index) => format!("{path}.weighted[{index}].value"),
-                None => format!("{path}.weighted"),
-            },
-            Distribution::Lognormal { .. } => format!("{path}.lognormal.max"),
-        };
+        let offending_key =
+            |which_end: &str, out_of_bounds: &dyn Fn(u64) -> bool| match distribution {
+                Distribution::Fixed(_) => format!("{path}.fixed"),
+                Distribution::Uniform { .. } => format!("{path}.uniform.{which_end}"),
+                Distribution::Weighted(entries) => {
+                    match entries.iter().position(|entry| out_of_bounds(entry.value)) {
+                        Some(index) => format!("{path}.weighted[{index}].value"),
+                        None => format!("{path}.weighted"),
+                    }
+                }
+                Distribution::Lognormal { .. } => format!("{path}.lognormal.max"),
+            };
         if distribution.min() < low {
             let key = offending_key("min", &|value| value < low);
-            self.add(key, format!("can be {}", distribution.min()), in_bounds.clone());
+            self.add(
+                key,
+                format!("can be {}", distribution.min()),
+                in_bounds.clone(),
+            );
         }
         if distribution.max() > high {
             let key = offending_key("max", &|value| value > high);
@@ -262,13 +378,21 @@ impl Rules {
         let mut total = 0.0;
         for (kind, weight) in load.mix.weights() {
             if !(weight.is_finite() && weight >= 0.0) {
-                self.add(format!("load.mix.{}", kind.name()), format!("{weight} is not a weight"), "a number >= 0");
+                self.add(
+                    format!("load.mix.{}", kind.name()),
+                    format!("{weight} is not a weight"),
+                    "a number >= 0",
+                );
             } else {
                 total += weight;
             }
         }
         if total <= 0.0 {
-            self.add("load.mix", "all weights are zero", "at least one operation kind with a weight above 0");
+            self.add(
+                "load.mix",
+                "all weights are zero",
+                "at least one operation kind with a weight above 0",
+            );
         }
     }
 
@@ -277,7 +401,11 @@ impl Rules {
             Rate::Constant(value) => self.positive_rate("load.rate", *value),
             Rate::Phases(phases) => {
                 if phases.is_empty() {
-                    self.add("load.rate", "has no phases", "a number, or at least one phase");
+                    self.add(
+                        "load.rate",
+                        "has no phases",
+                        "a number, or at least one phase",
+                    );
                     return;
                 }
                 let mut any_positive = false;
@@ -288,10 +416,17 @@ impl Rules {
                         crate::rate::Phase::Hold { .. } => "hold",
                         crate::rate::Phase::Ramp { .. } => "ramp",
                     };
-                    self.positive_duration(&format!("load.rate[{index}].{length_key}"), phase.length());
+                    self.positive_duration(
+                        &format!("load.rate[{index}].{length_key}"),
+                        phase.length(),
+                    );
                     for (key, value) in phase.stated_rates() {
                         if !(value.is_finite() && value >= 0.0) {
-                            self.add(format!("load.rate[{index}].{key}"), format!("{value} is not a rate"), "a number >= 0 (per second)");
+                            self.add(
+                                format!("load.rate[{index}].{key}"),
+                                format!("{value} is not a rate"),
+                                "a number >= 0 (per second)",
+                            );
                         }
                         any_positive |= value > 0.0;
                     }
@@ -310,7 +445,11 @@ impl Rules {
                     }
                 }
                 if !any_positive {
-                    self.add("load.rate", "every phase has a rate of 0", "at least one phase with a rate above 0");
+                    self.add(
+                        "load.rate",
+                        "every phase has a rate of 0",
+                        "at least one phase with a rate above 0",
+                    );
                 }
             }
         }
@@ -326,8 +465,14 @@ impl Rules {
                 if !workers.runs(worker) {
                     self.add(
                         format!("{path}.endpoint"),
-                        format!("this endpoint is served by the {} worker, which does not run", worker.name()),
-                        format!("{WORKERS_ENABLED} with `{}` in `topology.workers.only`", worker.name()),
+                        format!(
+                            "this endpoint is served by the {} worker, which does not run",
+                            worker.name()
+                        ),
+                        format!(
+                            "{WORKERS_ENABLED} with `{}` in `topology.workers.only`",
+                            worker.name()
+                        ),
                     );
                 }
             }
@@ -343,7 +488,9 @@ impl Rules {
     fn fault(&mut self, scenario: &Scenario, path: &str, fault: &Fault) {
         let nodes = scenario.topology.nodes;
         match &fault.action {
-            FaultAction::KillNode { node } | FaultAction::TermNode { node } | FaultAction::PauseNode { node } => {
+            FaultAction::KillNode { node }
+            | FaultAction::TermNode { node }
+            | FaultAction::PauseNode { node } => {
                 if *node == 0 || *node > nodes {
                     self.add(
                         format!("{path}.node"),
@@ -352,28 +499,53 @@ impl Rules {
                     );
                 }
             }
-            FaultAction::KillBroker { broker } | FaultAction::IsolateBroker { broker } => self.broker(&format!("{path}.broker"), *broker),
+            FaultAction::KillBroker { broker } | FaultAction::IsolateBroker { broker } => {
+                self.broker(&format!("{path}.broker"), *broker)
+            }
             FaultAction::PartitionOneWay { from, to } => {
                 self.broker(&format!("{path}.from"), *from);
                 self.broker(&format!("{path}.to"), *to);
                 if from == to {
-                    self.add(format!("{path}.to"), format!("a broker cannot be cut from itself (from and to are both {to})"), "two different brokers");
+                    self.add(
+                        format!("{path}.to"),
+                        format!("a broker cannot be cut from itself (from and to are both {to})"),
+                        "two different brokers",
+                    );
                 }
             }
-            FaultAction::Toxic { link, toxicity, toxic, .. } => {
+            FaultAction::Toxic {
+                link,
+                toxicity,
+                toxic,
+                ..
+            } => {
                 if link.trim().is_empty() {
-                    self.add(format!("{path}.link"), "is empty", "a link name such as `redis`, `postgres` or `kafka-1-client`");
+                    self.add(
+                        format!("{path}.link"),
+                        "is empty",
+                        "a link name such as `redis`, `postgres` or `kafka-1-client`",
+                    );
                 }
                 if !(0.0..=1.0).contains(toxicity) {
-                    self.add(format!("{path}.toxicity"), format!("{toxicity} is not a probability"), "a number in 0..=1");
+                    self.add(
+                        format!("{path}.toxicity"),
+                        format!("{toxicity} is not a probability"),
+                        "a number in 0..=1",
+                    );
                 }
                 match toxic {
-                    ToxicKind::Bandwidth { rate_kb: 0 } => {
-                        self.add(format!("{path}.toxic.rate_kb"), "is zero", "a positive rate (a stalled link is `type: timeout`)")
-                    }
-                    ToxicKind::Slicer { average_size: 0, .. } => {
-                        self.add(format!("{path}.toxic.average_size"), "is zero", "a positive number of bytes")
-                    }
+                    ToxicKind::Bandwidth { rate_kb: 0 } => self.add(
+                        format!("{path}.toxic.rate_kb"),
+                        "is zero",
+                        "a positive rate (a stalled link is `type: timeout`)",
+                    ),
+                    ToxicKind::Slicer {
+                        average_size: 0, ..
+                    } => self.add(
+                        format!("{path}.toxic.average_size"),
+                        "is zero",
+                        "a positive number of bytes",
+                    ),
                     _ => {}
                 }
             }
@@ -403,24 +575,40 @@ impl Rules {
         };
         self.positive_duration(&format!("{path}.duration"), length);
         if fault.repeat.is_some() && fault.random.is_some() {
-            self.add(format!("{path}.random"), "is given together with `repeat`", "either `repeat` or `random`, not both");
+            self.add(
+                format!("{path}.random"),
+                "is given together with `repeat`",
+                "either `repeat` or `random`, not both",
+            );
             return;
         }
         if let Some(repeat) = &fault.repeat {
             if repeat.count == 0 {
-                self.add(format!("{path}.repeat.count"), "is zero", "at least 1 occurrence");
+                self.add(
+                    format!("{path}.repeat.count"),
+                    "is zero",
+                    "at least 1 occurrence",
+                );
             }
             if repeat.every <= length {
                 self.add(
                     format!("{path}.repeat.every"),
-                    format!("{} does not exceed the fault's duration {}", Readable(repeat.every), Readable(length)),
+                    format!(
+                        "{} does not exceed the fault's duration {}",
+                        Readable(repeat.every),
+                        Readable(length)
+                    ),
                     "an interval longer than `duration`, so occurrences do not overlap",
                 );
             }
         }
         if let Some(random) = &fault.random {
             if random.count == 0 {
-                self.add(format!("{path}.random.count"), "is zero", "at least 1 occurrence");
+                self.add(
+                    format!("{path}.random.count"),
+                    "is zero",
+                    "at least 1 occurrence",
+                );
             } else if random.within <= length.saturating_mul(random.count) {
                 self.add(
                     format!("{path}.random.within"),
@@ -457,7 +645,11 @@ impl Rules {
 
     fn broker(&mut self, path: &str, broker: u8) {
         if broker == 0 || broker > BROKERS {
-            self.add(path, format!("broker {broker} does not exist"), format!("a broker number in 1..={BROKERS}"));
+            self.add(
+                path,
+                format!("broker {broker} does not exist"),
+                format!("a broker number in 1..={BROKERS}"),
+            );
         }
     }
 
@@ -470,7 +662,10 @@ impl Rules {
                     if matches!(gate.metric, MetricRef::Lag(_)) && !workers.enabled {
                         self.add(
                             path,
-                            format!("`{}` judges consumer lag, but workers are disabled", gate.text),
+                            format!(
+                                "`{}` judges consumer lag, but workers are disabled",
+                                gate.text
+                            ),
                             WORKERS_ENABLED,
                         );
                     }
@@ -486,19 +681,36 @@ impl Rules {
         if needs_workers && !workers.enabled {
             self.add(
                 format!("{path}.checker"),
-                format!("the {} checker needs worker processes, but workers are disabled", checker.name()),
+                format!(
+                    "the {} checker needs worker processes, but workers are disabled",
+                    checker.name()
+                ),
                 WORKERS_ENABLED,
             );
         }
         match checker {
-            Checker::Duplicates { max_fraction, paths } => {
+            Checker::Duplicates {
+                max_fraction,
+                paths,
+            } => {
                 if !(0.0..=1.0).contains(max_fraction) {
-                    self.add(format!("{path}.max_fraction"), format!("{max_fraction} is not a fraction"), "a number in 0..=1");
+                    self.add(
+                        format!("{path}.max_fraction"),
+                        format!("{max_fraction} is not a fraction"),
+                        "a number in 0..=1",
+                    );
                 }
                 if paths.is_empty() {
-                    self.add(format!("{path}.paths"), "lists no path", "at least one of live, sync, kafka, audit");
+                    self.add(
+                        format!("{path}.paths"),
+                        "lists no path",
+                        "at least one of live, sync, kafka, audit",
+                    );
                 }
-                if paths.contains(&DuplicatePath::Audit) && workers.enabled && !workers.runs(crate::topology::WorkerKind::Audit) {
+                if paths.contains(&DuplicatePath::Audit)
+                    && workers.enabled
+                    && !workers.runs(crate::topology::WorkerKind::Audit)
+                {
                     self.add(
                         format!("{path}.paths"),
                         "includes `audit`, but the audit worker does not run",
@@ -508,21 +720,30 @@ impl Rules {
             }
             Checker::Replay { projections } => {
                 if projections.is_empty() {
-                    self.add(format!("{path}.projections"), "lists no projection", "at least one of audit, search, analytics");
+                    self.add(
+                        format!("{path}.projections"),
+                        "lists no projection",
+                        "at least one of audit, search, analytics",
+                    );
                 }
                 if workers.enabled {
                     for projection in projections {
                         if !workers.runs(projection.worker()) {
                             self.add(
                                 format!("{path}.projections"),
-                                format!("the {} projection's worker does not run", projection.worker().name()),
+                                format!(
+                                    "the {} projection's worker does not run",
+                                    projection.worker().name()
+                                ),
                                 "only projections whose workers are in `topology.workers.only`",
                             );
                         }
                     }
                 }
             }
-            Checker::Lag { within, .. } => self.positive_duration(&format!("{path}.within"), *within),
+            Checker::Lag { within, .. } => {
+                self.positive_duration(&format!("{path}.within"), *within)
+            }
             Checker::Slo {
                 metric,
                 percentile,
@@ -530,14 +751,25 @@ impl Rules {
                 ..
             } => {
                 if metric.trim().is_empty() {
-                    self.add(format!("{path}.metric"), "is empty", "a latency metric such as `delivery`");
+                    self.add(
+                        format!("{path}.metric"),
+                        "is empty",
+                        "a latency metric such as `delivery`",
+                    );
                 }
                 if !(*percentile > 0.0 && *percentile <= 100.0) {
-                    self.add(format!("{path}.percentile"), format!("{percentile} is not a percentile"), "a number in (0, 100]");
+                    self.add(
+                        format!("{path}.percentile"),
+                        format!("{percentile} is not a percentile"),
+                        "a number in (0, 100]",
+                    );
                 }
                 self.positive_duration(&format!("{path}.max"), *max);
             }
-            Checker::Delivery {} | Checker::NoLossDownstream {} | Checker::Order {} | Checker::Streams {} => {}
+            Checker::Delivery {}
+            | Checker::NoLossDownstream {}
+            | Checker::Order {}
+            | Checker::Streams {} => {}
         }
     }
 }

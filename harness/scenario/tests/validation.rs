@@ -2,8 +2,8 @@
 //! test per semantic rule that checks the key path and the position of its diagnostic.
 
 use squall_scenario::{
-    parse_str, Check, Checker, Diagnostic, Distribution, FanoutMode, FaultAction, HttpEndpoint, Mix, OpKind, Placement, Rate,
-    Scenario, ScenarioError, WorkerKind,
+    parse_str, Check, Checker, Diagnostic, Distribution, FanoutMode, FaultAction, HttpEndpoint,
+    Mix, OpKind, Placement, Rate, Scenario, ScenarioError, WorkerKind,
 };
 use std::time::Duration;
 
@@ -65,11 +65,17 @@ fn assert_problem(text: &str, path: &str, needle: &str, message_part: &str) {
         diagnostic.message.contains(message_part) || diagnostic.expected.contains(message_part),
         "`{message_part}` not in {diagnostic}"
     );
-    assert!(!diagnostic.expected.is_empty(), "{diagnostic} names no expected form");
+    assert!(
+        !diagnostic.expected.is_empty(),
+        "{diagnostic} names no expected form"
+    );
 }
 
 fn render(found: &[Diagnostic]) -> String {
-    found.iter().map(|diagnostic| format!("{diagnostic}\n")).collect()
+    found
+        .iter()
+        .map(|diagnostic| format!("{diagnostic}\n"))
+        .collect()
 }
 
 // ---- good scenarios and defaults ----
@@ -85,18 +91,32 @@ fn a_minimal_scenario_gets_every_default() {
     assert_eq!(topology.stack.start_timeout, Duration::from_secs(120));
     assert_eq!(topology.node, Default::default());
     assert!(topology.workers.enabled);
-    assert_eq!(topology.workers.only, vec![WorkerKind::Audit, WorkerKind::Analytics, WorkerKind::Search]);
-    assert_eq!((topology.workers.concurrency, topology.workers.sla_ms), (1, None));
+    assert_eq!(
+        topology.workers.only,
+        vec![WorkerKind::Audit, WorkerKind::Analytics, WorkerKind::Search]
+    );
+    assert_eq!(
+        (topology.workers.concurrency, topology.workers.sla_ms),
+        (1, None)
+    );
     let load = &scenario.load;
     assert_eq!((load.users, load.tenants, load.max_in_flight), (100, 1, 64));
     assert_eq!(load.conversations.placement, Placement::Spread);
     assert_eq!(load.rate, Rate::Constant(50.0));
     assert_eq!(load.mix, Mix::default());
     assert_eq!(load.mix.weights()[0], (OpKind::Chat, 1.0));
-    assert!(load.mix.weights()[1..].iter().all(|(_, weight)| *weight == 0.0));
+    assert!(load.mix.weights()[1..]
+        .iter()
+        .all(|(_, weight)| *weight == 0.0));
     assert_eq!(load.message_size, Distribution::Fixed(200));
-    assert_eq!((load.warmup, load.duration), (Duration::ZERO, Duration::from_secs(300)));
-    assert_eq!((load.connect_rate, load.ack_timeout), (500.0, Duration::from_secs(10)));
+    assert_eq!(
+        (load.warmup, load.duration),
+        (Duration::ZERO, Duration::from_secs(300))
+    );
+    assert_eq!(
+        (load.connect_rate, load.ack_timeout),
+        (500.0, Duration::from_secs(10))
+    );
     assert!(scenario.http.is_empty() && scenario.faults.is_empty() && scenario.checks.is_empty());
 }
 
@@ -125,7 +145,10 @@ fn node_settings_serialise_only_what_is_set() {
     ));
     assert_eq!(scenario.topology.node.fanout_mode, Some(FanoutMode::Kafka));
     let yaml = serde_yaml::to_string(&scenario.topology.node).unwrap();
-    assert_eq!(yaml, "fanout_mode: kafka\nstream:\n  chunks: 3\nsabotage:\n  skip_outbox: true\n");
+    assert_eq!(
+        yaml,
+        "fanout_mode: kafka\nstream:\n  chunks: 3\nsabotage:\n  skip_outbox: true\n"
+    );
 }
 
 #[test]
@@ -138,7 +161,10 @@ fn a_parsed_scenario_serialises_to_an_equal_scenario() {
     assert_eq!(again, scenario);
     assert_eq!(scenario.faults[0].action, FaultAction::KillNode { node: 1 });
     assert_eq!(scenario.http[0].endpoint, HttpEndpoint::Readyz);
-    assert!(matches!(scenario.checks[1], Check::Checker(Checker::Duplicates { .. })));
+    assert!(matches!(
+        scenario.checks[1],
+        Check::Checker(Checker::Duplicates { .. })
+    ));
 }
 
 #[test]
@@ -176,7 +202,12 @@ fn an_unknown_top_level_key_lists_the_known_ones() {
 #[test]
 fn a_wrong_type_is_located_at_its_key() {
     let text = with_load("load:\n  users: lots\n  conversations: { count: 1, members: { fixed: 2 } }\n  rate: 5\n  duration: 1m\n");
-    assert_problem(&text, "load.users", "users", "invalid type: string \"lots\"");
+    assert_problem(
+        &text,
+        "load.users",
+        "users",
+        "invalid type: string \"lots\"",
+    );
     let text = with("topology:\n  workers:\n    enabled: sometimes\n");
     assert_problem(&text, "topology.workers.enabled", "enabled", "a boolean");
 }
@@ -192,7 +223,12 @@ fn a_malformed_duration_names_the_accepted_form() {
 #[test]
 fn a_missing_required_key_is_reported() {
     let text = "name: test\nload:\n  users: 10\n  rate: 5\n  duration: 1m\n";
-    assert_problem(text, "load.conversations", "load", "missing field `conversations`");
+    assert_problem(
+        text,
+        "load.conversations",
+        "load",
+        "missing field `conversations`",
+    );
 }
 
 #[test]
@@ -200,13 +236,23 @@ fn a_misplaced_fault_key_is_named_with_its_kind() {
     let text = with("faults:\n  - at: 1m\n    duration: 10s\n    kind: cut_kafka\n    node: 2\n");
     assert_problem(&text, "faults[0].node", "node: 2", "for kind `cut_kafka`");
     let text = with("faults:\n  - at: 1m\n    duration: 10s\n    kind: kill_broker\n");
-    assert_problem(&text, "faults[0].broker", "at: 1m", "missing field `broker`");
+    assert_problem(
+        &text,
+        "faults[0].broker",
+        "at: 1m",
+        "missing field `broker`",
+    );
 }
 
 #[test]
 fn a_malformed_gate_is_located_with_the_grammar_hint() {
     let text = with("checks:\n  - lost == 0\n  - p99(delivery) < 100\n");
-    assert_problem(&text, "checks[1]", "p99(delivery)", "a duration like `100ms`");
+    assert_problem(
+        &text,
+        "checks[1]",
+        "p99(delivery)",
+        "a duration like `100ms`",
+    );
 }
 
 #[test]
@@ -232,7 +278,10 @@ checks:
 ",
     );
     let found = diagnostics(&text);
-    let paths: Vec<&str> = found.iter().map(|diagnostic| diagnostic.path.as_str()).collect();
+    let paths: Vec<&str> = found
+        .iter()
+        .map(|diagnostic| diagnostic.path.as_str())
+        .collect();
     assert_eq!(
         paths,
         [
@@ -255,7 +304,11 @@ fn invalid_yaml_is_one_located_diagnostic() {
     let found = diagnostics("name: test\nload:\n  users: 1\n\trate: 5\n");
     assert_eq!(found.len(), 1, "{}", render(&found));
     assert_eq!(found[0].line, 4, "{}", render(&found));
-    assert!(found[0].message.contains("tab character"), "{}", render(&found));
+    assert!(
+        found[0].message.contains("tab character"),
+        "{}",
+        render(&found)
+    );
 }
 
 #[test]
@@ -282,19 +335,57 @@ fn the_name_must_be_a_slug() {
 
 #[test]
 fn topology_sizes_are_bounded() {
-    assert_problem(&with("topology:\n  nodes: 17\n"), "topology.nodes", "nodes", "1..=16");
-    assert_problem(&with("topology:\n  stack: { partitions: 0 }\n"), "topology.stack.partitions", "partitions", "1..=64");
-    assert_problem(&with("topology:\n  stack: { start_timeout: 0s }\n"), "topology.stack.start_timeout", "start_timeout", "positive");
-    assert_problem(&with("topology:\n  workers: { concurrency: 33 }\n"), "topology.workers.concurrency", "concurrency", "1..=32");
-    assert_problem(&with("topology:\n  workers: { sla_ms: 0 }\n"), "topology.workers.sla_ms", "sla_ms", "positive");
-    assert_problem(&with("topology:\n  workers: { commit_interval_ms: 0 }\n"), "topology.workers.commit_interval_ms", "commit_interval_ms", "positive");
+    assert_problem(
+        &with("topology:\n  nodes: 17\n"),
+        "topology.nodes",
+        "nodes",
+        "1..=16",
+    );
+    assert_problem(
+        &with("topology:\n  stack: { partitions: 0 }\n"),
+        "topology.stack.partitions",
+        "partitions",
+        "1..=64",
+    );
+    assert_problem(
+        &with("topology:\n  stack: { start_timeout: 0s }\n"),
+        "topology.stack.start_timeout",
+        "start_timeout",
+        "positive",
+    );
+    assert_problem(
+        &with("topology:\n  workers: { concurrency: 33 }\n"),
+        "topology.workers.concurrency",
+        "concurrency",
+        "1..=32",
+    );
+    assert_problem(
+        &with("topology:\n  workers: { sla_ms: 0 }\n"),
+        "topology.workers.sla_ms",
+        "sla_ms",
+        "positive",
+    );
+    assert_problem(
+        &with("topology:\n  workers: { commit_interval_ms: 0 }\n"),
+        "topology.workers.commit_interval_ms",
+        "commit_interval_ms",
+        "positive",
+    );
 }
 
 #[test]
 fn enabled_workers_need_a_list_without_repeats() {
-    assert_problem(&with("topology:\n  workers:\n    only: []\n"), "topology.workers.only", "only", "enabled: false");
-    parse(&with("topology:\n  workers:\n    enabled: false\n    only: []\n"));
-    let text = with("topology:\n  workers:\n    only:\n      - audit\n      - search\n      - audit\n");
+    assert_problem(
+        &with("topology:\n  workers:\n    only: []\n"),
+        "topology.workers.only",
+        "only",
+        "enabled: false",
+    );
+    parse(&with(
+        "topology:\n  workers:\n    enabled: false\n    only: []\n",
+    ));
+    let text =
+        with("topology:\n  workers:\n    only:\n      - audit\n      - search\n      - audit\n");
     let found = diagnostics(&text);
     assert_eq!(found.len(), 1, "{}", render(&found));
     assert_eq!(found[0].path, "topology.workers.only[2]");
@@ -305,18 +396,64 @@ fn enabled_workers_need_a_list_without_repeats() {
 
 #[test]
 fn node_settings_follow_the_node_rules() {
-    let text = with("topology:\n  node:\n    max_frame_bytes: 2048\n    hard_frame_cap_bytes: 1024\n");
-    assert_problem(&text, "topology.node.max_frame_bytes", "max_frame_bytes", "hard_frame_cap_bytes");
-    assert_problem(&with("topology:\n  node: { max_frame_bytes: 0 }\n"), "topology.node.max_frame_bytes", "max_frame_bytes", "zero");
-    assert_problem(&with("topology:\n  node: { rate_limit_per_s: 0 }\n"), "topology.node.rate_limit_per_s", "rate_limit_per_s", "zero");
-    assert_problem(&with("topology:\n  node: { rate_limit_burst: 0 }\n"), "topology.node.rate_limit_burst", "rate_limit_burst", "zero");
-    assert_problem(&with("topology:\n  node: { pg_max_connections: 0 }\n"), "topology.node.pg_max_connections", "pg_max_connections", "zero");
-    assert_problem(&with("topology:\n  node: { relay_batch: 0 }\n"), "topology.node.relay_batch", "relay_batch", ">= 1");
-    assert_problem(&with("topology:\n  node: { sync_limit: -5 }\n"), "topology.node.sync_limit", "sync_limit", ">= 1");
+    let text =
+        with("topology:\n  node:\n    max_frame_bytes: 2048\n    hard_frame_cap_bytes: 1024\n");
+    assert_problem(
+        &text,
+        "topology.node.max_frame_bytes",
+        "max_frame_bytes",
+        "hard_frame_cap_bytes",
+    );
+    assert_problem(
+        &with("topology:\n  node: { max_frame_bytes: 0 }\n"),
+        "topology.node.max_frame_bytes",
+        "max_frame_bytes",
+        "zero",
+    );
+    assert_problem(
+        &with("topology:\n  node: { rate_limit_per_s: 0 }\n"),
+        "topology.node.rate_limit_per_s",
+        "rate_limit_per_s",
+        "zero",
+    );
+    assert_problem(
+        &with("topology:\n  node: { rate_limit_burst: 0 }\n"),
+        "topology.node.rate_limit_burst",
+        "rate_limit_burst",
+        "zero",
+    );
+    assert_problem(
+        &with("topology:\n  node: { pg_max_connections: 0 }\n"),
+        "topology.node.pg_max_connections",
+        "pg_max_connections",
+        "zero",
+    );
+    assert_problem(
+        &with("topology:\n  node: { relay_batch: 0 }\n"),
+        "topology.node.relay_batch",
+        "relay_batch",
+        ">= 1",
+    );
+    assert_problem(
+        &with("topology:\n  node: { sync_limit: -5 }\n"),
+        "topology.node.sync_limit",
+        "sync_limit",
+        ">= 1",
+    );
     let stream = with("topology:\n  node:\n    stream:\n      chunks: 0\n      words_per_chunk: 0\n      error_rate: 1.5\n");
     assert_problem(&stream, "topology.node.stream.chunks", "chunks", ">= 1");
-    assert_problem(&stream, "topology.node.stream.words_per_chunk", "words_per_chunk", ">= 1");
-    assert_problem(&stream, "topology.node.stream.error_rate", "error_rate", "0..=1");
+    assert_problem(
+        &stream,
+        "topology.node.stream.words_per_chunk",
+        "words_per_chunk",
+        ">= 1",
+    );
+    assert_problem(
+        &stream,
+        "topology.node.stream.error_rate",
+        "error_rate",
+        "0..=1",
+    );
 }
 
 // ---- semantic rules: load ----
@@ -330,9 +467,24 @@ fn load_with(users: &str, extra: &str) -> String {
 #[test]
 fn users_and_tenants_are_bounded() {
     assert_problem(&load_with("0", ""), "load.users", "users", "1..=200000");
-    assert_problem(&load_with("200001", ""), "load.users", "users", "1..=200000");
-    assert_problem(&load_with("10", "  tenants: 11\n"), "load.tenants", "tenants", "at most `load.users`");
-    assert_problem(&load_with("10", "  tenants: 0\n"), "load.tenants", "tenants", "at least 1");
+    assert_problem(
+        &load_with("200001", ""),
+        "load.users",
+        "users",
+        "1..=200000",
+    );
+    assert_problem(
+        &load_with("10", "  tenants: 11\n"),
+        "load.tenants",
+        "tenants",
+        "at most `load.users`",
+    );
+    assert_problem(
+        &load_with("10", "  tenants: 0\n"),
+        "load.tenants",
+        "tenants",
+        "at least 1",
+    );
 }
 
 #[test]
@@ -341,13 +493,28 @@ fn conversations_fit_in_a_tenant() {
     assert_problem(&text, "load.conversations.count", "count", "at least 1");
     // 100 users over 40 tenants: 3 per tenant at most, but conversations may have 5.
     let text = load_with("100", "  tenants: 40\n");
-    assert_problem(&text, "load.conversations.members.uniform.max", "max: 5", "1..=3");
+    assert_problem(
+        &text,
+        "load.conversations.members.uniform.max",
+        "max: 5",
+        "1..=3",
+    );
     let text = with_load("load:\n  users: 10\n  conversations:\n    count: 1\n    members: { fixed: 0 }\n  rate: 5\n  duration: 1m\n");
-    assert_problem(&text, "load.conversations.members.fixed", "fixed", "can be 0");
+    assert_problem(
+        &text,
+        "load.conversations.members.fixed",
+        "fixed",
+        "can be 0",
+    );
     let text = with_load(
         "load:\n  users: 10\n  conversations:\n    count: 1\n    members:\n      weighted:\n        - { value: 2, weight: 1 }\n        - { value: 20, weight: 1 }\n  rate: 5\n  duration: 1m\n",
     );
-    assert_problem(&text, "load.conversations.members.weighted[1].value", "value: 20", "can be 20");
+    assert_problem(
+        &text,
+        "load.conversations.members.weighted[1].value",
+        "value: 20",
+        "can be 20",
+    );
 }
 
 #[test]
@@ -357,8 +524,18 @@ fn distributions_must_be_well_formed() {
             "load:\n  users: 1000\n  conversations:\n    count: 1\n    members: {members}\n  rate: 5\n  duration: 1m\n"
         ))
     };
-    assert_problem(&members("{ uniform: { min: 5, max: 2 } }"), "load.conversations.members.uniform.min", "min", "min <= max");
-    assert_problem(&members("{ weighted: [] }"), "load.conversations.members.weighted", "weighted", "at least one");
+    assert_problem(
+        &members("{ uniform: { min: 5, max: 2 } }"),
+        "load.conversations.members.uniform.min",
+        "min",
+        "min <= max",
+    );
+    assert_problem(
+        &members("{ weighted: [] }"),
+        "load.conversations.members.weighted",
+        "weighted",
+        "at least one",
+    );
     assert_problem(
         &members("{ weighted: [ { value: 2, weight: 0 } ] }"),
         "load.conversations.members.weighted[0].weight",
@@ -383,19 +560,42 @@ fn distributions_must_be_well_formed() {
         "median",
         "at least 1",
     );
-    assert_problem(&members("{ fixed: 1, uniform: { min: 1, max: 2 } }"), "load.conversations.members", "members", "exactly one");
+    assert_problem(
+        &members("{ fixed: 1, uniform: { min: 1, max: 2 } }"),
+        "load.conversations.members",
+        "members",
+        "exactly one",
+    );
 }
 
 #[test]
 fn message_sizes_are_bounded() {
-    let text = load_with("10", "  message_size: { lognormal: { median: 200, sigma: 1, max: 2000000 } }\n");
-    assert_problem(&text, "load.message_size.lognormal.max", "max: 2000000", "1..=1048576");
+    let text = load_with(
+        "10",
+        "  message_size: { lognormal: { median: 200, sigma: 1, max: 2000000 } }\n",
+    );
+    assert_problem(
+        &text,
+        "load.message_size.lognormal.max",
+        "max: 2000000",
+        "1..=1048576",
+    );
 }
 
 #[test]
 fn the_mix_needs_a_positive_weight() {
-    assert_problem(&load_with("10", "  mix: { chat: 0 }\n"), "load.mix", "mix", "all weights are zero");
-    assert_problem(&load_with("10", "  mix: { chat: 1, typing: -1 }\n"), "load.mix.typing", "typing", ">= 0");
+    assert_problem(
+        &load_with("10", "  mix: { chat: 0 }\n"),
+        "load.mix",
+        "mix",
+        "all weights are zero",
+    );
+    assert_problem(
+        &load_with("10", "  mix: { chat: 1, typing: -1 }\n"),
+        "load.mix.typing",
+        "typing",
+        ">= 0",
+    );
 }
 
 #[test]
@@ -407,10 +607,30 @@ fn durations_and_rates_of_the_load_are_bounded() {
     };
     assert_problem(&duration("0s"), "load.duration", "duration", "above 0s");
     assert_problem(&duration("25h"), "load.duration", "duration", "at most 24h");
-    assert_problem(&load_with("10", "  warmup: 25h\n"), "load.warmup", "warmup", "24h");
-    assert_problem(&load_with("10", "  connect_rate: 0\n"), "load.connect_rate", "connect_rate", "greater than 0");
-    assert_problem(&load_with("10", "  ack_timeout: 0s\n"), "load.ack_timeout", "ack_timeout", "positive");
-    assert_problem(&load_with("10", "  max_in_flight: 0\n"), "load.max_in_flight", "max_in_flight", "at least 1");
+    assert_problem(
+        &load_with("10", "  warmup: 25h\n"),
+        "load.warmup",
+        "warmup",
+        "24h",
+    );
+    assert_problem(
+        &load_with("10", "  connect_rate: 0\n"),
+        "load.connect_rate",
+        "connect_rate",
+        "greater than 0",
+    );
+    assert_problem(
+        &load_with("10", "  ack_timeout: 0s\n"),
+        "load.ack_timeout",
+        "ack_timeout",
+        "positive",
+    );
+    assert_problem(
+        &load_with("10", "  max_in_flight: 0\n"),
+        "load.max_in_flight",
+        "max_in_flight",
+        "at least 1",
+    );
 }
 
 fn rate_of(rate: &str) -> String {
@@ -427,31 +647,78 @@ fn a_constant_rate_must_be_positive() {
 
 #[test]
 fn phases_must_fit_in_warmup_plus_duration() {
-    let fits = parse(&rate_of("\n    - { hold: 1m, rate: 10 }\n    - { ramp: 4m, from: 10, to: 100 }\n"));
+    let fits = parse(&rate_of(
+        "\n    - { hold: 1m, rate: 10 }\n    - { ramp: 4m, from: 10, to: 100 }\n",
+    ));
     assert_eq!(fits.load.rate.phases_length(), Duration::from_secs(300));
     let overlong = rate_of("\n    - { hold: 1m, rate: 10 }\n    - { ramp: 3m, from: 10, to: 100 }\n    - { hold: 2m, rate: 100 }\n");
-    assert_problem(&overlong, "load.rate[2].hold", "hold: 2m", "warmup + duration is 5m");
+    assert_problem(
+        &overlong,
+        "load.rate[2].hold",
+        "hold: 2m",
+        "warmup + duration is 5m",
+    );
 }
 
 #[test]
 fn phases_need_lengths_and_a_positive_rate() {
     assert_problem(&rate_of("[]"), "load.rate", "rate", "at least one phase");
-    assert_problem(&rate_of("\n    - { hold: 1m, rate: 0 }\n    - { ramp: 1m, from: 0, to: 0 }\n"), "load.rate", "rate", "every phase has a rate of 0");
-    assert_problem(&rate_of("\n    - { hold: 0s, rate: 4 }\n"), "load.rate[0].hold", "hold", "positive");
-    assert_problem(&rate_of("\n    - { ramp: 1m, from: -1, to: 4 }\n"), "load.rate[0].from", "from", ">= 0");
-    assert_problem(&rate_of("\n    - { hold: 1m, rate: 4, to: 5 }\n"), "load.rate[0]", "{ hold", "`hold` goes with `rate`");
+    assert_problem(
+        &rate_of("\n    - { hold: 1m, rate: 0 }\n    - { ramp: 1m, from: 0, to: 0 }\n"),
+        "load.rate",
+        "rate",
+        "every phase has a rate of 0",
+    );
+    assert_problem(
+        &rate_of("\n    - { hold: 0s, rate: 4 }\n"),
+        "load.rate[0].hold",
+        "hold",
+        "positive",
+    );
+    assert_problem(
+        &rate_of("\n    - { ramp: 1m, from: -1, to: 4 }\n"),
+        "load.rate[0].from",
+        "from",
+        ">= 0",
+    );
+    assert_problem(
+        &rate_of("\n    - { hold: 1m, rate: 4, to: 5 }\n"),
+        "load.rate[0]",
+        "{ hold",
+        "`hold` goes with `rate`",
+    );
 }
 
 // ---- semantic rules: http ----
 
 #[test]
 fn http_traffic_is_positive_and_needs_its_worker() {
-    assert_problem(&with("http:\n  - { endpoint: readyz, rate: 0 }\n"), "http[0].rate", "rate: 0", "greater than 0");
-    assert_problem(&with("http:\n  - { endpoint: history, rate: 1, timeout: 0s }\n"), "http[0].timeout", "timeout", "positive");
+    assert_problem(
+        &with("http:\n  - { endpoint: readyz, rate: 0 }\n"),
+        "http[0].rate",
+        "rate: 0",
+        "greater than 0",
+    );
+    assert_problem(
+        &with("http:\n  - { endpoint: history, rate: 1, timeout: 0s }\n"),
+        "http[0].timeout",
+        "timeout",
+        "positive",
+    );
     let disabled = with("topology:\n  workers: { enabled: false }\nhttp:\n  - { endpoint: chat, rate: 1 }\n  - { endpoint: audit_user, rate: 1 }\n");
-    assert_problem(&disabled, "http[1].endpoint", "endpoint: audit_user", "audit worker");
+    assert_problem(
+        &disabled,
+        "http[1].endpoint",
+        "endpoint: audit_user",
+        "audit worker",
+    );
     let without_search = with("topology:\n  workers: { only: [audit] }\nhttp:\n  - { endpoint: search, rate: 1 }\n  - { endpoint: audit_counts, rate: 1 }\n");
-    assert_problem(&without_search, "http[0].endpoint", "endpoint: search", "`search` in `topology.workers.only`");
+    assert_problem(
+        &without_search,
+        "http[0].endpoint",
+        "endpoint: search",
+        "`search` in `topology.workers.only`",
+    );
     assert_eq!(diagnostics(&without_search).len(), 1);
 }
 
@@ -463,9 +730,24 @@ fn faults(list: &str) -> String {
 
 #[test]
 fn fault_targets_must_exist() {
-    assert_problem(&faults("  - { at: 1m, duration: 5s, kind: kill_node, node: 4 }\n"), "faults[0].node", "node: 4", "1..=3");
-    assert_problem(&faults("  - { at: 1m, duration: 5s, kind: pause_node, node: 0 }\n"), "faults[0].node", "node: 0", "1..=3");
-    assert_problem(&faults("  - { at: 1m, duration: 5s, kind: kill_broker, broker: 4 }\n"), "faults[0].broker", "broker: 4", "1..=3");
+    assert_problem(
+        &faults("  - { at: 1m, duration: 5s, kind: kill_node, node: 4 }\n"),
+        "faults[0].node",
+        "node: 4",
+        "1..=3",
+    );
+    assert_problem(
+        &faults("  - { at: 1m, duration: 5s, kind: pause_node, node: 0 }\n"),
+        "faults[0].node",
+        "node: 0",
+        "1..=3",
+    );
+    assert_problem(
+        &faults("  - { at: 1m, duration: 5s, kind: kill_broker, broker: 4 }\n"),
+        "faults[0].broker",
+        "broker: 4",
+        "1..=3",
+    );
     let same = faults("  - { at: 1m, duration: 5s, kind: partition_one_way, from: 2, to: 2 }\n");
     assert_problem(&same, "faults[0].to", "to: 2", "two different brokers");
     let unknown = faults("  - { at: 1m, duration: 5s, kind: partition_one_way, from: 0, to: 2 }\n");
@@ -482,7 +764,12 @@ fn worker_faults_need_workers() {
 fn every_fault_needs_a_positive_duration() {
     let text = faults("  - at: 1m\n    kind: redis_down\n");
     assert_problem(&text, "faults[0].duration", "at: 1m", "needs one");
-    assert_problem(&faults("  - { at: 1m, duration: 0s, kind: cut_kafka }\n"), "faults[0].duration", "duration: 0s", "positive");
+    assert_problem(
+        &faults("  - { at: 1m, duration: 0s, kind: cut_kafka }\n"),
+        "faults[0].duration",
+        "duration: 0s",
+        "positive",
+    );
 }
 
 #[test]
@@ -490,11 +777,21 @@ fn repeat_and_random_are_exclusive_and_must_not_overlap() {
     let both = faults("  - at: 1m\n    duration: 5s\n    repeat: { every: 1m, count: 2 }\n    random: { count: 2, within: 1m }\n    kind: cut_kafka\n");
     assert_problem(&both, "faults[0].random", "random", "not both");
     let overlapping = faults("  - at: 1m\n    duration: 30s\n    repeat: { every: 30s, count: 2 }\n    kind: cut_kafka\n");
-    assert_problem(&overlapping, "faults[0].repeat.every", "every", "longer than `duration`");
+    assert_problem(
+        &overlapping,
+        "faults[0].repeat.every",
+        "every",
+        "longer than `duration`",
+    );
     let none = faults("  - at: 1m\n    duration: 30s\n    repeat: { every: 40s, count: 0 }\n    kind: cut_kafka\n");
     assert_problem(&none, "faults[0].repeat.count", "count: 0", "at least 1");
     let crowded = faults("  - at: 1m\n    duration: 30s\n    random: { count: 3, within: 90s }\n    kind: cut_kafka\n");
-    assert_problem(&crowded, "faults[0].random.within", "within", "count × duration");
+    assert_problem(
+        &crowded,
+        "faults[0].random.within",
+        "within",
+        "count × duration",
+    );
     let empty = faults("  - at: 1m\n    duration: 30s\n    random: { count: 0, within: 90s }\n    kind: cut_kafka\n");
     assert_problem(&empty, "faults[0].random.count", "count: 0", "at least 1");
 }
@@ -503,12 +800,21 @@ fn repeat_and_random_are_exclusive_and_must_not_overlap() {
 fn fault_windows_must_end_within_the_load() {
     // The load lasts 5m after the warm-up.
     let late = faults("  - { at: 4m, duration: 2m, kind: isolate_controller }\n");
-    assert_problem(&late, "faults[0].at", "at: 4m", "past the end of the load (5m)");
-    let repeated = faults("  - at: 1m\n    duration: 10s\n    repeat: { every: 1m, count: 5 }\n    kind: cut_kafka\n");
+    assert_problem(
+        &late,
+        "faults[0].at",
+        "at: 4m",
+        "past the end of the load (5m)",
+    );
+    let repeated = faults(
+        "  - at: 1m\n    duration: 10s\n    repeat: { every: 1m, count: 5 }\n    kind: cut_kafka\n",
+    );
     assert_problem(&repeated, "faults[0].repeat", "repeat", "until 5m10s");
     let random = faults("  - at: 2m\n    duration: 10s\n    random: { count: 2, within: 4m }\n    kind: cut_kafka\n");
     assert_problem(&random, "faults[0].random", "random", "past the end");
-    parse(&faults("  - at: 1m\n    duration: 10s\n    repeat: { every: 1m, count: 4 }\n    kind: cut_kafka\n"));
+    parse(&faults(
+        "  - at: 1m\n    duration: 10s\n    repeat: { every: 1m, count: 4 }\n    kind: cut_kafka\n",
+    ));
 }
 
 #[test]
@@ -518,7 +824,12 @@ fn toxics_need_a_link_and_sane_attributes() {
             "  - at: 1m\n    duration: 10s\n    kind: toxic\n{attributes}"
         ))
     };
-    assert_problem(&toxic("    link: ''\n    toxic: { type: timeout, timeout_ms: 0 }\n"), "faults[0].link", "link", "is empty");
+    assert_problem(
+        &toxic("    link: ''\n    toxic: { type: timeout, timeout_ms: 0 }\n"),
+        "faults[0].link",
+        "link",
+        "is empty",
+    );
     assert_problem(
         &toxic("    link: redis\n    toxicity: 1.5\n    toxic: { type: timeout, timeout_ms: 0 }\n"),
         "faults[0].toxicity",
@@ -546,8 +857,18 @@ fn worker_checkers_need_workers() {
     let disabled = with(
         "topology:\n  workers: { enabled: false }\nchecks:\n  - { checker: delivery }\n  - { checker: replay }\n  - { checker: lag, max: 10, within: 30s }\n  - lag(chatstream-audit) < 100\n",
     );
-    assert_problem(&disabled, "checks[1].checker", "checker: replay", "workers.enabled: true");
-    assert_problem(&disabled, "checks[2].checker", "checker: lag", "workers.enabled: true");
+    assert_problem(
+        &disabled,
+        "checks[1].checker",
+        "checker: replay",
+        "workers.enabled: true",
+    );
+    assert_problem(
+        &disabled,
+        "checks[2].checker",
+        "checker: lag",
+        "workers.enabled: true",
+    );
     assert_problem(&disabled, "checks[3]", "lag(", "workers.enabled: true");
     assert_eq!(diagnostics(&disabled).len(), 3);
 }
@@ -555,15 +876,30 @@ fn worker_checkers_need_workers() {
 #[test]
 fn replayed_projections_need_their_workers() {
     let text = with("topology:\n  workers: { only: [audit, alerts] }\nchecks:\n  - checker: replay\n    projections: [audit, search]\n");
-    assert_problem(&text, "checks[0].projections", "projections", "search projection");
+    assert_problem(
+        &text,
+        "checks[0].projections",
+        "projections",
+        "search projection",
+    );
     let empty = with("checks:\n  - checker: replay\n    projections: []\n");
-    assert_problem(&empty, "checks[0].projections", "projections", "at least one");
+    assert_problem(
+        &empty,
+        "checks[0].projections",
+        "projections",
+        "at least one",
+    );
 }
 
 #[test]
 fn checker_options_are_bounded() {
     let duplicates = with("checks:\n  - checker: duplicates\n    max_fraction: 2\n    paths: []\n");
-    assert_problem(&duplicates, "checks[0].max_fraction", "max_fraction", "0..=1");
+    assert_problem(
+        &duplicates,
+        "checks[0].max_fraction",
+        "max_fraction",
+        "0..=1",
+    );
     assert_problem(&duplicates, "checks[0].paths", "paths", "at least one");
     let audit = with("topology:\n  workers: { only: [search] }\nchecks:\n  - checker: duplicates\n    paths: [live, audit]\n");
     assert_problem(&audit, "checks[0].paths", "paths", "audit worker");
@@ -595,7 +931,10 @@ checks:
   - { checker: slo, metric: delivery, percentile: 101, max: 1s }
 ";
     let found = diagnostics(text);
-    let summary: Vec<(usize, &str)> = found.iter().map(|diagnostic| (diagnostic.line, diagnostic.path.as_str())).collect();
+    let summary: Vec<(usize, &str)> = found
+        .iter()
+        .map(|diagnostic| (diagnostic.line, diagnostic.path.as_str()))
+        .collect();
     assert_eq!(
         summary,
         [

@@ -4,10 +4,12 @@
 //! records the history, stops everything it started (also on error and Ctrl-C), and
 //! writes the run directory and a summary.
 
+mod nemesis;
 mod progress;
-// pub mod readback; (wired once squall-check exports Readback)
+pub mod readback;
 mod signals;
 pub mod topology;
+pub mod verdicts;
 
 use anyhow::{Context, Result};
 use clap::Args;
@@ -15,12 +17,13 @@ use squall_history::{ConversationInfo, Header, UserInfo, Writer, FORMAT, VERSION
 use squall_load::{Metrics, Population, Target};
 use squall_scenario::Scenario;
 use squall_stack::plan::{DEFAULT_BASE_PORT, DEFAULT_BROKERS};
+use squall_stack::toxiproxy::ToxiproxyClient;
 use squall_stack::{PortPlan, Stack, StackConfig};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
-use tokio::sync::watch;
+use tokio::sync::{watch, Mutex};
 
 use signals::{Sampler, Sources, Watched};
 use topology::{Backends, RunPorts, TargetEndpoints, Topology};
@@ -69,23 +72,59 @@ fn create_run_dir(reports: &Path, name: &str) -> Result<PathBuf> {
         n += 1;
         dir = PathBuf::from(format!("{}-{n}", base.display()));
     }
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating run directory {}", dir.display()))?;
+    std::fs::create_dir_all(&dir)
+        .with_context(|| format!("creating run directory {}", dir.display()))?;
     Ok(dir)
 }
 
 /// The stack a run uses, and whether the run owns it.
 enum StackUse {
-    Owned(Stack),
-    Reused(Stack),
+    Owned(Arc<Mutex<Stack>>),
+    Reused(Arc<Mutex<Stack>>),
     None,
 }
 
 impl StackUse {
-    fn stack(&self) -> Option<&Stack> {
+    fn stack(&self) -> Option<&Arc<Mutex<Stack>>> {
         match self {
             StackUse::Owned(s) | StackUse::Reused(s) => Some(s),
             StackUse::None => None,
         }
+    }
+}
+
+/// Why a run was cut short, when it was: Ctrl-C or a guardrail (the stack broke in a way
+/// the scenario did not ask for). Either way the run exits 2.
+#[derive(Clone)]
+pub struct Abort {
+    tx: Arc<watch::Sender<bool>>,
+    reason: Arc<std::sync::Mutex<Option<String>>>,
+}
+
+impl Abort {
+    fn new() -> (Abort, watch::Receiver<bool>) {
+        let (tx, rx) = watch::channel(false);
+        (
+            Abort {
+                tx: Arc::new(tx),
+                reason: Arc::default(),
+            },
+            rx,
+        )
+    }
+
+    pub fn abort(&self, reason: String) {
+        if let Ok(mut r) = self.reason.lock() {
+            if r.is_none() {
+                eprintln!("\nsquall: aborting: {reason}");
+                *r = Some(reason);
+            }
+        }
+        let _ = self.tx.send(true);
+    }
+
+    fn reason(&self) -> Option<String> {
+        self.reason.lock().ok().and_then(|r| r.clone())
     }
 }
 
@@ -97,44 +136,96 @@ pub async fn run(args: RunArgs) -> Result<ExitCode> {
             return Ok(ExitCode::from(2));
         }
     };
+    let planned = nemesis::plan(&scenario);
+    let owns = args.target.is_none();
+    let target_file = match &args.target {
+        Some(t) => Some(TargetEndpoints::load(t)?),
+        None => None,
+    };
+    let has_toxiproxy = owns
+        || target_file
+            .as_ref()
+            .is_some_and(|t| t.toxiproxy_api.is_some());
+    if let Err(e) = nemesis::check_feasible(&planned, owns, owns, has_toxiproxy) {
+        eprintln!("squall: {}: {e:#}", args.scenario.display());
+        return Ok(ExitCode::from(2));
+    }
     let run_dir = std::path::absolute(create_run_dir(&args.reports_dir, &scenario.name)?)?;
     std::fs::copy(&args.scenario, run_dir.join("scenario.yaml"))
         .with_context(|| format!("copying {} into the run directory", args.scenario.display()))?;
-    let (stop_tx, stop_rx) = watch::channel(false);
-    tokio::spawn(async move {
-        if tokio::signal::ctrl_c().await.is_ok() {
-            eprintln!("\nsquall: interrupted: ending the load, stopping what this run started");
-            let _ = stop_tx.send(true);
-        }
-    });
+    let (abort, stop_rx) = Abort::new();
+    {
+        let abort = abort.clone();
+        tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                abort.abort("interrupted (Ctrl-C): ending the load, healing every fault, stopping what this run started".into());
+            }
+        });
+    }
     tracing::info!(run_dir = %run_dir.display(), "run {}", scenario.name);
 
     // The stack first: its start cannot be abandoned half-way, so Ctrl-C is looked at after.
-    let stack = if let Some(t) = &args.target {
-        let _ = TargetEndpoints::load(t)?;
+    let stack = if target_file.is_some() {
         StackUse::None
     } else if let Some(dir) = &args.stack_dir {
-        StackUse::Reused(Stack::attach(dir).with_context(|| format!("attaching to the stack in {}", dir.display()))?)
+        let s = Stack::attach(dir)
+            .with_context(|| format!("attaching to the stack in {}", dir.display()))?;
+        StackUse::Reused(Arc::new(Mutex::new(s)))
     } else {
         let plan = PortPlan::from_base(args.base_port, DEFAULT_BROKERS)?;
         let mut config = StackConfig::new(run_dir.join("stack"), plan);
         config.partitions = scenario.topology.stack.partitions;
         config.start_timeout = scenario.topology.stack.start_timeout;
         let started = Instant::now();
-        let stack = Stack::up(config).await.context("starting the local stack")?;
+        let stack = Stack::up(config)
+            .await
+            .context("starting the local stack")?;
         tracing::info!("stack up in {:.1} s", started.elapsed().as_secs_f64());
-        StackUse::Owned(stack)
+        StackUse::Owned(Arc::new(Mutex::new(stack)))
     };
-    let result = run_on_stack(&args, &scenario, &run_dir, &stack, stop_rx).await;
+    let result = if *stop_rx.borrow() {
+        Err(anyhow::anyhow!("interrupted while the stack started"))
+    } else {
+        run_on_stack(
+            &args,
+            &scenario,
+            planned,
+            target_file,
+            &run_dir,
+            &stack,
+            abort.clone(),
+            stop_rx,
+        )
+        .await
+    };
+    // Links healed whatever happened (a reused stack is left as it was found: whole).
+    if !scenario.faults.is_empty() {
+        if let Some(s) = stack.stack() {
+            if let Err(e) = s.lock().await.heal().await {
+                eprintln!("squall: healing the stack's links: {e:#}");
+            }
+        }
+    }
     let teardown = teardown_stack(stack, &run_dir, args.keep_stack).await;
     if let Err(e) = &teardown {
         eprintln!("squall: {e:#}");
     }
     match result {
+        Ok(_) if abort.reason().is_some() => {
+            eprintln!(
+                "squall: the run was cut short: {}\n  run directory: {}",
+                abort.reason().unwrap_or_default(),
+                run_dir.display()
+            );
+            Ok(ExitCode::from(2))
+        }
         Ok(code) if teardown.is_ok() => Ok(code),
         Ok(_) => Ok(ExitCode::from(2)),
         Err(e) => {
-            eprintln!("squall: the run could not be carried out: {e:#}\n  run directory: {}", run_dir.display());
+            eprintln!(
+                "squall: the run could not be carried out: {e:#}\n  run directory: {}",
+                run_dir.display()
+            );
             Ok(ExitCode::from(2))
         }
     }
@@ -144,6 +235,9 @@ async fn teardown_stack(stack: StackUse, run_dir: &Path, keep: bool) -> Result<(
     let StackUse::Owned(stack) = stack else {
         return Ok(());
     };
+    let stack = Arc::try_unwrap(stack)
+        .map_err(|_| anyhow::anyhow!("the stack is still in use"))?
+        .into_inner();
     // The servers' logs belong to the run; their data does not (unless kept).
     let logs = run_dir.join("logs");
     let _ = std::fs::create_dir_all(&logs);
@@ -154,56 +248,84 @@ async fn teardown_stack(stack: StackUse, run_dir: &Path, keep: bool) -> Result<(
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn run_on_stack(
     args: &RunArgs,
     scenario: &Scenario,
+    planned: Vec<nemesis::Planned>,
+    target_file: Option<TargetEndpoints>,
     run_dir: &Path,
     stack: &StackUse,
+    abort: Abort,
     stop: watch::Receiver<bool>,
 ) -> Result<ExitCode> {
-    let (topology, backends) = match (&args.target, stack.stack()) {
+    let (topology, backends, toxiproxy_api) = match (&target_file, stack.stack()) {
         (Some(t), _) => {
-            let t = TargetEndpoints::load(t)?;
             let b = Backends {
                 postgres_url: t.postgres_url.clone(),
                 redis_url: t.redis_url.clone(),
                 kafka_bootstrap: t.kafka_bootstrap.clone(),
             };
-            (Topology::target(&t), b)
+            (Topology::target(t), b, t.toxiproxy_api.clone())
         }
         (None, Some(stack)) => {
-            let e = stack.endpoints();
+            let (e, base) = {
+                let s = stack.lock().await;
+                (s.endpoints(), s.plan().toxiproxy_api)
+            };
             let backends = Backends {
                 postgres_url: e.postgres_url,
                 redis_url: e.redis_url,
                 kafka_bootstrap: e.kafka_bootstrap,
             };
             let binary = topology::chatstream_binary(args.chatstream.as_deref())?;
-            let ports = RunPorts::from_base(stack.plan().toxiproxy_api)?;
+            let ports = RunPorts::from_base(base)?;
             let started = Instant::now();
             let topo = Topology::start(scenario, &binary, &backends, ports, run_dir).await?;
             tracing::info!(
                 "{} node(s){} ready in {:.1} s",
                 topo.nodes.len(),
-                if topo.workers.is_some() { " and workers" } else { "" },
+                if topo.workers.is_some() {
+                    " and workers"
+                } else {
+                    ""
+                },
                 started.elapsed().as_secs_f64()
             );
-            (topo, backends)
+            (topo, backends, Some(e.toxiproxy_api))
         }
         (None, None) => anyhow::bail!("no stack and no target"),
     };
-    let result = drive(scenario, run_dir, stack, &topology, &backends, args.quiet, stop).await;
-    topology.stop().await;
+    let toxiproxy = match toxiproxy_api {
+        Some(api) => Some(
+            ToxiproxyClient::new(api.trim_start_matches("http://")).context("Toxiproxy client")?,
+        ),
+        None => None,
+    };
+    let topology = Arc::new(Mutex::new(topology));
+    let targets = Arc::new(nemesis::Targets {
+        topology: topology.clone(),
+        stack: stack.stack().cloned(),
+        toxiproxy,
+        expected_down: Default::default(),
+    });
+    let result = drive(
+        scenario, planned, targets, run_dir, &backends, args.quiet, abort, stop,
+    )
+    .await;
+    topology.lock().await.stop().await;
     result
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn drive(
     scenario: &Scenario,
+    planned: Vec<nemesis::Planned>,
+    targets: Arc<nemesis::Targets>,
     run_dir: &Path,
-    stack: &StackUse,
-    topology: &Topology,
     backends: &Backends,
     quiet: bool,
+    abort: Abort,
     stop: watch::Receiver<bool>,
 ) -> Result<ExitCode> {
     let run_id = run_dir
@@ -211,8 +333,19 @@ async fn drive(
         .map(|n| n.to_string_lossy().to_string())
         .unwrap_or_else(|| scenario.name.clone());
     // Ids unique per run, so a reused database never mixes two runs' users.
-    let tag = format!("r{:x}", SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs() % 0xfffff);
-    let population = Population::plan(scenario, topology.node_urls.len(), &tag);
+    let tag = format!(
+        "r{:x}",
+        SystemTime::now().duration_since(UNIX_EPOCH)?.as_millis() % 0xfff_ffff
+    );
+    let (node_urls, workers_api, token_secret) = {
+        let t = targets.topology.lock().await;
+        (
+            t.node_urls.clone(),
+            t.workers_api.clone(),
+            t.token_secret.clone(),
+        )
+    };
+    let population = Population::plan(scenario, node_urls.len(), &tag);
     let origin = Instant::now();
     let origin_wall_ms = SystemTime::now().duration_since(UNIX_EPOCH)?.as_millis() as i64;
     let header = Header {
@@ -222,51 +355,55 @@ async fn drive(
         scenario: scenario.name.clone(),
         seed: scenario.seed,
         origin_wall_ms,
-        nodes: topology.node_urls.clone(),
+        nodes: node_urls.clone(),
         users: population
             .users
             .iter()
-            .map(|u| UserInfo { id: u.id.clone(), tenant: u.tenant.clone(), node: u.home as u16 + 1 })
+            .map(|u| UserInfo {
+                id: u.id.clone(),
+                tenant: u.tenant.clone(),
+                node: u.home as u16 + 1,
+            })
             .collect(),
         conversations: population
             .conversations
             .iter()
-            .map(|c| ConversationInfo { id: c.id.clone(), tenant: c.tenant.clone(), members: c.members.clone() })
+            .map(|c| ConversationInfo {
+                id: c.id.clone(),
+                tenant: c.tenant.clone(),
+                members: c.members.clone(),
+            })
             .collect(),
     };
     let (writer, rec) = Writer::create(&run_dir.join(squall_history::FILE_NAME), &header, origin)?;
 
-    let mut sources = Sources {
-        processes: topology
-            .processes()
-            .iter()
-            .map(|p| Watched { name: p.record.name.clone(), pid: p.record.pid })
-            .collect(),
-        metrics: topology
-            .nodes
-            .iter()
-            .map(|n| (n.record.name.clone(), n.url.clone()))
-            .chain(topology.workers.iter().map(|w| ("workers".to_string(), w.url.clone())))
-            .collect(),
-        redis: backends.redis_url.strip_prefix("redis://").map(|r| r.trim_end_matches('/').to_string()),
-        kafka_bootstrap: Some(backends.kafka_bootstrap.clone()),
-    };
-    if topology.nodes.is_empty() {
-        // --target: scrape what the target names.
-        sources.metrics = topology
-            .node_urls
+    let watched = Arc::new(std::sync::Mutex::new(watch_list(&targets).await));
+    let sources = Sources {
+        processes: watched.clone(),
+        metrics: node_urls
             .iter()
             .enumerate()
             .map(|(i, u)| (format!("node-{}", i + 1), u.clone()))
-            .chain(topology.workers_api.iter().map(|w| ("workers".to_string(), w.clone())))
-            .collect();
-    }
-    if let Some(stack) = stack.stack() {
-        sources.processes.extend(
-            stack.state().processes.iter().map(|p| Watched { name: p.name.clone(), pid: p.pid }),
-        );
-    }
-    let sampler = Sampler::start(sources, origin, run_dir).context("starting the signal sampler")?;
+            .chain(
+                workers_api
+                    .iter()
+                    .map(|w| ("workers".to_string(), w.clone())),
+            )
+            .collect(),
+        redis: backends
+            .redis_url
+            .strip_prefix("redis://")
+            .map(|r| r.trim_end_matches('/').to_string()),
+        kafka_bootstrap: Some(backends.kafka_bootstrap.clone()),
+    };
+    let sampler =
+        Sampler::start(sources, origin, run_dir).context("starting the signal sampler")?;
+    let watchdog = tokio::spawn(watchdog(
+        targets.clone(),
+        watched,
+        abort.clone(),
+        stop.clone(),
+    ));
 
     let metrics = Arc::new(Metrics::default());
     let (progress_tx, progress_rx) = watch::channel(None);
@@ -278,20 +415,227 @@ async fn drive(
         quiet,
     );
     let target = Target {
-        nodes: topology.node_urls.clone(),
-        workers_api: topology.workers_api.clone(),
-        token_secret: topology.token_secret.clone(),
+        nodes: node_urls.clone(),
+        workers_api: workers_api.clone(),
+        token_secret,
     };
-    let outcome = squall_load::run(scenario, &population, &target, rec, metrics.clone(), progress_tx, stop).await;
+    let (measure_tx, measure_rx) = tokio::sync::oneshot::channel();
+    let nemesis = {
+        let (targets, rec, stop) = (targets.clone(), rec.clone(), stop.clone());
+        tokio::spawn(async move {
+            let Ok(measure_start) = measure_rx.await else {
+                return Ok(());
+            };
+            nemesis::run(planned, targets, rec, measure_start, stop).await
+        })
+    };
+    let outcome = squall_load::run(
+        scenario,
+        &population,
+        &target,
+        rec.clone(),
+        metrics.clone(),
+        progress_tx,
+        stop.clone(),
+        Some(measure_tx),
+    )
+    .await;
+    match nemesis.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => abort.abort(format!("guardrail: {e:#}")),
+        Err(e) => abort.abort(format!("the nemesis failed: {e}")),
+    }
+    watchdog.abort();
     display.finish().await;
     sampler.finish().await;
+    let outcome = match outcome {
+        Ok(o) => o,
+        Err(e) => {
+            let _ = writer.finish();
+            return Err(e.into());
+        }
+    };
     let history = writer.finish()?;
-    let outcome = outcome?;
-    let summary = progress::RunSummary::build(scenario, &run_id, run_dir, &outcome, &metrics, &history, topology.node_urls.len());
+    let summary = progress::RunSummary::build(
+        scenario,
+        &run_id,
+        run_dir,
+        &outcome,
+        &metrics,
+        &history,
+        node_urls.len(),
+    );
     summary.write(run_dir, &metrics)?;
     println!("{}", summary.render());
-    if outcome.interrupted {
+    if outcome.interrupted || abort.reason().is_some() {
         return Ok(ExitCode::from(2));
     }
-    Ok(ExitCode::SUCCESS)
+    if needs_readback(scenario) {
+        let source = readback::Source {
+            kafka_bootstrap: backends.kafka_bootstrap.clone(),
+            postgres_url: Some(backends.postgres_url.clone()),
+            conversations: population
+                .conversations
+                .iter()
+                .map(|c| c.id.clone())
+                .collect(),
+            acked: acked_message_ids(run_dir)?,
+            timeout: std::time::Duration::from_secs(60),
+        };
+        let rb = readback::collect(&source)
+            .await
+            .context("reading back Kafka and the audit table")?;
+        readback::save(&rb, run_dir)?;
+    }
+    let record = verdicts::RunRecord::load(run_dir)?;
+    let judged = verdicts::evaluate(scenario, &record);
+    verdicts::save(&judged, run_dir)?;
+    println!("{}", verdicts::render(&judged));
+    Ok(if verdicts::all_valid(&judged) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+/// Whether any check needs what the system made durable (Kafka, the audit table).
+fn needs_readback(scenario: &Scenario) -> bool {
+    use squall_scenario::{Check, Checker, DuplicatePath};
+    scenario.checks.iter().any(|c| match c {
+        Check::Checker(Checker::NoLossDownstream {}) => true,
+        Check::Checker(Checker::Duplicates { paths, .. }) => paths
+            .iter()
+            .any(|p| matches!(p, DuplicatePath::Kafka | DuplicatePath::Audit)),
+        _ => false,
+    })
+}
+
+fn acked_message_ids(run_dir: &Path) -> Result<std::collections::HashSet<String>> {
+    let (_, ops) = squall_history::read(&run_dir.join(squall_history::FILE_NAME))?;
+    let mut out = std::collections::HashSet::new();
+    for op in ops {
+        let op = op?;
+        if let (squall_history::Kind::Ok, squall_history::Value::Send { mid: Some(mid), .. }) =
+            (op.k, op.v)
+        {
+            out.insert(mid);
+        }
+    }
+    Ok(out)
+}
+
+/// Every process the run knows, by name and current pid (restarts change pids).
+async fn watch_list(targets: &nemesis::Targets) -> Vec<Watched> {
+    let mut out: Vec<Watched> = targets
+        .topology
+        .lock()
+        .await
+        .processes()
+        .iter()
+        .map(|p| Watched {
+            name: p.record.name.clone(),
+            pid: p.record.pid,
+        })
+        .collect();
+    if let Some(stack) = &targets.stack {
+        out.extend(
+            stack
+                .lock()
+                .await
+                .state()
+                .processes
+                .iter()
+                .map(|p| Watched {
+                    name: p.name.clone(),
+                    pid: p.pid,
+                }),
+        );
+    }
+    out
+}
+
+/// Guardrail: a process of the run that dies without a fault asking for it (twice in a
+/// row, a second apart) aborts the run; also keeps the sampler's pids current.
+async fn watchdog(
+    targets: Arc<nemesis::Targets>,
+    watched: Arc<std::sync::Mutex<Vec<Watched>>>,
+    abort: Abort,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut suspicious: std::collections::BTreeSet<String> = Default::default();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+            _ = stop.changed() => return,
+        }
+        let expected_down = targets.expected_down();
+        let mut dead = Vec::new();
+        if let Ok(topo) = targets.topology.try_lock() {
+            for p in topo.processes() {
+                if !p.alive() && !expected_down.contains(&p.record.name) {
+                    dead.push(p.record.name.clone());
+                }
+            }
+            let mut list: Vec<Watched> = topo
+                .processes()
+                .iter()
+                .map(|p| Watched {
+                    name: p.record.name.clone(),
+                    pid: p.record.pid,
+                })
+                .collect();
+            drop(topo);
+            if let Some(stack) = &targets.stack {
+                if let Ok(s) = stack.try_lock() {
+                    for p in &s.state().processes {
+                        if !squall_stack::process::is_alive(p) && !expected_down.contains(&p.name) {
+                            dead.push(p.name.clone());
+                        }
+                        list.push(Watched {
+                            name: p.name.clone(),
+                            pid: p.pid,
+                        });
+                    }
+                }
+            }
+            if let Ok(mut w) = watched.lock() {
+                *w = list;
+            }
+        }
+        let now: std::collections::BTreeSet<String> = dead.into_iter().collect();
+        let confirmed: Vec<&String> = now.intersection(&suspicious).collect();
+        if !confirmed.is_empty() {
+            abort.abort(format!(
+                "guardrail: {} died without a fault asking for it; the stack is not in the state the scenario intended",
+                confirmed.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+            ));
+            return;
+        }
+        suspicious = now;
+    }
+}
+
+/// `squall check <run-dir>`: the verdicts of a finished run, recomputed from its files.
+pub fn check(run_dir: &Path) -> Result<ExitCode> {
+    let scenario =
+        squall_scenario::load_file(&run_dir.join("scenario.yaml")).with_context(|| {
+            format!(
+                "{} is not a run directory (no valid scenario.yaml)",
+                run_dir.display()
+            )
+        })?;
+    let record = verdicts::RunRecord::load(run_dir)?;
+    let judged = verdicts::evaluate(&scenario, &record);
+    verdicts::save(&judged, run_dir)?;
+    println!(
+        "run {} (scenario {}):\n{}",
+        run_dir.display(),
+        scenario.name,
+        verdicts::render(&judged)
+    );
+    Ok(if verdicts::all_valid(&judged) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }

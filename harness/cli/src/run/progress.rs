@@ -30,7 +30,12 @@ fn ms(us: u64) -> String {
 
 fn line(p: &SecondPoint, signals: &SignalPoint, metrics: &Metrics) -> String {
     let c = |k: &str| p.counters.get(k).copied().unwrap_or(0);
-    let p99 = |k: &str| metrics.recent_p99(k, 5).map(ms).unwrap_or_else(|| "-".into());
+    let p99 = |k: &str| {
+        metrics
+            .recent_p99(k, 5)
+            .map(ms)
+            .unwrap_or_else(|| "-".into())
+    };
     let lag: f64 = signals.lag.values().sum();
     format!(
         "sent/s {} ack/s {} delivered/s {} | p99 ack {} ms, delivery {} ms | errors {} unknown {} | lag {} | connected {}{}",
@@ -72,7 +77,9 @@ impl Display {
         let task = tokio::spawn(async move {
             let mut measured = 0u64;
             while points.changed().await.is_ok() {
-                let Some(p) = points.borrow_and_update().clone() else { continue };
+                let Some(p) = points.borrow_and_update().clone() else {
+                    continue;
+                };
                 let sig = signals.lock().map(|s| s.clone()).unwrap_or_default();
                 let text = line(&p, &sig, &metrics);
                 if p.counters.get("sends_invoked").copied().unwrap_or(0) > 0 || measured > 0 {
@@ -150,7 +157,8 @@ impl RunSummary {
     pub fn write(&self, run_dir: &Path, metrics: &Metrics) -> Result<()> {
         let write = |name: &str, value: &dyn erased::Json| -> Result<()> {
             let path = run_dir.join(name);
-            std::fs::write(&path, value.to_json()?).with_context(|| format!("writing {}", path.display()))
+            std::fs::write(&path, value.to_json()?)
+                .with_context(|| format!("writing {}", path.display()))
         };
         write("run.json", self)?;
         write("histograms.json", &metrics.encoded_histograms())?;
@@ -183,7 +191,12 @@ impl RunSummary {
             c("sends_unknown"),
             c("sends_dropped_in_flight_limit")
         );
-        let _ = writeln!(out, "  deliveries {} live, {} by sync", c("delivered_live"), c("delivered_sync"));
+        let _ = writeln!(
+            out,
+            "  deliveries {} live, {} by sync",
+            c("delivered_live"),
+            c("delivered_sync")
+        );
         let _ = writeln!(
             out,
             "  streams    {} started, {} completed, {} failed, {} chunks",
@@ -194,13 +207,14 @@ impl RunSummary {
         );
         let _ = writeln!(
             out,
-            "  other      {} typing, {} reads, {} syncs, {} HTTP ok, {} HTTP failed, {} server errors, {} reconnects",
+            "  other      {} typing, {} reads, {} syncs, {} HTTP ok, {} HTTP failed, {} server errors, {} reconnects ({} after a lost connection)",
             c("typing"),
             c("reads"),
             c("syncs"),
             c("http_ok"),
             c("http_failed"),
             c("server_errors"),
+            c("reconnects"),
             c("disconnects")
         );
         let _ = writeln!(out, "  latency (ms, from the intended time)    count      p50      p90      p99    p99.9      max");

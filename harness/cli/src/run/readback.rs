@@ -65,7 +65,9 @@ fn read_kafka(bootstrap: &str, conversations: &HashSet<String>) -> Result<(Vec<K
     let mut reached: BTreeMap<i32, bool> = ends.keys().map(|p| (*p, false)).collect();
     let deadline = Instant::now() + Duration::from_secs(60);
     while reached.values().any(|r| !r) && Instant::now() < deadline {
-        let Some(msg) = consumer.poll(Duration::from_millis(500)) else { continue };
+        let Some(msg) = consumer.poll(Duration::from_millis(500)) else {
+            continue;
+        };
         let msg = msg.context("reading chat-events")?;
         let (p, offset) = (msg.partition(), msg.offset());
         if let Some(end) = ends.get(&p) {
@@ -73,9 +75,15 @@ fn read_kafka(bootstrap: &str, conversations: &HashSet<String>) -> Result<(Vec<K
                 reached.insert(p, true);
             }
         }
-        let Some(payload) = msg.payload() else { continue };
-        let Ok(env) = serde_json::from_slice::<EventEnvelope>(payload) else { continue };
-        let EventBody::ChatMessage(chat) = &env.body else { continue };
+        let Some(payload) = msg.payload() else {
+            continue;
+        };
+        let Ok(env) = serde_json::from_slice::<EventEnvelope>(payload) else {
+            continue;
+        };
+        let EventBody::ChatMessage(chat) = &env.body else {
+            continue;
+        };
         if !conversations.contains(&chat.conversation_id) {
             continue;
         }
@@ -102,7 +110,10 @@ async fn read_audit(pool: &sqlx::PgPool, conversations: &[String]) -> Result<Vec
     .context("reading audit_logs")?;
     Ok(rows
         .into_iter()
-        .map(|(event_id, message_id)| AuditRow { event_id, message_id })
+        .map(|(event_id, message_id)| AuditRow {
+            event_id,
+            message_id,
+        })
         .collect())
 }
 
@@ -136,7 +147,8 @@ pub async fn collect(src: &Source) -> Result<Readback> {
             None => Vec::new(),
         };
         let kafka_covers = covers(chat_events.iter().map(|e| e.message_id.clone()), &src.acked);
-        let audit_covers = pool.is_none() || covers(audit_rows.iter().map(|r| r.message_id.clone()), &src.acked);
+        let audit_covers =
+            pool.is_none() || covers(audit_rows.iter().map(|r| r.message_id.clone()), &src.acked);
         if (kafka_covers && audit_covers) || started.elapsed() >= src.timeout {
             tracing::info!(
                 kafka = chat_events.len(),
@@ -144,7 +156,11 @@ pub async fn collect(src: &Source) -> Result<Readback> {
                 waited_s = started.elapsed().as_secs_f64(),
                 "read back"
             );
-            return Ok(Readback { chat_events, audit_rows, complete: kafka_complete });
+            return Ok(Readback {
+                chat_events,
+                audit_rows,
+                complete: kafka_complete,
+            });
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
@@ -152,7 +168,8 @@ pub async fn collect(src: &Source) -> Result<Readback> {
 
 pub fn save(readback: &Readback, run_dir: &Path) -> Result<()> {
     let path = run_dir.join(FILE_NAME);
-    let file = std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+    let file =
+        std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
     let mut gz = GzEncoder::new(file, flate2::Compression::new(3));
     serde_json::to_writer(&mut gz, readback)?;
     gz.finish()?.flush()?;
@@ -162,5 +179,6 @@ pub fn save(readback: &Readback, run_dir: &Path) -> Result<()> {
 pub fn load(run_dir: &Path) -> Result<Readback> {
     let path = run_dir.join(FILE_NAME);
     let file = std::fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?;
-    serde_json::from_reader(flate2::read::GzDecoder::new(file)).with_context(|| format!("reading {}", path.display()))
+    serde_json::from_reader(flate2::read::GzDecoder::new(file))
+        .with_context(|| format!("reading {}", path.display()))
 }

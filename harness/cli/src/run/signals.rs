@@ -9,7 +9,7 @@ use rdkafka::ClientConfig;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -23,9 +23,10 @@ pub struct Watched {
 }
 
 /// What to scrape.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Sources {
-    pub processes: Vec<Watched>,
+    /// Kept current by the run (a restarted process has a new pid).
+    pub processes: Arc<Mutex<Vec<Watched>>>,
     /// (name, base URL) of nodes and workers.
     pub metrics: Vec<(String, String)>,
     /// host:port of Redis (through its proxy, as clients see it).
@@ -110,10 +111,13 @@ pub fn lag_per_group(samples: &BTreeMap<String, f64>) -> BTreeMap<String, f64> {
 }
 
 async fn redis_info(addr: &str) -> Option<BTreeMap<String, f64>> {
-    let mut s = tokio::time::timeout(Duration::from_millis(500), tokio::net::TcpStream::connect(addr))
-        .await
-        .ok()?
-        .ok()?;
+    let mut s = tokio::time::timeout(
+        Duration::from_millis(500),
+        tokio::net::TcpStream::connect(addr),
+    )
+    .await
+    .ok()?
+    .ok()?;
     s.write_all(b"*1\r\n$4\r\nINFO\r\n").await.ok()?;
     let mut buf = Vec::with_capacity(8192);
     let read = async {
@@ -135,9 +139,16 @@ async fn redis_info(addr: &str) -> Option<BTreeMap<String, f64>> {
         }
         Some(())
     };
-    tokio::time::timeout(Duration::from_millis(500), read).await.ok()??;
+    tokio::time::timeout(Duration::from_millis(500), read)
+        .await
+        .ok()??;
     let text = String::from_utf8_lossy(&buf);
-    let wanted = ["used_memory", "instantaneous_ops_per_sec", "connected_clients", "pubsub_channels"];
+    let wanted = [
+        "used_memory",
+        "instantaneous_ops_per_sec",
+        "connected_clients",
+        "pubsub_channels",
+    ];
     Some(
         text.lines()
             .filter_map(|l| l.trim_end().split_once(':'))
@@ -169,7 +180,6 @@ pub struct Sampler {
     pub latest: Arc<Mutex<SignalPoint>>,
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
-    pub path: PathBuf,
 }
 
 impl Sampler {
@@ -181,11 +191,17 @@ impl Sampler {
         let (stop, mut stopped) = watch::channel(false);
         let shared = latest.clone();
         let task = tokio::spawn(async move {
-            let client = match reqwest::Client::builder().timeout(Duration::from_millis(800)).build() {
+            let client = match reqwest::Client::builder()
+                .timeout(Duration::from_millis(800))
+                .build()
+            {
                 Ok(c) => c,
                 Err(_) => return,
             };
-            let me = Watched { name: "squall".into(), pid: std::process::id() as i32 };
+            let me = Watched {
+                name: "squall".into(),
+                pid: std::process::id() as i32,
+            };
             let mut previous: BTreeMap<String, (u64, Instant)> = BTreeMap::new();
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             let mut kafka_every = 0u32;
@@ -196,15 +212,33 @@ impl Sampler {
                     _ = stopped.changed() => break,
                 }
                 let now = Instant::now();
-                let mut point = SignalPoint { t: now.duration_since(origin).as_secs_f64(), ..Default::default() };
-                for w in sources.processes.iter().chain(std::iter::once(&me)) {
+                let mut point = SignalPoint {
+                    t: now.duration_since(origin).as_secs_f64(),
+                    ..Default::default()
+                };
+                let processes: Vec<Watched> = sources
+                    .processes
+                    .lock()
+                    .map(|p| p.clone())
+                    .unwrap_or_default();
+                for w in processes.iter().chain(std::iter::once(&me)) {
                     if let Some((ticks, rss)) = read_proc(w.pid) {
                         let cpu = previous
                             .get(&w.name)
-                            .map(|(t0, at)| (ticks.saturating_sub(*t0)) as f64 / ticks_per_second() / now.duration_since(*at).as_secs_f64().max(0.001))
+                            .map(|(t0, at)| {
+                                (ticks.saturating_sub(*t0)) as f64
+                                    / ticks_per_second()
+                                    / now.duration_since(*at).as_secs_f64().max(0.001)
+                            })
                             .unwrap_or(0.0);
                         previous.insert(w.name.clone(), (ticks, now));
-                        point.processes.insert(w.name.clone(), ProcessSample { cpu, rss_bytes: rss });
+                        point.processes.insert(
+                            w.name.clone(),
+                            ProcessSample {
+                                cpu,
+                                rss_bytes: rss,
+                            },
+                        );
                     }
                 }
                 let scrapes = sources.metrics.iter().map(|(name, url)| {
@@ -238,7 +272,10 @@ impl Sampler {
                 if let Some(bootstrap) = &sources.kafka_bootstrap {
                     if kafka_every % 5 == 0 {
                         let b = bootstrap.clone();
-                        last_urp = tokio::task::spawn_blocking(move || under_replicated(&b)).await.ok().flatten();
+                        last_urp = tokio::task::spawn_blocking(move || under_replicated(&b))
+                            .await
+                            .ok()
+                            .flatten();
                     }
                     kafka_every += 1;
                     point.kafka_under_replicated = last_urp;
@@ -252,19 +289,13 @@ impl Sampler {
             }
             let _ = file.flush();
         });
-        Ok(Sampler { latest, stop, task, path })
+        Ok(Sampler { latest, stop, task })
     }
 
     pub async fn finish(self) {
         let _ = self.stop.send(true);
         let _ = self.task.await;
     }
-}
-
-/// Reads a signals file back.
-pub fn read_signals(path: &Path) -> std::io::Result<Vec<SignalPoint>> {
-    let text = std::fs::read_to_string(path)?;
-    Ok(text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect())
 }
 
 #[cfg(test)]

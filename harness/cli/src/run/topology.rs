@@ -87,7 +87,13 @@ pub struct OwnedProcess {
 }
 
 impl OwnedProcess {
-    fn start(name: &str, program: &Path, args: Vec<String>, log: PathBuf, url: String) -> Result<Self> {
+    fn start(
+        name: &str,
+        program: &Path,
+        args: Vec<String>,
+        log: PathBuf,
+        url: String,
+    ) -> Result<Self> {
         let record = process::spawn(Launch {
             name,
             program,
@@ -111,7 +117,8 @@ impl OwnedProcess {
     }
 
     pub fn signal(&self, signal: Signal) -> Result<()> {
-        process::signal(&self.record, signal).with_context(|| format!("signalling {}", self.record.name))
+        process::signal(&self.record, signal)
+            .with_context(|| format!("signalling {}", self.record.name))
     }
 
     /// Starts it again with the same program, arguments and log (appended).
@@ -190,7 +197,11 @@ impl Topology {
         Topology {
             nodes: Vec::new(),
             workers: None,
-            node_urls: t.nodes.iter().map(|u| u.trim_end_matches('/').to_string()).collect(),
+            node_urls: t
+                .nodes
+                .iter()
+                .map(|u| u.trim_end_matches('/').to_string())
+                .collect(),
             workers_api: t.workers_api.clone(),
             token_secret: t.token_secret.clone(),
         }
@@ -214,7 +225,9 @@ impl Topology {
             workers_api: None,
             token_secret: secret.clone(),
         };
-        let result = topo.start_all(scenario, binary, backends, ports, run_dir, &logs).await;
+        let result = topo
+            .start_all(scenario, binary, backends, ports, run_dir, &logs)
+            .await;
         if let Err(e) = result {
             topo.stop().await;
             return Err(e);
@@ -235,7 +248,8 @@ impl Topology {
         for i in 1..=topology.nodes {
             let id = format!("node-{i}");
             let port = ports.nodes_base + i as u16;
-            let mut config = serde_yaml::to_value(&topology.node).context("encoding node settings")?;
+            let mut config =
+                serde_yaml::to_value(&topology.node).context("encoding node settings")?;
             let map = config
                 .as_mapping_mut()
                 .context("node settings are not a mapping")?;
@@ -256,7 +270,11 @@ impl Topology {
             let node = OwnedProcess::start(
                 &id,
                 binary,
-                vec!["node".into(), "--config".into(), config_path.display().to_string()],
+                vec![
+                    "node".into(),
+                    "--config".into(),
+                    config_path.display().to_string(),
+                ],
                 logs.join(format!("{id}.log")),
                 url.clone(),
             )?;
@@ -289,7 +307,13 @@ impl Topology {
             if let Some(ms) = w.commit_interval_ms {
                 args.extend(["--commit-interval-ms".into(), ms.to_string()]);
             }
-            self.workers = Some(OwnedProcess::start("workers", binary, args, logs.join("workers.log"), url.clone())?);
+            self.workers = Some(OwnedProcess::start(
+                "workers",
+                binary,
+                args,
+                logs.join("workers.log"),
+                url.clone(),
+            )?);
             self.workers_api = Some(url);
         }
         self.wait_ready(Duration::from_secs(90)).await
@@ -305,7 +329,11 @@ impl Topology {
             .nodes
             .iter()
             .map(|n| (n, format!("{}/readyz", n.url)))
-            .chain(self.workers.iter().map(|w| (w, format!("{}/healthz", w.url))))
+            .chain(
+                self.workers
+                    .iter()
+                    .map(|w| (w, format!("{}/healthz", w.url))),
+            )
             .collect();
         let mut last = String::new();
         while !waiting.is_empty() {
@@ -322,7 +350,11 @@ impl Topology {
                 match client.get(&url).send().await {
                     Ok(r) if r.status().is_success() => {}
                     Ok(r) => {
-                        last = format!("{url}: {} {}", r.status(), r.text().await.unwrap_or_default());
+                        last = format!(
+                            "{url}: {} {}",
+                            r.status(),
+                            r.text().await.unwrap_or_default()
+                        );
                         still.push((p, url));
                     }
                     Err(e) => {

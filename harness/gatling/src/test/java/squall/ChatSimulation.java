@@ -103,7 +103,8 @@ public class ChatSimulation extends Simulation {
               })
           // A random start within one interval spreads the users' sends evenly.
           .pause(Duration.ZERO, pace)
-          .during(Duration.ofSeconds(durationSeconds), "i")
+          // exitASAP false: an iteration begun is finished (its ack counted) when time is up.
+          .during(Duration.ofSeconds(durationSeconds), "i", false)
           .on(
               pace(pace)
                   .exec(
@@ -136,10 +137,13 @@ public class ChatSimulation extends Simulation {
           .exec(ws("close").close());
 
   {
-    double connectSeconds = Math.max(users / connectRate, 0.001);
+    // Gatling injects nobody from a ramp shorter than a second: all at once then.
+    long connectSeconds = Math.round(users / connectRate);
     setUp(
             chat.injectOpen(
-                rampUsers(users).during(Duration.ofMillis(Math.round(connectSeconds * 1000)))))
+                connectSeconds < 1
+                    ? atOnceUsers(users)
+                    : rampUsers(users).during(Duration.ofSeconds(connectSeconds))))
         .protocols(protocol);
   }
 
