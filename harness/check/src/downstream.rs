@@ -40,6 +40,20 @@ pub struct Readback {
     pub audit_rows: Vec<AuditRow>,
     /// The readback reached the end offsets (and the whole table).
     pub complete: bool,
+    /// Projection digests, live and rebuilt by replaying the topics from the start.
+    #[serde(default)]
+    pub replay: Vec<ReplayDigest>,
+}
+
+/// One projection's digest as the live workers built it, and as a replay of the topics
+/// from the start into an emptied projection rebuilt it (or why that could not be done).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplayDigest {
+    pub projection: String,
+    pub live: Option<String>,
+    pub rebuilt: Option<String>,
+    pub events: u64,
+    pub error: Option<String>,
 }
 
 impl KafkaEvent {
@@ -405,6 +419,7 @@ mod tests {
             ],
             audit_rows: vec![ar("e1", "ma"), ar("e2", "mb"), ar("e3", "mc")],
             complete: true,
+            replay: Vec::new(),
         }
     }
 

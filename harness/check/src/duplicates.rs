@@ -343,6 +343,7 @@ mod tests {
                 })
                 .collect(),
             complete: true,
+            replay: Vec::new(),
         }
     }
 

@@ -15,6 +15,7 @@ mod duplicates;
 mod facts;
 mod lag;
 mod order;
+mod replay;
 mod slo;
 mod streams;
 mod verdict;
@@ -23,7 +24,7 @@ mod verdict;
 mod testkit;
 
 pub use delivery::delivery;
-pub use downstream::{no_loss_downstream, AuditRow, KafkaEvent, Readback};
+pub use downstream::{no_loss_downstream, AuditRow, KafkaEvent, Readback, ReplayDigest};
 pub use duplicates::{duplicates, Path};
 pub use facts::{
     anomaly, ConnEvent, ConnWhat, Delivery, Facts, FactsBuilder, Fault, Follow, MsgId, Phase,
@@ -31,6 +32,7 @@ pub use facts::{
 };
 pub use lag::lag;
 pub use order::order;
+pub use replay::replay;
 pub use slo::{slo, METRICS};
 pub use streams::streams;
 pub use verdict::{Example, Validity, Verdict, MAX_EXAMPLES, MAX_TIMELINE_LINES};

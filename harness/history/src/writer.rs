@@ -163,7 +163,20 @@ fn write_loop(
     let mut records = 0u64;
     let mut bytes = header_bytes;
     let mut line = Vec::with_capacity(256);
-    while let Ok(Message::Op(op)) = rx.recv() {
+    let mut last_flush = std::time::Instant::now();
+    loop {
+        // A sync flush every second: a run killed mid-way leaves a readable history, and
+        // a reader can follow a run in progress.
+        let op = match rx.recv_timeout(std::time::Duration::from_secs(1)) {
+            Ok(Message::Op(op)) => Some(op),
+            Ok(Message::Close) | Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(mpsc::RecvTimeoutError::Timeout) => None,
+        };
+        if last_flush.elapsed() >= std::time::Duration::from_secs(1) {
+            out.flush().map_err(io_err)?;
+            last_flush = std::time::Instant::now();
+        }
+        let Some(op) = op else { continue };
         line.clear();
         // Encoding an Op cannot fail (no maps with non-string keys, no foreign types).
         if serde_json::to_writer(&mut line, &op).is_ok() {

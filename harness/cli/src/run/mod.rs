@@ -447,10 +447,10 @@ async fn drive(
     }
     watchdog.abort();
     display.finish().await;
-    sampler.finish().await;
     let outcome = match outcome {
         Ok(o) => o,
         Err(e) => {
+            sampler.finish().await;
             let _ = writer.finish();
             return Err(e.into());
         }
@@ -468,8 +468,10 @@ async fn drive(
     summary.write(run_dir, &metrics)?;
     println!("{}", summary.render());
     if outcome.interrupted || abort.reason().is_some() {
+        sampler.finish().await;
         return Ok(ExitCode::from(2));
     }
+    // Signals go on being sampled while the system catches up (consumer lag recovery).
     if needs_readback(scenario) {
         let source = readback::Source {
             kafka_bootstrap: backends.kafka_bootstrap.clone(),
@@ -482,11 +484,22 @@ async fn drive(
             acked: acked_message_ids(run_dir)?,
             timeout: std::time::Duration::from_secs(60),
         };
-        let rb = readback::collect(&source)
-            .await
-            .context("reading back Kafka and the audit table")?;
-        readback::save(&rb, run_dir)?;
+        let mut rb = readback::collect(&source).await;
+        if let (Ok(rb), Some(projections)) = (&mut rb, replay_projections(scenario)) {
+            rb.replay = replay(&targets, backends, &sampler, &projections).await;
+        }
+        if let Ok(rb) = &rb {
+            readback::save(rb, run_dir)?;
+        }
+        if let Err(e) = rb {
+            sampler.finish().await;
+            return Err(e.context("reading back Kafka and the audit table"));
+        }
     }
+    if lag_check_wants_more(scenario) {
+        tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+    }
+    sampler.finish().await;
     let record = verdicts::RunRecord::load(run_dir)?;
     let judged = verdicts::evaluate(scenario, &record);
     verdicts::save(&judged, run_dir)?;
@@ -498,11 +511,91 @@ async fn drive(
     })
 }
 
+fn replay_projections(scenario: &Scenario) -> Option<Vec<String>> {
+    scenario.checks.iter().find_map(|c| match c {
+        squall_scenario::Check::Checker(squall_scenario::Checker::Replay { projections }) => {
+            Some(verdicts::projection_names(projections))
+        }
+        _ => None,
+    })
+}
+
+/// Waits for every consumer group to drain, stops the workers (their projections must
+/// not move while they are digested and rebuilt), then has chatstream's replay rebuild
+/// each projection from the topics.
+async fn replay(
+    targets: &nemesis::Targets,
+    backends: &Backends,
+    sampler: &Sampler,
+    projections: &[String],
+) -> Vec<squall_check::ReplayDigest> {
+    let failed = |why: String| {
+        projections
+            .iter()
+            .map(|p| squall_check::ReplayDigest {
+                projection: p.clone(),
+                live: None,
+                rebuilt: None,
+                events: 0,
+                error: Some(why.clone()),
+            })
+            .collect()
+    };
+    let deadline = Instant::now() + std::time::Duration::from_secs(90);
+    loop {
+        let lag: f64 = sampler
+            .latest
+            .lock()
+            .map(|s| s.lag.values().sum())
+            .unwrap_or(f64::MAX);
+        if lag == 0.0 {
+            break;
+        }
+        if Instant::now() >= deadline {
+            return failed(format!(
+                "the consumer groups did not drain within 90 s (lag {lag})"
+            ));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+    let program = {
+        let topo = targets.topology.lock().await;
+        let Some(workers) = &topo.workers else {
+            return failed(
+                "no workers process of this run to stop (replay needs the workers squall started)"
+                    .into(),
+            );
+        };
+        targets.mark_down(&workers.record.name, true);
+        if let Err(e) = workers.stop(std::time::Duration::from_secs(15)).await {
+            return failed(format!("{e:#}"));
+        }
+        workers.program.clone()
+    };
+    readback::replay_digests(
+        &program,
+        &backends.kafka_bootstrap,
+        &backends.postgres_url,
+        projections,
+    )
+    .await
+}
+
+/// Lag checks judge recovery after the load: give the sampler a few more seconds.
+fn lag_check_wants_more(scenario: &Scenario) -> bool {
+    use squall_scenario::{Check, Checker, MetricRef};
+    scenario.checks.iter().any(|c| match c {
+        Check::Checker(Checker::Lag { .. }) => true,
+        Check::Gate(g) => matches!(g.metric, MetricRef::Lag(_)),
+        _ => false,
+    })
+}
+
 /// Whether any check needs what the system made durable (Kafka, the audit table).
 fn needs_readback(scenario: &Scenario) -> bool {
     use squall_scenario::{Check, Checker, DuplicatePath};
     scenario.checks.iter().any(|c| match c {
-        Check::Checker(Checker::NoLossDownstream {}) => true,
+        Check::Checker(Checker::NoLossDownstream {} | Checker::Replay { .. }) => true,
         Check::Checker(Checker::Duplicates { paths, .. }) => paths
             .iter()
             .any(|p| matches!(p, DuplicatePath::Kafka | DuplicatePath::Audit)),

@@ -186,7 +186,7 @@ impl Targets {
             .unwrap_or_default()
     }
 
-    fn mark_down(&self, name: &str, down: bool) {
+    pub fn mark_down(&self, name: &str, down: bool) {
         if let Ok(mut s) = self.expected_down.lock() {
             if down {
                 s.insert(name.to_string());

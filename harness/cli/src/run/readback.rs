@@ -10,7 +10,7 @@ use chatstream_protocol::events::{EventBody, EventEnvelope};
 use flate2::write::GzEncoder;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
-use squall_check::{AuditRow, KafkaEvent, Readback};
+use squall_check::{AuditRow, KafkaEvent, Readback, ReplayDigest};
 use std::collections::{BTreeMap, HashSet};
 use std::io::Write;
 use std::path::Path;
@@ -160,6 +160,7 @@ pub async fn collect(src: &Source) -> Result<Readback> {
                 chat_events,
                 audit_rows,
                 complete: kafka_complete,
+                replay: Vec::new(),
             });
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -181,4 +182,65 @@ pub fn load(run_dir: &Path) -> Result<Readback> {
     let file = std::fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?;
     serde_json::from_reader(flate2::read::GzDecoder::new(file))
         .with_context(|| format!("reading {}", path.display()))
+}
+
+/// Digests of `projections` as the live workers built them, then rebuilt by chatstream's
+/// own replay (`chatstream replay rebuild`: empties the projection and replays the topics
+/// from the start). The workers must be stopped and drained first.
+pub async fn replay_digests(
+    chatstream: &Path,
+    kafka_bootstrap: &str,
+    postgres_url: &str,
+    projections: &[String],
+) -> Vec<ReplayDigest> {
+    let run = |args: Vec<String>| async move {
+        let out = tokio::process::Command::new(chatstream)
+            .args(&args)
+            .args([
+                "--kafka-bootstrap",
+                kafka_bootstrap,
+                "--postgres-url",
+                postgres_url,
+            ])
+            .output()
+            .await
+            .map_err(|e| format!("running {}: {e}", chatstream.display()))?;
+        if !out.status.success() {
+            return Err(format!(
+                "`chatstream {}` failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+                    .lines()
+                    .last()
+                    .unwrap_or_default()
+            ));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    };
+    let mut out = Vec::new();
+    for p in projections {
+        let live = run(vec!["replay".into(), "digest".into(), p.clone()]).await;
+        let rebuilt = run(vec!["replay".into(), "rebuild".into(), p.clone()])
+            .await
+            .and_then(|text| {
+                serde_json::from_str::<serde_json::Value>(text.lines().last().unwrap_or_default())
+                    .map_err(|e| format!("rebuild output is not JSON ({e}): {text}"))
+            });
+        let error = live.as_ref().err().or(rebuilt.as_ref().err()).cloned();
+        let (digest, events) = match &rebuilt {
+            Ok(v) => (
+                v["digest"].as_str().map(str::to_string),
+                v["events"].as_u64().unwrap_or(0),
+            ),
+            Err(_) => (None, 0),
+        };
+        out.push(ReplayDigest {
+            projection: p.clone(),
+            live: live.ok(),
+            rebuilt: digest,
+            events,
+            error,
+        });
+    }
+    out
 }

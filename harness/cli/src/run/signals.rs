@@ -282,6 +282,7 @@ impl Sampler {
                 }
                 if let Ok(line) = serde_json::to_string(&point) {
                     let _ = writeln!(file, "{line}");
+                    let _ = file.flush();
                 }
                 if let Ok(mut l) = shared.lock() {
                     *l = point;

@@ -86,13 +86,22 @@ fn load_histograms(path: &Path) -> Result<BTreeMap<String, Histogram<u64>>> {
     Ok(out)
 }
 
-/// The checks a scenario without a `checks` section gets: the history-only checkers.
-fn default_checks() -> Vec<Check> {
-    vec![
+/// The checks a scenario without a `checks` section gets: the history-only checkers
+/// (streams only when the load starts streams: with none there is nothing to judge).
+fn default_checks(scenario: &Scenario) -> Vec<Check> {
+    let mut checks = vec![
         Check::Checker(Checker::Delivery {}),
         Check::Checker(Checker::Order {}),
-        Check::Checker(Checker::Streams {}),
-    ]
+    ];
+    let streams = scenario.load.mix.stream > 0.0
+        || scenario
+            .http
+            .iter()
+            .any(|h| h.endpoint == squall_scenario::HttpEndpoint::Chat);
+    if streams {
+        checks.push(Check::Checker(Checker::Streams {}));
+    }
+    checks
 }
 
 fn unknown(name: &str, why: &str) -> Verdict {
@@ -121,7 +130,7 @@ fn last_fault_end(facts: &Facts) -> Option<u64> {
 /// Every check of the scenario, judged.
 pub fn evaluate(scenario: &Scenario, record: &RunRecord) -> Vec<Verdict> {
     let checks = if scenario.checks.is_empty() {
-        default_checks()
+        default_checks(scenario)
     } else {
         scenario.checks.clone()
     };
@@ -136,9 +145,15 @@ fn judge(check: &Check, record: &RunRecord) -> Verdict {
         Check::Checker(Checker::Streams {}) => squall_check::streams(facts),
         Check::Checker(Checker::NoLossDownstream {}) => match &record.readback {
             Some(rb) => squall_check::no_loss_downstream(facts, rb),
-            None => unknown("no_loss_downstream", "nothing was read back from Kafka and PostgreSQL for this run"),
+            None => unknown(
+                "no_loss_downstream",
+                "nothing was read back from Kafka and PostgreSQL for this run",
+            ),
         },
-        Check::Checker(Checker::Duplicates { max_fraction, paths }) => {
+        Check::Checker(Checker::Duplicates {
+            max_fraction,
+            paths,
+        }) => {
             let paths: Vec<squall_check::Path> = paths
                 .iter()
                 .map(|p| match p {
@@ -150,22 +165,43 @@ fn judge(check: &Check, record: &RunRecord) -> Verdict {
                 .collect();
             squall_check::duplicates(facts, &paths, *max_fraction, record.readback.as_ref())
         }
-        Check::Checker(Checker::Replay { .. }) => unknown(
-            "replay",
-            "the replay checker is not implemented in this version of squall; remove it from checks or expect this run to fail",
+        Check::Checker(Checker::Replay { projections }) => match &record.readback {
+            Some(rb) => squall_check::replay(rb, &projection_names(projections)),
+            None => unknown("replay", "nothing was read back for this run"),
+        },
+        Check::Checker(Checker::Lag { max, within }) => squall_check::lag(
+            &lag_samples(record),
+            last_fault_end(facts),
+            *max,
+            within.as_micros() as u64,
         ),
-        Check::Checker(Checker::Lag { max, within }) => {
-            squall_check::lag(&lag_samples(record), last_fault_end(facts), *max, within.as_micros() as u64)
-        }
-        Check::Checker(Checker::Slo { metric, percentile, max, outside_faults }) => {
+        Check::Checker(Checker::Slo {
+            metric,
+            percentile,
+            max,
+            outside_faults,
+        }) => {
             if squall_check::METRICS.contains(&metric.as_str()) {
-                squall_check::slo(facts, metric, *percentile, max.as_micros() as u64, *outside_faults)
+                squall_check::slo(
+                    facts,
+                    metric,
+                    *percentile,
+                    max.as_micros() as u64,
+                    *outside_faults,
+                )
             } else {
                 let gate = Gate {
-                    metric: MetricRef::Percentile { p: *percentile, metric: metric.clone() },
+                    metric: MetricRef::Percentile {
+                        p: *percentile,
+                        metric: metric.clone(),
+                    },
                     op: CmpOp::Lt,
                     threshold: Threshold::Duration(*max),
-                    scope: if *outside_faults { GateScope::OutsideFaults } else { GateScope::Whole },
+                    scope: if *outside_faults {
+                        GateScope::OutsideFaults
+                    } else {
+                        GateScope::Whole
+                    },
                     text: format!("p{percentile}({metric}) < {max:?}"),
                 };
                 gate_verdict(&gate, record)
@@ -173,6 +209,18 @@ fn judge(check: &Check, record: &RunRecord) -> Verdict {
         }
         Check::Gate(gate) => gate_verdict(gate, record),
     }
+}
+
+pub fn projection_names(projections: &[squall_scenario::Projection]) -> Vec<String> {
+    projections
+        .iter()
+        .map(|p| {
+            serde_json::to_value(p)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_else(|| format!("{p:?}").to_lowercase())
+        })
+        .collect()
 }
 
 fn compare(op: CmpOp, value: f64, threshold: f64) -> bool {
