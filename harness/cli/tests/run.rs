@@ -290,18 +290,34 @@ async fn target_mode_starts_and_stops_nothing(stack: &mut Stack) -> Result<()> {
     result
 }
 
+/// Kills the child if the test ends early, so a failed test leaves no run behind.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(self.0.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let _ = self.0.wait();
+        }
+    }
+}
+
 async fn ctrl_c_stops_everything_the_run_started(stack: &mut Stack) -> Result<()> {
     let reports = reports_dir("interrupt");
     let base = stack.plan().toxiproxy_api;
-    let mut child = Command::new(squall())
+    let child = Command::new(squall())
         .args(["run", "--quiet", "--reports-dir"])
         .arg(&reports)
         .arg("--stack-dir")
         .arg(&stack.state().run_dir)
         .arg(fixture("long.yaml"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
         .spawn()?;
+    let mut child = KillOnDrop(child);
     // Wait until the run is under load (its history has its `connected` phase).
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
@@ -316,7 +332,7 @@ async fn ctrl_c_stops_everything_the_run_started(stack: &mut Stack) -> Result<()
                 }
             }
         }
-        if let Some(status) = child.try_wait()? {
+        if let Some(status) = child.0.try_wait()? {
             bail!("squall ended early: {status}");
         }
         ensure!(Instant::now() < deadline, "the run never got under load");
@@ -324,12 +340,12 @@ async fn ctrl_c_stops_everything_the_run_started(stack: &mut Stack) -> Result<()
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
     nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::unistd::Pid::from_raw(child.0.id() as i32),
         nix::sys::signal::Signal::SIGINT,
     )?;
     let started = Instant::now();
     let status = loop {
-        if let Some(s) = child.try_wait()? {
+        if let Some(s) = child.0.try_wait()? {
             break s;
         }
         ensure!(

@@ -175,7 +175,7 @@ pub async fn run(
         })
     };
 
-    let shared = Arc::new(Shared::new(
+    let mut shared = Shared::new(
         rec.clone(),
         metrics.clone(),
         target.nodes.iter().map(|n| ws_url(n)).collect(),
@@ -186,7 +186,9 @@ pub async fn run(
             .collect(),
         load.ack_timeout,
         load.max_in_flight as usize,
-    ));
+    );
+    shared.final_resync = load.final_resync;
+    let shared = Arc::new(shared);
     let memberships = population.memberships();
     let (connected_tx, mut connected_rx) = mpsc::unbounded_channel();
     let mut senders = Vec::with_capacity(population.users.len());

@@ -21,6 +21,8 @@ pub struct Shared {
     pub connect_attempts: u32,
     /// How long the final resync may take.
     pub finish_timeout: Duration,
+    /// Whether users resync every conversation after the load.
+    pub final_resync: bool,
     window: OnceLock<(Instant, Instant)>,
 }
 
@@ -48,6 +50,7 @@ impl Shared {
             max_in_flight,
             connect_attempts: 10,
             finish_timeout: Duration::from_secs(30),
+            final_resync: true,
             window: OnceLock::new(),
         }
     }

@@ -594,6 +594,9 @@ impl User {
     }
 
     async fn final_resync(&mut self, ws: &mut Ws) -> Result<(), String> {
+        if !self.shared.final_resync {
+            return Ok(());
+        }
         let convs: Vec<u32> = self.spec.conversations.clone();
         for c in convs {
             self.sync(ws, c).await?;

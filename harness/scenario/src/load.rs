@@ -38,6 +38,15 @@ pub struct Load {
     /// Operations one user may have awaiting acknowledgement at once.
     #[serde(default = "default_max_in_flight")]
     pub max_in_flight: u32,
+    /// After the load, every user asks for every conversation's messages once more
+    /// (recovering what live fan-out missed). Off, what live fan-out dropped stays lost:
+    /// sabotage scenarios that break live delivery turn it off to show it.
+    #[serde(default = "default_final_resync")]
+    pub final_resync: bool,
+}
+
+fn default_final_resync() -> bool {
+    true
 }
 
 fn one_tenant() -> u32 {

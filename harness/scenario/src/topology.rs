@@ -134,6 +134,10 @@ pub struct Workers {
     /// How often workers commit offsets; `None` keeps the worker's default.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub commit_interval_ms: Option<u64>,
+    /// Switches of the workers that deliberately break a property (chatstream's own
+    /// hidden flags, `key: true` → `--key`, `key: value` → `--key value`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub sabotage: BTreeMap<String, serde_yaml::Value>,
 }
 
 impl Default for Workers {
@@ -144,6 +148,7 @@ impl Default for Workers {
             concurrency: 1,
             sla_ms: None,
             commit_interval_ms: None,
+            sabotage: BTreeMap::new(),
         }
     }
 }

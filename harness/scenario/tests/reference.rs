@@ -13,7 +13,7 @@ use std::path::PathBuf;
 const DISTRIBUTION_PLACES: [&str; 2] = ["load.conversations.members", "load.message_size"];
 const DISTRIBUTION: &str = "<distribution>";
 /// Mappings whose keys are free-form (passed through to the system under test).
-const FREE_FORM: [&str; 1] = ["topology.node.sabotage"];
+const FREE_FORM: [&str; 2] = ["topology.node.sabotage", "topology.workers.sabotage"];
 /// The distribution forms every-key.yaml cannot show (it has two places for four forms),
 /// swapped into `load.message_size` of a copy.
 const OTHER_DISTRIBUTIONS: [&str; 2] = ["{ fixed: 512 }", "{ uniform: { min: 16, max: 4096 } }"];

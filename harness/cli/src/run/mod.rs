@@ -4,6 +4,21 @@
 //! records the history, stops everything it started (also on error and Ctrl-C), and
 //! writes the run directory and a summary.
 
+/// Like eprintln!/println!, but a closed stream (a parent that went away) is not a panic:
+/// a run that cannot print must still stop what it started.
+macro_rules! say {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($t)*);
+    }};
+}
+macro_rules! show {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($t)*);
+    }};
+}
+
 mod nemesis;
 mod progress;
 pub mod readback;
@@ -55,6 +70,24 @@ pub struct RunArgs {
     /// No progress display (CI); the summary is still printed.
     #[arg(long)]
     quiet: bool,
+}
+
+/// Resolves on SIGINT (Ctrl-C), SIGTERM or SIGHUP, naming it.
+async fn termination_signal() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut int), Ok(mut term), Ok(mut hup)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+        signal(SignalKind::hangup()),
+    ) else {
+        let _ = tokio::signal::ctrl_c().await;
+        return "Ctrl-C";
+    };
+    tokio::select! {
+        _ = int.recv() => "Ctrl-C",
+        _ = term.recv() => "SIGTERM",
+        _ = hup.recv() => "SIGHUP",
+    }
 }
 
 /// A short, sortable UTC timestamp for run directory names.
@@ -116,7 +149,7 @@ impl Abort {
     pub fn abort(&self, reason: String) {
         if let Ok(mut r) = self.reason.lock() {
             if r.is_none() {
-                eprintln!("\nsquall: aborting: {reason}");
+                say!("\nsquall: aborting: {reason}");
                 *r = Some(reason);
             }
         }
@@ -132,7 +165,7 @@ pub async fn run(args: RunArgs) -> Result<ExitCode> {
     let scenario = match squall_scenario::load_file(&args.scenario) {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("squall: {e}");
+            say!("squall: {e}");
             return Ok(ExitCode::from(2));
         }
     };
@@ -147,7 +180,7 @@ pub async fn run(args: RunArgs) -> Result<ExitCode> {
             .as_ref()
             .is_some_and(|t| t.toxiproxy_api.is_some());
     if let Err(e) = nemesis::check_feasible(&planned, owns, owns, has_toxiproxy) {
-        eprintln!("squall: {}: {e:#}", args.scenario.display());
+        say!("squall: {}: {e:#}", args.scenario.display());
         return Ok(ExitCode::from(2));
     }
     let run_dir = std::path::absolute(create_run_dir(&args.reports_dir, &scenario.name)?)?;
@@ -157,9 +190,10 @@ pub async fn run(args: RunArgs) -> Result<ExitCode> {
     {
         let abort = abort.clone();
         tokio::spawn(async move {
-            if tokio::signal::ctrl_c().await.is_ok() {
-                abort.abort("interrupted (Ctrl-C): ending the load, healing every fault, stopping what this run started".into());
-            }
+            let name = termination_signal().await;
+            abort.abort(format!(
+                "interrupted ({name}): ending the load, healing every fault, stopping what this run started"
+            ));
         });
     }
     tracing::info!(run_dir = %run_dir.display(), "run {}", scenario.name);
@@ -202,17 +236,17 @@ pub async fn run(args: RunArgs) -> Result<ExitCode> {
     if !scenario.faults.is_empty() {
         if let Some(s) = stack.stack() {
             if let Err(e) = s.lock().await.heal().await {
-                eprintln!("squall: healing the stack's links: {e:#}");
+                say!("squall: healing the stack's links: {e:#}");
             }
         }
     }
     let teardown = teardown_stack(stack, &run_dir, args.keep_stack).await;
     if let Err(e) = &teardown {
-        eprintln!("squall: {e:#}");
+        say!("squall: {e:#}");
     }
     match result {
         Ok(_) if abort.reason().is_some() => {
-            eprintln!(
+            say!(
                 "squall: the run was cut short: {}\n  run directory: {}",
                 abort.reason().unwrap_or_default(),
                 run_dir.display()
@@ -222,7 +256,7 @@ pub async fn run(args: RunArgs) -> Result<ExitCode> {
         Ok(code) if teardown.is_ok() => Ok(code),
         Ok(_) => Ok(ExitCode::from(2)),
         Err(e) => {
-            eprintln!(
+            say!(
                 "squall: the run could not be carried out: {e:#}\n  run directory: {}",
                 run_dir.display()
             );
@@ -466,7 +500,7 @@ async fn drive(
         node_urls.len(),
     );
     summary.write(run_dir, &metrics)?;
-    println!("{}", summary.render());
+    show!("{}", summary.render());
     if outcome.interrupted || abort.reason().is_some() {
         sampler.finish().await;
         return Ok(ExitCode::from(2));
@@ -503,7 +537,7 @@ async fn drive(
     let record = verdicts::RunRecord::load(run_dir)?;
     let judged = verdicts::evaluate(scenario, &record);
     verdicts::save(&judged, run_dir)?;
-    println!("{}", verdicts::render(&judged));
+    show!("{}", verdicts::render(&judged));
     Ok(if verdicts::all_valid(&judged) {
         ExitCode::SUCCESS
     } else {
@@ -720,7 +754,7 @@ pub fn check(run_dir: &Path) -> Result<ExitCode> {
     let record = verdicts::RunRecord::load(run_dir)?;
     let judged = verdicts::evaluate(&scenario, &record);
     verdicts::save(&judged, run_dir)?;
-    println!(
+    show!(
         "run {} (scenario {}):\n{}",
         run_dir.display(),
         scenario.name,

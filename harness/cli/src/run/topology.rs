@@ -307,6 +307,17 @@ impl Topology {
             if let Some(ms) = w.commit_interval_ms {
                 args.extend(["--commit-interval-ms".into(), ms.to_string()]);
             }
+            for (switch, value) in &w.sabotage {
+                match value {
+                    serde_yaml::Value::Bool(true) => args.push(format!("--{switch}")),
+                    serde_yaml::Value::Bool(false) | serde_yaml::Value::Null => {}
+                    serde_yaml::Value::String(s) => args.extend([format!("--{switch}"), s.clone()]),
+                    other => args.extend([
+                        format!("--{switch}"),
+                        serde_yaml::to_string(other)?.trim().to_string(),
+                    ]),
+                }
+            }
             self.workers = Some(OwnedProcess::start(
                 "workers",
                 binary,
