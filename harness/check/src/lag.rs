@@ -73,42 +73,82 @@ pub fn lag(
             );
             continue;
         };
-        let first_ok = series.iter().position(|&(t, v)| t <= until && under(v));
-        let Some(i) = first_ok else {
-            not_recovered += 1;
-            bad.push(format!("{g} (last {lv})"));
-            ev.example(
-                NOT_RECOVERED,
-                Example {
-                    id: g.to_string(),
-                    what: format!(
-                        "lag of {g} was not at most {max} at any sample from {} to {}; last value {lv} at {}",
-                        fmt_t(from),
-                        fmt_t(until),
-                        fmt_t(lt)
-                    ),
-                    timeline: timeline(),
-                },
-            );
-            continue;
+        // Settled: from the sample after the last one over the bound, every sample is
+        // under it. A backlog that only appears after the fault heals (a relay catching
+        // up) counts from when it is gone, not from a quiet moment before it.
+        let last_over = series.iter().rposition(|&(_, v)| !under(v));
+        let settled_at = match last_over {
+            None => Some(from),
+            Some(j) => series.get(j + 1).map(|s| s.0),
         };
-        slowest_recovery = slowest_recovery.max(series[i].0 - from);
-        if let Some(&(rt, rv)) = series[i..].iter().find(|&&(_, v)| !under(v)) {
-            relapsed += 1;
-            bad.push(format!("{g} (last {lv})"));
-            ev.example(
-                RELAPSED,
-                Example {
-                    id: g.to_string(),
-                    what: format!(
-                        "lag of {g} recovered at {} but rose to {rv} at {}; last value {lv}",
-                        fmt_t(series[i].0),
-                        fmt_t(rt)
-                    ),
-                    timeline: timeline(),
-                },
-            );
-            continue;
+        match settled_at {
+            Some(r) if r <= until => {
+                slowest_recovery = slowest_recovery.max(r - from);
+            }
+            Some(r) => {
+                // Under the bound at some point in time, then over it again: a relapse.
+                let was_under = series.iter().position(|&(t, v)| t <= until && under(v));
+                if let Some(i) = was_under.filter(|i| last_over.is_some_and(|j| j > *i)) {
+                    let (pt, pv) = series[i..].iter().copied().fold((0, f64::MIN), |a, b| {
+                        if b.1 > a.1 {
+                            b
+                        } else {
+                            a
+                        }
+                    });
+                    relapsed += 1;
+                    bad.push(format!("{g} (rose to {pv})"));
+                    ev.example(
+                        RELAPSED,
+                        Example {
+                            id: g.to_string(),
+                            what: format!(
+                                "lag of {g} was at most {max} at {} but rose to {pv} at {} and settled only at {} (bound {}); last value {lv}",
+                                fmt_t(series[i].0),
+                                fmt_t(pt),
+                                fmt_t(r),
+                                fmt_t(until)
+                            ),
+                            timeline: timeline(),
+                        },
+                    );
+                } else {
+                    not_recovered += 1;
+                    bad.push(format!("{g} (settled at {})", fmt_t(r)));
+                    ev.example(
+                        NOT_RECOVERED,
+                        Example {
+                            id: g.to_string(),
+                            what: format!(
+                                "lag of {g} was not at most {max} from {} to {}, only from {}; last value {lv} at {}",
+                                fmt_t(from),
+                                fmt_t(until),
+                                fmt_t(r),
+                                fmt_t(lt)
+                            ),
+                            timeline: timeline(),
+                        },
+                    );
+                }
+                continue;
+            }
+            None => {
+                not_recovered += 1;
+                bad.push(format!("{g} (last {lv})"));
+                ev.example(
+                    NOT_RECOVERED,
+                    Example {
+                        id: g.to_string(),
+                        what: format!(
+                            "lag of {g} was not at most {max} at the end; last value {lv} at {} (bound {})",
+                            fmt_t(lt),
+                            fmt_t(until)
+                        ),
+                        timeline: timeline(),
+                    },
+                );
+                continue;
+            }
         }
         recovered += 1;
     }
@@ -216,6 +256,22 @@ mod tests {
             lag(&samples(|_, _| 1.0), None, 100, 2_000_000).valid,
             Validity::Valid
         );
+    }
+
+    #[test]
+    fn a_backlog_that_appears_after_the_heal_counts_from_when_it_is_gone() {
+        // A relay publishing what piled up during a Kafka cut: quiet at the heal, a peak
+        // a few seconds later, gone well within the time.
+        let s = samples(|g, s| {
+            if g == "g1" && (5..=7).contains(&s) {
+                1500.0
+            } else {
+                10.0
+            }
+        });
+        let v = lag(&s, Some(4_000_000), 100, 5_000_000);
+        assert_eq!(v.valid, Validity::Valid, "{}", v.summary);
+        assert_eq!(v.counts["slowest_recovery_us"], 4_000_000);
     }
 
     #[test]

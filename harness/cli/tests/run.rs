@@ -417,6 +417,49 @@ async fn a_bad_scenario_is_refused_before_anything_starts(_base: u16) -> Result<
     Ok(())
 }
 
+/// Runs a shipped scenario on the shared stack and requires exit 0 with every verdict valid.
+async fn expect_pass(stack: &mut Stack, scenario: &str) -> Result<()> {
+    let name = Path::new(scenario).file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_default();
+    let reports = reports_dir(&format!("scenario-{name}"));
+    let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").join(scenario);
+    let out = Command::new(squall())
+        .args(["run", "--quiet", "--reports-dir"])
+        .arg(&reports)
+        .arg("--stack-dir")
+        .arg(&stack.state().run_dir)
+        .arg(&file)
+        .output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let verdicts: Vec<&str> = stdout.lines().filter(|l| l.starts_with("    pass") || l.starts_with("    FAIL") || l.starts_with("    UNKNOWN")).collect();
+    eprintln!("  {name}: exit {:?}\n{}", out.status.code(), verdicts.join("\n"));
+    ensure!(
+        out.status.code() == Some(0),
+        "{scenario}: exit {:?}\n{stdout}\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).lines().rev().take(15).collect::<Vec<_>>().join("\n")
+    );
+    let dir = only_run_dir(&reports)?;
+    let judged: Vec<serde_json::Value> = serde_json::from_str(&std::fs::read_to_string(dir.join("verdicts.json"))?)?;
+    ensure!(!judged.is_empty() && judged.iter().all(|v| v["valid"] == "valid"), "{scenario}: {judged:?}");
+    Ok(())
+}
+
+macro_rules! shipped {
+    ($name:ident, $file:expr) => {
+        async fn $name(stack: &mut Stack) -> Result<()> {
+            expect_pass(stack, $file).await
+        }
+    };
+}
+
+shipped!(node_kill, "scenarios/chaos/node-kill.yaml");
+shipped!(kafka_cut, "scenarios/chaos/kafka-cut.yaml");
+shipped!(broker_kill, "scenarios/chaos/broker-kill.yaml");
+shipped!(worker_crash, "scenarios/chaos/worker-crash.yaml");
+shipped!(redis_outage, "scenarios/chaos/redis-outage.yaml");
+shipped!(postgres_outage, "scenarios/chaos/postgres-outage.yaml");
+shipped!(replay_rebuild, "scenarios/chaos/replay-rebuild.yaml");
+
 fn main() {
     let shared = SharedStack::new(
         "SQUALL_RUN_TEST_BASE_PORT",
@@ -444,6 +487,13 @@ fn main() {
             "run::ctrl_c_stops_everything_the_run_started",
             ctrl_c_stops_everything_the_run_started
         ),
+        stack_test!(shared, "chaos::node_kill", node_kill),
+        stack_test!(shared, "chaos::kafka_cut", kafka_cut),
+        stack_test!(shared, "chaos::broker_kill", broker_kill),
+        stack_test!(shared, "chaos::worker_crash", worker_crash),
+        stack_test!(shared, "chaos::redis_outage", redis_outage),
+        stack_test!(shared, "chaos::postgres_outage", postgres_outage),
+        stack_test!(shared, "chaos::replay_rebuild", replay_rebuild),
     ];
     shared.run(trials);
 }
