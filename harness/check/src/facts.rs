@@ -17,7 +17,7 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 
-use squall_history::{Header, Kind, Op, Value, Via, HARNESS, HTTP, NEMESIS};
+use squall_history::{Header, Kind, Op, Value, Via, ABUSE, HARNESS, HTTP, NEMESIS};
 
 use crate::verdict::{fmt_t, Timeline};
 
@@ -467,6 +467,11 @@ impl FactsBuilder {
         self.facts.ops += 1;
         self.facts.end_t = self.facts.end_t.max(t);
         let user = self.is_user(p);
+        // The abuse connections (bad input) are the harness's own; nothing to index.
+        let abuse = (ABUSE - 64..=ABUSE).contains(&p);
+        if abuse {
+            return;
+        }
         if !user && p != NEMESIS && p != HARNESS && p != HTTP {
             self.anomaly(anomaly::UNKNOWN_PROCESS);
             return;
@@ -654,7 +659,8 @@ impl FactsBuilder {
             Value::Typing { .. }
             | Value::Read { .. }
             | Value::Http { .. }
-            | Value::ServerError { .. } => {}
+            | Value::ServerError { .. }
+            | Value::Abuse { .. } => {}
         }
     }
 
@@ -1076,6 +1082,7 @@ impl Facts {
             NEMESIS => "nemesis".into(),
             HARNESS => "harness".into(),
             HTTP => "http".into(),
+            p if (ABUSE - 64..=ABUSE).contains(&p) => format!("abuse-{}", ABUSE - p),
             _ => match self.header.users.get(p as usize) {
                 Some(u) => format!("user {} (p={p})", u.id),
                 None => format!("p={p}"),

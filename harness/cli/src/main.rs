@@ -2,6 +2,7 @@
 //! real local stack (`squall stack ...`) and runs a produce/consume round trip through its
 //! proxies (`squall smoke`).
 
+mod compare;
 mod run;
 mod smoke;
 mod stack_cmd;
@@ -48,6 +49,15 @@ enum Command {
         /// A run directory (reports/<scenario>-<timestamp>/).
         run_dir: std::path::PathBuf,
     },
+    /// Rebuild a run's report files (report.json, summary.md, report.html, junit.xml)
+    /// from its directory. Exit 0 the run passed, 1 it failed, 2 unreadable.
+    Report {
+        /// A run directory (reports/<scenario>-<timestamp>/).
+        run_dir: std::path::PathBuf,
+    },
+    /// Compare two runs' report.json: latency percentiles, throughput, check outcomes,
+    /// with tolerances. Exit 1 on a regression.
+    Compare(compare::CompareArgs),
     /// Check a scenario file without running it: every problem with file:line:column.
     Validate {
         /// Scenario files.
@@ -79,7 +89,9 @@ fn validate(files: &[std::path::PathBuf]) -> ExitCode {
 
 fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new("info,librdkafka=warn,rdkafka=warn,sqlx=warn")
+        tracing_subscriber::EnvFilter::new(
+            "info,librdkafka=warn,rdkafka=warn,sqlx=warn,goose=error",
+        )
     });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -97,6 +109,8 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Run(args) => run::run(args).await,
         Command::Validate { files } => Ok(validate(&files)),
         Command::Check { run_dir } => run::check(&run_dir),
+        Command::Report { run_dir } => run::report(&run_dir),
+        Command::Compare(args) => compare::run(args),
     }
 }
 

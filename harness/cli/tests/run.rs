@@ -419,9 +419,14 @@ async fn a_bad_scenario_is_refused_before_anything_starts(_base: u16) -> Result<
 
 /// Runs a shipped scenario on the shared stack and requires exit 0 with every verdict valid.
 async fn expect_pass(stack: &mut Stack, scenario: &str) -> Result<()> {
-    let name = Path::new(scenario).file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_default();
+    let name = Path::new(scenario)
+        .file_stem()
+        .map(|s| s.to_string_lossy().to_string())
+        .unwrap_or_default();
     let reports = reports_dir(&format!("scenario-{name}"));
-    let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").join(scenario);
+    let file = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .join(scenario);
     let out = Command::new(squall())
         .args(["run", "--quiet", "--reports-dir"])
         .arg(&reports)
@@ -430,17 +435,35 @@ async fn expect_pass(stack: &mut Stack, scenario: &str) -> Result<()> {
         .arg(&file)
         .output()?;
     let stdout = String::from_utf8_lossy(&out.stdout);
-    let verdicts: Vec<&str> = stdout.lines().filter(|l| l.starts_with("    pass") || l.starts_with("    FAIL") || l.starts_with("    UNKNOWN")).collect();
-    eprintln!("  {name}: exit {:?}\n{}", out.status.code(), verdicts.join("\n"));
+    let verdicts: Vec<&str> = stdout
+        .lines()
+        .filter(|l| {
+            l.starts_with("    pass") || l.starts_with("    FAIL") || l.starts_with("    UNKNOWN")
+        })
+        .collect();
+    eprintln!(
+        "  {name}: exit {:?}\n{}",
+        out.status.code(),
+        verdicts.join("\n")
+    );
     ensure!(
         out.status.code() == Some(0),
         "{scenario}: exit {:?}\n{stdout}\n{}",
         out.status.code(),
-        String::from_utf8_lossy(&out.stderr).lines().rev().take(15).collect::<Vec<_>>().join("\n")
+        String::from_utf8_lossy(&out.stderr)
+            .lines()
+            .rev()
+            .take(15)
+            .collect::<Vec<_>>()
+            .join("\n")
     );
     let dir = only_run_dir(&reports)?;
-    let judged: Vec<serde_json::Value> = serde_json::from_str(&std::fs::read_to_string(dir.join("verdicts.json"))?)?;
-    ensure!(!judged.is_empty() && judged.iter().all(|v| v["valid"] == "valid"), "{scenario}: {judged:?}");
+    let judged: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("verdicts.json"))?)?;
+    ensure!(
+        !judged.is_empty() && judged.iter().all(|v| v["valid"] == "valid"),
+        "{scenario}: {judged:?}"
+    );
     Ok(())
 }
 

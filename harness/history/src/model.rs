@@ -14,6 +14,8 @@ pub const VERSION: u32 = 1;
 pub const NEMESIS: u32 = u32::MAX;
 pub const HARNESS: u32 = u32::MAX - 1;
 pub const HTTP: u32 = u32::MAX - 2;
+/// Abuse connections (bad input) use process ids from here down, one per kind.
+pub const ABUSE: u32 = u32::MAX - 16;
 
 /// Line 1 of a history file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -191,6 +193,14 @@ pub enum Value {
         code: String,
         message: String,
     },
+    /// Bad input (by the abuse process of a kind): invoke when sent; ok when the node
+    /// answered with the expected error code (and close code, where one is due); fail
+    /// with what came instead.
+    Abuse {
+        kind: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        got: Option<String>,
+    },
     /// A phase boundary of the run (info by the harness): `connected`, `load_start`
     /// (after warm-up), `load_end`, `drained`.
     Phase {
@@ -216,6 +226,7 @@ impl Value {
             Value::Http { .. } => "http",
             Value::Fault { .. } => "fault",
             Value::ServerError { .. } => "server_error",
+            Value::Abuse { .. } => "abuse",
             Value::Phase { .. } => "phase",
         }
     }

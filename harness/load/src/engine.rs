@@ -266,6 +266,41 @@ pub async fn run(
         load_end,
         stop.clone(),
     );
+    let abuse_tasks = if load.abuse.is_empty() {
+        Vec::new()
+    } else {
+        let tenant = population
+            .users
+            .first()
+            .map(|u| u.tenant.clone())
+            .unwrap_or_default();
+        let abuser = format!(
+            "{}-abuser",
+            population
+                .users
+                .first()
+                .map(|u| u.id.as_str())
+                .unwrap_or("squall")
+        );
+        let target_ = crate::abuse::AbuseTarget {
+            token: token(&target.token_secret, &abuser, &tenant, ttl)?,
+            forged_token: token("not-the-secret-of-this-deployment", &abuser, &tenant, ttl)?,
+            conversation_id: population
+                .conversations
+                .first()
+                .map(|c| c.id.clone())
+                .unwrap_or_default(),
+            oversized_bytes: 70 * 1024,
+        };
+        crate::abuse::spawn(
+            &load.abuse,
+            target_,
+            shared.clone(),
+            t0,
+            load_end,
+            stop.clone(),
+        )
+    };
     let mut arrivals = 0u64;
     let mut interrupted = false;
     let mut measuring = false;
@@ -336,7 +371,7 @@ pub async fn run(
         },
     );
     metrics.set_measuring(false);
-    for t in http_tasks {
+    for t in http_tasks.into_iter().chain(abuse_tasks) {
         let _ = t.await;
     }
 

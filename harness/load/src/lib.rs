@@ -4,6 +4,7 @@
 //! to the history ([`squall_history`]) and every latency to [`metrics`], measured from
 //! the operation's intended time so a stalled system cannot hide (no coordinated omission).
 
+pub mod abuse;
 pub mod body;
 pub mod engine;
 pub mod http;

@@ -130,11 +130,14 @@ pub struct Counters {
     pub reads: AtomicU64,
     pub http_ok: AtomicU64,
     pub http_failed: AtomicU64,
+    pub abuse_sent: AtomicU64,
+    pub abuse_answered: AtomicU64,
+    pub abuse_unanswered: AtomicU64,
 }
 
 impl Counters {
     pub fn snapshot(&self) -> BTreeMap<String, u64> {
-        let pairs: [(&str, &AtomicU64); 23] = [
+        let pairs: [(&str, &AtomicU64); 26] = [
             ("sends_invoked", &self.sends_invoked),
             ("sends_acked", &self.sends_acked),
             ("sends_duplicate_acks", &self.sends_duplicate_acks),
@@ -161,6 +164,9 @@ impl Counters {
             ("reads", &self.reads),
             ("http_ok", &self.http_ok),
             ("http_failed", &self.http_failed),
+            ("abuse_sent", &self.abuse_sent),
+            ("abuse_answered", &self.abuse_answered),
+            ("abuse_unanswered", &self.abuse_unanswered),
         ];
         pairs
             .iter()
@@ -231,7 +237,7 @@ impl Metrics {
         let latency = book
             .second
             .iter_mut()
-            .filter(|(_, h)| h.len() > 0)
+            .filter(|(_, h)| !h.is_empty())
             .map(|(k, h)| {
                 let s = second_stat(h);
                 h.reset();

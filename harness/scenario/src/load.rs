@@ -43,6 +43,50 @@ pub struct Load {
     /// sabotage scenarios that break live delivery turn it off to show it.
     #[serde(default = "default_final_resync")]
     pub final_resync: bool,
+    /// Bad input sent at a rate while the legitimate load goes on.
+    #[serde(default)]
+    pub abuse: Vec<Abuse>,
+}
+
+/// One kind of bad input, sent on connections of its own at `rate` per second.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Abuse {
+    pub kind: AbuseKind,
+    pub rate: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AbuseKind {
+    /// Text that is not JSON: answered `malformed_frame`, the connection stays.
+    Malformed,
+    /// A frame over the node's size limit: answered `frame_too_large`.
+    Oversized,
+    /// A frame whose `type` the node does not know: answered `unknown_type`.
+    UnknownType,
+    /// A frame with another protocol version: answered `unsupported_version`.
+    WrongVersion,
+    /// A connection with a forged token: answered `unauthorized` and closed (4401).
+    Unauthorized,
+    /// A send to a conversation the sender is not in: answered `not_member`.
+    NonMember,
+    /// 200 frames at once past the rate limit: answered `rate_limited`.
+    Flood,
+}
+
+impl AbuseKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            AbuseKind::Malformed => "malformed",
+            AbuseKind::Oversized => "oversized",
+            AbuseKind::UnknownType => "unknown_type",
+            AbuseKind::WrongVersion => "wrong_version",
+            AbuseKind::Unauthorized => "unauthorized",
+            AbuseKind::NonMember => "non_member",
+            AbuseKind::Flood => "flood",
+        }
+    }
 }
 
 fn default_final_resync() -> bool {

@@ -272,6 +272,9 @@ impl Rules {
         self.rate(&load.rate, load.total());
         self.positive_rate("load.connect_rate", load.connect_rate);
         self.positive_duration("load.ack_timeout", load.ack_timeout);
+        for (i, a) in load.abuse.iter().enumerate() {
+            self.positive_rate(&format!("load.abuse[{i}].rate"), a.rate);
+        }
         if load.max_in_flight == 0 {
             self.add(
                 "load.max_in_flight",

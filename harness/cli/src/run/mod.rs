@@ -538,6 +538,7 @@ async fn drive(
     let judged = verdicts::evaluate(scenario, &record);
     verdicts::save(&judged, run_dir)?;
     show!("{}", verdicts::render(&judged));
+    render_report(run_dir);
     Ok(if verdicts::all_valid(&judged) {
         ExitCode::SUCCESS
     } else {
@@ -764,5 +765,34 @@ pub fn check(run_dir: &Path) -> Result<ExitCode> {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)
+    })
+}
+
+/// Writes report.json, summary.md, report.html and junit.xml; a report that cannot be
+/// rendered is said, not fatal (the verdicts stand, `squall report` can retry).
+fn render_report(run_dir: &Path) -> Option<squall_report::RenderedReport> {
+    match squall_report::render_run_dir(run_dir) {
+        Ok(r) => {
+            show!("  report     {}", run_dir.join("report.html").display());
+            Some(r)
+        }
+        Err(e) => {
+            say!("squall: rendering the report of {}: {e}", run_dir.display());
+            None
+        }
+    }
+}
+
+/// `squall report <run-dir>`.
+pub fn report(run_dir: &Path) -> Result<ExitCode> {
+    let rendered = squall_report::render_run_dir(run_dir)
+        .with_context(|| format!("rendering {}", run_dir.display()))?;
+    for f in &rendered.files {
+        show!("{}", f.display());
+    }
+    show!("{}", rendered.report.outcome.reason);
+    Ok(match rendered.report.outcome.result {
+        squall_report::RunResult::Pass => ExitCode::SUCCESS,
+        _ => ExitCode::from(1),
     })
 }

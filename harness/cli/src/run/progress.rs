@@ -217,6 +217,15 @@ impl RunSummary {
             c("reconnects"),
             c("disconnects")
         );
+        if c("abuse_sent") > 0 {
+            let _ = writeln!(
+                out,
+                "  bad input  {} sent, {} answered as documented, {} not",
+                c("abuse_sent"),
+                c("abuse_answered"),
+                c("abuse_unanswered")
+            );
+        }
         let _ = writeln!(out, "  latency (ms, from the intended time)    count      p50      p90      p99    p99.9      max");
         for (name, s) in &self.latency_us {
             let _ = writeln!(

@@ -239,7 +239,7 @@ fn gate_value(gate: &Gate, record: &RunRecord) -> Result<f64, String> {
     let counter = |k: &str| record.counters.get(k).copied();
     let latency = |metric: &str, f: &dyn Fn(&Histogram<u64>) -> f64| -> Result<f64, String> {
         match (&gate.scope, record.histograms.get(metric)) {
-            (GateScope::Whole, Some(h)) if h.len() > 0 => Ok(f(h)),
+            (GateScope::Whole, Some(h)) if !h.is_empty() => Ok(f(h)),
             (GateScope::Whole, _) => Err(format!("no samples of `{metric}` in this run")),
             _ => Err(format!(
                 "`{metric}` can only be judged over the whole run (history-based metrics: {})",
