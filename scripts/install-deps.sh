@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what Squall's real local stack needs on a fresh Debian machine, idempotently:
-#   - Redis and PostgreSQL servers (Debian packages), kcat (an independent Kafka client)
+#   - Redis and PostgreSQL servers (Debian packages), kcat (an independent Kafka client),
+#     Chromium (headless, for the test that renders a run's report.html offline)
 #   - cmake and the curl headers, which the rdkafka crate's cmake-build of librdkafka wants
 #   - Apache Kafka's broker jars (pinned in scripts/kafka/pom.xml), resolved from Maven Central
 #   - the Toxiproxy server (pinned below), built with `go install` from its Go module
@@ -29,6 +30,7 @@ ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || apt_packages+=(postgresql
 command -v psql >/dev/null 2>&1 || apt_packages+=(postgresql-client)
 command -v cmake >/dev/null 2>&1 || apt_packages+=(cmake)
 command -v kcat >/dev/null 2>&1 || apt_packages+=(kcat)
+command -v chromium >/dev/null 2>&1 || apt_packages+=(chromium)
 [ -f /usr/include/x86_64-linux-gnu/curl/curl.h ] || [ -f /usr/include/curl/curl.h ] || apt_packages+=(libcurl4-openssl-dev)
 if [ "${#apt_packages[@]}" -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then

@@ -2,6 +2,7 @@
 //! real local stack (`squall stack ...`) and runs a produce/consume round trip through its
 //! proxies (`squall smoke`).
 
+mod capacity;
 mod compare;
 mod run;
 mod smoke;
@@ -58,6 +59,9 @@ enum Command {
     /// Compare two runs' report.json: latency percentiles, throughput, check outcomes,
     /// with tolerances. Exit 1 on a regression.
     Compare(compare::CompareArgs),
+    /// Step a scenario's offered rate up until its checks fail, repeating each step;
+    /// report the highest sustainable rate and the curve (capacity.json, capacity.html).
+    Capacity(capacity::CapacityArgs),
     /// Check a scenario file without running it: every problem with file:line:column.
     Validate {
         /// Scenario files.
@@ -111,6 +115,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Check { run_dir } => run::check(&run_dir),
         Command::Report { run_dir } => run::report(&run_dir),
         Command::Compare(args) => compare::run(args),
+        Command::Capacity(args) => capacity::run(args).await,
     }
 }
 

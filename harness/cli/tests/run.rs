@@ -417,6 +417,92 @@ async fn a_bad_scenario_is_refused_before_anything_starts(_base: u16) -> Result<
     Ok(())
 }
 
+/// A real chaos run's report.html, opened from disk in headless Chromium with the
+/// network off: the page must render its charts (coloured lines drawn, not just a file).
+async fn report_html_renders_offline_in_chromium(stack: &mut Stack) -> Result<()> {
+    let reports = reports_dir("report-html");
+    std::fs::create_dir_all(&reports)?;
+    let scenario = reports.join("kill.yaml");
+    std::fs::write(
+        &scenario,
+        "name: kill\ntopology:\n  nodes: 2\n  workers: { only: [audit] }\nload:\n  users: 10\n  conversations: { count: 4, members: { fixed: 3 }, placement: cross_node }\n  rate: 20\n  duration: 12s\nfaults:\n  - { kind: kill_node, node: 2, at: 3s, duration: 4s }\n",
+    )?;
+    let out = Command::new(squall())
+        .args(["run", "--quiet", "--reports-dir"])
+        .arg(reports.join("runs"))
+        .arg("--stack-dir")
+        .arg(&stack.state().run_dir)
+        .arg(&scenario)
+        .output()?;
+    ensure!(
+        out.status.code() == Some(0),
+        "exit {:?}: {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let dir = only_run_dir(&reports.join("runs"))?;
+    let html = dir.join("report.html");
+    let text = std::fs::read_to_string(&html)?;
+    ensure!(
+        text.matches("class=\"chart\"").count() >= 8,
+        "fewer charts than expected in {}",
+        html.display()
+    );
+    let shot = reports.join("report.png");
+    let profile = reports.join("chromium-profile");
+    let status = Command::new("chromium")
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+        ])
+        .args([
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+        ])
+        // Network off: every name unresolvable, every connection through a dead proxy.
+        .args([
+            "--host-resolver-rules=MAP * ~NOTFOUND",
+            "--proxy-server=127.0.0.1:9",
+        ])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .arg(format!("--screenshot={}", shot.display()))
+        .args(["--window-size=1200,3000", "--hide-scrollbars"])
+        .arg(format!("file://{}", html.display()))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .context("running chromium (scripts/install-deps.sh installs it)")?;
+    ensure!(status.success(), "chromium failed: {status}");
+    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&shot)?));
+    let mut reader = decoder.read_info()?;
+    let mut buf = vec![0; reader.output_buffer_size()];
+    let info = reader.next_frame(&mut buf)?;
+    let channels = info.color_type.samples();
+    // Chart lines are saturated colours; text, axes and background are greys.
+    let coloured = buf[..info.buffer_size()]
+        .chunks(channels)
+        .filter(|px| {
+            let (r, g, b) = (px[0] as i32, px[1] as i32, px[2] as i32);
+            r.max(g).max(b) - r.min(g).min(b) > 60
+        })
+        .count();
+    eprintln!(
+        "  {} coloured pixels of {} in {}",
+        coloured,
+        info.width * info.height,
+        shot.display()
+    );
+    ensure!(
+        coloured > 5_000,
+        "the report rendered almost no chart lines ({coloured} coloured pixels)"
+    );
+    Ok(())
+}
+
 /// Runs a shipped scenario on the shared stack and requires exit 0 with every verdict valid.
 async fn expect_pass(stack: &mut Stack, scenario: &str) -> Result<()> {
     let name = Path::new(scenario)
@@ -509,6 +595,11 @@ fn main() {
             shared,
             "run::ctrl_c_stops_everything_the_run_started",
             ctrl_c_stops_everything_the_run_started
+        ),
+        stack_test!(
+            shared,
+            "report::html_renders_offline_in_chromium",
+            report_html_renders_offline_in_chromium
         ),
         stack_test!(shared, "chaos::node_kill", node_kill),
         stack_test!(shared, "chaos::kafka_cut", kafka_cut),
