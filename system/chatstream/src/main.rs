@@ -114,7 +114,8 @@ struct NodeArgs {
     kafka_bootstrap: Option<String>,
     #[arg(long, env = "CHATSTREAM_TOKEN_SECRET")]
     token_secret: Option<String>,
-    /// outbox (default: zero loss) or async (fire-and-forget, loses events on kill -9).
+    /// outbox (default: zero loss), async (fire-and-forget, loses events on kill -9) or
+    /// none (nothing to Kafka: no outbox rows, no producer; to measure what Kafka costs).
     #[arg(long, env = "CHATSTREAM_PUBLISH_MODE", value_enum)]
     publish_mode: Option<PublishModeArg>,
     /// redis (default) or kafka (every node consumes chat-events).
@@ -132,6 +133,7 @@ struct NodeArgs {
 enum PublishModeArg {
     Outbox,
     Async,
+    None,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -168,6 +170,7 @@ impl NodeArgs {
             c.publish_mode = match v {
                 PublishModeArg::Outbox => PublishMode::Outbox,
                 PublishModeArg::Async => PublishMode::Async,
+                PublishModeArg::None => PublishMode::None,
             };
         }
         if let Some(v) = self.fanout_mode {
@@ -191,8 +194,10 @@ fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
         tracing_subscriber::EnvFilter::new("info,librdkafka=warn,rdkafka=warn,sqlx=warn")
     });
+    // No colour codes in log files (tests and tools read them).
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Human => builder.init(),

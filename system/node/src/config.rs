@@ -16,6 +16,9 @@ pub enum PublishMode {
     Outbox,
     /// The seeds' fire-and-forget `send()` after the commit: fast, loses events on kill -9.
     Async,
+    /// Nothing goes to Kafka: no outbox rows, no producer, no relay. For benchmarks that
+    /// show what Kafka costs the user's path (workers and replay see nothing).
+    None,
 }
 
 /// How a message reaches members connected to other nodes.
@@ -82,6 +85,22 @@ pub struct NodeConfig {
     pub pg_max_connections: u32,
     /// How long SIGTERM waits for connections to drain.
     pub drain_timeout_ms: u64,
+    /// A connection whose unsent frames would exceed this is closed (4408): the node
+    /// never drops a frame quietly, the client reconnects and catches up with `sync`.
+    pub max_unsent_bytes: usize,
+    /// A connection whose socket accepts nothing for this long is dropped (no close frame
+    /// can get through a stalled socket).
+    pub write_stall_timeout_ms: u64,
+    /// The node pings every connection this often (WebSocket ping)...
+    pub ping_interval_ms: u64,
+    /// ...and closes one it heard nothing from (no frame, no pong) for this long (4409).
+    pub idle_timeout_ms: u64,
+    /// A client still rate limited after this long (limited again within every second of
+    /// it) is closed with 1008.
+    pub rate_limit_close_after_ms: u64,
+    /// Error frames written per connection per second; past this they are counted
+    /// (`chatstream_error_frames_suppressed_total`), not written.
+    pub max_error_frames_per_s: u32,
     pub stream: StreamConfig,
 }
 
@@ -105,6 +124,12 @@ impl Default for NodeConfig {
             sync_limit: 500,
             pg_max_connections: 16,
             drain_timeout_ms: 10_000,
+            max_unsent_bytes: 1024 * 1024,
+            write_stall_timeout_ms: 10_000,
+            ping_interval_ms: 20_000,
+            idle_timeout_ms: 60_000,
+            rate_limit_close_after_ms: 5_000,
+            max_error_frames_per_s: 10,
             stream: StreamConfig::default(),
         }
     }
@@ -166,6 +191,34 @@ impl NodeConfig {
                 self.stream.error_rate
             ));
         }
+        if self.publish_mode == PublishMode::None && self.fanout_mode == FanoutMode::Kafka {
+            problems.push(
+                "fanout_mode kafka consumes chat-events, which publish_mode none never writes"
+                    .to_string(),
+            );
+        }
+        // An outbound msg frame carries a body of up to max_frame_bytes plus its fields.
+        if self.max_unsent_bytes < 2 * self.max_frame_bytes {
+            problems.push(format!(
+                "max_unsent_bytes ({}) must be at least twice max_frame_bytes ({})",
+                self.max_unsent_bytes, self.max_frame_bytes
+            ));
+        }
+        if self.write_stall_timeout_ms == 0
+            || self.rate_limit_close_after_ms == 0
+            || self.max_error_frames_per_s == 0
+        {
+            problems.push(
+                "write_stall_timeout_ms, rate_limit_close_after_ms and max_error_frames_per_s must be positive"
+                    .to_string(),
+            );
+        }
+        if self.ping_interval_ms == 0 || self.idle_timeout_ms <= self.ping_interval_ms {
+            problems.push(format!(
+                "idle_timeout_ms ({}) must be longer than ping_interval_ms ({}), which must be positive",
+                self.idle_timeout_ms, self.ping_interval_ms
+            ));
+        }
         if self.stream.chunks < 1 || self.stream.words_per_chunk == 0 {
             problems.push("stream.chunks and stream.words_per_chunk must be positive".to_string());
         }
@@ -197,6 +250,19 @@ mod tests {
             ("node-7", PublishMode::Async, 3)
         );
         assert_eq!(c.stream.pace_ms, 50);
+        let none = dir.join("none.yaml");
+        std::fs::write(&none, "publish_mode: none\n").unwrap();
+        let c = NodeConfig::from_yaml_file(&none).unwrap();
+        assert_eq!(c.publish_mode, PublishMode::None);
+        assert!(c.validate().is_ok());
+        let err = NodeConfig {
+            fanout_mode: FanoutMode::Kafka,
+            ..c
+        }
+        .validate()
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("publish_mode none"), "{err}");
         let bad = dir.join("bad.yaml");
         std::fs::write(&bad, "node_id: n\nfanout: kafka\n").unwrap();
         let err = NodeConfig::from_yaml_file(&bad).unwrap_err().to_string();

@@ -1,35 +1,50 @@
 //! One WebSocket connection: authenticate, register with the hub, then read frames
 //! (size check, rate limit, decode, handle) while a writer task drains the connection's
-//! queue. Every problem with a frame is answered with an `error` frame and the connection
-//! stays open; only a bad token, a frame past the hard cap, a slow consumer or shutdown
-//! close it.
+//! outlet and pings the client. Every problem with a frame is answered with an `error`
+//! frame (at most `max_error_frames_per_s` a second) and the connection stays open; the
+//! node closes it only for a bad token (4401), a frame past the hard cap (1009), a slow
+//! consumer (4408), silence past the idle timeout (4409), a rate limit exceeded for
+//! seconds on end (1008), shutdown (1012), or a socket that takes nothing for the write
+//! stall timeout (dropped: no close frame gets through a stalled socket).
+//!
+//! Nothing on the read loop waits for Redis: a send is stored, acknowledged and handed to
+//! the fan-out queue; presence lookups for notifications run beside it.
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use chatstream_protocol::auth::{Claims, TokenError};
 use chatstream_protocol::events::{self as ev, EventBody};
 use chatstream_protocol::frames::{ErrorCode, MessageStatus, Via};
 use chatstream_protocol::{ClientFrame, ServerFrame};
-use chatstream_store::{NewMessage, StoreError};
+use chatstream_store::{Membership, NewMessage, StoreError};
+use futures::stream::SplitSink;
 use futures::{SinkExt, StreamExt};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::config::PublishMode;
+use crate::config::{FanoutMode, PublishMode};
 use crate::events::{new_id, new_trace_id, EventContext};
-use crate::fanout::{FanoutEnvelope, Receipt};
-use crate::hub::{ConnId, Outbound};
+use crate::fanout::{FanoutEnvelope, Reservation};
+use crate::hub::{CloseReason, ConnId, Outbound, Outlet};
 use crate::metrics as m;
-use crate::server::{presence_key, NodeState, REDIS_OP_TIMEOUT};
+use crate::server::{presence_key, NodeState};
 use crate::{clock, streams};
 
 /// WebSocket close codes (4000-4999 are the application's).
 pub const CLOSE_UNAUTHORIZED: u16 = 4401;
 pub const CLOSE_TOO_LARGE: u16 = 1009;
+/// The client did not read fast enough: its unsent frames passed the node's byte bound.
 pub const CLOSE_SLOW: u16 = 4408;
+/// Nothing heard from the client (no frame, no pong) for the idle timeout.
+pub const CLOSE_IDLE: u16 = 4409;
+/// Policy violation: the client kept exceeding its rate limit.
+pub const CLOSE_RATE_LIMIT: u16 = 1008;
 pub const CLOSE_SHUTDOWN: u16 = 1012;
 
 const MAX_ID_LEN: usize = 128;
+/// How long a close frame may take to go out before the socket is just dropped.
+const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// A token bucket per connection.
 struct RateLimit {
@@ -64,11 +79,86 @@ impl RateLimit {
     }
 }
 
+/// Error frames written in the current one-second window.
+struct ErrorBudget {
+    window: Instant,
+    written: u32,
+    per_s: u32,
+}
+
+impl ErrorBudget {
+    fn new(per_s: u32) -> Self {
+        ErrorBudget {
+            window: Instant::now(),
+            written: 0,
+            per_s,
+        }
+    }
+
+    fn take(&mut self) -> bool {
+        if self.window.elapsed() >= Duration::from_secs(1) {
+            self.window = Instant::now();
+            self.written = 0;
+        }
+        self.written += 1;
+        self.written <= self.per_s
+    }
+}
+
+/// How long a client has been rate limited without a break of a second or more.
+#[derive(Default)]
+struct Offence {
+    since: Option<Instant>,
+    last: Option<Instant>,
+}
+
+impl Offence {
+    /// Records a rate-limited frame; true once the client has kept it up for `close_after`.
+    fn limited(&mut self, close_after: Duration) -> bool {
+        let now = Instant::now();
+        let continuing = self
+            .last
+            .is_some_and(|last| now.duration_since(last) <= Duration::from_secs(1));
+        if !continuing {
+            self.since = Some(now);
+        }
+        self.last = Some(now);
+        self.since
+            .is_some_and(|since| now.duration_since(since) >= close_after)
+    }
+}
+
+/// When the client was last heard from (any frame, pongs included), for the idle timeout.
+struct Heard {
+    start: Instant,
+    last_ms: AtomicU64,
+}
+
+impl Heard {
+    fn new() -> Self {
+        Heard {
+            start: Instant::now(),
+            last_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn now(&self) {
+        self.last_ms
+            .store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    fn silent_for(&self) -> Duration {
+        let last = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+        self.start.elapsed().saturating_sub(last)
+    }
+}
+
 struct Conn {
     state: Arc<NodeState>,
     claims: Claims,
     id: ConnId,
-    tx: mpsc::Sender<Outbound>,
+    outlet: Arc<Outlet>,
+    error_budget: Mutex<ErrorBudget>,
 }
 
 fn error_frame(code: ErrorCode, message: impl Into<String>, ref_id: Option<String>) -> ServerFrame {
@@ -100,13 +190,117 @@ fn store_error(e: StoreError, ref_id: Option<String>) -> ServerFrame {
     }
 }
 
+fn close_message(code: u16, reason: &str) -> Message {
+    Message::Close(Some(CloseFrame {
+        code,
+        reason: Utf8Bytes::from(reason.to_string()),
+    }))
+}
+
 async fn close_with(socket: &mut WebSocket, code: u16, reason: &str) {
-    let _ = socket
-        .send(Message::Close(Some(CloseFrame {
-            code,
-            reason: Utf8Bytes::from(reason.to_string()),
-        })))
-        .await;
+    let _ = tokio::time::timeout(
+        CLOSE_WRITE_TIMEOUT,
+        socket.send(close_message(code, reason)),
+    )
+    .await;
+}
+
+/// What the writer needs besides the socket and the outlet.
+struct WriterSettings {
+    shutdown: watch::Receiver<bool>,
+    stall: Duration,
+    ping_every: Duration,
+    idle: Duration,
+    heard: Arc<Heard>,
+}
+
+/// Drains the outlet into the socket and pings the client until the connection ends. A
+/// frame the socket does not take within `stall` ends the connection (the peer stopped
+/// reading); so does silence past `idle`.
+async fn write_loop(
+    sink: SplitSink<WebSocket, Message>,
+    rx: mpsc::UnboundedReceiver<Outbound>,
+    outlet: Arc<Outlet>,
+    settings: WriterSettings,
+    reader_done: oneshot::Receiver<()>,
+) {
+    write_frames(sink, rx, &outlet, settings, reader_done).await;
+    outlet.writer_gone();
+}
+
+async fn write_frames(
+    mut sink: SplitSink<WebSocket, Message>,
+    mut rx: mpsc::UnboundedReceiver<Outbound>,
+    outlet: &Outlet,
+    mut settings: WriterSettings,
+    mut reader_done: oneshot::Receiver<()>,
+) {
+    let stall = settings.stall;
+    let mut ping = tokio::time::interval_at(
+        tokio::time::Instant::now() + settings.ping_every,
+        settings.ping_every,
+    );
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let close = |why: CloseReason| close_message(why.code, why.reason);
+    loop {
+        // The message to write, and the outlet bytes it frees (pings free none).
+        let next = tokio::select! {
+            frame = rx.recv() => match frame {
+                Some(text) => {
+                    let n = text.len();
+                    Some((Message::Text(Utf8Bytes::from(&*text)), Some(n)))
+                }
+                None => break,
+            },
+            _ = ping.tick() => {
+                let silent = settings.heard.silent_for();
+                if silent >= settings.idle {
+                    metrics::counter!(m::IDLE_DISCONNECTS).increment(1);
+                    tracing::info!(?silent, "closing a connection silent past the idle timeout");
+                    let why = CloseReason { code: CLOSE_IDLE, reason: "idle: no frame or pong within the idle timeout" };
+                    let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, sink.send(close(why))).await;
+                    return;
+                }
+                Some((Message::Ping(Default::default()), None))
+            }
+            why = outlet.closing() => {
+                tracing::info!(code = why.code, reason = why.reason, queued_bytes = outlet.queued_bytes(), "closing a connection");
+                let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, sink.send(close(why))).await;
+                return;
+            }
+            _ = settings.shutdown.changed() => {
+                let bye = ServerFrame::error(ErrorCode::ShuttingDown, "node is shutting down; reconnect to another node");
+                let goodbye = async {
+                    sink.send(Message::Text(bye.encode().into())).await?;
+                    sink.send(close_message(CLOSE_SHUTDOWN, "node shutting down")).await
+                };
+                let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, goodbye).await;
+                return;
+            }
+            _ = &mut reader_done => break,
+        };
+        let Some((message, frees)) = next else {
+            continue;
+        };
+        match tokio::time::timeout(stall, sink.send(message)).await {
+            Ok(Ok(())) => {
+                if let Some(n) = frees {
+                    outlet.written(n);
+                    metrics::counter!(m::FRAMES_OUT).increment(1);
+                }
+            }
+            Ok(Err(_)) => return,
+            Err(_) => {
+                metrics::counter!(m::WRITE_STALL_DISCONNECTS).increment(1);
+                tracing::info!(
+                    queued_bytes = outlet.queued_bytes(),
+                    "dropping a connection whose socket took nothing for {stall:?}"
+                );
+                return;
+            }
+        }
+    }
+    let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, sink.close()).await;
 }
 
 /// Serves one upgraded connection until it closes.
@@ -119,80 +313,76 @@ pub async fn serve(state: Arc<NodeState>, mut socket: WebSocket, auth: Result<Cl
                 format!("{e}; connect with a valid token (?token=...)"),
                 None,
             );
-            let _ = socket.send(Message::Text(frame.encode().into())).await;
+            let _ = tokio::time::timeout(
+                CLOSE_WRITE_TIMEOUT,
+                socket.send(Message::Text(frame.encode().into())),
+            )
+            .await;
             close_with(&mut socket, CLOSE_UNAUTHORIZED, &e.to_string()).await;
             return;
         }
     };
-    let reg = state.hub.register(&claims.sub);
-    let conn = Conn {
+    let reg = state.hub.register(&claims.tenant, &claims.sub);
+    let conn = Arc::new(Conn {
         state: state.clone(),
         claims,
         id: reg.id,
-        tx: reg.tx,
-    };
-    let (mut sink, mut stream) = socket.split();
-    let hello = ServerFrame::Hello {
+        outlet: reg.outlet.clone(),
+        error_budget: Mutex::new(ErrorBudget::new(state.cfg.max_error_frames_per_s)),
+    });
+    let (sink, mut stream) = socket.split();
+    conn.reply(ServerFrame::Hello {
         node_id: state.cfg.node_id.clone(),
         user_id: conn.claims.sub.clone(),
         tenant: conn.claims.tenant.clone(),
         max_frame_bytes: state.cfg.max_frame_bytes,
         server_time_ms: clock::now_ms(),
-    };
-    let _ = conn.tx.try_send(Outbound::from(hello.encode()));
+    })
+    .await;
     conn.mark_online(true).await;
 
-    let mut rx = reg.rx;
-    let kick = reg.kick;
-    let mut shutdown = state.shutdown.clone();
-    let writer = tokio::spawn(async move {
-        let close = |code: u16, reason: &str| {
-            Message::Close(Some(CloseFrame {
-                code,
-                reason: Utf8Bytes::from(reason.to_string()),
-            }))
-        };
-        loop {
-            tokio::select! {
-                frame = rx.recv() => match frame {
-                    Some(text) => {
-                        metrics::counter!(m::FRAMES_OUT).increment(1);
-                        if sink.send(Message::Text(Utf8Bytes::from(&*text))).await.is_err() {
-                            break;
-                        }
-                    }
-                    None => break,
-                },
-                _ = kick.notified() => {
-                    let _ = sink.send(close(CLOSE_SLOW, "too slow to read; reconnect and sync")).await;
-                    break;
-                }
-                _ = shutdown.changed() => {
-                    let bye = ServerFrame::error(ErrorCode::ShuttingDown, "node is shutting down; reconnect to another node");
-                    let _ = sink.send(Message::Text(bye.encode().into())).await;
-                    let _ = sink.send(close(CLOSE_SHUTDOWN, "node shutting down")).await;
-                    break;
-                }
-            }
-        }
-        let _ = sink.close().await;
-    });
+    let (reader_done, reader_done_rx) = oneshot::channel();
+    let heard = Arc::new(Heard::new());
+    let mut writer = tokio::spawn(write_loop(
+        sink,
+        reg.rx,
+        reg.outlet,
+        WriterSettings {
+            shutdown: state.shutdown.clone(),
+            stall: Duration::from_millis(state.cfg.write_stall_timeout_ms),
+            ping_every: Duration::from_millis(state.cfg.ping_interval_ms),
+            idle: Duration::from_millis(state.cfg.idle_timeout_ms),
+            heard: heard.clone(),
+        },
+        reader_done_rx,
+    ));
+    let mut writer_done = false;
 
     let mut limit = RateLimit::new(state.cfg.rate_limit_per_s, state.cfg.rate_limit_burst);
-    let conn = Arc::new(conn);
-    while let Some(msg) = stream.next().await {
+    let mut offence = Offence::default();
+    let close_after = Duration::from_millis(state.cfg.rate_limit_close_after_ms);
+    loop {
+        let msg = tokio::select! {
+            msg = stream.next() => msg,
+            // The writer closed the connection (slow, stalled, idle, shutdown): stop too.
+            _ = &mut writer => { writer_done = true; break }
+        };
+        if matches!(msg, Some(Ok(_))) {
+            heard.now();
+        }
         let text = match msg {
-            Ok(Message::Text(t)) => t,
-            Ok(Message::Binary(_)) => {
+            Some(Ok(Message::Text(t))) => t,
+            Some(Ok(Message::Binary(_))) => {
                 conn.reply(error_frame(
                     ErrorCode::MalformedFrame,
                     "binary frames are not supported; send JSON text frames",
                     None,
-                ));
+                ))
+                .await;
                 continue;
             }
-            Ok(Message::Close(_)) | Err(_) => break,
-            Ok(_) => continue,
+            Some(Ok(Message::Close(_)) | Err(_)) | None => break,
+            Some(Ok(_)) => continue,
         };
         metrics::counter!(m::FRAMES_IN).increment(1);
         if text.len() > state.cfg.max_frame_bytes {
@@ -204,11 +394,20 @@ pub async fn serve(state: Arc<NodeState>, mut socket: WebSocket, auth: Result<Cl
                     state.cfg.max_frame_bytes
                 ),
                 None,
-            ));
+            ))
+            .await;
             continue;
         }
         if let Err(wait) = limit.take() {
             metrics::counter!(m::ERRORS, "code" => "RateLimited").increment(1);
+            if offence.limited(close_after) {
+                metrics::counter!(m::RATE_LIMIT_DISCONNECTS).increment(1);
+                conn.outlet.close(CloseReason {
+                    code: CLOSE_RATE_LIMIT,
+                    reason: "rate limit exceeded for seconds on end; slow down and reconnect",
+                });
+                continue;
+            }
             conn.reply(ServerFrame::Error {
                 code: ErrorCode::RateLimited,
                 message: format!(
@@ -217,27 +416,38 @@ pub async fn serve(state: Arc<NodeState>, mut socket: WebSocket, auth: Result<Cl
                 ),
                 ref_id: None,
                 retry_after_ms: Some(wait.as_millis() as u64 + 1),
-            });
+            })
+            .await;
             continue;
         }
         match ClientFrame::decode(&text) {
             Ok(frame) => conn.clone().handle(frame).await,
-            Err(e) => conn.reply(error_frame(e.code(), e.to_string(), None)),
+            Err(e) => conn.reply(error_frame(e.code(), e.to_string(), None)).await,
         }
     }
-    state.hub.unregister(&conn.claims.sub, conn.id);
+    state
+        .hub
+        .unregister(&conn.claims.tenant, &conn.claims.sub, conn.id);
     conn.mark_online(false).await;
-    drop(conn);
-    let _ = writer.await;
+    if !writer_done {
+        let _ = reader_done.send(());
+        let _ = writer.await;
+    }
 }
 
 impl Conn {
-    fn reply(&self, frame: ServerFrame) {
-        if self.tx.try_send(Outbound::from(frame.encode())).is_err() {
-            tracing::debug!(
-                conn = self.id,
-                "reply dropped: connection queue full or closed"
-            );
+    /// Queues a frame for this connection, waiting for room when the client reads slowly
+    /// (backpressure on its own requests); nothing is dropped, except error frames past
+    /// the per-second cap, which are counted.
+    async fn reply(&self, frame: ServerFrame) {
+        if matches!(frame, ServerFrame::Error { .. })
+            && !self.error_budget.lock().is_ok_and(|mut b| b.take())
+        {
+            metrics::counter!(m::ERROR_FRAMES_SUPPRESSED).increment(1);
+            return;
+        }
+        if let Err(e) = self.outlet.push_wait(Outbound::from(frame.encode())).await {
+            tracing::debug!(conn = self.id, error = %e, "reply not queued");
         }
     }
 
@@ -252,44 +462,54 @@ impl Conn {
 
     async fn mark_online(&self, online: bool) {
         let member = format!("{}:{}", self.state.cfg.node_id, self.id);
-        let key = presence_key(&self.claims.sub);
-        let update = async {
-            let mut c = self.state.redis.conn().await?;
-            let r: redis::RedisResult<()> = if online {
-                redis::cmd("ZADD")
-                    .arg(&key)
-                    .arg(clock::now_ms() + 60_000)
-                    .arg(member)
-                    .query_async(&mut c)
-                    .await
-            } else {
-                redis::cmd("ZREM")
-                    .arg(&key)
-                    .arg(member)
-                    .query_async(&mut c)
-                    .await
-            };
-            r.map_err(|e| e.to_string())
-        };
+        let key = presence_key(&self.claims.tenant, &self.claims.sub);
+        let expiry = clock::now_ms() + 60_000;
         // Presence is best effort (it only decides offline notifications); the presence
-        // refresher repairs it within 20 s.
-        match tokio::time::timeout(REDIS_OP_TIMEOUT, update).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::debug!(error = %e, "presence update failed"),
-            Err(_) => tracing::debug!("presence update timed out"),
+        // refresher repairs it within 20 s, and at once when the Redis link returns.
+        let r = self
+            .state
+            .redis
+            .run(|mut c| async move {
+                if online {
+                    redis::cmd("ZADD")
+                        .arg(&key)
+                        .arg(expiry)
+                        .arg(member)
+                        .query_async::<()>(&mut c)
+                        .await
+                } else {
+                    redis::cmd("ZREM")
+                        .arg(&key)
+                        .arg(member)
+                        .query_async::<()>(&mut c)
+                        .await
+                }
+            })
+            .await;
+        if let Err(e) = r {
+            tracing::debug!(error = %e, "presence update failed");
         }
     }
 
     /// Membership check shared by every conversation frame.
-    async fn require_member(&self, conversation: &str, ref_id: Option<String>) -> bool {
+    async fn require_member(
+        &self,
+        conversation: &str,
+        ref_id: Option<String>,
+    ) -> Option<Arc<Membership>> {
         match self
             .state
             .members
-            .get(&self.state.store, conversation)
+            .is_member(
+                &self.state.store,
+                conversation,
+                &self.claims.tenant,
+                &self.claims.sub,
+            )
             .await
         {
-            Ok(members) if members.contains(&self.claims.sub) => true,
-            Ok(_) => {
+            Ok(Some(m)) => Some(m),
+            Ok(None) => {
                 self.reply(error_frame(
                     ErrorCode::NotMember,
                     format!(
@@ -297,12 +517,13 @@ impl Conn {
                         self.claims.sub
                     ),
                     ref_id,
-                ));
-                false
+                ))
+                .await;
+                None
             }
             Err(e) => {
-                self.reply(store_error(e, ref_id));
-                false
+                self.reply(store_error(e, ref_id)).await;
+                None
             }
         }
     }
@@ -340,25 +561,30 @@ impl Conn {
                 tokio::spawn(async move {
                     if let Err((code, message)) = streams::resume(
                         &conn.state,
+                        &conn.claims.tenant,
                         &conn.claims.sub,
                         &session_id,
                         after_index,
-                        conn.tx.clone(),
+                        conn.outlet.clone(),
                     )
                     .await
                     {
-                        conn.reply(error_frame(code, message, Some(session_id)));
+                        conn.reply(error_frame(code, message, Some(session_id)))
+                            .await;
                     }
                 });
             }
-            ClientFrame::Ping { nonce } => self.reply(ServerFrame::Pong {
-                nonce,
-                ts_ms: clock::now_ms(),
-            }),
+            ClientFrame::Ping { nonce } => {
+                self.reply(ServerFrame::Pong {
+                    nonce,
+                    ts_ms: clock::now_ms(),
+                })
+                .await
+            }
         }
     }
 
-    async fn send(&self, conversation_id: String, client_msg_id: String, body: String) {
+    async fn send(self: Arc<Self>, conversation_id: String, client_msg_id: String, body: String) {
         let started = Instant::now();
         let ref_id = Some(client_msg_id.clone());
         if client_msg_id.is_empty()
@@ -366,22 +592,32 @@ impl Conn {
             || conversation_id.is_empty()
             || conversation_id.len() > MAX_ID_LEN
         {
-            return self.reply(error_frame(
-                ErrorCode::InvalidArgument,
-                format!("conversation_id and client_msg_id must have 1..={MAX_ID_LEN} bytes"),
-                ref_id,
-            ));
+            return self
+                .reply(error_frame(
+                    ErrorCode::InvalidArgument,
+                    format!("conversation_id and client_msg_id must have 1..={MAX_ID_LEN} bytes"),
+                    ref_id,
+                ))
+                .await;
         }
         if body.is_empty() {
-            return self.reply(error_frame(
-                ErrorCode::InvalidArgument,
-                "body is empty",
-                ref_id,
-            ));
+            return self
+                .reply(error_frame(
+                    ErrorCode::InvalidArgument,
+                    "body is empty",
+                    ref_id,
+                ))
+                .await;
         }
+        // The recipients, read before the append so the fan-out place it takes is filled
+        // right after the commit (the append checks membership again, authoritatively).
+        let Some(membership) = self.require_member(&conversation_id, ref_id.clone()).await else {
+            return;
+        };
         let state = &self.state;
         let trace_id = new_trace_id();
         let new = NewMessage {
+            tenant: self.claims.tenant.clone(),
             message_id: new_id(),
             conversation_id: conversation_id.clone(),
             sender_id: self.claims.sub.clone(),
@@ -410,20 +646,27 @@ impl Conn {
                 }),
             )
         };
-        let outbox = state.events.mode() == PublishMode::Outbox;
+        let redis_fanout = state.cfg.fanout_mode == FanoutMode::Redis;
+        let mut place: Option<Reservation> = None;
         let appended = state
             .store
             .append_message(&new, |msg| {
-                if outbox {
-                    vec![state.events.outbox_row(&chat_event(msg))]
-                } else {
-                    Vec::new()
+                // Under the conversation's row lock: places are taken in seq order.
+                if redis_fanout {
+                    place = Some(state.fanout.reserve());
                 }
+                state.events.transactional_rows(|| chat_event(msg))
             })
             .await;
         let appended = match appended {
             Ok(a) => a,
-            Err(e) => return self.reply(store_error(e, ref_id)),
+            Err(e) => {
+                if matches!(e, StoreError::NotMember { .. }) {
+                    // The cached membership was stale: read it again next time.
+                    state.members.invalidate(&conversation_id);
+                }
+                return self.reply(store_error(e, ref_id)).await;
+            }
         };
         let msg = appended.message;
         self.reply(ServerFrame::Ack {
@@ -434,80 +677,42 @@ impl Conn {
             status: MessageStatus::Sent,
             duplicate: appended.duplicate,
             ts_ms: clock::now_ms(),
-        });
+        })
+        .await;
         metrics::histogram!(m::SEND_SECONDS).record(started.elapsed().as_secs_f64());
+        let env = state.message_envelope(&msg, &membership, Some(self.id), &trace_id);
         if appended.duplicate {
             metrics::counter!(m::MESSAGES_DUPLICATE).increment(1);
-        } else {
-            metrics::counter!(m::MESSAGES_ACCEPTED).increment(1);
-            match state.events.mode() {
-                PublishMode::Outbox => state.events.poke_relay(),
-                PublishMode::Async => state.events.emit(chat_event(&msg)).await,
-            }
-        }
-        // Fanned out again on a duplicate too: the first attempt may have died before it.
-        if state.cfg.fanout_mode == crate::config::FanoutMode::Redis || appended.duplicate {
-            self.fanout_message(&msg, &trace_id).await;
-        }
-        if !appended.duplicate {
-            self.notify_offline(&msg).await;
-        }
-    }
-
-    async fn fanout_message(&self, msg: &chatstream_store::StoredMessage, trace_id: &str) {
-        let members = match self
-            .state
-            .members
-            .get(&self.state.store, &msg.conversation_id)
-            .await
-        {
-            Ok(m) => m,
-            Err(e) => {
-                return tracing::warn!(error = %e, "members unavailable; recipients will sync")
-            }
-        };
-        let frame = ServerFrame::Msg {
-            message_id: msg.message_id.clone(),
-            client_msg_id: msg.client_msg_id.clone(),
-            conversation_id: msg.conversation_id.clone(),
-            seq: msg.seq,
-            sender_id: msg.sender_id.clone(),
-            body: msg.body.clone(),
-            created_at_ms: msg.created_at_ms,
-            trace_id: msg.trace_id.clone(),
-            via: Via::Live,
-        };
-        self.state
-            .fanout(FanoutEnvelope {
-                origin_node: self.state.cfg.node_id.clone(),
-                origin_conn: Some(self.id),
-                recipients: members.to_vec(),
-                frame: frame.encode(),
-                receipt: Some(Receipt {
-                    sender_id: msg.sender_id.clone(),
-                    conversation_id: msg.conversation_id.clone(),
-                    message_id: msg.message_id.clone(),
-                    seq: msg.seq,
-                    tenant: self.claims.tenant.clone(),
-                    trace_id: trace_id.to_string(),
-                }),
-            })
-            .await;
-    }
-
-    /// Members with no live connection anywhere get a notification event.
-    async fn notify_offline(&self, msg: &chatstream_store::StoredMessage) {
-        let Ok(members) = self
-            .state
-            .members
-            .get(&self.state.store, &msg.conversation_id)
-            .await
-        else {
+            // Fanned out again: the first attempt may have died before its fan-out.
+            // Recipients that already got a later message skip it (live order).
+            state.fanout(env);
             return;
-        };
+        }
+        metrics::counter!(m::MESSAGES_ACCEPTED).increment(1);
+        match state.events.mode() {
+            PublishMode::Outbox => state.events.poke_relay(),
+            PublishMode::Async => state.events.emit(chat_event(&msg)).await,
+            PublishMode::None => {}
+        }
+        if let Some(place) = place {
+            place.fill(env);
+        }
+        // Beside the read loop: the presence lookup is a Redis round trip.
+        let conn = self.clone();
+        tokio::spawn(async move { conn.notify_offline(&msg, &membership).await });
+    }
+
+    /// Members with no live connection anywhere get a notification event. While Redis
+    /// is away presence is unknown and none are sent.
+    async fn notify_offline(&self, msg: &chatstream_store::StoredMessage, members: &Membership) {
+        if self.state.events.mode() == PublishMode::None || !self.state.redis.is_up() {
+            return;
+        }
+        let tenant = &self.claims.tenant;
         let others: Vec<&String> = members
+            .members
             .iter()
-            .filter(|u| **u != msg.sender_id && !self.state.hub.is_local(u))
+            .filter(|u| **u != msg.sender_id && !self.state.hub.is_local(tenant, u))
             .collect();
         if others.is_empty() || others.len() > 100 {
             return;
@@ -515,15 +720,17 @@ impl Conn {
         let now = clock::now_ms();
         let mut pipe = redis::pipe();
         for u in &others {
-            pipe.cmd("ZCOUNT").arg(presence_key(u)).arg(now).arg("+inf");
+            pipe.cmd("ZCOUNT")
+                .arg(presence_key(tenant, u))
+                .arg(now)
+                .arg("+inf");
         }
-        let lookup = async {
-            let mut c = self.state.redis.conn().await?;
-            pipe.query_async::<Vec<i64>>(&mut c)
-                .await
-                .map_err(|e| e.to_string())
-        };
-        let Ok(Ok(counts)) = tokio::time::timeout(REDIS_OP_TIMEOUT, lookup).await else {
+        let Ok(counts) = self
+            .state
+            .redis
+            .run(|mut c| async move { pipe.query_async::<Vec<i64>>(&mut c).await })
+            .await
+        else {
             return;
         };
         for (user, n) in others.into_iter().zip(counts) {
@@ -553,13 +760,15 @@ impl Conn {
 
     async fn sync(&self, conversation_id: String, after_seq: i64, limit: Option<u32>) {
         if after_seq < 0 {
-            return self.reply(error_frame(
-                ErrorCode::InvalidArgument,
-                "after_seq must be >= 0",
-                None,
-            ));
+            return self
+                .reply(error_frame(
+                    ErrorCode::InvalidArgument,
+                    "after_seq must be >= 0",
+                    None,
+                ))
+                .await;
         }
-        if !self.require_member(&conversation_id, None).await {
+        if self.require_member(&conversation_id, None).await.is_none() {
             return;
         }
         let limit = i64::from(limit.unwrap_or(u32::MAX)).clamp(1, self.state.cfg.sync_limit);
@@ -583,45 +792,46 @@ impl Conn {
                         created_at_ms: msg.created_at_ms,
                         trace_id: msg.trace_id,
                         via: Via::Sync,
-                    });
+                    })
+                    .await;
                 }
                 self.reply(ServerFrame::SyncDone {
                     conversation_id,
                     last_seq,
                     more,
-                });
+                })
+                .await;
             }
-            Err(e) => self.reply(store_error(e, None)),
+            Err(e) => self.reply(store_error(e, None)).await,
         }
     }
 
     async fn read(&self, conversation_id: String, up_to_seq: i64) {
         if up_to_seq < 0 {
-            return self.reply(error_frame(
-                ErrorCode::InvalidArgument,
-                "up_to_seq must be >= 0",
-                None,
-            ));
+            return self
+                .reply(error_frame(
+                    ErrorCode::InvalidArgument,
+                    "up_to_seq must be >= 0",
+                    None,
+                ))
+                .await;
         }
-        if !self.require_member(&conversation_id, None).await {
+        let Some(membership) = self.require_member(&conversation_id, None).await else {
             return;
-        }
+        };
         if let Err(e) = self
             .state
             .store
-            .mark_read(&conversation_id, &self.claims.sub, up_to_seq)
+            .mark_read(
+                &conversation_id,
+                &self.claims.tenant,
+                &self.claims.sub,
+                up_to_seq,
+            )
             .await
         {
-            return self.reply(store_error(e, None));
+            return self.reply(store_error(e, None)).await;
         }
-        let Ok(members) = self
-            .state
-            .members
-            .get(&self.state.store, &conversation_id)
-            .await
-        else {
-            return;
-        };
         let frame = ServerFrame::Status {
             conversation_id: conversation_id.clone(),
             message_id: None,
@@ -630,15 +840,16 @@ impl Conn {
             status: MessageStatus::Read,
             ts_ms: clock::now_ms(),
         };
-        self.state
-            .fanout(FanoutEnvelope {
-                origin_node: self.state.cfg.node_id.clone(),
-                origin_conn: Some(self.id),
-                recipients: members.to_vec(),
-                frame: frame.encode(),
-                receipt: None,
-            })
-            .await;
+        self.state.fanout(FanoutEnvelope {
+            origin_node: self.state.cfg.node_id.clone(),
+            origin_conn: Some(self.id),
+            tenant: membership.tenant.clone(),
+            recipients: membership.members.clone(),
+            frame: frame.encode(),
+            live_order: None,
+            receipt: None,
+            members_changed: None,
+        });
         let ctx = EventContext {
             conversation_id: Some(conversation_id.clone()),
             ..self.ctx(new_trace_id())
@@ -657,15 +868,7 @@ impl Conn {
     }
 
     async fn typing(&self, conversation_id: String, is_typing: bool) {
-        if !self.require_member(&conversation_id, None).await {
-            return;
-        }
-        let Ok(members) = self
-            .state
-            .members
-            .get(&self.state.store, &conversation_id)
-            .await
-        else {
+        let Some(membership) = self.require_member(&conversation_id, None).await else {
             return;
         };
         let frame = ServerFrame::Typing {
@@ -674,20 +877,22 @@ impl Conn {
             is_typing,
             ts_ms: clock::now_ms(),
         };
-        let recipients = members
+        let recipients = membership
+            .members
             .iter()
             .filter(|u| **u != self.claims.sub)
             .cloned()
             .collect();
-        self.state
-            .fanout(FanoutEnvelope {
-                origin_node: self.state.cfg.node_id.clone(),
-                origin_conn: Some(self.id),
-                recipients,
-                frame: frame.encode(),
-                receipt: None,
-            })
-            .await;
+        self.state.fanout(FanoutEnvelope {
+            origin_node: self.state.cfg.node_id.clone(),
+            origin_conn: Some(self.id),
+            tenant: membership.tenant.clone(),
+            recipients,
+            frame: frame.encode(),
+            live_order: None,
+            receipt: None,
+            members_changed: None,
+        });
         let ctx = EventContext {
             conversation_id: Some(conversation_id.clone()),
             ..self.ctx(new_trace_id())
@@ -705,13 +910,15 @@ impl Conn {
 
     async fn stream(&self, conversation_id: String, prompt: String) {
         if prompt.is_empty() {
-            return self.reply(error_frame(
-                ErrorCode::InvalidArgument,
-                "prompt is empty",
-                None,
-            ));
+            return self
+                .reply(error_frame(
+                    ErrorCode::InvalidArgument,
+                    "prompt is empty",
+                    None,
+                ))
+                .await;
         }
-        if !self.require_member(&conversation_id, None).await {
+        if self.require_member(&conversation_id, None).await.is_none() {
             return;
         }
         match streams::start(
@@ -720,12 +927,12 @@ impl Conn {
             &self.claims.tenant,
             &conversation_id,
             &prompt,
-            Some(self.tx.clone()),
+            Some(self.outlet.clone()),
         )
         .await
         {
             Ok(_) => {}
-            Err((code, message)) => self.reply(error_frame(code, message, None)),
+            Err((code, message)) => self.reply(error_frame(code, message, None)).await,
         }
     }
 }

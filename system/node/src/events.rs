@@ -1,6 +1,7 @@
 //! Turning actions into Kafka events: building envelopes (ids, trace, node, timestamps,
 //! key fields) and handing them to the configured publish path — outbox rows (batched for
-//! events outside a message transaction) or a fire-and-forget send.
+//! events outside a message transaction), a fire-and-forget send, or nothing at all
+//! (publish mode `none`).
 
 use chatstream_protocol::events::EventBody;
 use chatstream_protocol::{EventEnvelope, EVENT_VERSION};
@@ -12,6 +13,8 @@ use tokio::sync::{mpsc, Notify};
 use crate::clock;
 use crate::config::PublishMode;
 use crate::kafka::AsyncPublisher;
+use crate::log_limit::LogLimiter;
+use crate::metrics as m;
 
 /// Who/what an event is about, besides its payload.
 #[derive(Debug, Clone, Default)]
@@ -32,12 +35,17 @@ pub fn new_trace_id() -> String {
     uuid::Uuid::new_v4().simple().to_string()
 }
 
+/// Rows waiting for the batch writer; past this, `emit_nowait` drops (and counts).
+const BATCH_QUEUE: usize = 10_000;
+
 pub struct EventSink {
     mode: PublishMode,
     node_id: String,
-    async_publisher: AsyncPublisher,
+    /// Async mode's producer (typing events use it in outbox mode too); none in mode `none`.
+    async_publisher: Option<AsyncPublisher>,
     batch: mpsc::Sender<OutboxRow>,
     relay_poke: Arc<Notify>,
+    dropped_log: LogLimiter,
 }
 
 impl EventSink {
@@ -46,17 +54,20 @@ impl EventSink {
         mode: PublishMode,
         node_id: String,
         store: Store,
-        async_publisher: AsyncPublisher,
+        async_publisher: Option<AsyncPublisher>,
         relay_poke: Arc<Notify>,
     ) -> Arc<Self> {
-        let (tx, rx) = mpsc::channel(10_000);
-        tokio::spawn(batch_writer(store, rx, relay_poke.clone()));
+        let (tx, rx) = mpsc::channel(BATCH_QUEUE);
+        if mode == PublishMode::Outbox {
+            tokio::spawn(batch_writer(store, rx, relay_poke.clone()));
+        }
         Arc::new(EventSink {
             mode,
             node_id,
             async_publisher,
             batch: tx,
             relay_poke,
+            dropped_log: LogLimiter::new(Duration::from_secs(5)),
         })
     }
 
@@ -94,27 +105,62 @@ impl EventSink {
         }
     }
 
+    /// The outbox rows a state change writes in its own transaction: the event's row in
+    /// outbox mode, nothing otherwise (async mode sends after the commit with `emit`).
+    pub fn transactional_rows(&self, e: impl FnOnce() -> EventEnvelope) -> Vec<OutboxRow> {
+        match self.mode {
+            PublishMode::Outbox => vec![self.outbox_row(&e())],
+            PublishMode::Async | PublishMode::None => Vec::new(),
+        }
+    }
+
     /// Tells the local relay that rows were committed (so it publishes now, not at its next poll).
     pub fn poke_relay(&self) {
         self.relay_poke.notify_one();
     }
 
-    /// Publishes an event outside a message transaction, by the configured mode.
+    /// Publishes an event outside a message transaction, by the configured mode; waits
+    /// only when the outbox batch queue is full (PostgreSQL away).
     pub async fn emit(&self, e: EventEnvelope) {
         match self.mode {
-            PublishMode::Async => self.async_publisher.send(&e),
+            PublishMode::Async => self.send_async(&e),
             PublishMode::Outbox => {
                 let row = self.outbox_row(&e);
                 if self.batch.send(row).await.is_err() {
                     tracing::error!(event = %e.id, "outbox batcher is gone; event dropped");
                 }
             }
+            PublishMode::None => {}
         }
     }
 
-    /// Ephemeral events (typing) are sent directly in every mode: they are worthless later.
+    /// Like `emit` but never waits: with the batch queue full the event is dropped, counted
+    /// and logged. For callers that must not stall (the fan-out subscriber).
+    pub fn emit_nowait(&self, e: EventEnvelope) {
+        match self.mode {
+            PublishMode::Async => self.send_async(&e),
+            PublishMode::Outbox => {
+                if let Err(err) = self.batch.try_send(self.outbox_row(&e)) {
+                    metrics::counter!(m::EVENTS_DROPPED, "reason" => "queue_full").increment(1);
+                    if self.dropped_log.allow() {
+                        tracing::warn!(event = %e.id, error = %err, "outbox batch queue full (postgres slow or away); event dropped");
+                    }
+                }
+            }
+            PublishMode::None => {}
+        }
+    }
+
+    /// Publishes directly in async and outbox modes, for events that are worthless later
+    /// (typing); nothing in mode `none`.
     pub fn emit_ephemeral(&self, e: EventEnvelope) {
-        self.async_publisher.send(&e);
+        self.send_async(&e);
+    }
+
+    fn send_async(&self, e: &EventEnvelope) {
+        if let Some(p) = &self.async_publisher {
+            p.send(e);
+        }
     }
 }
 

@@ -1,5 +1,7 @@
 //! The node's HTTP surface: `/ws` (WebSocket upgrade), `/healthz`, `/readyz`, `/metrics`,
-//! and a small JSON API (conversations, message history, `POST /api/chat` to start a stream).
+//! and a small JSON API: conversations (created by their first member; members changed
+//! only by members, through `/api/conversations/{id}/members`), message history, and
+//! `POST /api/chat` to start a stream. Every check names the caller's tenant.
 
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{Path, Query, State};
@@ -8,12 +10,16 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use chatstream_protocol::auth::{self, Claims, TokenError};
+use chatstream_protocol::events::{EventBody, MembershipChanged};
+use chatstream_store::{ChangeOutcome, CreateOutcome, MembershipChange};
 use serde::Deserialize;
 use serde_json::json;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use crate::clock;
+use crate::events::{new_trace_id, EventContext};
+use crate::fanout::FanoutEnvelope;
 use crate::server::NodeState;
 use crate::{conn, streams};
 
@@ -24,6 +30,7 @@ pub fn router(state: Arc<NodeState>) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/api/conversations", post(create_conversation))
+        .route("/api/conversations/{id}/members", post(change_members))
         .route("/api/conversations/{id}/messages", get(history))
         .route("/api/chat", post(start_chat))
         .with_state(state)
@@ -87,7 +94,8 @@ async fn readyz(State(state): State<Arc<NodeState>>) -> Response {
         "ready": state.is_ready(),
         "postgres": h.postgres.load(Ordering::Relaxed),
         "migrated": h.migrated.load(Ordering::Relaxed),
-        "redis": h.redis.load(Ordering::Relaxed),
+        "redis": state.redis_ok(),
+        "redis_link": state.redis.is_up(),
         "kafka": h.kafka.load(Ordering::Relaxed),
         "fanout_subscribed": h.fanout_subscribed.load(Ordering::Relaxed),
         "outbox_relay": h.relay.load(Ordering::Relaxed),
@@ -114,6 +122,43 @@ struct NewConversation {
     members: Vec<String>,
 }
 
+const MAX_ID_BYTES: usize = 128;
+const MAX_MEMBERS: usize = 10_000;
+
+fn valid_ids(ids: &[String]) -> bool {
+    ids.iter().all(|u| !u.is_empty() && u.len() <= MAX_ID_BYTES)
+}
+
+fn unavailable(e: impl std::fmt::Display) -> Response {
+    api_error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "unavailable",
+        e.to_string(),
+    )
+}
+
+/// The MEMBERSHIP_CHANGED event of a change made by `claims` in `conversation`.
+fn membership_event(
+    state: &NodeState,
+    claims: &Claims,
+    conversation: &str,
+    change: MembershipChanged,
+) -> chatstream_protocol::EventEnvelope {
+    let ctx = EventContext {
+        tenant: claims.tenant.clone(),
+        trace_id: new_trace_id(),
+        conversation_id: Some(conversation.to_string()),
+        user_id: Some(claims.sub.clone()),
+        ..Default::default()
+    };
+    state
+        .events
+        .envelope(&ctx, EventBody::MembershipChanged(change))
+}
+
+/// Creates a conversation with its first members (the caller among them). An existing id
+/// is never changed here: a member re-creating it with the same members gets 200, anyone
+/// else 403 (not a member) or 409 (other members: use the members API).
 async fn create_conversation(
     State(state): State<Arc<NodeState>>,
     headers: HeaderMap,
@@ -124,14 +169,15 @@ async fn create_conversation(
         Err(e) => return api_error(StatusCode::UNAUTHORIZED, "unauthorized", e.to_string()),
     };
     if req.id.is_empty()
-        || req.id.len() > 128
+        || req.id.len() > MAX_ID_BYTES
         || req.members.is_empty()
-        || req.members.len() > 10_000
+        || req.members.len() > MAX_MEMBERS
+        || !valid_ids(&req.members)
     {
         return api_error(
             StatusCode::BAD_REQUEST,
             "invalid_argument",
-            "id must have 1..=128 bytes and members 1..=10000 users",
+            format!("id must have 1..={MAX_ID_BYTES} bytes and members 1..={MAX_MEMBERS} user ids of 1..={MAX_ID_BYTES} bytes"),
         );
     }
     if !req.members.contains(&claims.sub) {
@@ -141,38 +187,193 @@ async fn create_conversation(
             "the creator must be one of the members",
         );
     }
-    match state.store.conversation_tenant(&req.id).await {
-        Ok(Some(t)) if t != claims.tenant => {
-            return api_error(
-                StatusCode::FORBIDDEN,
-                "not_member",
-                "conversation belongs to another tenant",
-            )
-        }
-        Err(e) => {
-            return api_error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "unavailable",
-                e.to_string(),
-            )
-        }
-        _ => {}
-    }
-    match state
+    let outcome = state
         .store
-        .create_conversation(&claims.tenant, &req.id, &req.members, clock::now_ms())
-        .await
-    {
-        Ok(()) => (
-            StatusCode::CREATED,
+        .create_conversation(
+            &claims.tenant,
+            &req.id,
+            &claims.sub,
+            &req.members,
+            clock::now_ms(),
+            |members| {
+                state.events.transactional_rows(|| {
+                    membership_event(
+                        &state,
+                        &claims,
+                        &req.id,
+                        MembershipChanged {
+                            conversation_id: req.id.clone(),
+                            actor_id: claims.sub.clone(),
+                            added: members.to_vec(),
+                            removed: Vec::new(),
+                            created: true,
+                        },
+                    )
+                })
+            },
+        )
+        .await;
+    match outcome {
+        Ok(CreateOutcome::Created) => {
+            after_membership_change(&state, &claims, &req.id, &req.members, &[], true).await;
+            (
+                StatusCode::CREATED,
+                Json(json!({ "id": req.id, "members": req.members })),
+            )
+                .into_response()
+        }
+        Ok(CreateOutcome::AlreadyExists) => (
+            StatusCode::OK,
             Json(json!({ "id": req.id, "members": req.members })),
         )
             .into_response(),
-        Err(e) => api_error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
-            e.to_string(),
+        Ok(CreateOutcome::MembersDiffer { members }) => (
+            StatusCode::CONFLICT,
+            Json(json!({
+                "code": "already_exists",
+                "message": format!("conversation {} exists with other members; change them with POST /api/conversations/{}/members", req.id, req.id),
+                "members": members,
+            })),
+        )
+            .into_response(),
+        Ok(CreateOutcome::NotMember) => api_error(
+            StatusCode::FORBIDDEN,
+            "not_member",
+            format!(
+                "conversation {} exists and {} is not a member of it",
+                req.id, claims.sub
+            ),
         ),
+        Err(e) => unavailable(e),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MembersChange {
+    #[serde(default)]
+    add: Vec<String>,
+    #[serde(default)]
+    remove: Vec<String>,
+}
+
+/// Adds and removes members; members only. Answers the members after the change and what
+/// it really changed (adding a member or removing a non-member changes nothing).
+async fn change_members(
+    State(state): State<Arc<NodeState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Json(req): Json<MembersChange>,
+) -> Response {
+    let claims = match authenticate(&state, &headers, None) {
+        Ok(c) => c,
+        Err(e) => return api_error(StatusCode::UNAUTHORIZED, "unauthorized", e.to_string()),
+    };
+    if req.add.len() + req.remove.len() > MAX_MEMBERS
+        || !valid_ids(&req.add)
+        || !valid_ids(&req.remove)
+    {
+        return api_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_argument",
+            format!("add and remove take up to {MAX_MEMBERS} user ids of 1..={MAX_ID_BYTES} bytes"),
+        );
+    }
+    let outcome = state
+        .store
+        .change_members(
+            &MembershipChange {
+                tenant: &claims.tenant,
+                conversation_id: &id,
+                actor: &claims.sub,
+                add: &req.add,
+                remove: &req.remove,
+                now_ms: clock::now_ms(),
+            },
+            |delta| {
+                state.events.transactional_rows(|| {
+                    membership_event(
+                        &state,
+                        &claims,
+                        &id,
+                        MembershipChanged {
+                            conversation_id: id.clone(),
+                            actor_id: claims.sub.clone(),
+                            added: delta.added.clone(),
+                            removed: delta.removed.clone(),
+                            created: false,
+                        },
+                    )
+                })
+            },
+        )
+        .await;
+    match outcome {
+        Ok(ChangeOutcome::Changed { delta, members }) => {
+            if !delta.added.is_empty() || !delta.removed.is_empty() {
+                after_membership_change(&state, &claims, &id, &delta.added, &delta.removed, false)
+                    .await;
+            }
+            Json(json!({
+                "id": id,
+                "members": members,
+                "added": delta.added,
+                "removed": delta.removed,
+            }))
+            .into_response()
+        }
+        Ok(ChangeOutcome::NotFound) => api_error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no conversation {id}"),
+        ),
+        Ok(ChangeOutcome::NotMember) => api_error(
+            StatusCode::FORBIDDEN,
+            "not_member",
+            format!("{} is not a member of {id}", claims.sub),
+        ),
+        Ok(ChangeOutcome::WouldBeEmpty) => api_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_argument",
+            "a conversation keeps at least one member",
+        ),
+        Err(e) => unavailable(e),
+    }
+}
+
+/// After a committed membership change: every node drops its cached members, and the
+/// change's event is published by the mode (outbox rows were committed with it).
+async fn after_membership_change(
+    state: &NodeState,
+    claims: &Claims,
+    conversation: &str,
+    added: &[String],
+    removed: &[String],
+    created: bool,
+) {
+    state.members.invalidate(conversation);
+    state.fanout(FanoutEnvelope::members_changed(
+        &state.cfg.node_id,
+        conversation,
+    ));
+    match state.events.mode() {
+        crate::config::PublishMode::Outbox => state.events.poke_relay(),
+        crate::config::PublishMode::Async => {
+            let e = membership_event(
+                state,
+                claims,
+                conversation,
+                MembershipChanged {
+                    conversation_id: conversation.to_string(),
+                    actor_id: claims.sub.clone(),
+                    added: added.to_vec(),
+                    removed: removed.to_vec(),
+                    created,
+                },
+            );
+            state.events.emit(e).await;
+        }
+        crate::config::PublishMode::None => {}
     }
 }
 
@@ -192,7 +393,11 @@ async fn history(
         Ok(c) => c,
         Err(e) => return api_error(StatusCode::UNAUTHORIZED, "unauthorized", e.to_string()),
     };
-    match state.store.is_member(&id, &claims.sub).await {
+    match state
+        .store
+        .is_member(&id, &claims.tenant, &claims.sub)
+        .await
+    {
         Ok(true) => {}
         Ok(false) => {
             return api_error(
@@ -248,7 +453,7 @@ async fn start_chat(
     }
     match state
         .store
-        .is_member(&req.conversation_id, &claims.sub)
+        .is_member(&req.conversation_id, &claims.tenant, &claims.sub)
         .await
     {
         Ok(true) => {}

@@ -13,6 +13,26 @@ pub const SEND_SECONDS: &str = "chatstream_send_seconds";
 pub const FANOUT_PUBLISHED: &str = "chatstream_fanout_published_total";
 pub const FANOUT_FAILED: &str = "chatstream_fanout_failed_total";
 pub const FANOUT_DELIVERED: &str = "chatstream_fanout_delivered_total";
+/// Envelopes not published, by `reason`: redis_down, queue_full, late (its append did not
+/// commit in time).
+pub const FANOUT_SKIPPED: &str = "chatstream_fanout_skipped_total";
+/// Live frames a connection did not get because it already had a later seq of the
+/// conversation (the client fills the gap with sync).
+pub const FANOUT_OUT_OF_ORDER: &str = "chatstream_fanout_out_of_order_total";
+/// Redis commands refused at once because the link was down.
+pub const REDIS_SKIPPED: &str = "chatstream_redis_skipped_total";
+/// Times the Redis link was declared down.
+pub const REDIS_TRIPS: &str = "chatstream_redis_link_trips_total";
+pub const SLOW_CONSUMER_DISCONNECTS: &str = "chatstream_slow_consumer_disconnects_total";
+pub const WRITE_STALL_DISCONNECTS: &str = "chatstream_write_stall_disconnects_total";
+pub const IDLE_DISCONNECTS: &str = "chatstream_idle_disconnects_total";
+pub const RATE_LIMIT_DISCONNECTS: &str = "chatstream_rate_limit_disconnects_total";
+/// Error frames not written because the connection passed its per-second cap.
+pub const ERROR_FRAMES_SUPPRESSED: &str = "chatstream_error_frames_suppressed_total";
+/// Events dropped before the outbox because its batch queue was full, by `reason`.
+pub const EVENTS_DROPPED: &str = "chatstream_events_dropped_total";
+/// Accepted TCP sockets, by whether TCP_NODELAY is set on them (read back with getsockopt).
+pub const ACCEPTED_SOCKETS: &str = "chatstream_accepted_sockets_total";
 pub const OUTBOX_PUBLISHED: &str = "chatstream_outbox_published_total";
 pub const OUTBOX_BACKLOG: &str = "chatstream_outbox_backlog";
 pub const OUTBOX_ERRORS: &str = "chatstream_outbox_relay_errors_total";

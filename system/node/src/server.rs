@@ -1,28 +1,30 @@
 //! The node's shared state and its lifecycle: connect (lazily, so the node starts while a
-//! backend is down and reports it in /readyz), spawn the background tasks (fan-out
-//! subscriber, outbox relay, health checks, presence), serve HTTP and WebSocket, and drain
-//! gracefully on shutdown.
+//! backend is down and reports it in /readyz), spawn the background tasks (Redis link
+//! prober, fan-out publisher and subscriber, outbox relay, health checks, presence), serve
+//! HTTP and WebSocket (every accepted socket with TCP_NODELAY), and drain gracefully on
+//! shutdown.
 
+use axum::serve::ListenerExt;
 use chatstream_protocol::events::EventBody;
 use chatstream_protocol::frames::Via;
 use chatstream_protocol::{EventEnvelope, ServerFrame};
-use chatstream_store::Store;
+use chatstream_store::{Membership, Store};
 use metrics_exporter_prometheus::PrometheusHandle;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Notify, RwLock};
+use tokio::sync::{watch, Notify};
 
 use crate::config::{FanoutMode, NodeConfig, PublishMode};
 use crate::events::{EventContext, EventSink};
-use crate::fanout::{self, FanoutEnvelope};
+use crate::fanout::{self, FanoutEnvelope, FanoutPublisher, LiveOrder};
 use crate::hub::{Hub, Outbound};
 use crate::kafka::{self, AsyncPublisher};
 use crate::metrics as m;
+use crate::redis_link::RedisLink;
 use crate::streams::Streams;
 use crate::{clock, http};
 
@@ -40,90 +42,99 @@ pub enum NodeError {
     Serve(std::io::Error),
 }
 
-/// Each backend's last health check.
+/// Each backend's last health check (Redis's command link reports through `RedisLink`).
 #[derive(Default)]
 pub struct Health {
     pub postgres: AtomicBool,
     pub migrated: Arc<AtomicBool>,
-    pub redis: AtomicBool,
     pub kafka: AtomicBool,
     pub fanout_subscribed: Arc<AtomicBool>,
     pub relay: Arc<AtomicBool>,
 }
 
-/// A Redis connection that is made lazily and remade after failures.
-pub struct RedisHandle {
-    client: redis::Client,
-    manager: RwLock<Option<ConnectionManager>>,
-}
-
-impl RedisHandle {
-    pub async fn conn(&self) -> Result<ConnectionManager, String> {
-        if let Some(m) = self.manager.read().await.as_ref() {
-            return Ok(m.clone());
-        }
-        let mut slot = self.manager.write().await;
-        if let Some(m) = slot.as_ref() {
-            return Ok(m.clone());
-        }
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Duration::from_secs(1))
-            .set_response_timeout(Duration::from_secs(2))
-            .set_number_of_retries(2);
-        let m = ConnectionManager::new_with_config(self.client.clone(), config)
-            .await
-            .map_err(|e| format!("redis unreachable: {e}"))?;
-        *slot = Some(m.clone());
-        Ok(m)
-    }
-
-    pub fn client(&self) -> &redis::Client {
-        &self.client
-    }
-}
-
-/// Conversation members, cached briefly (membership rarely changes; sends are hot).
-/// A conversation's members and when they were read.
-type CachedMembers = (Arc<Vec<String>>, Instant);
+/// Conversation memberships, cached briefly (membership rarely changes; sends are hot).
+/// Nodes drop an entry when a membership change is announced on the fan-out channel; the
+/// TTL bounds staleness when that announcement is lost.
+type CachedMembership = (Arc<Membership>, Instant);
 
 #[derive(Default)]
 pub struct MemberCache {
-    entries: Mutex<HashMap<String, CachedMembers>>,
+    entries: Mutex<HashMap<String, CachedMembership>>,
 }
 
 const MEMBER_TTL: Duration = Duration::from_secs(5);
 
-/// Longest a Redis call on a client's path may take.
-pub const REDIS_OP_TIMEOUT: Duration = Duration::from_secs(1);
-
 impl MemberCache {
+    /// The conversation's membership (None: no such conversation).
     pub async fn get(
         &self,
         store: &Store,
         conversation: &str,
-    ) -> Result<Arc<Vec<String>>, chatstream_store::StoreError> {
+    ) -> Result<Option<Arc<Membership>>, chatstream_store::StoreError> {
         if let Ok(map) = self.entries.lock() {
             if let Some((members, at)) = map.get(conversation) {
                 if at.elapsed() < MEMBER_TTL {
-                    return Ok(members.clone());
+                    return Ok(Some(members.clone()));
                 }
             }
         }
-        let members = Arc::new(store.members(conversation).await?);
+        self.refresh(store, conversation).await
+    }
+
+    /// Reads the membership from the database, bypassing (and updating) the cache.
+    pub async fn refresh(
+        &self,
+        store: &Store,
+        conversation: &str,
+    ) -> Result<Option<Arc<Membership>>, chatstream_store::StoreError> {
+        let Some(membership) = store.membership(conversation).await? else {
+            self.invalidate(conversation);
+            return Ok(None);
+        };
+        let membership = Arc::new(membership);
         if let Ok(mut map) = self.entries.lock() {
             if map.len() > 100_000 {
                 map.clear();
             }
-            map.insert(conversation.to_string(), (members.clone(), Instant::now()));
+            map.insert(
+                conversation.to_string(),
+                (membership.clone(), Instant::now()),
+            );
         }
-        Ok(members)
+        Ok(Some(membership))
+    }
+
+    /// Whether `user` of `tenant` is a member; a cached "no" is checked again against the
+    /// database (a member added on another node is let in at once).
+    pub async fn is_member(
+        &self,
+        store: &Store,
+        conversation: &str,
+        tenant: &str,
+        user: &str,
+    ) -> Result<Option<Arc<Membership>>, chatstream_store::StoreError> {
+        match self.get(store, conversation).await? {
+            Some(m) if m.contains(tenant, user) => Ok(Some(m)),
+            Some(_) => Ok(self
+                .refresh(store, conversation)
+                .await?
+                .filter(|m| m.contains(tenant, user))),
+            None => Ok(None),
+        }
+    }
+
+    pub fn invalidate(&self, conversation: &str) {
+        if let Ok(mut map) = self.entries.lock() {
+            map.remove(conversation);
+        }
     }
 }
 
 pub struct NodeState {
     pub cfg: NodeConfig,
     pub store: Store,
-    pub redis: RedisHandle,
+    pub redis: Arc<RedisLink>,
+    pub fanout: FanoutPublisher,
     pub hub: Hub,
     pub events: Arc<EventSink>,
     pub members: MemberCache,
@@ -134,38 +145,38 @@ pub struct NodeState {
 }
 
 impl NodeState {
-    /// Publishes a fan-out envelope; failures are counted and logged (clients resync).
-    /// Bounded in time: a dead Redis must not hold up the connection that sent.
-    pub async fn fanout(&self, env: FanoutEnvelope) {
-        let publish = async {
-            let mut c = self.redis.conn().await?;
-            fanout::publish(&mut c, &env).await
-        };
-        let result = tokio::time::timeout(REDIS_OP_TIMEOUT, publish)
-            .await
-            .unwrap_or_else(|_| Err(format!("no answer within {REDIS_OP_TIMEOUT:?}")));
-        if let Err(e) = result {
-            metrics::counter!(m::FANOUT_FAILED).increment(1);
-            tracing::warn!(error = %e, "fan-out failed; recipients will catch up by sync");
-        }
+    /// Queues a fan-out envelope; never waits (see `fanout`).
+    pub fn fanout(&self, env: FanoutEnvelope) {
+        self.fanout.publish(env);
     }
 
-    /// Delivers a fan-out envelope to this node's connections, and reports DELIVERED for
+    /// Delivers a fan-out envelope to this node's connections, in the order envelopes
+    /// arrive (it is called by the subscriber, one at a time), and reports DELIVERED for
     /// each recipient reached (other than the sender).
-    pub async fn deliver_envelope(self: &Arc<Self>, env: FanoutEnvelope) {
+    pub fn deliver_envelope(&self, env: FanoutEnvelope) {
+        if let Some(conversation) = &env.members_changed {
+            self.members.invalidate(conversation);
+            return;
+        }
         let except = (env.origin_node == self.cfg.node_id)
             .then_some(env.origin_conn)
             .flatten();
         let frame: Outbound = Arc::from(env.frame.as_str());
-        let reached = self.hub.deliver(&env.recipients, &frame, except);
+        let order = env
+            .live_order
+            .as_ref()
+            .map(|o| (o.conversation_id.as_str(), o.seq));
+        let reached = self
+            .hub
+            .deliver(&env.tenant, &env.recipients, &frame, except, order);
         metrics::counter!(m::FANOUT_DELIVERED).increment(reached.len() as u64);
         let Some(receipt) = env.receipt else { return };
         for user in reached.into_iter().filter(|u| *u != receipt.sender_id) {
-            self.report_delivered(&receipt, &user).await;
+            self.report_delivered(&receipt, &user);
         }
     }
 
-    async fn report_delivered(self: &Arc<Self>, r: &fanout::Receipt, recipient: &str) {
+    fn report_delivered(&self, r: &fanout::Receipt, recipient: &str) {
         let now = clock::now_ms();
         let status = ServerFrame::Status {
             conversation_id: r.conversation_id.clone(),
@@ -178,11 +189,13 @@ impl NodeState {
         self.fanout(FanoutEnvelope {
             origin_node: self.cfg.node_id.clone(),
             origin_conn: None,
+            tenant: r.tenant.clone(),
             recipients: vec![r.sender_id.clone()],
             frame: status.encode(),
+            live_order: None,
             receipt: None,
-        })
-        .await;
+            members_changed: None,
+        });
         let ctx = EventContext {
             tenant: r.tenant.clone(),
             trace_id: r.trace_id.clone(),
@@ -201,21 +214,17 @@ impl NodeState {
                 status: chatstream_protocol::frames::MessageStatus::Delivered,
             }),
         );
-        self.events.emit(e).await;
+        self.events.emit_nowait(e);
     }
 
-    /// Kafka fan-out mode: deliver a CHAT_MESSAGE event to local members.
-    async fn deliver_chat_event(self: &Arc<Self>, e: EventEnvelope) {
-        let EventBody::ChatMessage(msg) = &e.body else {
-            return;
-        };
-        let members = match self.members.get(&self.store, &msg.conversation_id).await {
-            Ok(m) => m,
-            Err(err) => {
-                tracing::warn!(error = %err, "members unavailable; kafka fan-out skipped");
-                return;
-            }
-        };
+    /// The envelope that fans a stored message out live to its conversation's members.
+    pub fn message_envelope(
+        &self,
+        msg: &chatstream_store::StoredMessage,
+        membership: &Membership,
+        origin_conn: Option<crate::hub::ConnId>,
+        trace_id: &str,
+    ) -> FanoutEnvelope {
         let frame = ServerFrame::Msg {
             message_id: msg.message_id.clone(),
             client_msg_id: msg.client_msg_id.clone(),
@@ -224,28 +233,70 @@ impl NodeState {
             sender_id: msg.sender_id.clone(),
             body: msg.body.clone(),
             created_at_ms: msg.created_at_ms,
-            trace_id: e.trace_id.clone(),
+            trace_id: msg.trace_id.clone(),
             via: Via::Live,
         };
-        let env = FanoutEnvelope {
-            origin_node: e.source_node.clone(),
-            origin_conn: None,
-            recipients: members
-                .iter()
-                .filter(|u| **u != msg.sender_id)
-                .cloned()
-                .collect(),
+        FanoutEnvelope {
+            origin_node: self.cfg.node_id.clone(),
+            origin_conn,
+            tenant: membership.tenant.clone(),
+            recipients: membership.members.clone(),
             frame: frame.encode(),
+            live_order: Some(LiveOrder {
+                conversation_id: msg.conversation_id.clone(),
+                seq: msg.seq,
+            }),
             receipt: Some(fanout::Receipt {
                 sender_id: msg.sender_id.clone(),
                 conversation_id: msg.conversation_id.clone(),
                 message_id: msg.message_id.clone(),
                 seq: msg.seq,
-                tenant: e.tenant.clone(),
-                trace_id: e.trace_id.clone(),
+                tenant: membership.tenant.clone(),
+                trace_id: trace_id.to_string(),
             }),
+            members_changed: None,
+        }
+    }
+
+    /// Kafka fan-out mode: deliver a CHAT_MESSAGE event to local members.
+    async fn deliver_chat_event(&self, e: EventEnvelope) {
+        let EventBody::ChatMessage(msg) = &e.body else {
+            return;
         };
-        self.deliver_envelope(env).await;
+        let membership = match self.members.get(&self.store, &msg.conversation_id).await {
+            Ok(Some(m)) if m.tenant == e.tenant => m,
+            Ok(_) => return,
+            Err(err) => {
+                tracing::warn!(error = %err, "members unavailable; kafka fan-out skipped");
+                return;
+            }
+        };
+        let stored = chatstream_store::StoredMessage {
+            message_id: msg.message_id.clone(),
+            conversation_id: msg.conversation_id.clone(),
+            seq: msg.seq,
+            sender_id: msg.sender_id.clone(),
+            client_msg_id: msg.client_msg_id.clone(),
+            body: msg.body.clone(),
+            trace_id: e.trace_id.clone(),
+            created_at_ms: msg.created_at_ms,
+        };
+        let mut env = self.message_envelope(&stored, &membership, None, &e.trace_id);
+        env.origin_node = e.source_node.clone();
+        env.recipients.retain(|u| *u != msg.sender_id);
+        self.deliver_envelope(env);
+    }
+
+    /// Whether every Redis path this node needs works: the command link (publish,
+    /// presence, streams) and the fan-out subscription.
+    pub fn redis_ok(&self) -> bool {
+        self.redis.is_up() && self.health.fanout_subscribed.load(Ordering::Relaxed)
+    }
+
+    /// Whether this node needs Kafka: to publish (outbox relay, async sends), or to fan
+    /// out (kafka mode). Publish mode `none` with Redis fan-out does not.
+    pub fn needs_kafka(&self) -> bool {
+        self.cfg.publish_mode != PublishMode::None || self.cfg.fanout_mode == FanoutMode::Kafka
     }
 
     pub fn is_ready(&self) -> bool {
@@ -255,9 +306,8 @@ impl NodeState {
             || h.relay.load(Ordering::Relaxed);
         h.postgres.load(Ordering::Relaxed)
             && h.migrated.load(Ordering::Relaxed)
-            && h.redis.load(Ordering::Relaxed)
-            && h.kafka.load(Ordering::Relaxed)
-            && h.fanout_subscribed.load(Ordering::Relaxed)
+            && self.redis_ok()
+            && (!self.needs_kafka() || h.kafka.load(Ordering::Relaxed))
             && relay_ok
     }
 }
@@ -280,7 +330,8 @@ async fn check_kafka(bootstrap: String) -> bool {
     .unwrap_or(false)
 }
 
-/// Health checks every second (Kafka every 3 s), and migrations once PostgreSQL answers.
+/// Health checks every second (Kafka every 3 s, when the node needs it), and migrations
+/// once PostgreSQL answers. Redis is watched by its link's prober and the subscriber.
 async fn run_health(state: Arc<NodeState>, mut shutdown: watch::Receiver<bool>) {
     let mut tick = 0u64;
     loop {
@@ -296,20 +347,14 @@ async fn run_health(state: Arc<NodeState>, mut shutdown: watch::Receiver<bool>) 
                 Err(e) => tracing::error!(error = %e, "migration failed"),
             }
         }
-        let redis_ok = match state.redis.conn().await {
-            Ok(mut c) => redis::cmd("PING")
-                .query_async::<String>(&mut c)
-                .await
-                .is_ok(),
-            Err(_) => false,
-        };
-        h.redis.store(redis_ok, Ordering::Relaxed);
         if tick % 3 == 0 {
-            h.kafka.store(
-                check_kafka(state.cfg.kafka_bootstrap.clone()).await,
-                Ordering::Relaxed,
-            );
-            if pg {
+            if state.needs_kafka() {
+                h.kafka.store(
+                    check_kafka(state.cfg.kafka_bootstrap.clone()).await,
+                    Ordering::Relaxed,
+                );
+            }
+            if pg && state.cfg.publish_mode == PublishMode::Outbox {
                 if let Ok(n) = state.store.outbox_backlog().await {
                     metrics::gauge!(m::OUTBOX_BACKLOG).set(n as f64);
                 }
@@ -325,34 +370,43 @@ async fn run_health(state: Arc<NodeState>, mut shutdown: watch::Receiver<bool>) 
 }
 
 /// Keeps this node's connected users marked online in Redis (for offline notifications):
-/// a sorted set per user of "<node>:<conn>" scored by expiry, refreshed every 20 s.
+/// a sorted set per user of "<node>:<conn>" scored by expiry, refreshed every 20 s and as
+/// soon as the Redis link comes back (Redis may have restarted empty).
 async fn run_presence(state: Arc<NodeState>, mut shutdown: watch::Receiver<bool>) {
+    let mut restored = state.redis.restored();
     loop {
         let snapshot = state.hub.snapshot();
-        if !snapshot.is_empty() {
-            if let Ok(mut c) = state.redis.conn().await {
-                let expiry = clock::now_ms() + 60_000;
-                let mut pipe = redis::pipe();
-                for (user, conn) in &snapshot {
-                    pipe.zadd(
-                        presence_key(user),
-                        format!("{}:{conn}", state.cfg.node_id),
-                        expiry,
-                    )
-                    .ignore();
-                }
-                let _: redis::RedisResult<()> = pipe.query_async(&mut c).await;
+        if !snapshot.is_empty() && state.redis.is_up() {
+            let expiry = clock::now_ms() + 60_000;
+            let mut pipe = redis::pipe();
+            for (tenant, user, conn) in &snapshot {
+                pipe.zadd(
+                    presence_key(tenant, user),
+                    format!("{}:{conn}", state.cfg.node_id),
+                    expiry,
+                )
+                .ignore();
+            }
+            if let Err(e) = state
+                .redis
+                .run(|mut c| async move { pipe.query_async::<()>(&mut c).await })
+                .await
+            {
+                tracing::debug!(error = %e, "presence refresh failed");
             }
         }
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(20)) => {}
+            changed = restored.changed() => if changed.is_err() { return },
             _ = shutdown.changed() => return,
         }
     }
 }
 
-pub fn presence_key(user: &str) -> String {
-    format!("chatstream:presence:{user}")
+/// The presence set of `user` of `tenant`. The tenant is length-prefixed, so no pair of
+/// ids can collide whatever characters they hold.
+pub fn presence_key(tenant: &str, user: &str) -> String {
+    format!("chatstream:presence:{}:{tenant}:{user}", tenant.len())
 }
 
 /// Runs a node on `listener` until `signal` resolves, then drains: connections are told
@@ -369,7 +423,13 @@ pub async fn run(
         url: cfg.redis_url.clone(),
         message: e.to_string(),
     })?;
-    let async_publisher = AsyncPublisher::new(&cfg.kafka_bootstrap)?;
+    // Mode `none` creates no producer at all; typing events use it in the other modes.
+    let async_publisher = match cfg.publish_mode {
+        PublishMode::None => None,
+        PublishMode::Outbox | PublishMode::Async => {
+            Some(AsyncPublisher::new(&cfg.kafka_bootstrap)?)
+        }
+    };
     let relay_poke = Arc::new(Notify::new());
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let events = EventSink::new(
@@ -379,15 +439,15 @@ pub async fn run(
         async_publisher.clone(),
         relay_poke.clone(),
     );
+    let link = RedisLink::new(client.clone());
+    let (publisher, publish_queue) = fanout::publish_queue();
     let state = Arc::new(NodeState {
         streams: Streams::new(cfg.stream.clone()),
+        hub: Hub::new(cfg.max_unsent_bytes),
         cfg,
         store: store.clone(),
-        redis: RedisHandle {
-            client: client.clone(),
-            manager: RwLock::new(None),
-        },
-        hub: Hub::default(),
+        redis: link.clone(),
+        fanout: publisher,
         events,
         members: MemberCache::default(),
         health: Health::default(),
@@ -395,25 +455,24 @@ pub async fn run(
         shutdown: shutdown_rx.clone(),
     });
 
+    tokio::spawn(link.clone().run_prober(shutdown_rx.clone()));
+    tokio::spawn(fanout::run_publisher(
+        link.clone(),
+        publish_queue,
+        shutdown_rx.clone(),
+    ));
     tokio::spawn(run_health(state.clone(), shutdown_rx.clone()));
     tokio::spawn(run_presence(state.clone(), shutdown_rx.clone()));
     {
         let s = state.clone();
         let connected = state.health.fanout_subscribed.clone();
         let rx = shutdown_rx.clone();
-        tokio::spawn(async move {
-            let deliverer = s.clone();
-            fanout::run_subscriber(
-                client,
-                connected,
-                move |env| {
-                    let d = deliverer.clone();
-                    tokio::spawn(async move { d.deliver_envelope(env).await });
-                },
-                rx,
-            )
-            .await;
-        });
+        tokio::spawn(fanout::run_subscriber(
+            client,
+            connected,
+            move |env| s.deliver_envelope(env),
+            rx,
+        ));
     }
     if state.cfg.fanout_mode == FanoutMode::Kafka {
         let s = state.clone();
@@ -463,6 +522,19 @@ pub async fn run(
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     };
+    // Nagle would hold small frames (acks, live messages) back for the peer's delayed ACK:
+    // every accepted socket gets TCP_NODELAY, read back to prove it took.
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::warn!(error = %e, "could not set TCP_NODELAY on an accepted socket");
+        }
+        let nodelay = tcp.nodelay().unwrap_or(false);
+        metrics::counter!(m::ACCEPTED_SOCKETS, "tcp_nodelay" => if nodelay { "true" } else { "false" })
+            .increment(1);
+        if let Ok(peer) = tcp.peer_addr() {
+            tracing::debug!(%peer, tcp_nodelay = nodelay, "accepted connection");
+        }
+    });
     axum::serve(listener, app)
         .with_graceful_shutdown(graceful)
         .await
@@ -471,8 +543,9 @@ pub async fn run(
         // The relay finishes its current batch; rows it did not publish stay for the others.
         let _ = tokio::time::timeout(Duration::from_secs(10), relay).await;
     }
-    let publisher = async_publisher.clone();
-    let _ = tokio::task::spawn_blocking(move || publisher.flush(Duration::from_secs(5))).await;
+    if let Some(publisher) = async_publisher {
+        let _ = tokio::task::spawn_blocking(move || publisher.flush(Duration::from_secs(5))).await;
+    }
     tracing::info!("node stopped");
     Ok(())
 }

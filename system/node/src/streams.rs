@@ -1,7 +1,8 @@
 //! AI-style streams: a deterministic, seedable generator stands in for the model. Each
 //! chunk is cached in Redis (a list per session, with a TTL) and announced on a channel
 //! per session, so a client that reconnects to any node can `resume` after its last index
-//! and receive the rest.
+//! and receive the rest. Every Redis call goes through the node's link (bounded, and
+//! refused at once while Redis is away); a session belongs to a user of one tenant.
 
 use chatstream_protocol::events::{self as ev, EventBody};
 use chatstream_protocol::frames::{ErrorCode, StreamOutcome};
@@ -13,14 +14,14 @@ use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::mpsc;
 
 use crate::clock;
 use crate::config::StreamConfig;
 use crate::events::{new_id, new_trace_id, EventContext};
-use crate::hub::Outbound;
+use crate::hub::{Outbound, Outlet, PushError};
 use crate::metrics as m;
-use crate::server::{NodeState, REDIS_OP_TIMEOUT};
+use crate::redis_link::{RedisLinkError, CONNECT_TIMEOUT, OP_TIMEOUT};
+use crate::server::NodeState;
 
 const WORDS: &[&str] = &[
     "the",
@@ -145,7 +146,7 @@ pub async fn start(
     tenant: &str,
     conversation: &str,
     prompt: &str,
-    live: Option<mpsc::Sender<Outbound>>,
+    live: Option<Arc<Outlet>>,
 ) -> Result<Started, (ErrorCode, String)> {
     let session_id = new_id();
     let message_id = new_id();
@@ -160,20 +161,19 @@ pub async fn start(
         ("planned", plan.chunks.to_string()),
         ("status", "running".to_string()),
     ];
-    let write_meta = async {
-        let mut conn = state.redis.conn().await?;
-        redis::pipe()
-            .hset_multiple(meta_key(&session_id), &meta)
-            .ignore()
-            .expire(meta_key(&session_id), ttl)
-            .ignore()
-            .query_async::<()>(&mut conn)
-            .await
-            .map_err(|e| format!("redis: {e}"))
-    };
-    tokio::time::timeout(REDIS_OP_TIMEOUT, write_meta)
+    let key = meta_key(&session_id);
+    state
+        .redis
+        .run(|mut conn| async move {
+            redis::pipe()
+                .hset_multiple(&key, &meta)
+                .ignore()
+                .expire(&key, ttl)
+                .ignore()
+                .query_async::<()>(&mut conn)
+                .await
+        })
         .await
-        .unwrap_or_else(|_| Err(format!("redis: no answer within {REDIS_OP_TIMEOUT:?}")))
         .map_err(|e| {
             (
                 ErrorCode::Unavailable,
@@ -204,14 +204,14 @@ pub async fn start(
             }),
         ))
         .await;
-    if let Some(tx) = &live {
+    if let Some(outlet) = &live {
         // Queued before the first chunk can be.
         let started = ServerFrame::StreamStarted {
             session_id: session_id.clone(),
             conversation_id: conversation.to_string(),
             message_id: message_id.clone(),
         };
-        let _ = tx.try_send(Outbound::from(started.encode()));
+        let _ = outlet.push(Outbound::from(started.encode()));
     }
     tokio::spawn(generate(state.clone(), ctx, prompt.to_string(), plan, live));
     Ok(Started {
@@ -220,9 +220,13 @@ pub async fn start(
     })
 }
 
-async fn cache(state: &NodeState, session: &str, item: &CacheItem, ttl: i64) -> Result<(), String> {
-    let text = serde_json::to_string(item).map_err(|e| e.to_string())?;
-    let mut conn = state.redis.conn().await?;
+async fn cache(
+    state: &NodeState,
+    session: &str,
+    item: &CacheItem,
+    ttl: i64,
+) -> Result<(), RedisLinkError> {
+    let text = serde_json::to_string(item).map_err(|e| RedisLinkError::Refused(e.to_string()))?;
     let mut pipe = redis::pipe();
     pipe.rpush(chunks_key(session), &text)
         .ignore()
@@ -237,9 +241,10 @@ async fn cache(state: &NodeState, session: &str, item: &CacheItem, ttl: i64) -> 
         pipe.hset(meta_key(session), "total", *total).ignore();
     }
     pipe.publish(channel(session), &text).ignore();
-    pipe.query_async::<()>(&mut conn)
+    state
+        .redis
+        .run(|mut conn| async move { pipe.query_async::<()>(&mut conn).await })
         .await
-        .map_err(|e| e.to_string())
 }
 
 /// Caches with a few retries: a chunk that cannot be cached is still sent live.
@@ -260,7 +265,7 @@ async fn generate(
     ctx: EventContext,
     prompt: String,
     plan: Plan,
-    live: Option<mpsc::Sender<Outbound>>,
+    live: Option<Arc<Outlet>>,
 ) {
     let session = ctx.session_id.clone().unwrap_or_default();
     let message_id = ctx.message_id.clone().unwrap_or_default();
@@ -269,9 +274,10 @@ async fn generate(
     let started = Instant::now();
     let mut last = Instant::now();
     let mut response = String::new();
+    // A chunk that does not fit closes the (too slow) connection; the client resumes.
     let send_live = |frame: ServerFrame| {
-        if let Some(tx) = &live {
-            let _ = tx.try_send(Outbound::from(frame.encode()));
+        if let Some(outlet) = &live {
+            let _ = outlet.push(Outbound::from(frame.encode()));
         }
     };
     for index in 0..plan.chunks {
@@ -381,6 +387,32 @@ async fn generate(
     state.events.emit(e).await;
 }
 
+/// Sends `item` to a resuming client unless it is a chunk the client already has (at the
+/// client's pace: a resume is an answer to its own request). Ok(true): a new chunk went out.
+async fn forward(
+    outlet: &Outlet,
+    session: &str,
+    item: CacheItem,
+    next: &mut i64,
+    ended: &mut bool,
+) -> Result<bool, PushError> {
+    let new_chunk = match &item {
+        CacheItem::Chunk { index, .. } if *index < *next => return Ok(false),
+        CacheItem::Chunk { index, .. } => {
+            *next = index + 1;
+            true
+        }
+        CacheItem::End { .. } => {
+            *ended = true;
+            false
+        }
+    };
+    outlet
+        .push_wait(Outbound::from(frame_of(session, item).encode()))
+        .await?;
+    Ok(new_chunk)
+}
+
 fn frame_of(session: &str, item: CacheItem) -> ServerFrame {
     match item {
         CacheItem::Chunk { index, text, ts_ms } => ServerFrame::Chunk {
@@ -402,44 +434,57 @@ fn frame_of(session: &str, item: CacheItem) -> ServerFrame {
     }
 }
 
-/// Sends `user` the chunks of `session` after `after_index`, then the live rest until the
-/// end. Works on any node: the cache and the channel are in Redis.
+/// Sends `user` of `tenant` the chunks of `session` after `after_index`, then the live
+/// rest until the end. Works on any node: the cache and the channel are in Redis.
 pub async fn resume(
     state: &Arc<NodeState>,
+    tenant: &str,
     user: &str,
     session: &str,
     after_index: i64,
-    tx: mpsc::Sender<Outbound>,
+    outlet: Arc<Outlet>,
 ) -> Result<(), (ErrorCode, String)> {
     let unavailable = |e: String| (ErrorCode::Unavailable, e);
-    let mut conn = state.redis.conn().await.map_err(unavailable)?;
-    let meta: HashMap<String, String> = redis::cmd("HGETALL")
-        .arg(meta_key(session))
-        .query_async(&mut conn)
+    let key = meta_key(session);
+    let meta: HashMap<String, String> = state
+        .redis
+        .run(|mut c| async move { redis::cmd("HGETALL").arg(&key).query_async(&mut c).await })
         .await
         .map_err(|e| unavailable(e.to_string()))?;
-    if meta.get("user").map(String::as_str) != Some(user) {
+    if meta.get("user").map(String::as_str) != Some(user)
+        || meta.get("tenant").map(String::as_str) != Some(tenant)
+    {
         return Err((
             ErrorCode::NotFound,
             format!("no stream session {session} for this user (expired or never started)"),
         ));
     }
-    // Subscribe before reading the cache, so nothing falls between the two.
-    let mut pubsub = state
+    // Subscribe before reading the cache, so nothing falls between the two. A connection
+    // of its own (subscribed connections take no other commands), bounded like the link.
+    let subscribed = async {
+        let mut pubsub =
+            tokio::time::timeout(CONNECT_TIMEOUT, state.redis.client().get_async_pubsub())
+                .await
+                .map_err(|_| format!("redis: no connection within {CONNECT_TIMEOUT:?}"))?
+                .map_err(|e| e.to_string())?;
+        tokio::time::timeout(OP_TIMEOUT, pubsub.subscribe(channel(session)))
+            .await
+            .map_err(|_| format!("redis: SUBSCRIBE unanswered within {OP_TIMEOUT:?}"))?
+            .map_err(|e| e.to_string())?;
+        Ok::<_, String>(pubsub)
+    };
+    let mut pubsub = subscribed.await.map_err(unavailable)?;
+    let key = chunks_key(session);
+    let cached: Vec<String> = state
         .redis
-        .client()
-        .get_async_pubsub()
-        .await
-        .map_err(|e| unavailable(e.to_string()))?;
-    pubsub
-        .subscribe(channel(session))
-        .await
-        .map_err(|e| unavailable(e.to_string()))?;
-    let cached: Vec<String> = redis::cmd("LRANGE")
-        .arg(chunks_key(session))
-        .arg(0)
-        .arg(-1)
-        .query_async(&mut conn)
+        .run(|mut c| async move {
+            redis::cmd("LRANGE")
+                .arg(&key)
+                .arg(0)
+                .arg(-1)
+                .query_async(&mut c)
+                .await
+        })
         .await
         .map_err(|e| unavailable(e.to_string()))?;
     let ctx = EventContext {
@@ -453,25 +498,14 @@ pub async fn resume(
     let mut next = after_index + 1;
     let mut replayed = 0i64;
     let mut ended = false;
-    let send = |item: CacheItem, next: &mut i64, ended: &mut bool| -> bool {
-        match &item {
-            CacheItem::Chunk { index, .. } if *index < *next => return true,
-            CacheItem::Chunk { index, .. } => *next = index + 1,
-            CacheItem::End { .. } => *ended = true,
-        }
-        tx.try_send(Outbound::from(frame_of(session, item).encode()))
-            .is_ok()
-    };
     for raw in cached {
-        if let Ok(item) = serde_json::from_str::<CacheItem>(&raw) {
-            let is_chunk = matches!(item, CacheItem::Chunk { .. });
-            let before = next;
-            if !send(item, &mut next, &mut ended) {
-                break;
-            }
-            if is_chunk && next > before {
-                replayed += 1;
-            }
+        let Ok(item) = serde_json::from_str::<CacheItem>(&raw) else {
+            continue;
+        };
+        match forward(&outlet, session, item, &mut next, &mut ended).await {
+            Ok(true) => replayed += 1,
+            Ok(false) => {}
+            Err(_) => break,
         }
     }
     let idle_limit = Duration::from_millis(
@@ -491,7 +525,10 @@ pub async fn resume(
                         continue;
                     };
                     if let Ok(item) = serde_json::from_str::<CacheItem>(&raw) {
-                        if !send(item, &mut next, &mut ended) {
+                        if forward(&outlet, session, item, &mut next, &mut ended)
+                            .await
+                            .is_err()
+                        {
                             break;
                         }
                     }

@@ -56,6 +56,7 @@ pub enum EventBody {
     MessageStatus(MessageStatusChanged),
     Typing(TypingChanged),
     Notification(Notification),
+    MembershipChanged(MembershipChanged),
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -142,6 +143,22 @@ pub struct TypingChanged {
     pub is_typing: bool,
 }
 
+/// Members added to or removed from a conversation, and by whom. On chat-events keyed by
+/// the conversation, so it stays in order with the conversation's messages. The event that
+/// creates a conversation has `created` set and every first member in `added`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MembershipChanged {
+    pub conversation_id: String,
+    /// The member who made the change.
+    pub actor_id: String,
+    #[serde(default)]
+    pub added: Vec<String>,
+    #[serde(default)]
+    pub removed: Vec<String>,
+    #[serde(default)]
+    pub created: bool,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Notification {
     pub id: String,
@@ -156,7 +173,7 @@ impl EventBody {
     /// The seed topic this event goes to.
     pub fn topic(&self) -> &'static str {
         match self {
-            EventBody::ChatMessage(_) => topic::CHAT_EVENTS,
+            EventBody::ChatMessage(_) | EventBody::MembershipChanged(_) => topic::CHAT_EVENTS,
             EventBody::SessionStarted(_)
             | EventBody::ChunkReceived(_)
             | EventBody::StreamCompleted(_)
@@ -168,11 +185,12 @@ impl EventBody {
         }
     }
 
-    /// The partition key: conversation (chat, typing), session (streams), user (status,
-    /// notifications), so order holds where it matters.
+    /// The partition key: conversation (chat, membership, typing), session (streams), user
+    /// (status, notifications), so order holds where it matters.
     pub fn key(&self) -> &str {
         match self {
             EventBody::ChatMessage(m) => &m.conversation_id,
+            EventBody::MembershipChanged(m) => &m.conversation_id,
             EventBody::Typing(t) => &t.conversation_id,
             EventBody::SessionStarted(e) => &e.session_id,
             EventBody::ChunkReceived(e) => &e.session_id,
@@ -196,6 +214,7 @@ impl EventBody {
             EventBody::MessageStatus(_) => "MESSAGE_STATUS",
             EventBody::Typing(_) => "TYPING",
             EventBody::Notification(_) => "NOTIFICATION",
+            EventBody::MembershipChanged(_) => "MEMBERSHIP_CHANGED",
         }
     }
 }
@@ -324,6 +343,25 @@ mod tests {
             latency_ms: 1,
         });
         assert_eq!((chunk.topic(), chunk.key()), ("stream-events", "s1"));
+    }
+
+    #[test]
+    fn membership_changes_go_with_the_conversation() {
+        let e = envelope(EventBody::MembershipChanged(MembershipChanged {
+            conversation_id: "c1".into(),
+            actor_id: "u1".into(),
+            added: vec!["u2".into()],
+            removed: vec![],
+            created: false,
+        }));
+        let v: serde_json::Value = serde_json::from_str(&e.to_json()).unwrap();
+        assert_eq!(v["type"], "MEMBERSHIP_CHANGED");
+        assert_eq!(v["payload"]["added"][0], "u2");
+        assert_eq!((e.topic(), e.key()), ("chat-events", "c1"));
+        assert_eq!(
+            EventEnvelope::from_slice(e.to_json().as_bytes()).unwrap(),
+            e
+        );
     }
 
     proptest! {

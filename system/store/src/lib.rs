@@ -1,6 +1,8 @@
-//! chatstream-store: PostgreSQL access for chatstream nodes — conversations and
-//! membership, messages with a per-conversation sequence number (idempotent on the sender's
-//! client message id), and the transactional outbox with its sharded relay claim.
+//! chatstream-store: PostgreSQL access for chatstream nodes — conversations and their
+//! tenant-scoped membership (changed only by members, with the change's events in the same
+//! transaction), messages with a per-conversation sequence number (idempotent on
+//! (tenant, sender, conversation, client message id)), and the transactional outbox with
+//! its sharded relay claim.
 
 mod outbox;
 
@@ -44,6 +46,8 @@ pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 /// A message to append.
 #[derive(Debug, Clone)]
 pub struct NewMessage {
+    /// The sender's tenant (the conversation's, or the sender is not a member).
+    pub tenant: String,
     pub message_id: String,
     pub conversation_id: String,
     pub sender_id: String,
@@ -74,6 +78,76 @@ pub struct Appended {
     pub duplicate: bool,
 }
 
+/// A conversation's tenant and members (user ids of that tenant), sorted by Rust's order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Membership {
+    pub tenant: String,
+    pub members: Vec<String>,
+}
+
+impl Membership {
+    pub fn contains(&self, tenant: &str, user: &str) -> bool {
+        self.tenant == tenant
+            && self
+                .members
+                .binary_search_by(|m| m.as_str().cmp(user))
+                .is_ok()
+    }
+}
+
+/// What `create_conversation` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CreateOutcome {
+    Created,
+    /// It existed with exactly these members, the caller among them: nothing to do.
+    AlreadyExists,
+    /// It exists with other members (change them with `change_members`).
+    MembersDiffer {
+        members: Vec<String>,
+    },
+    /// It exists and the caller is not a member of it (or it is another tenant's).
+    NotMember,
+}
+
+/// A requested membership change: `actor` of `tenant` adds and removes members.
+#[derive(Debug, Clone, Copy)]
+pub struct MembershipChange<'a> {
+    pub tenant: &'a str,
+    pub conversation_id: &'a str,
+    pub actor: &'a str,
+    pub add: &'a [String],
+    pub remove: &'a [String],
+    pub now_ms: i64,
+}
+
+/// A membership change as applied: who was really added and removed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MembershipDelta {
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+}
+
+/// What `change_members` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChangeOutcome {
+    Changed {
+        delta: MembershipDelta,
+        members: Vec<String>,
+    },
+    NotFound,
+    /// The caller is not a member (or the conversation is another tenant's).
+    NotMember,
+    /// The change would leave nobody in the conversation: refused.
+    WouldBeEmpty,
+}
+
+fn sorted_unique(users: &[String]) -> Vec<String> {
+    let mut v = users.to_vec();
+    v.sort();
+    v.dedup();
+    v
+}
+
 #[derive(Clone)]
 pub struct Store {
     pool: PgPool,
@@ -90,6 +164,21 @@ fn stored(row: &sqlx::postgres::PgRow) -> Result<StoredMessage> {
         trace_id: row.try_get("trace_id")?,
         created_at_ms: row.try_get("created_at_ms")?,
     })
+}
+
+/// The members of `id`, sorted, inside a transaction.
+/// Sorted in Rust, not by the database's collation, so binary searches agree with it.
+async fn members_in(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    id: &str,
+) -> Result<Vec<String>> {
+    let mut members: Vec<String> =
+        sqlx::query_scalar("SELECT user_id FROM conversation_members WHERE conversation_id = $1")
+            .bind(id)
+            .fetch_all(&mut **tx)
+            .await?;
+    members.sort();
+    Ok(members)
 }
 
 const MESSAGE_COLUMNS: &str =
@@ -120,32 +209,145 @@ impl Store {
         Ok(())
     }
 
-    /// Creates the conversation (if new) and adds `members` (those already in stay).
-    pub async fn create_conversation(
+    /// Creates conversation `id` of `tenant` with `members` (the creator among them), with
+    /// the outbox rows `events` builds for it in the same transaction. If `id` exists,
+    /// nothing changes: re-creating with the same members by a member is a no-op, anything
+    /// else is refused (membership changes go through `change_members`, members only).
+    pub async fn create_conversation<F>(
         &self,
         tenant: &str,
         id: &str,
+        creator: &str,
         members: &[String],
         now_ms: i64,
-    ) -> Result<()> {
+        events: F,
+    ) -> Result<CreateOutcome>
+    where
+        F: FnOnce(&[String]) -> Vec<OutboxRow>,
+    {
+        let members = sorted_unique(members);
         let mut tx = self.pool.begin().await?;
-        sqlx::query("INSERT INTO conversations (id, tenant, created_at_ms) VALUES ($1, $2, $3) ON CONFLICT (id) DO NOTHING")
-            .bind(id)
-            .bind(tenant)
-            .bind(now_ms)
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query(
-            "INSERT INTO conversation_members (conversation_id, user_id, joined_at_ms)
-             SELECT $1, u, $3 FROM UNNEST($2::text[]) AS u ON CONFLICT DO NOTHING",
+        // A concurrent creation of the same id waits here for the first to commit.
+        let created: Option<String> = sqlx::query_scalar(
+            "INSERT INTO conversations (id, tenant, created_at_ms) VALUES ($1, $2, $3)
+             ON CONFLICT (id) DO NOTHING RETURNING id",
         )
         .bind(id)
-        .bind(members)
+        .bind(tenant)
+        .bind(now_ms)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if created.is_none() {
+            // Shares the row lock that membership changes and appends take for update.
+            let owner: Option<String> =
+                sqlx::query_scalar("SELECT tenant FROM conversations WHERE id = $1 FOR SHARE")
+                    .bind(id)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            let current = members_in(&mut tx, id).await?;
+            tx.rollback().await?;
+            let caller_in = current
+                .binary_search_by(|m| m.as_str().cmp(creator))
+                .is_ok();
+            return Ok(match owner {
+                Some(t) if t == tenant && caller_in => {
+                    if current == members {
+                        CreateOutcome::AlreadyExists
+                    } else {
+                        CreateOutcome::MembersDiffer { members: current }
+                    }
+                }
+                _ => CreateOutcome::NotMember,
+            });
+        }
+        sqlx::query(
+            "INSERT INTO conversation_members (conversation_id, tenant, user_id, joined_at_ms)
+             SELECT $1, $2, u, $4 FROM UNNEST($3::text[]) AS u ON CONFLICT DO NOTHING",
+        )
+        .bind(id)
+        .bind(tenant)
+        .bind(&members)
         .bind(now_ms)
         .execute(&mut *tx)
         .await?;
+        outbox::insert(&mut tx, &events(&members)).await?;
         tx.commit().await?;
-        Ok(())
+        Ok(CreateOutcome::Created)
+    }
+
+    /// Applies `change` if its actor is a member of the conversation, with the outbox rows
+    /// `events` builds for the applied change in the same transaction (none when nothing
+    /// changed). A user both added and removed is removed.
+    pub async fn change_members<F>(
+        &self,
+        change: &MembershipChange<'_>,
+        events: F,
+    ) -> Result<ChangeOutcome>
+    where
+        F: FnOnce(&MembershipDelta) -> Vec<OutboxRow>,
+    {
+        let MembershipChange {
+            tenant,
+            conversation_id: id,
+            actor,
+            add,
+            remove,
+            now_ms,
+        } = *change;
+        let mut tx = self.pool.begin().await?;
+        // The row lock orders this change with appends (which take it too): a removed
+        // member's send either committed before or is refused after.
+        let owner: Option<String> =
+            sqlx::query_scalar("SELECT tenant FROM conversations WHERE id = $1 FOR UPDATE")
+                .bind(id)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let Some(owner) = owner else {
+            tx.rollback().await?;
+            return Ok(ChangeOutcome::NotFound);
+        };
+        let before = members_in(&mut tx, id).await?;
+        if owner != tenant || before.binary_search_by(|m| m.as_str().cmp(actor)).is_err() {
+            tx.rollback().await?;
+            return Ok(ChangeOutcome::NotMember);
+        }
+        let remove = sorted_unique(remove);
+        let add: Vec<String> = sorted_unique(add)
+            .into_iter()
+            .filter(|u| remove.binary_search(u).is_err())
+            .collect();
+        let mut added: Vec<String> = sqlx::query_scalar(
+            "INSERT INTO conversation_members (conversation_id, tenant, user_id, joined_at_ms)
+             SELECT $1, $2, u, $4 FROM UNNEST($3::text[]) AS u
+             ON CONFLICT DO NOTHING RETURNING user_id",
+        )
+        .bind(id)
+        .bind(tenant)
+        .bind(&add)
+        .bind(now_ms)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut removed: Vec<String> = sqlx::query_scalar(
+            "DELETE FROM conversation_members WHERE conversation_id = $1 AND user_id = ANY($2)
+             RETURNING user_id",
+        )
+        .bind(id)
+        .bind(&remove)
+        .fetch_all(&mut *tx)
+        .await?;
+        added.sort();
+        removed.sort();
+        let members = members_in(&mut tx, id).await?;
+        if members.is_empty() {
+            tx.rollback().await?;
+            return Ok(ChangeOutcome::WouldBeEmpty);
+        }
+        let delta = MembershipDelta { added, removed };
+        if !delta.added.is_empty() || !delta.removed.is_empty() {
+            outbox::insert(&mut tx, &events(&delta)).await?;
+        }
+        tx.commit().await?;
+        Ok(ChangeOutcome::Changed { delta, members })
     }
 
     /// The conversation's tenant, if it exists.
@@ -158,45 +360,68 @@ impl Store {
         )
     }
 
-    pub async fn members(&self, conversation_id: &str) -> Result<Vec<String>> {
-        Ok(sqlx::query_scalar(
-            "SELECT user_id FROM conversation_members WHERE conversation_id = $1 ORDER BY user_id",
+    /// The conversation's tenant and members, if it exists.
+    pub async fn membership(&self, conversation_id: &str) -> Result<Option<Membership>> {
+        let Some(tenant) = self.conversation_tenant(conversation_id).await? else {
+            return Ok(None);
+        };
+        let mut members: Vec<String> = sqlx::query_scalar(
+            "SELECT user_id FROM conversation_members WHERE conversation_id = $1 AND tenant = $2",
         )
         .bind(conversation_id)
+        .bind(&tenant)
         .fetch_all(&self.pool)
-        .await?)
+        .await?;
+        // Sorted in Rust: `Membership::contains` searches by Rust's order.
+        members.sort();
+        Ok(Some(Membership { tenant, members }))
     }
 
-    pub async fn is_member(&self, conversation_id: &str, user_id: &str) -> Result<bool> {
+    pub async fn is_member(
+        &self,
+        conversation_id: &str,
+        tenant: &str,
+        user_id: &str,
+    ) -> Result<bool> {
         Ok(sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM conversation_members WHERE conversation_id = $1 AND user_id = $2)",
+            "SELECT EXISTS (SELECT 1 FROM conversation_members
+                            WHERE conversation_id = $1 AND tenant = $2 AND user_id = $3)",
         )
         .bind(conversation_id)
+        .bind(tenant)
         .bind(user_id)
         .fetch_one(&self.pool)
         .await?)
     }
 
     /// Appends a message with the conversation's next seq, in one transaction with the
-    /// outbox rows `events` builds for it (none in async publish mode). A retry with the
-    /// same (sender, client_msg_id) returns the stored message and writes nothing.
-    pub async fn append_message<F>(&self, msg: &NewMessage, events: F) -> Result<Appended>
+    /// outbox rows `in_order` builds for it (none in async and none publish modes). A retry
+    /// with the same (tenant, sender, conversation, client_msg_id) returns the stored
+    /// message and writes nothing.
+    ///
+    /// `in_order` runs inside the transaction after the seq is taken and before the commit,
+    /// while the conversation's row lock is held: whatever it does (the node takes its
+    /// fan-out place there) happens in seq order across concurrent appends to the
+    /// conversation. It also runs for an append that turns out to be a retry.
+    pub async fn append_message<F>(&self, msg: &NewMessage, in_order: F) -> Result<Appended>
     where
         F: FnOnce(&StoredMessage) -> Vec<OutboxRow>,
     {
         // Four round trips: BEGIN, seq, message + outbox rows in one statement, COMMIT.
-        // A retry is found by the unique (sender, client_msg_id) key, not by a read first.
+        // A retry is found by the unique idempotency key, not by a read first.
         let mut tx = self.pool.begin().await?;
         // The row lock on the conversation serialises appends per conversation: seqs are
         // dense and in commit order. Membership is checked in the same statement.
         let seq: Option<i64> = sqlx::query_scalar(
             "UPDATE conversations c SET last_seq = c.last_seq + 1
              FROM conversation_members m
-             WHERE c.id = $1 AND m.conversation_id = c.id AND m.user_id = $2
+             WHERE c.id = $1 AND c.tenant = $3
+               AND m.conversation_id = c.id AND m.tenant = $3 AND m.user_id = $2
              RETURNING c.last_seq",
         )
         .bind(&msg.conversation_id)
         .bind(&msg.sender_id)
+        .bind(&msg.tenant)
         .fetch_optional(&mut *tx)
         .await?;
         let Some(seq) = seq else {
@@ -215,13 +440,18 @@ impl Store {
             trace_id: msg.trace_id.clone(),
             created_at_ms: msg.created_at_ms,
         };
-        let rows = events(&message);
+        let rows = in_order(&message);
         let inserted = outbox::insert_message_with_events(&mut tx, msg, seq, &rows).await?;
         if !inserted {
             // A retry (or a concurrent retry that won): undo our seq bump, return the first.
             tx.rollback().await?;
             let existing = self
-                .find_by_client_id(&msg.sender_id, &msg.client_msg_id)
+                .find_by_client_id(
+                    &msg.tenant,
+                    &msg.sender_id,
+                    &msg.conversation_id,
+                    &msg.client_msg_id,
+                )
                 .await?
                 .ok_or_else(|| {
                     StoreError::Unavailable("message vanished after a conflict".into())
@@ -238,15 +468,21 @@ impl Store {
         })
     }
 
+    /// The message stored under an idempotency key.
     pub async fn find_by_client_id(
         &self,
+        tenant: &str,
         sender_id: &str,
+        conversation_id: &str,
         client_msg_id: &str,
     ) -> Result<Option<StoredMessage>> {
         let row = sqlx::query(&format!(
-            "SELECT {MESSAGE_COLUMNS} FROM messages WHERE sender_id = $1 AND client_msg_id = $2"
+            "SELECT {MESSAGE_COLUMNS} FROM messages
+             WHERE tenant = $1 AND sender_id = $2 AND conversation_id = $3 AND client_msg_id = $4"
         ))
+        .bind(tenant)
         .bind(sender_id)
+        .bind(conversation_id)
         .bind(client_msg_id)
         .fetch_optional(&self.pool)
         .await?;
@@ -275,14 +511,16 @@ impl Store {
     pub async fn mark_read(
         &self,
         conversation_id: &str,
+        tenant: &str,
         user_id: &str,
         up_to_seq: i64,
     ) -> Result<bool> {
         let r = sqlx::query(
-            "UPDATE conversation_members SET last_read_seq = GREATEST(last_read_seq, $3)
-             WHERE conversation_id = $1 AND user_id = $2",
+            "UPDATE conversation_members SET last_read_seq = GREATEST(last_read_seq, $4)
+             WHERE conversation_id = $1 AND tenant = $2 AND user_id = $3",
         )
         .bind(conversation_id)
+        .bind(tenant)
         .bind(user_id)
         .bind(up_to_seq)
         .execute(&self.pool)

@@ -69,7 +69,7 @@ pub(crate) async fn insert(tx: &mut Transaction<'_, Postgres>, rows: &[OutboxRow
 }
 
 /// Inserts the message and, only if it was new, its outbox rows: one statement. Returns
-/// false when (sender, client_msg_id) already existed.
+/// false when its idempotency key (tenant, sender, conversation, client_msg_id) existed.
 pub(crate) async fn insert_message_with_events(
     tx: &mut Transaction<'_, Postgres>,
     msg: &crate::NewMessage,
@@ -81,9 +81,9 @@ pub(crate) async fn insert_message_with_events(
     let created: Vec<i64> = rows.iter().map(|r| r.created_at_ms).collect();
     let inserted: i64 = sqlx::query_scalar(
         "WITH m AS (
-            INSERT INTO messages (id, conversation_id, seq, sender_id, client_msg_id, body, trace_id, node_id, created_at_ms)
-            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
-            ON CONFLICT (sender_id, client_msg_id) DO NOTHING
+            INSERT INTO messages (id, conversation_id, seq, sender_id, client_msg_id, body, trace_id, node_id, created_at_ms, tenant)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $17)
+            ON CONFLICT (tenant, sender_id, conversation_id, client_msg_id) DO NOTHING
             RETURNING id
          ), o AS (
             INSERT INTO outbox (event_id, shard, topic, key, payload, node_id, created_at_ms)
@@ -110,6 +110,7 @@ pub(crate) async fn insert_message_with_events(
     .bind(col(|r| &r.payload))
     .bind(col(|r| &r.node_id))
     .bind(created)
+    .bind(&msg.tenant)
     .fetch_one(&mut **tx)
     .await?;
     Ok(inserted == 1)
