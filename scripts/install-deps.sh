@@ -49,7 +49,9 @@ fi
 
 # --- Apache Kafka broker jars --------------------------------------------------------
 kafka_dir="$SQUALL_HOME/kafka-$KAFKA_VERSION"
-if [ ! -f "$kafka_dir/COMPLETE" ]; then
+# COMPLETE records the pom it was resolved from: a changed pom (a new jar) resolves again.
+pom_sum="$(sha256sum "$here/kafka/pom.xml" | cut -c1-16)"
+if [ ! -f "$kafka_dir/COMPLETE" ] || ! grep -q "$pom_sum" "$kafka_dir/COMPLETE"; then
   need java "apt-get install -y openjdk-17-jre-headless"
   need mvn "apt-get install -y maven"
   log "resolving Apache Kafka $KAFKA_VERSION from Maven Central into $kafka_dir"
@@ -57,7 +59,7 @@ if [ ! -f "$kafka_dir/COMPLETE" ]; then
   mkdir -p "$kafka_dir/lib"
   (cd "$here/kafka" && mvn -q -B dependency:copy-dependencies \
       -DincludeScope=runtime -DoutputDirectory="$kafka_dir/lib")
-  echo "$KAFKA_VERSION" > "$kafka_dir/COMPLETE"
+  printf '%s\n%s\n' "$KAFKA_VERSION" "$pom_sum" > "$kafka_dir/COMPLETE"
 fi
 ln -sfn "$kafka_dir" "$SQUALL_HOME/kafka"
 

@@ -562,9 +562,8 @@ macro_rules! shipped {
 }
 
 shipped!(node_kill, "scenarios/chaos/node-kill.yaml");
-shipped!(kafka_cut, "scenarios/chaos/kafka-cut.yaml");
 shipped!(broker_kill, "scenarios/chaos/broker-kill.yaml");
-shipped!(worker_crash, "scenarios/chaos/worker-crash.yaml");
+shipped!(bad_input, "scenarios/chaos/bad-input.yaml");
 shipped!(redis_outage, "scenarios/chaos/redis-outage.yaml");
 shipped!(postgres_outage, "scenarios/chaos/postgres-outage.yaml");
 shipped!(replay_rebuild, "scenarios/chaos/replay-rebuild.yaml");
@@ -602,9 +601,8 @@ fn main() {
             report_html_renders_offline_in_chromium
         ),
         stack_test!(shared, "chaos::node_kill", node_kill),
-        stack_test!(shared, "chaos::kafka_cut", kafka_cut),
         stack_test!(shared, "chaos::broker_kill", broker_kill),
-        stack_test!(shared, "chaos::worker_crash", worker_crash),
+        stack_test!(shared, "chaos::bad_input", bad_input),
         stack_test!(shared, "chaos::redis_outage", redis_outage),
         stack_test!(shared, "chaos::postgres_outage", postgres_outage),
         stack_test!(shared, "chaos::replay_rebuild", replay_rebuild),

@@ -302,6 +302,9 @@ pub async fn run(
         )
     };
     let mut arrivals = 0u64;
+    // Counted here, not by the users: a send still in a user's queue when the load ends
+    // has not been invoked yet, and the drain must wait for it too.
+    let mut chat_dispatched = 0u64;
     let mut interrupted = false;
     let mut measuring = false;
     if load.warmup.is_zero() {
@@ -344,7 +347,11 @@ pub async fn run(
             due,
         );
         if let Some(tx) = senders.get(a.user as usize) {
-            let _ = tx.send(Command::Op { arrival: a, due });
+            if tx.send(Command::Op { arrival: a, due }).is_ok()
+                && a.kind == squall_scenario::OpKind::Chat
+            {
+                chat_dispatched += 1;
+            }
         }
         arrivals += 1;
     }
@@ -383,10 +390,8 @@ pub async fn run(
             + c.sends_failed.load(Ordering::Relaxed)
             + c.sends_unknown.load(Ordering::Relaxed)
             + c.sends_dropped_in_flight_limit.load(Ordering::Relaxed);
-        if settled >= c.sends_invoked.load(Ordering::Relaxed)
-            || Instant::now() >= drain_deadline
-            || interrupted
-        {
+        let invoked = c.sends_invoked.load(Ordering::Relaxed).max(chat_dispatched);
+        if settled >= invoked || Instant::now() >= drain_deadline || interrupted {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;

@@ -166,7 +166,23 @@ impl User {
                         self.start_resync();
                     }
                     match self.serve(ws, &mut rx).await {
-                        Ended::Finished => break,
+                        Ended::Finished => {
+                            // Recorded so that a checker knows this user stopped listening
+                            // here on purpose (nothing acked later is owed to it).
+                            self.record(
+                                Kind::Info,
+                                Value::Disconnect {
+                                    node: self.node as u16 + 1,
+                                    reason: "finished".into(),
+                                },
+                            );
+                            self.shared
+                                .metrics
+                                .counters
+                                .connected
+                                .fetch_sub(1, Ordering::Relaxed);
+                            break;
+                        }
                         Ended::Planned => {
                             lost_at = Some(Instant::now());
                             self.node = (self.node + 1) % self.shared.nodes.len();
@@ -582,21 +598,23 @@ impl User {
         }
     }
 
+    /// After a reconnect: every conversation from its cursor.
     async fn send_resyncs(&mut self, ws: &mut Ws) -> Result<(), String> {
         if self.resync_since.is_none() {
             return Ok(());
         }
-        let convs: Vec<u32> = self.spec.conversations.clone();
-        for c in convs {
-            self.sync(ws, c).await?;
-        }
-        Ok(())
+        self.sync_all(ws).await
     }
 
+    /// After the load (unless the scenario turned it off).
     async fn final_resync(&mut self, ws: &mut Ws) -> Result<(), String> {
         if !self.shared.final_resync {
             return Ok(());
         }
+        self.sync_all(ws).await
+    }
+
+    async fn sync_all(&mut self, ws: &mut Ws) -> Result<(), String> {
         let convs: Vec<u32> = self.spec.conversations.clone();
         for c in convs {
             self.sync(ws, c).await?;

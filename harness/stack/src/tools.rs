@@ -73,8 +73,9 @@ impl Tools {
             .or_else(|| on_path("java"))
             .ok_or_else(|| missing("java (17 or newer)", "$JAVA_HOME/bin and PATH"))?;
         let kafka_dir = home.join("kafka");
+        // Line 1: the version; line 2: a hash of the pom it was resolved from.
         let kafka_version = std::fs::read_to_string(kafka_dir.join("COMPLETE"))
-            .map(|s| s.trim().to_string())
+            .map(|s| s.lines().next().unwrap_or_default().trim().to_string())
             .map_err(|_| missing("Apache Kafka broker jars", kafka_dir.display().to_string()))?;
         let toxiproxy = home.join("bin/toxiproxy-server");
         if !toxiproxy.is_file() {

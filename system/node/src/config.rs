@@ -102,6 +102,8 @@ pub struct NodeConfig {
     /// (`chatstream_error_frames_suppressed_total`), not written.
     pub max_error_frames_per_s: u32,
     pub stream: StreamConfig,
+    /// Deliberate defects for Squall's self-validation; all off by default.
+    pub sabotage: crate::sabotage::Sabotage,
 }
 
 impl Default for NodeConfig {
@@ -131,6 +133,7 @@ impl Default for NodeConfig {
             rate_limit_close_after_ms: 5_000,
             max_error_frames_per_s: 10,
             stream: StreamConfig::default(),
+            sabotage: crate::sabotage::Sabotage::default(),
         }
     }
 }

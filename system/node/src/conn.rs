@@ -615,6 +615,20 @@ impl Conn {
             return;
         };
         let state = &self.state;
+        if crate::sabotage::skip_store() {
+            // Sabotage (off by default): acknowledged, never stored.
+            return self
+                .reply(ServerFrame::Ack {
+                    client_msg_id,
+                    message_id: new_id(),
+                    conversation_id,
+                    seq: i64::from(u32::MAX),
+                    status: MessageStatus::Sent,
+                    duplicate: false,
+                    ts_ms: clock::now_ms(),
+                })
+                .await;
+        }
         let trace_id = new_trace_id();
         let new = NewMessage {
             tenant: self.claims.tenant.clone(),

@@ -67,9 +67,41 @@ pub struct Outlet {
     kick: Notify,
     space: Notify,
     live_seqs: Mutex<HashMap<String, i64>>,
+    /// Sabotage state: live messages seen, and the one held back.
+    sabotage_live: AtomicU64,
+    sabotage_held: Mutex<Option<Outbound>>,
 }
 
 impl Outlet {
+    /// Applies the live-delivery sabotage switches (off by default): Ok(true) when the
+    /// frame was dealt with here (dropped or held back), Ok(false) to queue it normally.
+    fn sabotaged_live(&self, frame: &Outbound) -> Result<bool, PushError> {
+        let s = crate::sabotage::active();
+        if s.drop_every_nth_live > 0 {
+            let n = self.sabotage_live.fetch_add(1, Ordering::Relaxed) + 1;
+            if n % s.drop_every_nth_live == 0 {
+                return Ok(true);
+            }
+        }
+        if s.reorder_live {
+            let Ok(mut held) = self.sabotage_held.lock() else {
+                return Ok(false);
+            };
+            return match held.take() {
+                None => {
+                    *held = Some(frame.clone());
+                    Ok(true)
+                }
+                Some(earlier) => {
+                    self.push(frame.clone())?;
+                    self.push(earlier)?;
+                    Ok(true)
+                }
+            };
+        }
+        Ok(false)
+    }
+
     fn queue(&self, frame: Outbound, n: usize) -> Result<(), PushError> {
         self.tx.send(frame).map_err(|_| {
             self.queued_bytes.fetch_sub(n, Ordering::Relaxed);
@@ -131,7 +163,9 @@ impl Outlet {
             metrics::counter!(m::FANOUT_OUT_OF_ORDER).increment(1);
             return Ok(false);
         }
-        self.push(frame)?;
+        if !self.sabotaged_live(&frame)? {
+            self.push(frame)?;
+        }
         if seqs.len() >= LIVE_SEQ_MEMORY {
             seqs.clear();
         }
@@ -225,6 +259,8 @@ impl Hub {
             kick: Notify::new(),
             space: Notify::new(),
             live_seqs: Mutex::new(HashMap::new()),
+            sabotage_live: AtomicU64::new(0),
+            sabotage_held: Mutex::new(None),
         });
         if let Ok(mut tenants) = self.tenants.write() {
             tenants

@@ -16,6 +16,7 @@ pub mod kafka;
 pub mod log_limit;
 pub mod metrics;
 pub mod redis_link;
+pub mod sabotage;
 pub mod server;
 pub mod streams;
 

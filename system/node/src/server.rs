@@ -418,6 +418,7 @@ pub async fn run(
     signal: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), NodeError> {
     cfg.validate()?;
+    crate::sabotage::install(&cfg.sabotage);
     let store = Store::connect_lazy(&cfg.postgres_url, cfg.pg_max_connections)?;
     let client = redis::Client::open(cfg.redis_url.as_str()).map_err(|e| NodeError::Redis {
         url: cfg.redis_url.clone(),

@@ -530,8 +530,20 @@ async fn drive(
             return Err(e.context("reading back Kafka and the audit table"));
         }
     }
-    if lag_check_wants_more(scenario) {
-        tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+    if let Some((max, within)) = lag_bound(scenario) {
+        // Keep sampling while the groups catch up: until every group's lag is under the
+        // bound for a few samples in a row, or the check's time is up.
+        let deadline = Instant::now() + within;
+        let mut calm = 0;
+        while Instant::now() < deadline && calm < 3 {
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            let ok = sampler
+                .latest
+                .lock()
+                .map(|s| !s.lag.is_empty() && s.lag.values().all(|v| *v <= max as f64))
+                .unwrap_or(false);
+            calm = if ok { calm + 1 } else { 0 };
+        }
     }
     sampler.finish().await;
     let record = verdicts::RunRecord::load(run_dir)?;
@@ -616,13 +628,21 @@ async fn replay(
     .await
 }
 
-/// Lag checks judge recovery after the load: give the sampler a few more seconds.
-fn lag_check_wants_more(scenario: &Scenario) -> bool {
-    use squall_scenario::{Check, Checker, MetricRef};
-    scenario.checks.iter().any(|c| match c {
-        Check::Checker(Checker::Lag { .. }) => true,
-        Check::Gate(g) => matches!(g.metric, MetricRef::Lag(_)),
-        _ => false,
+/// Lag checks judge recovery after the load: the bound and how long to keep sampling.
+fn lag_bound(scenario: &Scenario) -> Option<(u64, std::time::Duration)> {
+    use squall_scenario::{Check, Checker, GateScope, MetricRef, Threshold};
+    scenario.checks.iter().find_map(|c| match c {
+        Check::Checker(Checker::Lag { max, within }) => Some((*max, *within)),
+        Check::Gate(g) => match (&g.metric, &g.threshold, &g.scope) {
+            (MetricRef::Lag(_), Threshold::Number(n), GateScope::WithinAfterFaults(d)) => {
+                Some((*n as u64, *d))
+            }
+            (MetricRef::Lag(_), Threshold::Number(n), _) => {
+                Some((*n as u64, std::time::Duration::from_secs(30)))
+            }
+            _ => None,
+        },
+        _ => None,
     })
 }
 

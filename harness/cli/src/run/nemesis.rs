@@ -443,6 +443,32 @@ impl Targets {
     }
 }
 
+/// Heals one fault and records its real end (ok), or the failure to heal it (fail).
+async fn heal_and_record(
+    targets: &Targets,
+    rec: &Recorder,
+    p: &Planned,
+    target: String,
+    undo: Undo,
+) -> Result<()> {
+    let healed = targets.heal(undo).await;
+    let (k, err) = match &healed {
+        Ok(()) => (Kind::Ok, None),
+        Err(e) => (Kind::Fail, Some(format!("{e:#}"))),
+    };
+    rec.record(
+        NEMESIS,
+        k,
+        Value::Fault {
+            id: p.id,
+            kind: kind_name(&p.action),
+            target,
+            err,
+        },
+    );
+    healed
+}
+
 /// Runs the fault plan from `measure_start` until every fault has ended, or until `stop`
 /// turns true (then heals at once). A fault that cannot be healed is a guardrail: the
 /// error is returned (the run is then aborted and exits 2).
@@ -516,64 +542,18 @@ pub async fn run(
                 }
             }
         } else if let Some((target, undo)) = active[i].take() {
-            match targets.heal(undo).await {
-                Ok(()) => rec.record(
-                    NEMESIS,
-                    Kind::Ok,
-                    Value::Fault {
-                        id: p.id,
-                        kind,
-                        target,
-                        err: None,
-                    },
-                ),
-                Err(e) => {
-                    rec.record(
-                        NEMESIS,
-                        Kind::Fail,
-                        Value::Fault {
-                            id: p.id,
-                            kind,
-                            target,
-                            err: Some(format!("{e:#}")),
-                        },
-                    );
-                    result = Err(e.context("healing a fault"));
-                    break;
-                }
+            if let Err(e) = heal_and_record(&targets, &rec, p, target, undo).await {
+                result = Err(e.context("healing a fault"));
+                break;
             }
         }
     }
     // Whatever happened, nothing stays broken.
     for (i, slot) in active.iter_mut().enumerate() {
         if let Some((target, undo)) = slot.take() {
-            let p = &planned[i];
-            let kind = kind_name(&p.action);
-            match targets.heal(undo).await {
-                Ok(()) => rec.record(
-                    NEMESIS,
-                    Kind::Ok,
-                    Value::Fault {
-                        id: p.id,
-                        kind,
-                        target,
-                        err: None,
-                    },
-                ),
-                Err(e) => {
-                    rec.record(
-                        NEMESIS,
-                        Kind::Fail,
-                        Value::Fault {
-                            id: p.id,
-                            kind,
-                            target,
-                            err: Some(format!("{e:#}")),
-                        },
-                    );
-                    if result.is_ok() {
-                        result = Err(e.context("healing a fault at the end"));
-                    }
+            if let Err(e) = heal_and_record(&targets, &rec, &planned[i], target, undo).await {
+                if result.is_ok() {
+                    result = Err(e.context("healing a fault at the end"));
                 }
             }
         }
