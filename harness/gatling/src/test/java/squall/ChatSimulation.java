@@ -10,6 +10,7 @@ import java.nio.charset.StandardCharsets;
 import java.nio.file.Files;
 import java.nio.file.Path;
 import java.time.Duration;
+import java.util.concurrent.ThreadLocalRandom;
 import java.util.concurrent.atomic.AtomicLong;
 import java.util.concurrent.atomic.LongAccumulator;
 import java.util.concurrent.atomic.LongAdder;
@@ -20,11 +21,13 @@ import java.util.concurrent.atomic.LongAdder;
  *
  * <p>Each virtual user takes one row of the feeder CSV ({@code user,token,conversation};
  * the conversation must already exist with the user as a member), connects over WebSocket
- * with its token, waits for the node's {@code hello}, then sends one chat message every
- * {@code users / messagesPerSecond} seconds (after a random offset within the first
- * interval, so users do not send in lockstep) for {@code durationSeconds}, each with a
- * unique {@code client_msg_id} and a body of {@code messageBytes} bytes, and waits for
- * the ack that names that {@code client_msg_id}. Other frames (the {@code msg} fan-out
+ * with its token, waits for the node's {@code hello}, then sends its share of the run's
+ * messages ({@code messagesPerSecond * durationSeconds / users}), one due every
+ * {@code users / messagesPerSecond} seconds from a random offset within the first
+ * interval (so users do not send in lockstep), each with a unique {@code client_msg_id}
+ * and a body of {@code messageBytes} bytes, and waits for the ack that names that
+ * {@code client_msg_id} before the next (a virtual user is sequential: closed per user,
+ * where squall is open-loop). Other frames (the {@code msg} fan-out
  * of the conversation, DELIVERED statuses) are not checked: with no message buffer
  * Gatling drops them. Then it closes.
  *
@@ -52,8 +55,11 @@ public class ChatSimulation extends Simulation {
   private final int ackTimeoutSeconds = Integer.parseInt(prop("ackTimeoutSeconds", "10"));
   private final String resultFile = prop("resultFile", "");
 
-  /** Each user's share of the total rate: one send per `pace`. */
-  private final Duration pace = Duration.ofNanos(Math.round(users / messagesPerSecond * 1e9));
+  /** Each user's share of the total rate: one send every `intervalMs`. */
+  private final double intervalMs = users / messagesPerSecond * 1000.0;
+  /** Each user's share of the run's messages (rate x duration in all, as squall plans). */
+  private final int messagesPerUser =
+      (int) Math.max(1, Math.round(messagesPerSecond * durationSeconds / users));
 
   // The simulation's own counters, read in after(): exact and cheap (no log parsing).
   private static final LongAdder CONNECTED = new LongAdder();
@@ -101,12 +107,27 @@ public class ChatSimulation extends Simulation {
                 CONNECTED.increment();
                 return session;
               })
-          // A random start within one interval spreads the users' sends evenly.
-          .pause(Duration.ZERO, pace)
-          // exitASAP false: an iteration begun is finished (its ack counted) when time is up.
-          .during(Duration.ofSeconds(durationSeconds), "i", false)
+          // Each user's schedule: send n is due at t0 + n * interval, t0 a random point in the
+          // first interval so that the users' sends spread evenly. A fixed schedule (unlike
+          // Gatling's `pace`, which counts from when it wakes and so drifts later with every
+          // late wake-up or slow ack) catches up after a slow ack, as far as a user that
+          // waits for each ack can.
+          .exec(
+              session ->
+                  session.set(
+                      "t0",
+                      System.currentTimeMillis()
+                          + ThreadLocalRandom.current().nextLong(Math.max(1, Math.round(intervalMs)))))
+          .repeat(messagesPerUser, "i")
           .on(
-              pace(pace)
+              pause(
+                      session ->
+                          Duration.ofMillis(
+                              Math.max(
+                                  0,
+                                  session.getLong("t0")
+                                      + Math.round(session.getInt("i") * intervalMs)
+                                      - System.currentTimeMillis())))
                   .exec(
                       session -> {
                         SENT.increment();
@@ -151,8 +172,8 @@ public class ChatSimulation extends Simulation {
   public void before() {
     STARTED_MS.set(System.currentTimeMillis());
     System.out.printf(
-        "squall-gatling: %d users, %.1f msg/s total (one per %d ms per user), %d-byte bodies, %d s, against %s%n",
-        users, messagesPerSecond, pace.toMillis(), messageBytes, durationSeconds, baseUrl);
+        "squall-gatling: %d users, %.1f msg/s total (%d per user, one every %.1f ms), %d-byte bodies, %d s, against %s%n",
+        users, messagesPerSecond, messagesPerUser, intervalMs, messageBytes, durationSeconds, baseUrl);
   }
 
   @Override
