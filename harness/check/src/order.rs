@@ -1,6 +1,9 @@
 //! The order checker, per (recipient, conversation):
-//! - the seqs seen live, after dropping repeats, are strictly increasing (each adjacent
-//!   decrease is an `inversion`, reported with both seqs and times);
+//! - the seqs seen live on one connection, after dropping repeats, are strictly
+//!   increasing (each adjacent decrease is an `inversion`, reported with both seqs and
+//!   times). Order is judged per connection: across a reconnect another node may hand
+//!   over a message of a concurrent sender that the old connection never got, and the
+//!   resync is what makes the client whole (gaps are judged below);
 //! - after each reconnect (a connect ok following a disconnect) the user started a sync
 //!   of each of its conversations before that connection ended (`missing_resync`; a
 //!   connection that ended before syncing and was followed by another reconnect is
@@ -73,9 +76,22 @@ fn live_order(f: &Facts, ev: &mut Evidence) -> u64 {
     for (&(r, c), list) in f.deliveries() {
         let mut seen: HashSet<i64> = HashSet::new();
         let mut prev: Option<(i64, u64, u32)> = None;
+        let starts: Vec<u64> = f
+            .connections(r)
+            .iter()
+            .filter(|e| e.what == ConnWhat::ConnectOk)
+            .map(|e| e.t)
+            .collect();
+        let mut connection = 0usize;
         for d in list.iter().filter(|d| d.via == Via::Live) {
             if !seen.insert(d.s) {
                 continue;
+            }
+            // A new connection starts a new order.
+            let now = starts.iter().take_while(|t| **t <= d.t).count();
+            if now != connection {
+                connection = now;
+                prev = None;
             }
             if let Some((ps, pt, pm)) = prev {
                 if d.s < ps {
@@ -350,6 +366,22 @@ mod tests {
         assert_eq!(v.valid, Validity::Valid, "{}", v.summary);
         assert_eq!(v.counts["reconnects"], 1);
         assert_eq!(v.counts["pairs_checked_for_gaps"], 2);
+    }
+
+    #[test]
+    fn a_reconnect_starts_a_new_order() {
+        // Seq 2 live on the first connection, then (after a reconnect to another node)
+        // the concurrent sender's seq 1 live: not an inversion of one connection.
+        let mut h = H::new(2, &[&[0, 1]]);
+        h.connect(0, 0).connect(0, 1);
+        h.send(10, 0, 0, "0-1").ok(11, 0, 0, "0-1", 1, "x");
+        h.send(12, 0, 0, "0-2").ok(13, 0, 0, "0-2", 2, "y");
+        h.deliver(14, 1, 0, 2, "0-2", 0, Live);
+        h.disconnect(15, 1).connect(16, 1);
+        h.sync(17, 1, 0, 2).sync_ok(18, 1, 0, 2, 2, 0);
+        h.deliver(19, 1, 0, 1, "0-1", 0, Live);
+        let v = order(&h.facts());
+        assert_eq!(v.counts["inversions"], 0, "{}", v.summary);
     }
 
     #[test]

@@ -561,6 +561,7 @@ macro_rules! shipped {
     };
 }
 
+shipped!(smoke, "scenarios/smoke.yaml");
 shipped!(node_kill, "scenarios/chaos/node-kill.yaml");
 shipped!(broker_kill, "scenarios/chaos/broker-kill.yaml");
 shipped!(bad_input, "scenarios/chaos/bad-input.yaml");
@@ -600,6 +601,7 @@ fn main() {
             "report::html_renders_offline_in_chromium",
             report_html_renders_offline_in_chromium
         ),
+        stack_test!(shared, "scenario::smoke", smoke),
         stack_test!(shared, "chaos::node_kill", node_kill),
         stack_test!(shared, "chaos::broker_kill", broker_kill),
         stack_test!(shared, "chaos::bad_input", bad_input),
