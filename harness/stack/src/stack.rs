@@ -510,9 +510,19 @@ impl Stack {
         stopped
     }
 
-    /// Stops exactly the processes this stack started (by pid) and removes the run
-    /// directory unless `keep_run_dir`. Returns the processes that were stopped.
-    pub async fn down(self, keep_run_dir: bool) -> Result<Vec<String>> {
+    /// Re-reads the state file: another process attached to this stack (a `squall run
+    /// --stack-dir` whose nemesis restarted a broker) may have recorded new pids.
+    pub fn refresh(&mut self) {
+        if let Ok(fresh) = StackState::load(&self.state.run_dir) {
+            self.state = fresh;
+        }
+    }
+
+    /// Stops exactly the processes this stack started (by pid, as the state file records
+    /// them now) and removes the run directory unless `keep_run_dir`. Returns the
+    /// processes that were stopped.
+    pub async fn down(mut self, keep_run_dir: bool) -> Result<Vec<String>> {
+        self.refresh();
         let stopped = self.stop_processes().await;
         let still: Vec<String> = self
             .state

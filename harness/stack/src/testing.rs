@@ -89,6 +89,8 @@ impl SharedStack {
         self.rt
             .block_on(async {
                 let result = test(stack).await;
+                // A test's child processes may have restarted servers of this stack.
+                stack.refresh();
                 // Whatever the test did, leave every link restored for the next one.
                 let healed = stack.heal().await;
                 result.and(healed.map_err(Into::into))
