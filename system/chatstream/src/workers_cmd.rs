@@ -8,7 +8,9 @@ use axum::extract::{Path, Query, State};
 use axum::routing::get;
 use axum::{Json, Router};
 use chatstream_store::Store;
-use chatstream_workers::handlers::{Alerts, Analytics, Audit, Export, Search};
+use chatstream_workers::handlers::{
+    Alerts, Analytics, Audit, Export, Search, SearchWithoutIdempotency,
+};
 use chatstream_workers::{queries, run_worker, Handler, WorkerConfig};
 use clap::Args;
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -66,6 +68,16 @@ pub struct WorkersArgs {
     /// Test sabotage: the analytics worker forgets which events it counted.
     #[arg(long, hide = true)]
     pub unsafe_no_dedupe: bool,
+    /// SABOTAGE (off by default, never for production): every worker commits each event's
+    /// offset as soon as it reads it and handles the event only at the next commit tick, so
+    /// a kill -9 loses up to `--commit-interval-ms` of events (committed, never handled).
+    #[arg(long, hide = true)]
+    pub unsafe_commit_before_handle: bool,
+    /// SABOTAGE (off by default, never for production): the search indexer keeps no
+    /// processed marker and appends a message's text to its row on every delivery instead
+    /// of upserting it, so a redelivery changes the index (a rebuild differs from it).
+    #[arg(long, hide = true)]
+    pub unsafe_search_no_idempotency: bool,
 }
 
 impl WorkersArgs {
@@ -234,6 +246,7 @@ fn spawn<H: Handler>(args: &WorkersArgs, handler: H, shutdown: &watch::Receiver<
     config.group = Some(args.group(handler.name()));
     config.concurrency = args.concurrency;
     config.crash_after = args.crash_after;
+    config.unsafe_commit_before_handle = args.unsafe_commit_before_handle;
     config.commit_interval = Duration::from_millis(args.commit_interval_ms.max(10));
     let entry = (args.group(handler.name()), handler.topics());
     (
@@ -254,6 +267,23 @@ pub async fn run(
     }
     if args.only.iter().any(|w| w == "alerts") && args.webhook.is_none() {
         bail!("the alerts worker needs --webhook <url> (or CHATSTREAM_ALERT_WEBHOOK)");
+    }
+    for (on, flag) in [
+        (
+            args.unsafe_commit_before_handle,
+            "--unsafe-commit-before-handle",
+        ),
+        (
+            args.unsafe_search_no_idempotency,
+            "--unsafe-search-no-idempotency",
+        ),
+        (args.unsafe_no_dedupe, "--unsafe-no-dedupe"),
+    ] {
+        if on {
+            tracing::warn!(
+                "SABOTAGE {flag} is on: this workers process deliberately breaks a guarantee"
+            );
+        }
     }
     let store = open_store(&args.postgres_url).await?;
     let pool = store.pool().clone();
@@ -277,6 +307,14 @@ pub async fn run(
                     pool: pool.clone(),
                     group,
                     unsafe_no_dedupe: args.unsafe_no_dedupe,
+                },
+                &rx,
+            ),
+            "search" if args.unsafe_search_no_idempotency => spawn(
+                &args,
+                SearchWithoutIdempotency {
+                    pool: pool.clone(),
+                    group,
                 },
                 &rx,
             ),

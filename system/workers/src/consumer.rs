@@ -11,6 +11,13 @@
 //!   `<topic>-dlq` with the error and its origin in headers, and the worker moves on.
 //! - Handlers make redelivery harmless (idempotent by event id), so a crash between
 //!   handling and commit changes nothing.
+//!
+//! Sabotage (off by default, `WorkerConfig::unsafe_commit_before_handle`, the hidden
+//! `--unsafe-commit-before-handle` of `chatstream workers`): the loop turns the rule
+//! around — each event's offset is committed as soon as the event is read, and the event
+//! is handled only at the next commit tick. A kill -9 then loses every event read since
+//! the last tick (committed, never handled), which the `no_loss_downstream` checker must
+//! catch as acknowledged messages missing from the audit trail.
 
 use chatstream_protocol::EventEnvelope;
 use rdkafka::config::ClientConfig;
@@ -79,7 +86,16 @@ pub struct WorkerConfig {
     /// Test sabotage: exit the process right after handling this many events, before their
     /// offsets are committed (what a crash at the worst moment does).
     pub crash_after: Option<u64>,
+    /// SABOTAGE, never for production: commit each event's offset as soon as it is read
+    /// (asynchronously, at most every [`EARLY_COMMIT_EVERY`], and synchronously at each
+    /// tick) and handle the events read so far only at the next commit tick, after that
+    /// commit. A kill -9 loses the events of up to one `commit_interval`: their offsets are
+    /// committed, their effects never happened, and no redelivery brings them back.
+    pub unsafe_commit_before_handle: bool,
 }
+
+/// Sabotage only: how often offsets of events just read are committed ahead of handling.
+pub const EARLY_COMMIT_EVERY: Duration = Duration::from_millis(10);
 
 impl WorkerConfig {
     pub fn new(bootstrap: &str) -> Self {
@@ -91,6 +107,7 @@ impl WorkerConfig {
             first_backoff: Duration::from_secs(1),
             max_backoff: Duration::from_secs(30),
             crash_after: None,
+            unsafe_commit_before_handle: false,
         }
     }
 }
@@ -273,6 +290,28 @@ async fn attempt<H: Handler>(
     }
 }
 
+/// Sabotage only: handles the events read since the last tick, whose offsets are already
+/// committed. One that fails transiently is kept for the next tick (its offset stays
+/// committed: a crash before then loses it too).
+async fn handle_deferred<H: Handler>(
+    handler: &H,
+    producer: &FutureProducer,
+    deferred: &mut Vec<OwnedMessage>,
+    count_handled: &impl Fn(),
+) {
+    let mut again = Vec::new();
+    for msg in deferred.drain(..) {
+        match attempt(handler, producer, &msg).await {
+            Attempt::Done => count_handled(),
+            Attempt::Retry(e) => {
+                tracing::warn!(worker = handler.name(), topic = msg.topic(), partition = msg.partition(), offset = msg.offset(), error = %e, "transient failure of an already committed event; trying again next tick");
+                again.push(msg);
+            }
+        }
+    }
+    *deferred = again;
+}
+
 fn partition_list(topic: &str, partition: i32) -> TopicPartitionList {
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition(topic, partition);
@@ -322,16 +361,26 @@ async fn run_instance<H: Handler>(
         (config.first_backoff * 2u32.saturating_pow(attempt.saturating_sub(1)))
             .min(config.max_backoff)
     };
-    let handled_here = |key: PartitionKey, next: i64| {
-        if let Ok(mut p) = progress.lock() {
-            p.handled.insert(key, next);
-        }
+    let count_handled = || {
         let n = handled_total.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
         if config.crash_after == Some(n) {
             tracing::error!(%worker, handled = n, "crash_after reached: exiting before committing offsets (test sabotage)");
             std::process::exit(86);
         }
     };
+    let handled_here = |key: PartitionKey, next: i64| {
+        if let Ok(mut p) = progress.lock() {
+            p.handled.insert(key, next);
+        }
+        count_handled();
+    };
+    // Sabotage only: events read (and committed) but not handled yet.
+    let unsafe_mode = config.unsafe_commit_before_handle;
+    let mut deferred: Vec<OwnedMessage> = Vec::new();
+    let mut last_early_commit = Instant::now();
+    if unsafe_mode {
+        tracing::warn!(%worker, instance, "SABOTAGE --unsafe-commit-before-handle: offsets are committed before events are handled; a crash loses events");
+    }
     loop {
         // Drop retries of partitions this consumer no longer owns.
         if let Ok(mut p) = progress.lock() {
@@ -343,7 +392,15 @@ async fn run_instance<H: Handler>(
         let next_due = retries.values().map(|r| r.due).min();
         tokio::select! {
             _ = shutdown.changed() => break,
-            _ = commit_tick.tick() => commit_handled(&consumer, &progress, &mut committed, CommitMode::Async),
+            _ = commit_tick.tick() => {
+                if unsafe_mode {
+                    // Sabotage: everything read is committed first, handled after.
+                    commit_handled(&consumer, &progress, &mut committed, CommitMode::Sync);
+                    handle_deferred(handler.as_ref(), &producer, &mut deferred, &count_handled).await;
+                } else {
+                    commit_handled(&consumer, &progress, &mut committed, CommitMode::Async);
+                }
+            }
             _ = tokio::time::sleep_until(next_due.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600)).into()), if next_due.is_some() => {
                 let due: Vec<PartitionKey> = retries.iter().filter(|(_, r)| r.due <= Instant::now()).map(|(k, _)| k.clone()).collect();
                 for key in due {
@@ -383,6 +440,18 @@ async fn run_instance<H: Handler>(
                     // Prefetched before the pause took effect; read again after the retry.
                     continue;
                 }
+                if unsafe_mode {
+                    // Sabotage: the offset counts as done the moment the event is read.
+                    if let Ok(mut p) = progress.lock() {
+                        p.handled.insert(key, msg.offset() + 1);
+                    }
+                    deferred.push(msg);
+                    if last_early_commit.elapsed() >= EARLY_COMMIT_EVERY {
+                        commit_handled(&consumer, &progress, &mut committed, CommitMode::Async);
+                        last_early_commit = Instant::now();
+                    }
+                    continue;
+                }
                 match attempt(handler.as_ref(), &producer, &msg).await {
                     Attempt::Done => handled_here(key, msg.offset() + 1),
                     Attempt::Retry(e) => {
@@ -395,7 +464,25 @@ async fn run_instance<H: Handler>(
             }
         }
     }
+    if unsafe_mode {
+        handle_deferred(handler.as_ref(), &producer, &mut deferred, &count_handled).await;
+    }
     commit_handled(&consumer, &progress, &mut committed, CommitMode::Sync);
     tracing::info!(%worker, instance, "worker stopped; handled offsets committed");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commit_before_handle_is_off_by_default_and_commits_well_inside_a_tick() {
+        let c = WorkerConfig::new("127.0.0.1:9092");
+        assert!(!c.unsafe_commit_before_handle);
+        assert_eq!(c.crash_after, None);
+        // Sabotaged, an event is committed within EARLY_COMMIT_EVERY of being read but
+        // handled only at the next tick: the gap is what a kill -9 loses.
+        assert!(EARLY_COMMIT_EVERY * 10 <= c.commit_interval);
+    }
 }

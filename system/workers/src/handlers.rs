@@ -291,6 +291,59 @@ impl Handler for Search {
     }
 }
 
+/// SABOTAGE, never for production (the hidden `--unsafe-search-no-idempotency` of
+/// `chatstream workers`): the search indexer without idempotency. It keeps no processed
+/// marker and, instead of upserting the message's row, appends the message's text to the
+/// row's document on every delivery (as an indexer that accumulates terms would). A
+/// redelivery — after a crash between handling and commit, or an event published twice —
+/// indexes the text again, so the live `search_messages` no longer equals a rebuild from
+/// the topic (which the `replay` checker must catch). Same name, group and topics as
+/// [`Search`].
+pub struct SearchWithoutIdempotency {
+    pub pool: PgPool,
+    pub group: String,
+}
+
+impl Handler for SearchWithoutIdempotency {
+    fn name(&self) -> &str {
+        "search"
+    }
+
+    fn topics(&self) -> Vec<String> {
+        vec![topic::CHAT_EVENTS.to_string()]
+    }
+
+    async fn handle(&self, e: &EventEnvelope, _meta: &RecordMeta) -> Result<Handled, HandleError> {
+        validate(e)?;
+        let EventBody::ChatMessage(m) = &e.body else {
+            return Ok(Handled::Skipped);
+        };
+        if m.message_id.is_empty() || m.conversation_id.is_empty() {
+            return Err(HandleError::Poison(
+                "CHAT_MESSAGE without message or conversation id".into(),
+            ));
+        }
+        sqlx::query(UNSAFE_SEARCH_APPEND)
+            .bind(&m.message_id)
+            .bind(&e.tenant)
+            .bind(&m.conversation_id)
+            .bind(&m.sender_id)
+            .bind(m.seq)
+            .bind(&m.body)
+            .bind(m.created_at_ms)
+            .execute(&self.pool)
+            .await
+            .map_err(transient)?;
+        Ok(Handled::Applied)
+    }
+}
+
+/// The sabotaged indexer's write: a second delivery of a message appends its text again.
+pub const UNSAFE_SEARCH_APPEND: &str =
+    "INSERT INTO search_messages (message_id, tenant, conversation_id, sender_id, seq, body, created_at_ms)
+     VALUES ($1, $2, $3, $4, $5, $6, $7)
+     ON CONFLICT (message_id) DO UPDATE SET body = search_messages.body || ' ' || EXCLUDED.body";
+
 /// Alerts: STREAM_ERROR, and STREAM_COMPLETED slower than the SLA, are POSTed to a
 /// webhook (retried through the consumer's backoff); replayed events never alert.
 pub struct Alerts {
@@ -445,6 +498,30 @@ async fn append_line(path: &std::path::Path, line: &str) -> std::io::Result<()> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn the_sabotaged_indexer_is_the_search_worker_and_appends_on_redelivery() {
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .connect_lazy("postgres://nobody@127.0.0.1:1/none")
+            .unwrap();
+        let (safe, unsafe_) = (
+            Search {
+                pool: pool.clone(),
+                group: "g".into(),
+            },
+            SearchWithoutIdempotency {
+                pool,
+                group: "g".into(),
+            },
+        );
+        assert_eq!(safe.name(), unsafe_.name());
+        assert_eq!(safe.topics(), unsafe_.topics());
+        // No processed marker, and a second write of a message changes its row.
+        assert!(!UNSAFE_SEARCH_APPEND.contains("processed_events"));
+        assert!(
+            UNSAFE_SEARCH_APPEND.contains("body = search_messages.body || ' ' || EXCLUDED.body")
+        );
+    }
 
     #[test]
     fn latency_buckets_give_quantiles() {
