@@ -1,0 +1,259 @@
+//! Replay and lag on the real stack (three Kafka brokers, Redis, PostgreSQL, Toxiproxy):
+//! `chatstream_replay` and `chatstream replay/lag` against real topics and groups. One stack for the binary
+//! (libtest-mimic, tests one at a time, stopped by pid at the end); processes are started
+//! per test and stopped by pid. Shared helpers: `common/mod.rs`.
+//! Ports: CHATSTREAM_TEST_BASE_PORT (default 29700) for the stack. CHATSTREAM_TEST_BIN
+//! runs another `chatstream` binary (an older build, to see a new test fail on it).
+
+mod common;
+
+use anyhow::{bail, ensure, Result};
+use chatstream_protocol::{ClientFrame, EventBody, ServerFrame};
+use common::*;
+use squall_stack::testing::SharedStack;
+use squall_stack::{stack_test, Stack};
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+async fn replay_from_a_time_is_exact(stack: &mut Stack) -> Result<()> {
+    let topic = unique("replay");
+    stack
+        .create_topics(&[squall_stack::topics::TopicSpec {
+            name: topic.clone(),
+            retention_ms: 3_600_000,
+        }])
+        .await?;
+    let p = producer(stack)?;
+    // In the past (brokers refuse timestamps too far in the future), with room after T.
+    let t: i64 = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_millis() as i64
+        - 600_000;
+    let mut expected = BTreeSet::new();
+    for i in 0..300i64 {
+        // Interleaved: half before T, half at or after, over every partition.
+        let (key, ts) = if i % 2 == 0 {
+            (format!("before-{i}"), t - 1 - i)
+        } else {
+            (format!("after-{i}"), t + i)
+        };
+        if ts >= t {
+            expected.insert(key.clone());
+        }
+        produce(&p, &topic, &key, key.as_bytes(), Some(ts)).await?;
+    }
+    let b = stack.endpoints().kafka_bootstrap;
+    // Records produced after the replay fixed its end must not be returned: produce them
+    // from another task while the replay runs, and once before it reads.
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let late_producer = p.clone();
+    let late_topic = topic.clone();
+    let late = tokio::spawn(async move {
+        let _ = tokio::task::spawn_blocking(move || rx.recv()).await;
+        for i in 0..20 {
+            let _ = produce(
+                &late_producer,
+                &late_topic,
+                &format!("late-{i}"),
+                b"late",
+                Some(t + 10_000 + i),
+            )
+            .await;
+        }
+    });
+    let got = tokio::task::spawn_blocking(move || -> Result<Vec<String>> {
+        let ranges = chatstream_replay::ranges_from_timestamp(&b, &topic, t)?;
+        let _ = tx.send(());
+        std::thread::sleep(Duration::from_secs(2));
+        let mut keys = Vec::new();
+        let mut kept = 0;
+        chatstream_replay::read(
+            &b,
+            &topic,
+            &ranges,
+            Duration::from_secs(60),
+            |r| {
+                if r.timestamp_ms.is_some_and(|ts| ts >= t) {
+                    kept += 1;
+                    keys.push(String::from_utf8_lossy(&r.key.unwrap_or_default()).into_owned());
+                }
+            },
+            |_, _| {},
+        )?;
+        // The public entry point gives the same answer (plus the late ones, which now exist).
+        let again = chatstream_replay::read_since(
+            &b,
+            &topic,
+            t,
+            Duration::from_secs(60),
+            |_| {},
+            |_, _| {},
+        )?;
+        ensure!(
+            again == kept + 20,
+            "read_since after the late records: {again}, expected {}",
+            kept + 20
+        );
+        Ok(keys)
+    })
+    .await??;
+    late.await?;
+    let got_set: BTreeSet<String> = got.iter().cloned().collect();
+    ensure!(got.len() == got_set.len(), "duplicates in the replay");
+    ensure!(
+        got_set == expected,
+        "replay from T returned {} keys, expected {} (extra {:?}, missing {:?})",
+        got_set.len(),
+        expected.len(),
+        got_set.difference(&expected).take(3).collect::<Vec<_>>(),
+        expected.difference(&got_set).take(3).collect::<Vec<_>>()
+    );
+    Ok(())
+}
+
+async fn session_timeline_matches_what_the_node_emitted(stack: &mut Stack) -> Result<()> {
+    let n1 = Node::start(stack, "timeline-1", &[]).await?;
+    let conv = unique("conv");
+    create_conversation(&n1, "alice", &conv, &["alice"]).await?;
+    let mut c = Client::connect(&n1, "alice").await?;
+    c.send(&ClientFrame::Stream {
+        conversation_id: conv,
+        prompt: "timeline please".into(),
+    })
+    .await?;
+    let mut session = String::new();
+    let mut chunks = Vec::new();
+    loop {
+        match c.recv().await? {
+            ServerFrame::StreamStarted { session_id, .. } => session = session_id,
+            ServerFrame::Chunk { index, .. } => chunks.push(index),
+            ServerFrame::StreamEnd { .. } => break,
+            _ => {}
+        }
+    }
+    let b = stack.endpoints().kafka_bootstrap;
+    let start = Instant::now();
+    let timeline = loop {
+        let (b, s) = (b.clone(), session.clone());
+        let events =
+            tokio::task::spawn_blocking(move || chatstream_replay::session_timeline(&b, &s))
+                .await??;
+        if events
+            .iter()
+            .any(|e| e.body.type_name() == "STREAM_COMPLETED")
+            || start.elapsed() > Duration::from_secs(20)
+        {
+            break events;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let types: Vec<&str> = timeline.iter().map(|e| e.body.type_name()).collect();
+    ensure!(
+        types.first() == Some(&"SESSION_STARTED") && types.last() == Some(&"STREAM_COMPLETED"),
+        "timeline {types:?}"
+    );
+    let indices: Vec<i64> = timeline
+        .iter()
+        .filter_map(|e| match &e.body {
+            EventBody::ChunkReceived(c) => Some(c.chunk_index),
+            _ => None,
+        })
+        .collect();
+    ensure!(
+        indices == chunks,
+        "timeline chunks {indices:?} but the client saw {chunks:?}"
+    );
+    ensure!(
+        timeline.iter().all(|e| e.replayed),
+        "replayed events must be marked"
+    );
+    Ok(())
+}
+
+async fn reset(
+    stack: &Stack,
+    group: &str,
+) -> Result<Vec<(String, i32, i64)>, chatstream_replay::ReplayError> {
+    let (b, g) = (stack.endpoints().kafka_bootstrap, group.to_string());
+    tokio::task::spawn_blocking(move || {
+        chatstream_replay::reset_group(
+            &b,
+            &g,
+            &["chat-events".to_string()],
+            chatstream_replay::ResetTo::Earliest,
+        )
+    })
+    .await
+    .map_err(|e| chatstream_replay::ReplayError::Invalid(e.to_string()))?
+}
+
+async fn an_active_group_cannot_be_reset(stack: &mut Stack) -> Result<()> {
+    let p = producer(stack)?;
+    for i in 0..10 {
+        let e = chat_event(&format!("reset-conv-{i}"), "to be read again", 1_000 + i);
+        produce(&p, "chat-events", e.key(), e.to_json().as_bytes(), None).await?;
+    }
+    let prefix = unique("reset");
+    let mut w = Workers::start(stack, "search", &prefix, &[]).await?;
+    let group = format!("{prefix}-search");
+    caught_up(stack, &group, &["chat-events"], Duration::from_secs(60)).await?;
+    match reset(stack, &group).await {
+        Err(chatstream_replay::ReplayError::GroupActive { members, .. }) => ensure!(members >= 1),
+        other => bail!("reset of an active group was not refused: {other:?}"),
+    }
+    w.stop().await?;
+    let start = Instant::now();
+    loop {
+        match reset(stack, &group).await {
+            Ok(committed) => {
+                ensure!(!committed.is_empty());
+                break;
+            }
+            Err(chatstream_replay::ReplayError::GroupActive { .. })
+                if start.elapsed() < Duration::from_secs(30) =>
+            {
+                tokio::time::sleep(Duration::from_millis(500)).await
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let (b, g) = (stack.endpoints().kafka_bootstrap, group);
+    let lags = tokio::task::spawn_blocking(move || {
+        chatstream_replay::lag(&b, &g, &["chat-events".to_string()])
+    })
+    .await??;
+    ensure!(
+        lags.iter().map(|l| l.lag).sum::<i64>() > 0,
+        "after a reset to earliest the group should lag: {lags:?}"
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+
+fn main() {
+    let shared = SharedStack::new(
+        "CHATSTREAM_TEST_BASE_PORT",
+        29700,
+        PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("chatstream-stack-replay"),
+    );
+    let trials = vec![
+        stack_test!(
+            shared,
+            "replay::replay_from_a_time_is_exact",
+            replay_from_a_time_is_exact
+        ),
+        stack_test!(
+            shared,
+            "replay::session_timeline_matches_what_the_node_emitted",
+            session_timeline_matches_what_the_node_emitted
+        ),
+        stack_test!(
+            shared,
+            "replay::an_active_group_cannot_be_reset",
+            an_active_group_cannot_be_reset
+        ),
+    ];
+    shared.run(trials)
+}
