@@ -7,9 +7,12 @@
 
 mod common;
 
-use anyhow::{bail, ensure, Result};
+use anyhow::{bail, ensure, Context, Result};
 use chatstream_protocol::{ClientFrame, EventBody, ServerFrame};
 use common::*;
+use rdkafka::admin::{AdminClient, AdminOptions};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use squall_stack::testing::SharedStack;
 use squall_stack::{stack_test, Stack};
 use std::collections::BTreeSet;
@@ -230,6 +233,90 @@ async fn an_active_group_cannot_be_reset(stack: &mut Stack) -> Result<()> {
     Ok(())
 }
 
+async fn a_start_offset_deleted_by_retention_is_refused(stack: &mut Stack) -> Result<()> {
+    let topic = unique("retained");
+    stack
+        .create_topics(&[squall_stack::topics::TopicSpec {
+            name: topic.clone(),
+            retention_ms: 3_600_000,
+        }])
+        .await?;
+    let bootstrap = stack.endpoints().kafka_bootstrap;
+    let p = producer(stack)?;
+    let mut partition = 0;
+    for i in 0..20 {
+        (partition, _) = produce(&p, &topic, "one-key", format!("r{i}").as_bytes(), None).await?;
+    }
+    // What retention does, now: the partition's log starts at offset 10.
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", &bootstrap)
+        .create()?;
+    let mut upto = TopicPartitionList::new();
+    upto.add_partition_offset(&topic, partition, Offset::Offset(10))?;
+    let deleted = admin.delete_records(&upto, &AdminOptions::new()).await?;
+    for e in deleted.elements() {
+        ensure!(e.error().is_ok(), "delete records: {:?}", e.error());
+    }
+    // The CLI refuses at once, naming topic, partition and offset (it used to wait for
+    // records that are gone, or skip past them).
+    let out = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::process::Command::new(chatstream_bin())
+            .args(["replay", "--kafka-bootstrap", &bootstrap, "offsets"])
+            .args(["--topic", &topic, "--partition", &partition.to_string()])
+            .args(["--from", "0", "--to", "20"])
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .context("a replay from a deleted offset did not end within 60 s")??;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(!out.status.success(), "exit {}: {stderr}", out.status);
+    for needle in [
+        topic.as_str(),
+        &format!("partition {partition}"),
+        "offset 0",
+        "deleted",
+    ] {
+        ensure!(stderr.contains(needle), "{needle:?} not in: {stderr}");
+    }
+    let (b, t) = (bootstrap.clone(), topic.clone());
+    let refused = tokio::task::spawn_blocking(move || {
+        let range = chatstream_replay::Range {
+            partition,
+            from: 0,
+            to: 20,
+        };
+        chatstream_replay::read(&b, &t, &[range], Duration::from_secs(30), |_| {}, |_, _| {})
+    })
+    .await?;
+    match refused {
+        Err(chatstream_replay::ReplayError::OffsetDeleted {
+            topic: t,
+            partition: p,
+            offset,
+            earliest,
+        }) => ensure!(
+            t == topic && p == partition && offset == 0 && earliest == 10,
+            "{t} {p} {offset} {earliest}"
+        ),
+        other => bail!("a replay from a deleted offset was not refused: {other:?}"),
+    }
+    // From the earliest offset left: exactly what is there.
+    let (b, t) = (bootstrap.clone(), topic.clone());
+    let read = tokio::task::spawn_blocking(move || {
+        let range = chatstream_replay::Range {
+            partition,
+            from: 10,
+            to: 20,
+        };
+        chatstream_replay::read(&b, &t, &[range], Duration::from_secs(30), |_| {}, |_, _| {})
+    })
+    .await??;
+    ensure!(read == 10, "read {read} records from 10..20");
+    Ok(())
+}
+
 // ---------------------------------------------------------------------------------------
 
 fn main() {
@@ -253,6 +340,11 @@ fn main() {
             shared,
             "replay::an_active_group_cannot_be_reset",
             an_active_group_cannot_be_reset
+        ),
+        stack_test!(
+            shared,
+            "replay::a_start_offset_deleted_by_retention_is_refused",
+            a_start_offset_deleted_by_retention_is_refused
         ),
     ];
     shared.run(trials)

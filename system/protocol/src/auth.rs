@@ -53,6 +53,11 @@ pub fn verify(secret: &[u8], token: &str) -> Result<Claims, TokenError> {
     if data.claims.sub.is_empty() || data.claims.tenant.is_empty() {
         return Err(TokenError::EmptyIdentity);
     }
+    if crate::frames::has_nul(&data.claims.sub) || crate::frames::has_nul(&data.claims.tenant) {
+        return Err(TokenError::Malformed(
+            "user or tenant holds a NUL character".into(),
+        ));
+    }
     Ok(data.claims)
 }
 

@@ -229,11 +229,55 @@ impl ClientFrame {
         encode(self)
     }
 
+    /// The first text field holding a NUL character, if any. Nodes refuse such frames
+    /// with `invalid_argument`: PostgreSQL TEXT and JSONB (the store, the audit trail)
+    /// cannot hold NUL, so accepting one would fail later, downstream, or not at all.
+    pub fn nul_field(&self) -> Option<&'static str> {
+        let fields: Vec<(&'static str, &str)> = match self {
+            ClientFrame::Send {
+                conversation_id,
+                client_msg_id,
+                body,
+            } => vec![
+                ("conversation_id", conversation_id.as_str()),
+                ("client_msg_id", client_msg_id.as_str()),
+                ("body", body.as_str()),
+            ],
+            ClientFrame::Typing {
+                conversation_id, ..
+            }
+            | ClientFrame::Read {
+                conversation_id, ..
+            }
+            | ClientFrame::Sync {
+                conversation_id, ..
+            } => vec![("conversation_id", conversation_id.as_str())],
+            ClientFrame::Stream {
+                conversation_id,
+                prompt,
+            } => vec![
+                ("conversation_id", conversation_id.as_str()),
+                ("prompt", prompt.as_str()),
+            ],
+            ClientFrame::Resume { session_id, .. } => vec![("session_id", session_id.as_str())],
+            ClientFrame::Ping { .. } => Vec::new(),
+        };
+        fields
+            .iter()
+            .find(|(_, text)| has_nul(text))
+            .map(|(name, _)| *name)
+    }
+
     /// Parses a client frame, telling malformed JSON, a wrong version and an unknown type
     /// apart so the node can answer each with its own code.
     pub fn decode(text: &str) -> Result<Self, DecodeError> {
         decode(text, CLIENT_TYPES)
     }
+}
+
+/// Whether `text` holds a NUL character (which PostgreSQL TEXT and JSONB refuse).
+pub fn has_nul(text: &str) -> bool {
+    text.contains('\0')
 }
 
 const CLIENT_TYPES: &[&str] = &["send", "typing", "read", "stream", "resume", "sync", "ping"];
@@ -381,6 +425,31 @@ mod tests {
         assert!(missing.to_string().contains("client_msg_id"), "{missing}");
         let extra = ClientFrame::decode(r#"{"v":1,"type":"ping","bogus":1}"#).unwrap_err();
         assert_eq!(extra.code(), ErrorCode::MalformedFrame);
+    }
+
+    #[test]
+    fn nul_characters_are_found_in_every_text_field() {
+        let send = ClientFrame::decode(
+            r#"{"v":1,"type":"send","conversation_id":"c","client_msg_id":"m","body":"a\u0000b"}"#,
+        )
+        .unwrap();
+        assert_eq!(send.nul_field(), Some("body"));
+        let stream = ClientFrame::Stream {
+            conversation_id: "c".into(),
+            prompt: "\0".into(),
+        };
+        assert_eq!(stream.nul_field(), Some("prompt"));
+        let resume = ClientFrame::Resume {
+            session_id: "s\0".into(),
+            after_index: -1,
+        };
+        assert_eq!(resume.nul_field(), Some("session_id"));
+        let clean = ClientFrame::Read {
+            conversation_id: "c".into(),
+            up_to_seq: 1,
+        };
+        assert_eq!(clean.nul_field(), None);
+        assert!(!has_nul("naïve ✓") && has_nul("x\u{0}"));
     }
 
     #[test]

@@ -8,4 +8,4 @@ pub mod events;
 pub mod frames;
 
 pub use events::{EventBody, EventEnvelope, EVENT_VERSION};
-pub use frames::{ClientFrame, DecodeError, ErrorCode, ServerFrame, PROTOCOL_VERSION};
+pub use frames::{has_nul, ClientFrame, DecodeError, ErrorCode, ServerFrame, PROTOCOL_VERSION};

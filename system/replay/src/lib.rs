@@ -6,6 +6,11 @@
 //! T that existed when it began. Also: one session's timeline (one partition, found with
 //! the Java client's murmur2 partitioner the nodes use), offset ranges, consumer-group
 //! lag, backfill and reset (refused while the group has active members).
+//!
+//! A replay never skips silently: asked to start below a partition's earliest offset
+//! (records retention already deleted) it refuses with an error naming the topic,
+//! partition, offset and the earliest offset left; the reader runs with
+//! `auto.offset.reset=error`, so records deleted while it reads are an error too.
 
 use chatstream_protocol::EventEnvelope;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
@@ -23,6 +28,13 @@ pub enum ReplayError {
     NoTopic(String),
     #[error("consumer group {group} is active ({members} members); stop its consumers before resetting it")]
     GroupActive { group: String, members: usize },
+    #[error("{topic} partition {partition}: offset {offset} was deleted by retention (the earliest offset left is {earliest}); replay from {earliest} or later, or from a time")]
+    OffsetDeleted {
+        topic: String,
+        partition: i32,
+        offset: i64,
+        earliest: i64,
+    },
     #[error("replay did not reach the end offsets within {0:?}: {1}")]
     Timeout(Duration, String),
     #[error("{0}")]
@@ -77,6 +89,8 @@ fn reader(bootstrap: &str) -> Result<BaseConsumer> {
         .set("group.id", "chatstream-replay-reader")
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "false")
+        // Never jump elsewhere when a start offset is gone: that would skip records silently.
+        .set("auto.offset.reset", "error")
         .set("fetch.max.bytes", "52428800")
         .set("max.partition.fetch.bytes", "10485760")
         .set("queued.max.messages.kbytes", "262144")
@@ -143,8 +157,27 @@ pub fn ranges_all(bootstrap: &str, topic: &str) -> Result<Vec<Range>> {
         .collect()
 }
 
+/// The first of `ranges` that starts below its partition's earliest offset (deleted by
+/// retention), as the error that says so.
+fn deleted_start(c: &BaseConsumer, topic: &str, ranges: &[&Range]) -> Result<Option<ReplayError>> {
+    for r in ranges {
+        let (low, _) = c.fetch_watermarks(topic, r.partition, TIMEOUT)?;
+        if r.from < low {
+            return Ok(Some(ReplayError::OffsetDeleted {
+                topic: topic.to_string(),
+                partition: r.partition,
+                offset: r.from,
+                earliest: low,
+            }));
+        }
+    }
+    Ok(None)
+}
+
 /// Reads exactly `ranges` of `topic`, calling `each` per record and `progress` with
 /// (records read, records to read) now and then. Stops when every range is read.
+/// A range starting below its partition's earliest offset is refused
+/// ([`ReplayError::OffsetDeleted`]) before anything is read.
 pub fn read(
     bootstrap: &str,
     topic: &str,
@@ -160,6 +193,9 @@ pub fn read(
         return Ok(0);
     }
     let c = reader(bootstrap)?;
+    if let Some(deleted) = deleted_start(&c, topic, &pending)? {
+        return Err(deleted);
+    }
     let mut tpl = TopicPartitionList::new();
     for r in &pending {
         tpl.add_partition_offset(topic, r.partition, Offset::Offset(r.from))?;
@@ -180,7 +216,27 @@ pub fn read(
         let Some(msg) = c.poll(Duration::from_millis(200)) else {
             continue;
         };
-        let msg: OwnedMessage = msg?.detach();
+        let msg: OwnedMessage = match msg {
+            Ok(m) => m.detach(),
+            Err(e) => {
+                // Retention deleted records under the reader (auto.offset.reset=error):
+                // name where, rather than the client's bare error code.
+                let unread: Vec<Range> = pending
+                    .iter()
+                    .map(|r| Range {
+                        partition: r.partition,
+                        from: next[&r.partition],
+                        to: r.to,
+                    })
+                    .filter(|r| !r.is_empty())
+                    .collect();
+                let unread: Vec<&Range> = unread.iter().collect();
+                if let Ok(Some(deleted)) = deleted_start(&c, topic, &unread) {
+                    return Err(deleted);
+                }
+                return Err(e.into());
+            }
+        };
         let p = msg.partition();
         let Some(end) = ends.get(&p) else { continue };
         if msg.offset() >= *end {
