@@ -4,7 +4,7 @@
 
 use chatstream_protocol::events::{topic, EventBody};
 use chatstream_protocol::EventEnvelope;
-use chatstream_store::{PendingEvent, Store, OUTBOX_SHARDS};
+use chatstream_store::{PendingEvent, Refusal, Store, OUTBOX_SHARDS};
 use futures::future::join_all;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
@@ -84,7 +84,22 @@ impl AsyncPublisher {
     }
 }
 
-async fn publish_batch(producer: &FutureProducer, events: Vec<PendingEvent>) -> Result<(), String> {
+/// Kafka refuses this record for good (larger than the client, the broker or the topic
+/// accepts; or invalid): sending it again can never succeed.
+fn refused_for_good(e: &rdkafka::error::KafkaError) -> bool {
+    use rdkafka::types::RDKafkaErrorCode as C;
+    matches!(
+        e.rdkafka_error_code(),
+        Some(C::MessageSizeTooLarge | C::MessageBatchTooLarge | C::InvalidRecord)
+    )
+}
+
+/// Sends a shard's batch. Ok names the events Kafka refused for good (the relay moves them
+/// aside and goes on); Err when any send failed otherwise (the whole batch is retried).
+async fn publish_batch(
+    producer: &FutureProducer,
+    events: Vec<PendingEvent>,
+) -> Result<Vec<Refusal>, String> {
     // Sent in id order on one idempotent producer: per-partition order holds even on retry.
     let sends = events.iter().map(|e| {
         producer.send(
@@ -93,13 +108,21 @@ async fn publish_batch(producer: &FutureProducer, events: Vec<PendingEvent>) -> 
         )
     });
     let results = join_all(sends).await;
-    let failed: Vec<String> = results
-        .into_iter()
-        .filter_map(|r| r.err().map(|(e, _)| e.to_string()))
-        .collect();
+    let mut refused = Vec::new();
+    let mut failed = Vec::new();
+    for (e, r) in events.iter().zip(results) {
+        match r {
+            Ok(_) => {}
+            Err((err, _)) if refused_for_good(&err) => refused.push(Refusal {
+                id: e.id,
+                error: err.to_string(),
+            }),
+            Err((err, _)) => failed.push(err.to_string()),
+        }
+    }
     if failed.is_empty() {
-        metrics::counter!(m::OUTBOX_PUBLISHED).increment(events.len() as u64);
-        Ok(())
+        metrics::counter!(m::OUTBOX_PUBLISHED).increment((events.len() - refused.len()) as u64);
+        Ok(refused)
     } else {
         Err(format!(
             "{} of {} sends failed: {}",
@@ -141,7 +164,13 @@ pub async fn run_relay(
                 })
                 .await
             {
-                Ok(Ok(n)) => published += n,
+                Ok(Ok(relayed)) => {
+                    published += relayed.published;
+                    for r in relayed.rejected {
+                        metrics::counter!(m::OUTBOX_REJECTED).increment(1);
+                        tracing::error!(event_id = %r.event_id, topic = %r.topic, key = %r.key, payload_bytes = r.payload_bytes, error = %r.error, "Kafka refused an outbox event for good; moved to outbox_rejected");
+                    }
+                }
                 Ok(Err(e)) => failure = Some(e),
                 Err(e) => failure = Some(e.to_string()),
             }

@@ -36,6 +36,8 @@ pub const ACCEPTED_SOCKETS: &str = "chatstream_accepted_sockets_total";
 pub const OUTBOX_PUBLISHED: &str = "chatstream_outbox_published_total";
 pub const OUTBOX_BACKLOG: &str = "chatstream_outbox_backlog";
 pub const OUTBOX_ERRORS: &str = "chatstream_outbox_relay_errors_total";
+/// Outbox rows Kafka refused for good (too large), moved to `outbox_rejected`.
+pub const OUTBOX_REJECTED: &str = "chatstream_outbox_rejected_total";
 pub const ASYNC_FAILED: &str = "chatstream_kafka_async_failures_total";
 pub const STREAM_CHUNKS: &str = "chatstream_stream_chunks_total";
 pub const STREAM_SESSIONS: &str = "chatstream_stream_sessions_total";

@@ -2,11 +2,15 @@
 //! tenant-scoped membership (changed only by members, with the change's events in the same
 //! transaction), messages with a per-conversation sequence number (idempotent on
 //! (tenant, sender, conversation, client message id)), and the transactional outbox with
-//! its sharded relay claim.
+//! its sharded relay claim (rows Kafka refuses for good moved aside); retention of
+//! published outbox rows and processed-event markers (`retention`).
 
 mod outbox;
+mod retention;
 
-pub use outbox::{shard_of, OutboxRow, PendingEvent, OUTBOX_SHARDS};
+pub use outbox::{
+    shard_of, OutboxRow, PendingEvent, Refusal, RejectedEvent, Relayed, OUTBOX_SHARDS,
+};
 
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::Row;
@@ -537,18 +541,20 @@ impl Store {
     }
 
     /// Publishes one shard's oldest pending events with `publish`, holding the shard's
-    /// advisory lock; marks them published only if `publish` succeeded. Returns how many
-    /// were published (0 when another relay holds the shard or nothing is pending).
+    /// advisory lock. When `publish` succeeds, the events it names as refused for good
+    /// are moved to `outbox_rejected` and the others marked published; when it fails,
+    /// nothing changes (the batch is tried again). Returns what was published and moved
+    /// aside (nothing when another relay holds the shard or nothing is pending).
     pub async fn relay_shard<F, Fut, E>(
         &self,
         shard: i32,
         limit: i64,
         now_ms: i64,
         publish: F,
-    ) -> Result<Result<usize, E>>
+    ) -> Result<Result<Relayed, E>>
     where
         F: FnOnce(Vec<PendingEvent>) -> Fut,
-        Fut: std::future::Future<Output = std::result::Result<(), E>>,
+        Fut: std::future::Future<Output = std::result::Result<Vec<Refusal>, E>>,
     {
         outbox::relay_shard(&self.pool, shard, limit, now_ms, publish).await
     }

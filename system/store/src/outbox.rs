@@ -1,7 +1,8 @@
 //! The transactional outbox: rows written in the same transaction as the state they
 //! describe, published later by a relay. Rows are spread over shards by key; one relay at a
 //! time owns a shard (a transaction-scoped advisory lock), so per-key order holds across
-//! nodes and a crashed node's shards are free again the moment its session ends.
+//! nodes and a crashed node's shards are free again the moment its session ends. A row
+//! Kafka refuses for good (too large) is moved to `outbox_rejected` so its shard goes on.
 
 use sqlx::postgres::PgPool;
 use sqlx::{Postgres, Row, Transaction};
@@ -11,7 +12,7 @@ use crate::Result;
 /// Number of outbox shards (relay parallelism across nodes).
 pub const OUTBOX_SHARDS: i32 = 16;
 /// Advisory lock ids are this base plus the shard number.
-const ADVISORY_BASE: i64 = 0x5157_4c4c_0000; // "SQLL"
+pub(crate) const ADVISORY_BASE: i64 = 0x5157_4c4c_0000; // "SQLL"
 
 /// An event to queue.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -116,16 +117,45 @@ pub(crate) async fn insert_message_with_events(
     Ok(inserted == 1)
 }
 
+/// An event `publish` found Kafka refusing for good (e.g. larger than the broker or the
+/// topic accepts): retrying can never succeed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// The outbox row's id ([`PendingEvent::id`]).
+    pub id: i64,
+    pub error: String,
+}
+
+/// An outbox row moved aside to `outbox_rejected`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RejectedEvent {
+    pub id: i64,
+    pub event_id: String,
+    pub topic: String,
+    pub key: String,
+    pub payload_bytes: usize,
+    pub error: String,
+}
+
+/// What one pass over a shard did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Relayed {
+    /// Rows published and marked.
+    pub published: usize,
+    /// Rows Kafka refused for good, moved to `outbox_rejected` (the shard goes on past them).
+    pub rejected: Vec<RejectedEvent>,
+}
+
 pub(crate) async fn relay_shard<F, Fut, E>(
     pool: &PgPool,
     shard: i32,
     limit: i64,
     now_ms: i64,
     publish: F,
-) -> Result<std::result::Result<usize, E>>
+) -> Result<std::result::Result<Relayed, E>>
 where
     F: FnOnce(Vec<PendingEvent>) -> Fut,
-    Fut: std::future::Future<Output = std::result::Result<(), E>>,
+    Fut: std::future::Future<Output = std::result::Result<Vec<Refusal>, E>>,
 {
     let mut tx = pool.begin().await?;
     let owned: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
@@ -134,7 +164,7 @@ where
         .await?;
     if !owned {
         tx.rollback().await?;
-        return Ok(Ok(0));
+        return Ok(Ok(Relayed::default()));
     }
     let rows = sqlx::query(
         "SELECT id, event_id, topic, key, payload FROM outbox
@@ -146,7 +176,7 @@ where
     .await?;
     if rows.is_empty() {
         tx.rollback().await?;
-        return Ok(Ok(0));
+        return Ok(Ok(Relayed::default()));
     }
     let events = rows
         .iter()
@@ -160,19 +190,91 @@ where
             })
         })
         .collect::<Result<Vec<_>>>()?;
+    // What a refusal names, kept for the caller's log (the events move into `publish`).
+    let described: std::collections::HashMap<i64, (String, String, String, usize)> = events
+        .iter()
+        .map(|e| {
+            (
+                e.id,
+                (
+                    e.event_id.clone(),
+                    e.topic.clone(),
+                    e.key.clone(),
+                    e.payload.len(),
+                ),
+            )
+        })
+        .collect();
     let ids: Vec<i64> = events.iter().map(|e| e.id).collect();
-    let n = ids.len();
-    if let Err(e) = publish(events).await {
-        tx.rollback().await?;
-        return Ok(Err(e));
-    }
-    sqlx::query("UPDATE outbox SET published_at_ms = $2 WHERE id = ANY($1)")
-        .bind(&ids)
+    let refusals = match publish(events).await {
+        Ok(r) => r,
+        Err(e) => {
+            tx.rollback().await?;
+            return Ok(Err(e));
+        }
+    };
+    let refused: Vec<i64> = refusals
+        .iter()
+        .map(|r| r.id)
+        .filter(|id| described.contains_key(id))
+        .collect();
+    let published: Vec<i64> = ids
+        .iter()
+        .copied()
+        .filter(|id| !refused.contains(id))
+        .collect();
+    if !refused.is_empty() {
+        let errors: Vec<String> = refusals
+            .iter()
+            .filter(|r| described.contains_key(&r.id))
+            .map(|r| r.error.clone())
+            .collect();
+        // Moved, not marked: a refused row must never count as published, and the shard's
+        // next pass must not pick it up again.
+        sqlx::query(
+            "WITH moved AS (
+                DELETE FROM outbox WHERE id = ANY($1)
+                RETURNING id, event_id, shard, topic, key, payload, node_id, created_at_ms
+             )
+             INSERT INTO outbox_rejected (id, event_id, shard, topic, key, payload, node_id,
+                                          created_at_ms, rejected_at_ms, error)
+             SELECT m.id, m.event_id, m.shard, m.topic, m.key, m.payload, m.node_id,
+                    m.created_at_ms, $3, r.error
+             FROM moved m JOIN UNNEST($1::bigint[], $2::text[]) AS r(id, error) ON r.id = m.id
+             ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(&refused)
+        .bind(&errors)
         .bind(now_ms)
         .execute(&mut *tx)
         .await?;
+    }
+    if !published.is_empty() {
+        sqlx::query("UPDATE outbox SET published_at_ms = $2 WHERE id = ANY($1)")
+            .bind(&published)
+            .bind(now_ms)
+            .execute(&mut *tx)
+            .await?;
+    }
     tx.commit().await?;
-    Ok(Ok(n))
+    let rejected = refusals
+        .into_iter()
+        .filter_map(|r| {
+            let (event_id, topic, key, payload_bytes) = described.get(&r.id)?.clone();
+            Some(RejectedEvent {
+                id: r.id,
+                event_id,
+                topic,
+                key,
+                payload_bytes,
+                error: r.error,
+            })
+        })
+        .collect();
+    Ok(Ok(Relayed {
+        published: published.len(),
+        rejected,
+    }))
 }
 
 #[cfg(test)]
