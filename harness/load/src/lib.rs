@@ -13,6 +13,7 @@ pub mod plan;
 mod shared;
 mod user;
 
+pub mod tap;
 pub use engine::{run, LoadError, Outcome, Target};
 pub use metrics::{Metrics, SecondPoint, Summary};
 pub use plan::{Arrival, Arrivals, Population};

@@ -30,7 +30,8 @@ pub mod names {
     pub const SYNC: &str = "sync";
     /// How late the generator itself dispatched an operation (its own lateness).
     pub const PACER_LATENESS: &str = "pacer_lateness";
-    /// A CHAT_MESSAGE event's intended send time → its audit row visible (sampled).
+    /// A message's ack (it and its event are durable) → its audit row visible in
+    /// PostgreSQL (sampled by a probe polling the table).
     pub const PIPELINE_AUDIT: &str = "pipeline_audit";
 }
 
@@ -133,11 +134,16 @@ pub struct Counters {
     pub abuse_sent: AtomicU64,
     pub abuse_answered: AtomicU64,
     pub abuse_unanswered: AtomicU64,
+    /// Audit pipeline probe samples: timed, never visible within its limit, not taken
+    /// because too many were being followed.
+    pub pipeline_seen: AtomicU64,
+    pub pipeline_unseen: AtomicU64,
+    pub pipeline_skipped: AtomicU64,
 }
 
 impl Counters {
     pub fn snapshot(&self) -> BTreeMap<String, u64> {
-        let pairs: [(&str, &AtomicU64); 26] = [
+        let pairs: [(&str, &AtomicU64); 29] = [
             ("sends_invoked", &self.sends_invoked),
             ("sends_acked", &self.sends_acked),
             ("sends_duplicate_acks", &self.sends_duplicate_acks),
@@ -167,6 +173,9 @@ impl Counters {
             ("abuse_sent", &self.abuse_sent),
             ("abuse_answered", &self.abuse_answered),
             ("abuse_unanswered", &self.abuse_unanswered),
+            ("pipeline_seen", &self.pipeline_seen),
+            ("pipeline_unseen", &self.pipeline_unseen),
+            ("pipeline_skipped", &self.pipeline_skipped),
         ];
         pairs
             .iter()
@@ -184,6 +193,8 @@ pub struct Metrics {
     book: Mutex<Book>,
     measuring: AtomicBool,
     pub counters: Counters,
+    /// Fresh acks handed to a downstream probe on request (the audit pipeline's latency).
+    pub ack_tap: crate::tap::AckTap,
 }
 
 impl Metrics {

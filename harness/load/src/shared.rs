@@ -64,11 +64,14 @@ impl Shared {
         let _ = self.window.set((start, end));
     }
 
-    pub fn record_latency(&self, name: &str, latency: Duration, due: Instant) {
-        let in_window = self
-            .window
+    /// Whether an operation due at `due` counts in the whole-run figures.
+    pub fn in_window(&self, due: Instant) -> bool {
+        self.window
             .get()
-            .is_some_and(|(start, end)| due >= *start && due < *end);
-        self.metrics.record(name, latency, in_window);
+            .is_some_and(|(start, end)| due >= *start && due < *end)
+    }
+
+    pub fn record_latency(&self, name: &str, latency: Duration, due: Instant) {
+        self.metrics.record(name, latency, self.in_window(due));
     }
 }

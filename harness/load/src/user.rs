@@ -27,6 +27,7 @@ use crate::shared::Shared;
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 /// What the engine asks of a user.
+use crate::tap::AckSample;
 #[derive(Debug)]
 pub enum Command {
     /// An operation of the schedule, due at `due`.
@@ -954,6 +955,19 @@ impl User {
                 );
             }
             ServerFrame::StreamEnd {
+                if !duplicate {
+                    let shared = &self.shared;
+                    shared.metrics.ack_tap.offer(|| AckSample {
+                        conversation_id: shared
+                            .conversation_ids
+                            .get(p.conversation as usize)
+                            .cloned()
+                            .unwrap_or_default(),
+                        message_id: message_id.clone(),
+                        acked: now,
+                        in_window: shared.in_window(p.due),
+                    });
+                }
                 session_id,
                 outcome,
                 total_chunks,

@@ -10,12 +10,13 @@ use crate::model::{Report, RunResult};
 use crate::text::{bytes, md_cell, ms, offset, secs, validity};
 
 /// Latencies shown first, in this order, when present; every `http_*` follows.
-pub const MAIN_LATENCIES: [&str; 5] = [
+pub const MAIN_LATENCIES: [&str; 6] = [
     "send_ack",
     "delivery",
     "delivery_cross_node",
     "stream_first_chunk",
     "reconnect_resync",
+    "pipeline_audit",
 ];
 const MAX_CHECKS: usize = 15;
 const MAX_FAULTS: usize = 6;

@@ -33,6 +33,17 @@ impl SharedStack {
             .ok()
             .and_then(|v| v.parse().ok())
             .unwrap_or(default_base);
+        // Two suites started side by side with different base ports must not share a
+        // stack directory (its state file names the pids of the other's servers).
+        let run_dir = if base_port == default_base {
+            run_dir
+        } else {
+            let name = run_dir
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "stack".into());
+            run_dir.with_file_name(format!("{name}-{base_port}"))
+        };
         let rt = match tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()
