@@ -10,9 +10,11 @@ mod common;
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use chatstream_protocol::auth::{self, Claims};
 use chatstream_protocol::frames::{ErrorCode, MessageStatus, StreamOutcome, Via};
-use chatstream_protocol::{ClientFrame, ServerFrame};
+use chatstream_protocol::{ClientFrame, EventBody, ServerFrame};
 use common::*;
 use futures::StreamExt;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::ClientConfig;
 use squall_stack::testing::{eventually, SharedStack};
 use squall_stack::toxiproxy::Toxic;
 use squall_stack::{stack_test, Stack};
@@ -1841,6 +1843,748 @@ async fn error_frames_are_capped_per_connection_per_second(stack: &mut Stack) ->
 }
 
 // ---------------------------------------------------------------------------------------
+// Events of acknowledged actions (issue #10 item 6), NUL characters (item 7), Kafka
+// fan-out readiness (item 9), streams whose generator dies (item 10).
+
+/// Every event of `topic` about conversation `conv` or session `session`.
+async fn events_about(
+    bootstrap: &str,
+    topic: &str,
+    key: &str,
+) -> Result<Vec<chatstream_protocol::EventEnvelope>> {
+    Ok(read_events(bootstrap, topic)
+        .await?
+        .into_iter()
+        .filter(|e| {
+            e.conversation_id.as_deref() == Some(key) || e.session_id.as_deref() == Some(key)
+        })
+        .collect())
+}
+
+/// Waits for the reader's own READ status: the acknowledgement of its `read`.
+async fn read_acked(c: &mut Client, conv: &str, seq: i64) -> Result<()> {
+    let me = c.user.clone();
+    c.until(|f| {
+        matches!(f, ServerFrame::Status { status: MessageStatus::Read, user_id, conversation_id, seq: s, .. }
+            if *user_id == me && conversation_id == conv && *s == seq)
+        .then_some(())
+    })
+    .await
+    .context("the read was not acknowledged (no READ status of the reader's own)")
+}
+
+async fn acknowledged_actions_keep_their_events_through_kill_9(stack: &mut Stack) -> Result<()> {
+    // The node publishes nothing itself: what reaches Kafka was durable when it died.
+    let mut a = Node::start(stack, &unique("ack-a"), &["--no-relay"]).await?;
+    let conv = unique("conv");
+    create_conversation(&a, "alice", &conv, &["alice", "bob"]).await?;
+    let mut alice = Client::connect(&a, "alice").await?;
+    let (_, message_id, seq, _) = alice
+        .send_for_ack(&conv, "k9-send", "acknowledged, then the node dies")
+        .await?;
+    alice
+        .send(&ClientFrame::Read {
+            conversation_id: conv.clone(),
+            up_to_seq: seq,
+        })
+        .await?;
+    read_acked(&mut alice, &conv, seq).await?;
+    alice
+        .send(&ClientFrame::Stream {
+            conversation_id: conv.clone(),
+            prompt: "started, then the node dies".into(),
+        })
+        .await?;
+    let session = alice
+        .until(|f| match f {
+            ServerFrame::StreamStarted { session_id, .. } => Some(session_id.clone()),
+            _ => None,
+        })
+        .await?;
+    eprintln!("  kill -9 {} right after the acks", a.id);
+    a.kill9();
+    let _b = Node::start(stack, &unique("ack-b"), &[]).await?;
+    let bootstrap = stack.endpoints().kafka_bootstrap;
+    eventually(
+        "the send, the read and the stream start are on Kafka",
+        Duration::from_secs(30),
+        || async {
+            let chat = chat_event_ids(&bootstrap).await?;
+            ensure!(
+                chat.contains_key(&message_id),
+                "CHAT_MESSAGE {message_id} missing"
+            );
+            let read = events_about(&bootstrap, "message-status-events", &conv)
+                .await?
+                .into_iter()
+                .any(|e| {
+                    matches!(&e.body, EventBody::MessageStatus(s)
+                    if s.status == MessageStatus::Read && s.user_id == "alice" && s.seq == seq)
+                });
+            ensure!(read, "READ by alice up to {seq} in {conv} missing");
+            let started = events_about(&bootstrap, "stream-events", &session)
+                .await?
+                .into_iter()
+                .any(|e| matches!(e.body, EventBody::SessionStarted(_)));
+            ensure!(started, "SESSION_STARTED of {session} missing");
+            Ok(())
+        },
+    )
+    .await
+}
+
+async fn sigterm_publishes_every_event_before_the_node_exits(stack: &mut Stack) -> Result<()> {
+    let id = unique("flush");
+    let mut n = Node::start(stack, &id, &[]).await?;
+    let conv = unique("conv");
+    create_conversation(&n, "alice", &conv, &["alice", "bob"]).await?;
+    let mut alice = Client::connect(&n, "alice").await?;
+    let mut bob = Client::connect(&n, "bob").await?;
+    let mut message_ids = BTreeSet::new();
+    for i in 0..20 {
+        let (_, id, _, _) = alice
+            .send_for_ack(&conv, &format!("flush-{i}"), "published before exit")
+            .await?;
+        message_ids.insert(id);
+    }
+    // Bob gets each one live, so a DELIVERED event is due for each (the fast path).
+    let mut live = 0;
+    while live < 20 {
+        if let ServerFrame::Msg { via: Via::Live, .. } = bob.recv().await? {
+            live += 1;
+        }
+    }
+    bob.send(&ClientFrame::Read {
+        conversation_id: conv.clone(),
+        up_to_seq: 20,
+    })
+    .await?;
+    // Frames are handled in order: the pong means the read was handled.
+    bob.still_serves().await?;
+    alice
+        .send(&ClientFrame::Stream {
+            conversation_id: conv.clone(),
+            prompt: "generated while the node drains".into(),
+        })
+        .await?;
+    let session = alice
+        .until(|f| match f {
+            ServerFrame::StreamStarted { session_id, .. } => Some(session_id.clone()),
+            _ => None,
+        })
+        .await?;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(n.pid()),
+        nix::sys::signal::Signal::SIGTERM,
+    )?;
+    let status = wait_exit(&mut n.child, Duration::from_secs(60)).await?;
+    ensure!(status.success(), "node exited with {status}");
+    // No other node runs: what is on Kafka now, the draining node published itself.
+    let pool = pg(stack).await?;
+    let pending: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM outbox WHERE published_at_ms IS NULL AND node_id = $1",
+    )
+    .bind(&id)
+    .fetch_one(&pool)
+    .await?;
+    ensure!(
+        pending == 0,
+        "{pending} outbox rows of {id} left unpublished"
+    );
+    let bootstrap = stack.endpoints().kafka_bootstrap;
+    let chat = chat_event_ids(&bootstrap).await?;
+    let missing = message_ids
+        .iter()
+        .filter(|m| !chat.contains_key(*m))
+        .count();
+    ensure!(missing == 0, "{missing} CHAT_MESSAGE events missing");
+    let statuses = events_about(&bootstrap, "message-status-events", &conv).await?;
+    let delivered: BTreeSet<String> = statuses
+        .iter()
+        .filter_map(|e| match &e.body {
+            EventBody::MessageStatus(s)
+                if s.status == MessageStatus::Delivered && s.user_id == "bob" =>
+            {
+                s.message_id.clone()
+            }
+            _ => None,
+        })
+        .collect();
+    ensure!(
+        delivered == message_ids,
+        "DELIVERED to bob for {} of {} messages",
+        delivered.len(),
+        message_ids.len()
+    );
+    ensure!(
+        statuses
+            .iter()
+            .any(|e| matches!(&e.body, EventBody::MessageStatus(s)
+            if s.status == MessageStatus::Read && s.user_id == "bob" && s.seq == 20)),
+        "READ by bob missing"
+    );
+    let stream = events_about(&bootstrap, "stream-events", &session).await?;
+    let planned = stream
+        .iter()
+        .find_map(|e| match &e.body {
+            EventBody::SessionStarted(s) => Some(s.planned_chunks),
+            _ => None,
+        })
+        .ok_or_else(|| anyhow!("SESSION_STARTED of {session} missing"))?;
+    let chunks: BTreeSet<i64> = stream
+        .iter()
+        .filter_map(|e| match &e.body {
+            EventBody::ChunkReceived(c) => Some(c.chunk_index),
+            _ => None,
+        })
+        .collect();
+    ensure!(
+        chunks == (0..planned).collect::<BTreeSet<_>>(),
+        "CHUNK_RECEIVED for {chunks:?} of {planned} chunks"
+    );
+    ensure!(
+        stream
+            .iter()
+            .any(|e| matches!(e.body, EventBody::StreamCompleted(_))),
+        "the stream generated during the drain has no STREAM_COMPLETED"
+    );
+    Ok(())
+}
+
+async fn nul_characters_are_refused_as_invalid_arguments(stack: &mut Stack) -> Result<()> {
+    let n = Node::start(stack, "nul-1", &[]).await?;
+    let conv = unique("conv");
+    create_conversation(&n, "alice", &conv, &["alice"]).await?;
+    let mut alice = Client::connect(&n, "alice").await?;
+    let refused = alice
+        .send_msg(&conv, "nul-body", "before\u{0}after")
+        .await
+        .err()
+        .ok_or_else(|| anyhow!("a body with a NUL character was acknowledged"))?;
+    ensure!(
+        refused.to_string().starts_with("InvalidArgument") && refused.to_string().contains("body"),
+        "{refused}"
+    );
+    alice
+        .send(&ClientFrame::Stream {
+            conversation_id: conv.clone(),
+            prompt: "nul\u{0}".into(),
+        })
+        .await?;
+    let msg = alice.expect_error(ErrorCode::InvalidArgument).await?;
+    ensure!(msg.contains("prompt"), "{msg}");
+    alice
+        .send(&ClientFrame::Resume {
+            session_id: "s\u{0}".into(),
+            after_index: -1,
+        })
+        .await?;
+    alice.expect_error(ErrorCode::InvalidArgument).await?;
+    alice.still_serves().await?;
+    let (seq, _) = alice.send_msg(&conv, "nul-clean", "a clean one").await?;
+    ensure!(
+        seq == 1,
+        "the refused send took a seq: the clean one got {seq}"
+    );
+    for (path, body) in [
+        (
+            "/api/conversations".to_string(),
+            serde_json::json!({ "id": "c\u{0}", "members": ["alice"] }),
+        ),
+        (
+            format!("/api/conversations/{conv}/members"),
+            serde_json::json!({ "add": ["bob\u{0}"] }),
+        ),
+        (
+            "/api/chat".to_string(),
+            serde_json::json!({ "conversation_id": conv, "prompt": "p\u{0}" }),
+        ),
+    ] {
+        let (status, answer) = post_json(&n, &path, "alice", body).await?;
+        ensure!(
+            status == 400 && answer["code"] == "invalid_argument",
+            "{path}: {status} {answer}"
+        );
+    }
+    Ok(())
+}
+
+async fn kafka_fanout_is_ready_only_once_its_consumer_is_assigned(stack: &mut Stack) -> Result<()> {
+    let e = stack.endpoints();
+    let sender = Node::start(stack, &unique("kf-send"), &["--fanout-mode", "kafka"]).await?;
+    let id = unique("kf-held");
+    // A member of the node's group takes every partition, then stops polling: the group
+    // cannot rebalance, so the node's consumer gets nothing until this member leaves.
+    let (b, group) = (e.kafka_bootstrap.clone(), format!("chatstream-fanout-{id}"));
+    let holder = tokio::task::spawn_blocking(move || -> Result<BaseConsumer> {
+        let c: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &b)
+            .set("group.id", &group)
+            .set("enable.auto.commit", "false")
+            .create()?;
+        c.subscribe(&["chat-events"])?;
+        let start = Instant::now();
+        while c.assignment()?.count() == 0 {
+            ensure!(
+                start.elapsed() < Duration::from_secs(60),
+                "holder not assigned"
+            );
+            let _ = c.poll(Duration::from_millis(200));
+        }
+        Ok(c)
+    })
+    .await??;
+    let mut args = strings(&["node", "--node-id", &id, "--listen", "127.0.0.1:0"]);
+    args.extend(strings(&[
+        "--postgres-url",
+        &e.postgres_url,
+        "--redis-url",
+        &e.redis_url,
+        "--kafka-bootstrap",
+        &e.kafka_bootstrap,
+        "--token-secret",
+        SECRET,
+        "--fanout-mode",
+        "kafka",
+    ]));
+    let (child, addr) = spawn_chatstream_logging(args, &id, DEFAULT_LOG_FILTER).await?;
+    let node = Node {
+        child,
+        addr,
+        id: id.clone(),
+    };
+    eventually(
+        "every backend up, the fan-out consumer not assigned, /readyz red",
+        Duration::from_secs(60),
+        || async {
+            let (code, body) = node.readyz().await?;
+            ensure!(
+                ["postgres", "migrated", "redis", "kafka", "outbox_relay"]
+                    .iter()
+                    .all(|k| body[*k] == true),
+                "{code} {body}"
+            );
+            ensure!(
+                code == 503 && body["fanout_assigned"] == false,
+                "{code} {body}"
+            );
+            Ok(())
+        },
+    )
+    .await?;
+    let held = Instant::now();
+    while held.elapsed() < Duration::from_secs(3) {
+        let (code, body) = node.readyz().await?;
+        ensure!(
+            code == 503 && body["fanout_assigned"] == false,
+            "ready while another member still holds the partitions: {code} {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The holder leaves (close: revoke, LeaveGroup): the node's consumer is assigned.
+    tokio::task::spawn_blocking(move || drop(holder)).await?;
+    let green = Instant::now();
+    loop {
+        let (code, body) = node.readyz().await?;
+        if code == 200 {
+            ensure!(body["fanout_assigned"] == true, "{body}");
+            break;
+        }
+        ensure!(
+            green.elapsed() < Duration::from_secs(60),
+            "not ready after the holder left: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!(
+        "  ready {:.1} s after the holder left",
+        green.elapsed().as_secs_f64()
+    );
+    // Right after green, no wait: a message sent now reaches bob through Kafka.
+    let conv = unique("conv");
+    let mut bob = Client::connect(&node, "bob").await?;
+    create_conversation(&sender, "alice", &conv, &["alice", "bob"]).await?;
+    let mut alice = Client::connect(&sender, "alice").await?;
+    let (seq, _) = alice
+        .send_msg(&conv, "kf-green", "right after green")
+        .await?;
+    bob.until(|f| {
+        matches!(f, ServerFrame::Msg { seq: s, via: Via::Live, conversation_id, .. }
+            if *s == seq && *conversation_id == conv)
+        .then_some(())
+    })
+    .await
+    .context("the message sent right after /readyz turned green was not delivered")?;
+    Ok(())
+}
+
+async fn stream_whose_generator_is_killed_completes_on_another_node(
+    stack: &mut Stack,
+) -> Result<()> {
+    // 30 chunks at 100 ms on the generating node; the other node's own settings differ
+    // (20 chunks): the stream must still end as it was started.
+    let config = node_config("takeover-stream", "stream:\n  chunks: 30\n  pace_ms: 100\n")?;
+    let mut n1 = Node::start(stack, &unique("gen-1"), &["--config", &config]).await?;
+    let n2 = Node::start(stack, &unique("gen-2"), &[]).await?;
+    let conv = unique("conv");
+    create_conversation(&n1, "alice", &conv, &["alice"]).await?;
+    let mut c = Client::connect(&n1, "alice").await?;
+    c.send(&ClientFrame::Stream {
+        conversation_id: conv.clone(),
+        prompt: "outlive your generator".into(),
+    })
+    .await?;
+    let session = c
+        .until(|f| match f {
+            ServerFrame::StreamStarted { session_id, .. } => Some(session_id.clone()),
+            _ => None,
+        })
+        .await?;
+    let mut seen: Vec<i64> = Vec::new();
+    while seen.len() < 5 {
+        if let ServerFrame::Chunk { index, .. } = c.recv().await? {
+            seen.push(index);
+        }
+    }
+    eprintln!(
+        "  kill -9 {} (the generating node) after chunk {}",
+        n1.id, seen[4]
+    );
+    n1.kill9();
+    drop(c);
+    let mut c2 = Client::connect(&n2, "alice").await?;
+    c2.send(&ClientFrame::Resume {
+        session_id: session.clone(),
+        after_index: seen[seen.len() - 1],
+    })
+    .await?;
+    let total = loop {
+        match c2.recv().await? {
+            ServerFrame::Chunk { index, .. } => seen.push(index),
+            ServerFrame::StreamEnd {
+                outcome: StreamOutcome::Completed,
+                total_chunks,
+                ..
+            } => break total_chunks,
+            ServerFrame::StreamEnd { outcome, error, .. } => {
+                bail!("stream ended {outcome:?}: {error:?}")
+            }
+            ServerFrame::Error { code, message, .. } => bail!("resume failed: {code:?}: {message}"),
+            _ => {}
+        }
+    };
+    ensure!(total == 30, "ended with {total} chunks, started with 30");
+    ensure!(
+        seen == (0..total).collect::<Vec<_>>(),
+        "chunk indices seen {seen:?}, expected each of 0..{total} once"
+    );
+    ensure!(
+        metric(&n2, "chatstream_stream_takeovers_total").await? >= 1.0,
+        "{} did not take the stream over",
+        n2.id
+    );
+    let types = session_events(&stack.endpoints().kafka_bootstrap, &session, |t| {
+        t.iter().any(|x| x == "STREAM_COMPLETED")
+    })
+    .await?;
+    ensure!(
+        types.iter().filter(|t| *t == "STREAM_COMPLETED").count() == 1,
+        "timeline {types:?}"
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+
+// ---------------------------------------------------------------------------------------
+// Group commit of sends (issue #11 item 2): many connections of two nodes send at once to
+// shared and separate conversations, with retries of the same client_msg_id mixed in.
+
+/// One acknowledgement a connection got: (conversation, client_msg_id, message_id, seq,
+/// duplicate).
+type AckSeen = (String, String, String, i64, bool);
+
+/// Reads acks (and live messages of the conversations in `live_of`) until `acks` acks
+/// have come or nothing comes for 15 s. Fails on an error frame.
+async fn collect_acks(
+    c: &mut Client,
+    acks: usize,
+    live: &mut Vec<(String, i64)>,
+) -> Result<Vec<AckSeen>> {
+    let mut got = Vec::with_capacity(acks);
+    while got.len() < acks {
+        let frame = tokio::time::timeout(Duration::from_secs(15), c.recv())
+            .await
+            .map_err(|_| anyhow!("{}: {} of {acks} acks, then silence", c.user, got.len()))??;
+        match frame {
+            ServerFrame::Ack {
+                conversation_id,
+                client_msg_id,
+                message_id,
+                seq,
+                duplicate,
+                ..
+            } => got.push((conversation_id, client_msg_id, message_id, seq, duplicate)),
+            ServerFrame::Msg {
+                conversation_id,
+                seq,
+                via: Via::Live,
+                ..
+            } => live.push((conversation_id, seq)),
+            ServerFrame::Error { code, message, .. } => bail!("{}: {code:?}: {message}", c.user),
+            _ => {}
+        }
+    }
+    Ok(got)
+}
+
+/// Live messages of each conversation came in strictly increasing seqs.
+fn live_in_order(who: &str, live: &[(String, i64)]) -> Result<()> {
+    let mut last: HashMap<&str, i64> = HashMap::new();
+    for (conv, seq) in live {
+        let prev = last.insert(conv.as_str(), *seq).unwrap_or(0);
+        ensure!(*seq > prev, "{who}: live seq {seq} of {conv} after {prev}");
+    }
+    Ok(())
+}
+
+async fn concurrent_sends_with_retries(stack: &mut Stack, batching: &str) -> Result<()> {
+    let config = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("group-{batching}.yaml"));
+    std::fs::write(
+        &config,
+        format!("rate_limit_per_s: 100000\nrate_limit_burst: 100000\nsend_batching: {batching}\n"),
+    )?;
+    let config = config.display().to_string();
+    let n1 = Node::start(stack, &unique("group-1"), &["--config", &config]).await?;
+    let n2 = Node::start(stack, &unique("group-2"), &["--config", &config]).await?;
+    let nodes = [&n1, &n2];
+    // Four senders; a shared conversation of all four, two of pairs, one each alone; a
+    // watcher (member of every conversation, sending nothing) on each node.
+    let users = ["gs-0", "gs-1", "gs-2", "gs-3"];
+    let shared_conv = unique("gc-all");
+    let pair_a = unique("gc-01");
+    let pair_b = unique("gc-23");
+    let solo: Vec<String> = users.iter().map(|u| unique(&format!("gc-{u}"))).collect();
+    let mut all_members: Vec<&str> = users.to_vec();
+    all_members.push("gw");
+    create_conversation(&n1, "gs-0", &shared_conv, &all_members).await?;
+    create_conversation(&n1, "gs-0", &pair_a, &["gs-0", "gs-1", "gw"]).await?;
+    create_conversation(&n2, "gs-2", &pair_b, &["gs-2", "gs-3", "gw"]).await?;
+    for (u, conv) in users.iter().zip(&solo) {
+        create_conversation(&n1, u, conv, &[u, "gw"]).await?;
+    }
+    let mut watchers = vec![
+        Client::connect(&n1, "gw").await?,
+        Client::connect(&n2, "gw").await?,
+    ];
+    // Each sender pipelines its sends (nothing awaited in between) over its conversations;
+    // every 4th send repeats one of its own earlier keys (sometimes the one just sent, so
+    // both can fall in one batch), and a second connection of the same user on the other
+    // node repeats keys of its own set ("x-") at the same time.
+    const SENDS: usize = 150;
+    let mut tasks = Vec::new();
+    for (i, user) in users.iter().enumerate() {
+        let convs: Vec<String> = match i {
+            0 | 1 => vec![shared_conv.clone(), pair_a.clone(), solo[i].clone()],
+            _ => vec![shared_conv.clone(), pair_b.clone(), solo[i].clone()],
+        };
+        let home = Client::connect(nodes[i % 2], user).await?;
+        let away = Client::connect(nodes[(i + 1) % 2], user).await?;
+        let user = user.to_string();
+        tasks.push(tokio::spawn(async move {
+            let (mut home, mut away) = (home, away);
+            // (conversation, key) in the order this connection first sent them.
+            let mut order: Vec<(String, String)> = Vec::new();
+            let mut frames = Vec::new();
+            for n in 0..SENDS {
+                let conv = &convs[n % convs.len()];
+                let (conv, key) = if n % 4 == 3 {
+                    let back = if n % 8 == 3 { 1 } else { 1 + n % 5 };
+                    order[order.len() - back.min(order.len())].clone()
+                } else {
+                    let key = format!("{user}-k{n}");
+                    order.push((conv.clone(), key.clone()));
+                    (conv.clone(), key)
+                };
+                frames.push(ClientFrame::Send {
+                    conversation_id: conv,
+                    client_msg_id: key.clone(),
+                    body: format!("{user} {key}"),
+                });
+            }
+            let x_keys: Vec<(String, String)> = (0..20)
+                .map(|n| (convs[n % convs.len()].clone(), format!("{user}-x{n}")))
+                .collect();
+            let send_x = |c: &(String, String)| ClientFrame::Send {
+                conversation_id: c.0.clone(),
+                client_msg_id: c.1.clone(),
+                body: format!("{user} {}", c.1),
+            };
+            // Interleaved: the x- keys go out on both connections around the same time.
+            for (n, f) in frames.iter().enumerate() {
+                home.send(f).await?;
+                if n % 7 == 0 {
+                    let x = &x_keys[(n / 7) % x_keys.len()];
+                    home.send(&send_x(x)).await?;
+                    away.send(&send_x(x)).await?;
+                }
+            }
+            let home_sent = frames.len() + SENDS.div_ceil(7);
+            let away_sent = SENDS.div_ceil(7);
+            let mut live = Vec::new();
+            let home_acks = collect_acks(&mut home, home_sent, &mut live).await?;
+            live_in_order(&format!("{user} (sending)"), &live)?;
+            live.clear();
+            let away_acks = collect_acks(&mut away, away_sent, &mut live).await?;
+            live_in_order(&format!("{user} (retrying)"), &live)?;
+            Ok::<_, anyhow::Error>((user, order, home_acks, away_acks))
+        }));
+    }
+    let mut results = Vec::new();
+    for t in tasks {
+        results.push(t.await??);
+    }
+    // Every ack of a key names one message; exactly one of them is not a duplicate.
+    let mut by_key: HashMap<(String, String, String), Vec<(String, i64, bool)>> = HashMap::new();
+    for (user, _, home, away) in &results {
+        for (conv, key, id, seq, dup) in home.iter().chain(away) {
+            by_key
+                .entry((user.clone(), conv.clone(), key.clone()))
+                .or_default()
+                .push((id.clone(), *seq, *dup));
+        }
+    }
+    for ((user, conv, key), acks) in &by_key {
+        let firsts = acks.iter().filter(|a| !a.2).count();
+        ensure!(
+            firsts == 1,
+            "{user} {conv} {key}: {firsts} acks not flagged duplicate: {acks:?}"
+        );
+        ensure!(
+            acks.iter().all(|a| a.0 == acks[0].0 && a.1 == acks[0].1),
+            "{user} {conv} {key}: acks name different messages: {acks:?}"
+        );
+    }
+    // A connection's acks of a conversation come in seq order, and its own first sends of
+    // a conversation got increasing seqs in the order it sent them.
+    for (user, order, home, _) in &results {
+        let mut last: HashMap<&str, i64> = HashMap::new();
+        for (conv, key, _, seq, dup) in home {
+            if *dup || key.contains("-x") {
+                continue;
+            }
+            let prev = last.insert(conv.as_str(), *seq).unwrap_or(0);
+            ensure!(
+                *seq > prev,
+                "{user}: ack of {key} in {conv} has seq {seq} after {prev}"
+            );
+        }
+        let seq_of: HashMap<(&str, &str), i64> = home
+            .iter()
+            .map(|(c, k, _, s, _)| ((c.as_str(), k.as_str()), *s))
+            .collect();
+        let mut last: HashMap<&str, i64> = HashMap::new();
+        for (conv, key) in order {
+            let seq = seq_of
+                .get(&(conv.as_str(), key.as_str()))
+                .copied()
+                .ok_or_else(|| anyhow!("{user}: no ack for {key}"))?;
+            let prev = last.insert(conv.as_str(), seq).unwrap_or(0);
+            ensure!(
+                seq > prev,
+                "{user}: {key} in {conv} stored out of send order"
+            );
+        }
+    }
+    // Stored once each, seqs dense 1..n per conversation, the acked ids.
+    let pool = pg(stack).await?;
+    let mut convs: Vec<&String> = vec![&shared_conv, &pair_a, &pair_b];
+    convs.extend(&solo);
+    let mut stored_total = 0;
+    for conv in &convs {
+        let rows: Vec<(String, String, String, i64)> = sqlx::query_as(
+            "SELECT sender_id, client_msg_id, id, seq FROM messages WHERE conversation_id = $1 ORDER BY seq",
+        )
+        .bind(conv.as_str())
+        .fetch_all(&pool)
+        .await?;
+        let seqs: Vec<i64> = rows.iter().map(|r| r.3).collect();
+        ensure!(
+            seqs == (1..=rows.len() as i64).collect::<Vec<_>>(),
+            "{conv}: seqs not dense: {seqs:?}"
+        );
+        let keys: HashSet<(&str, &str)> =
+            rows.iter().map(|r| (r.0.as_str(), r.1.as_str())).collect();
+        ensure!(keys.len() == rows.len(), "{conv}: a key stored twice");
+        for (sender, key, id, seq) in &rows {
+            let acks = by_key
+                .get(&(sender.clone(), conv.to_string(), key.clone()))
+                .ok_or_else(|| anyhow!("{conv}: {sender} {key} stored, never acked"))?;
+            ensure!(
+                acks[0].0 == *id && acks[0].1 == *seq,
+                "{conv}: {key} stored as {id}/{seq}, acked as {acks:?}"
+            );
+        }
+        let last_seq: i64 = sqlx::query_scalar("SELECT last_seq FROM conversations WHERE id = $1")
+            .bind(conv.as_str())
+            .fetch_one(&pool)
+            .await?;
+        ensure!(
+            last_seq == rows.len() as i64,
+            "{conv}: last_seq {last_seq}, {} stored",
+            rows.len()
+        );
+        stored_total += rows.len();
+    }
+    ensure!(
+        stored_total == by_key.len(),
+        "{stored_total} stored, {} keys acked",
+        by_key.len()
+    );
+    // Each watcher gets every conversation's live messages in strictly increasing seqs.
+    // (Not necessarily all of them: two nodes publish one conversation's messages
+    // concurrently, and a node refuses a live frame older than one it passed; the client
+    // fills such a gap with sync.)
+    let mut live_total = 0;
+    for w in &mut watchers {
+        let mut live = Vec::new();
+        loop {
+            match tokio::time::timeout(Duration::from_secs(3), w.recv()).await {
+                Ok(Ok(ServerFrame::Msg {
+                    conversation_id,
+                    seq,
+                    via: Via::Live,
+                    ..
+                })) => live.push((conversation_id, seq)),
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return Err(e),
+                Err(_) => break,
+            }
+        }
+        live_in_order("watcher", &live)?;
+        let convs_seen: HashSet<&str> = live.iter().map(|l| l.0.as_str()).collect();
+        ensure!(
+            convs_seen.len() == convs.len(),
+            "a watcher got live messages of {} of {} conversations",
+            convs_seen.len(),
+            convs.len()
+        );
+        live_total += live.len();
+    }
+    eprintln!(
+        "  send_batching {batching}: {} keys, {stored_total} stored once each, dense seqs, duplicates answered with the first id, live order held ({live_total} live frames to the two watchers)",
+        by_key.len()
+    );
+    Ok(())
+}
+
+async fn concurrent_sends_with_retries_batched(stack: &mut Stack) -> Result<()> {
+    concurrent_sends_with_retries(stack, "on").await
+}
+
+async fn concurrent_sends_with_retries_unbatched(stack: &mut Stack) -> Result<()> {
+    concurrent_sends_with_retries(stack, "off").await
+}
 
 fn main() {
     let shared = SharedStack::new(
@@ -1983,6 +2727,41 @@ fn main() {
             shared,
             "node::error_frames_are_capped_per_connection_per_second",
             error_frames_are_capped_per_connection_per_second
+        ),
+        stack_test!(
+            shared,
+            "node::acknowledged_actions_keep_their_events_through_kill_9",
+            acknowledged_actions_keep_their_events_through_kill_9
+        ),
+        stack_test!(
+            shared,
+            "node::sigterm_publishes_every_event_before_the_node_exits",
+            sigterm_publishes_every_event_before_the_node_exits
+        ),
+        stack_test!(
+            shared,
+            "node::nul_characters_are_refused_as_invalid_arguments",
+            nul_characters_are_refused_as_invalid_arguments
+        ),
+        stack_test!(
+            shared,
+            "node::kafka_fanout_is_ready_only_once_its_consumer_is_assigned",
+            kafka_fanout_is_ready_only_once_its_consumer_is_assigned
+        ),
+        stack_test!(
+            shared,
+            "node::stream_whose_generator_is_killed_completes_on_another_node",
+            stream_whose_generator_is_killed_completes_on_another_node
+        ),
+        stack_test!(
+            shared,
+            "node::concurrent_sends_with_retries_batched",
+            concurrent_sends_with_retries_batched
+        ),
+        stack_test!(
+            shared,
+            "node::concurrent_sends_with_retries_unbatched",
+            concurrent_sends_with_retries_unbatched
         ),
     ];
     shared.run(trials)

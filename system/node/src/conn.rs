@@ -421,7 +421,23 @@ pub async fn serve(state: Arc<NodeState>, mut socket: WebSocket, auth: Result<Cl
             continue;
         }
         match ClientFrame::decode(&text) {
-            Ok(frame) => conn.clone().handle(frame).await,
+            Ok(frame) => match frame.nul_field() {
+                None => conn.clone().handle(frame).await,
+                Some(field) => {
+                    let ref_id = match &frame {
+                        ClientFrame::Send { client_msg_id, .. } => Some(client_msg_id.clone()),
+                        ClientFrame::Resume { session_id, .. } => Some(session_id.clone()),
+                        _ => None,
+                    };
+                    conn.reply(error_frame(
+                        ErrorCode::InvalidArgument,
+                        format!("{field} holds a NUL character (\\u0000), which is not accepted"),
+                        ref_id,
+                    ))
+                    .await
+                }
+            },
+
             Err(e) => conn.reply(error_frame(e.code(), e.to_string(), None)).await,
         }
     }
@@ -558,7 +574,7 @@ impl Conn {
             } => {
                 // Runs beside the read loop: a resume waits for chunks still being generated.
                 let conn = self.clone();
-                tokio::spawn(async move {
+                self.state.work.spawn(async move {
                     if let Err((code, message)) = streams::resume(
                         &conn.state,
                         &conn.claims.tenant,
@@ -711,9 +727,12 @@ impl Conn {
         if let Some(place) = place {
             place.fill(env);
         }
-        // Beside the read loop: the presence lookup is a Redis round trip.
+        // Beside the read loop: the presence lookup is a Redis round trip. Counted, so a
+        // draining node stores the notifications before it exits.
         let conn = self.clone();
-        tokio::spawn(async move { conn.notify_offline(&msg, &membership).await });
+        state
+            .work
+            .spawn(async move { conn.notify_offline(&msg, &membership).await });
     }
 
     /// Members with no live connection anywhere get a notification event. While Redis
@@ -747,6 +766,7 @@ impl Conn {
         else {
             return;
         };
+        let mut notifications = Vec::new();
         for (user, n) in others.into_iter().zip(counts) {
             if n > 0 {
                 continue;
@@ -768,7 +788,15 @@ impl Conn {
                     related_entity_id: msg.message_id.clone(),
                 }),
             );
+            notifications.push(e);
+        }
+        // Queued in order: once the last one is committed, all are.
+        let last = notifications.pop();
+        for e in notifications {
             self.state.events.emit(e).await;
+        }
+        if let Some(e) = last {
+            self.state.events.emit_confirmed(e).await;
         }
     }
 
@@ -820,6 +848,9 @@ impl Conn {
         }
     }
 
+    /// Marks the conversation read up to `up_to_seq`: the mark and its READ event commit
+    /// together; then the reader's own connection gets the READ status (the
+    /// acknowledgement) and the other members' connections get it live.
     async fn read(&self, conversation_id: String, up_to_seq: i64) {
         if up_to_seq < 0 {
             return self
@@ -833,18 +864,53 @@ impl Conn {
         let Some(membership) = self.require_member(&conversation_id, None).await else {
             return;
         };
-        if let Err(e) = self
-            .state
+        let state = &self.state;
+        let ctx = EventContext {
+            conversation_id: Some(conversation_id.clone()),
+            ..self.ctx(new_trace_id())
+        };
+        let event = state.events.envelope(
+            &ctx,
+            EventBody::MessageStatus(ev::MessageStatusChanged {
+                message_id: None,
+                conversation_id: conversation_id.clone(),
+                seq: up_to_seq,
+                user_id: self.claims.sub.clone(),
+                status: MessageStatus::Read,
+            }),
+        );
+        let rows = state.events.transactional_rows(|| event.clone());
+        match state
             .store
-            .mark_read(
+            .mark_read_with_events(
                 &conversation_id,
                 &self.claims.tenant,
                 &self.claims.sub,
                 up_to_seq,
+                &rows,
             )
             .await
         {
-            return self.reply(store_error(e, None)).await;
+            Ok(true) => {}
+            Ok(false) => {
+                state.members.invalidate(&conversation_id);
+                return self
+                    .reply(error_frame(
+                        ErrorCode::NotMember,
+                        format!(
+                            "{} is not a member of conversation {conversation_id}",
+                            self.claims.sub
+                        ),
+                        None,
+                    ))
+                    .await;
+            }
+            Err(e) => return self.reply(store_error(e, None)).await,
+        }
+        match state.events.mode() {
+            PublishMode::Outbox => state.events.poke_relay(),
+            PublishMode::Async => state.events.emit(event).await,
+            PublishMode::None => {}
         }
         let frame = ServerFrame::Status {
             conversation_id: conversation_id.clone(),
@@ -854,31 +920,18 @@ impl Conn {
             status: MessageStatus::Read,
             ts_ms: clock::now_ms(),
         };
-        self.state.fanout(FanoutEnvelope {
-            origin_node: self.state.cfg.node_id.clone(),
+        let encoded = frame.encode();
+        self.reply(frame).await;
+        state.fanout(FanoutEnvelope {
+            origin_node: state.cfg.node_id.clone(),
             origin_conn: Some(self.id),
             tenant: membership.tenant.clone(),
             recipients: membership.members.clone(),
-            frame: frame.encode(),
+            frame: encoded,
             live_order: None,
             receipt: None,
             members_changed: None,
         });
-        let ctx = EventContext {
-            conversation_id: Some(conversation_id.clone()),
-            ..self.ctx(new_trace_id())
-        };
-        let e = self.state.events.envelope(
-            &ctx,
-            EventBody::MessageStatus(ev::MessageStatusChanged {
-                message_id: None,
-                conversation_id,
-                seq: up_to_seq,
-                user_id: self.claims.sub.clone(),
-                status: MessageStatus::Read,
-            }),
-        );
-        self.state.events.emit(e).await;
     }
 
     async fn typing(&self, conversation_id: String, is_typing: bool) {

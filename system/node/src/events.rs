@@ -1,14 +1,28 @@
 //! Turning actions into Kafka events: building envelopes (ids, trace, node, timestamps,
-//! key fields) and handing them to the configured publish path — outbox rows (batched for
-//! events outside a message transaction), a fire-and-forget send, or nothing at all
-//! (publish mode `none`).
+//! key fields) and handing them to the configured publish path — outbox rows, a
+//! fire-and-forget send, or nothing at all (publish mode `none`).
+//!
+//! In outbox mode every event ends in the transactional outbox, by one of four paths:
+//! - in the transaction of the state change it describes (`transactional_rows`: messages,
+//!   membership changes, read marks);
+//! - in a transaction of its own before the action is acknowledged (`emit_now`: a stream's
+//!   SESSION_STARTED, before `stream_started` or the 201);
+//! - through the batch writer, waiting until the batch holding it has committed
+//!   (`emit_confirmed`: stream ends, recovery attempts, notifications), in queue order
+//!   with the fast-path events before them;
+//! - through the batch writer without waiting (`emit`, `emit_nowait`: CHUNK_RECEIVED and
+//!   DELIVERED, the high-volume events). These are the only ones a `kill -9` can lose: what
+//!   was queued in the last batch window (20 ms, longer while PostgreSQL is slow). SIGTERM
+//!   loses none: `flush` writes the queue out before the node exits.
 
 use chatstream_protocol::events::EventBody;
 use chatstream_protocol::{EventEnvelope, EVENT_VERSION};
-use chatstream_store::{OutboxRow, Store};
-use std::sync::Arc;
+use chatstream_store::{OutboxRow, Store, StoreError};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
+use tokio::task::JoinHandle;
 
 use crate::clock;
 use crate::config::PublishMode;
@@ -35,17 +49,47 @@ pub fn new_trace_id() -> String {
     uuid::Uuid::new_v4().simple().to_string()
 }
 
+/// An event id that is the same wherever and however often it is computed from `parts`:
+/// for events two nodes may both emit (a stream's chunks and its end, when a node takes
+/// over a stream whose generator died), so the outbox (unique event id) and consumers
+/// (idempotent by event id) keep one of them.
+pub fn stable_id(parts: &[&str]) -> String {
+    let fnv = |offset: u64| {
+        parts.iter().fold(offset, |h, p| {
+            p.bytes()
+                .chain(std::iter::once(0xff))
+                .fold(h, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
+        })
+    };
+    let hi = fnv(0xcbf2_9ce4_8422_2325);
+    let lo = fnv(0x6c62_272e_07bb_0142);
+    uuid::Uuid::from_u128((u128::from(hi) << 64) | u128::from(lo)).to_string()
+}
+
 /// Rows waiting for the batch writer; past this, `emit_nowait` drops (and counts).
 const BATCH_QUEUE: usize = 10_000;
+/// Rows per batch transaction.
+const BATCH_ROWS: usize = 500;
+/// How long the writer gathers rows for a batch when nobody waits for it.
+const BATCH_WINDOW: Duration = Duration::from_millis(20);
+
+/// A queued row, and who waits for it to be committed.
+type Queued = (OutboxRow, Option<oneshot::Sender<()>>);
 
 pub struct EventSink {
     mode: PublishMode,
     node_id: String,
+    store: Store,
     /// Async mode's producer (typing events use it in outbox mode too); none in mode `none`.
     async_publisher: Option<AsyncPublisher>,
-    batch: mpsc::Sender<OutboxRow>,
+    batch: mpsc::Sender<Queued>,
     relay_poke: Arc<Notify>,
     dropped_log: LogLimiter,
+    /// Tells the batch writer to write what is queued and stop (SIGTERM).
+    closing: watch::Sender<bool>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+    /// Set once the writer is gone: later events are written one by one.
+    flushed: AtomicBool,
 }
 
 impl EventSink {
@@ -58,16 +102,26 @@ impl EventSink {
         relay_poke: Arc<Notify>,
     ) -> Arc<Self> {
         let (tx, rx) = mpsc::channel(BATCH_QUEUE);
-        if mode == PublishMode::Outbox {
-            tokio::spawn(batch_writer(store, rx, relay_poke.clone()));
-        }
+        let (closing, closing_rx) = watch::channel(false);
+        let writer = (mode == PublishMode::Outbox).then(|| {
+            tokio::spawn(batch_writer(
+                store.clone(),
+                rx,
+                relay_poke.clone(),
+                closing_rx,
+            ))
+        });
         Arc::new(EventSink {
             mode,
             node_id,
+            store,
             async_publisher,
             batch: tx,
             relay_poke,
             dropped_log: LogLimiter::new(Duration::from_secs(5)),
+            closing,
+            writer: Mutex::new(writer),
+            flushed: AtomicBool::new(false),
         })
     }
 
@@ -76,9 +130,19 @@ impl EventSink {
     }
 
     pub fn envelope(&self, ctx: &EventContext, body: EventBody) -> EventEnvelope {
+        self.envelope_with_id(new_id(), ctx, body)
+    }
+
+    /// An envelope with a given id (see [`stable_id`]).
+    pub fn envelope_with_id(
+        &self,
+        id: String,
+        ctx: &EventContext,
+        body: EventBody,
+    ) -> EventEnvelope {
         let now = clock::now_ms();
         EventEnvelope {
-            id: new_id(),
+            id,
             version: EVENT_VERSION,
             timestamp: clock::rfc3339_ms(now),
             timestamp_ms: now,
@@ -119,15 +183,18 @@ impl EventSink {
         self.relay_poke.notify_one();
     }
 
-    /// Publishes an event outside a message transaction, by the configured mode; waits
-    /// only when the outbox batch queue is full (PostgreSQL away).
+    /// Fast path: queues an event for the batch writer (waits only while the queue is
+    /// full, PostgreSQL away). Lost on `kill -9` if still queued; flushed on SIGTERM.
     pub async fn emit(&self, e: EventEnvelope) {
         match self.mode {
             PublishMode::Async => self.send_async(&e),
             PublishMode::Outbox => {
+                if self.flushed.load(Ordering::Relaxed) {
+                    return self.write_late(&e).await;
+                }
                 let row = self.outbox_row(&e);
-                if self.batch.send(row).await.is_err() {
-                    tracing::error!(event = %e.id, "outbox batcher is gone; event dropped");
+                if self.batch.send((row, None)).await.is_err() {
+                    self.write_late(&e).await;
                 }
             }
             PublishMode::None => {}
@@ -140,14 +207,71 @@ impl EventSink {
         match self.mode {
             PublishMode::Async => self.send_async(&e),
             PublishMode::Outbox => {
-                if let Err(err) = self.batch.try_send(self.outbox_row(&e)) {
-                    metrics::counter!(m::EVENTS_DROPPED, "reason" => "queue_full").increment(1);
+                if let Err(err) = self.batch.try_send((self.outbox_row(&e), None)) {
+                    let reason = match err {
+                        mpsc::error::TrySendError::Full(_) => "queue_full",
+                        mpsc::error::TrySendError::Closed(_) => "shut_down",
+                    };
+                    metrics::counter!(m::EVENTS_DROPPED, "reason" => reason).increment(1);
                     if self.dropped_log.allow() {
-                        tracing::warn!(event = %e.id, error = %err, "outbox batch queue full (postgres slow or away); event dropped");
+                        tracing::warn!(event = %e.id, reason, "event not queued for the outbox; dropped");
                     }
                 }
             }
             PublishMode::None => {}
+        }
+    }
+
+    /// Queues an event behind the ones already queued and returns once the batch holding
+    /// it has committed (outbox mode; waits while PostgreSQL is away). For events a client
+    /// may see the effect of before they are published (a stream's end).
+    pub async fn emit_confirmed(&self, e: EventEnvelope) {
+        match self.mode {
+            PublishMode::Async => self.send_async(&e),
+            PublishMode::Outbox => {
+                if self.flushed.load(Ordering::Relaxed) {
+                    return self.write_late(&e).await;
+                }
+                let (done, committed) = oneshot::channel();
+                if self
+                    .batch
+                    .send((self.outbox_row(&e), Some(done)))
+                    .await
+                    .is_err()
+                {
+                    return self.write_late(&e).await;
+                }
+                if committed.await.is_err() {
+                    // The writer stopped (shutdown) before committing it: write it here.
+                    self.write_late(&e).await;
+                }
+            }
+            PublishMode::None => {}
+        }
+    }
+
+    /// Writes an event in a transaction of its own, now; an error means it is not stored
+    /// (the caller refuses the action). For events that must be durable before the action
+    /// is acknowledged and that have no transaction to join (SESSION_STARTED).
+    pub async fn emit_now(&self, e: EventEnvelope) -> Result<(), StoreError> {
+        match self.mode {
+            PublishMode::Async => self.send_async(&e),
+            PublishMode::Outbox => {
+                self.store.enqueue(&[self.outbox_row(&e)]).await?;
+                self.poke_relay();
+            }
+            PublishMode::None => {}
+        }
+        Ok(())
+    }
+
+    /// An event emitted after the batch writer stopped (a task that outlived the drain).
+    async fn write_late(&self, e: &EventEnvelope) {
+        if let Err(err) = self.store.enqueue(&[self.outbox_row(e)]).await {
+            metrics::counter!(m::EVENTS_DROPPED, "reason" => "shut_down").increment(1);
+            tracing::warn!(event = %e.id, error = %err, "event emitted during shutdown not stored");
+        } else {
+            self.poke_relay();
         }
     }
 
@@ -162,18 +286,74 @@ impl EventSink {
             p.send(e);
         }
     }
+
+    /// Writes every queued event to the outbox and stops the batch writer (on shutdown,
+    /// after the work that emits events has finished). Waits at most `timeout` (the queue
+    /// cannot be written while PostgreSQL is away). Later events are written one by one.
+    pub async fn flush(&self, timeout: Duration) -> bool {
+        let _ = self.closing.send(true);
+        let writer = self.writer.lock().ok().and_then(|mut w| w.take());
+        let done = match writer {
+            Some(w) => tokio::time::timeout(timeout, w).await.is_ok(),
+            None => true,
+        };
+        self.flushed.store(true, Ordering::Relaxed);
+        done
+    }
 }
 
-/// Writes queued rows in batches (every 20 ms or 500 rows); retries while PostgreSQL is down.
-async fn batch_writer(store: Store, mut rx: mpsc::Receiver<OutboxRow>, poke: Arc<Notify>) {
-    let mut rows = Vec::with_capacity(500);
-    while let Some(first) = rx.recv().await {
-        rows.push(first);
-        let deadline = tokio::time::Instant::now() + Duration::from_millis(20);
-        while rows.len() < 500 {
-            match tokio::time::timeout_at(deadline, rx.recv()).await {
-                Ok(Some(r)) => rows.push(r),
-                _ => break,
+/// Writes queued rows in batches (every 20 ms or 500 rows; at once when someone waits for
+/// a row); retries while PostgreSQL is down. On `closing` it writes what is queued and stops.
+async fn batch_writer(
+    store: Store,
+    mut rx: mpsc::Receiver<Queued>,
+    poke: Arc<Notify>,
+    mut closing: watch::Receiver<bool>,
+) {
+    let mut rows = Vec::with_capacity(BATCH_ROWS);
+    let mut waiters = Vec::new();
+    let mut stopping = false;
+    loop {
+        if stopping {
+            // Everything still queued, in batches, then stop.
+            while rows.len() < BATCH_ROWS {
+                match rx.try_recv() {
+                    Ok((row, waiter)) => {
+                        rows.push(row);
+                        waiters.extend(waiter);
+                    }
+                    Err(_) => break,
+                }
+            }
+            if rows.is_empty() {
+                return;
+            }
+        } else {
+            let first = tokio::select! {
+                first = rx.recv() => first,
+                _ = closing.wait_for(|c| *c) => { stopping = true; continue; }
+            };
+            let Some((row, waiter)) = first else { return };
+            rows.push(row);
+            waiters.extend(waiter);
+            let deadline = tokio::time::Instant::now() + BATCH_WINDOW;
+            while rows.len() < BATCH_ROWS {
+                let next = if waiters.is_empty() {
+                    match tokio::time::timeout_at(deadline, rx.recv()).await {
+                        Ok(next) => next,
+                        Err(_) => break,
+                    }
+                } else {
+                    // Someone waits for this batch: take what is queued, do not linger.
+                    rx.try_recv().ok()
+                };
+                match next {
+                    Some((row, waiter)) => {
+                        rows.push(row);
+                        waiters.extend(waiter);
+                    }
+                    None => break,
+                }
             }
         }
         let mut backoff = Duration::from_millis(100);
@@ -188,6 +368,28 @@ async fn batch_writer(store: Store, mut rx: mpsc::Receiver<OutboxRow>, poke: Arc
             }
         }
         rows.clear();
+        for w in waiters.drain(..) {
+            let _ = w.send(());
+        }
         poke.notify_one();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::stable_id;
+
+    #[test]
+    fn stable_ids_depend_on_every_part_and_nothing_else() {
+        assert_eq!(
+            stable_id(&["s1", "chunk", "3"]),
+            stable_id(&["s1", "chunk", "3"])
+        );
+        assert_ne!(
+            stable_id(&["s1", "chunk", "3"]),
+            stable_id(&["s1", "chunk", "4"])
+        );
+        assert_ne!(stable_id(&["s1", "chunk3"]), stable_id(&["s1c", "hunk3"]));
+        assert_eq!(stable_id(&["x"]).len(), 36);
     }
 }

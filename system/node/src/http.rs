@@ -99,6 +99,7 @@ async fn readyz(State(state): State<Arc<NodeState>>) -> Response {
         "kafka": h.kafka.load(Ordering::Relaxed),
         "fanout_subscribed": h.fanout_subscribed.load(Ordering::Relaxed),
         "outbox_relay": h.relay.load(Ordering::Relaxed),
+        "fanout_assigned": h.fanout_assigned.load(Ordering::Relaxed),
         "connections": state.hub.connection_count(),
         "publish_mode": state.cfg.publish_mode,
         "fanout_mode": state.cfg.fanout_mode,
@@ -127,6 +128,21 @@ const MAX_MEMBERS: usize = 10_000;
 
 fn valid_ids(ids: &[String]) -> bool {
     ids.iter().all(|u| !u.is_empty() && u.len() <= MAX_ID_BYTES)
+}
+
+/// 400 `invalid_argument` naming the first field that holds a NUL character: PostgreSQL
+/// TEXT and JSONB refuse NUL, so it is refused here rather than failing downstream.
+fn refuse_nul<'a>(fields: impl IntoIterator<Item = (&'static str, &'a str)>) -> Option<Response> {
+    fields
+        .into_iter()
+        .find(|(_, text)| chatstream_protocol::has_nul(text))
+        .map(|(name, _)| {
+            api_error(
+                StatusCode::BAD_REQUEST,
+                "invalid_argument",
+                format!("{name} holds a NUL character (\\u0000), which is not accepted"),
+            )
+        })
 }
 
 fn unavailable(e: impl std::fmt::Display) -> Response {
@@ -168,6 +184,11 @@ async fn create_conversation(
         Ok(c) => c,
         Err(e) => return api_error(StatusCode::UNAUTHORIZED, "unauthorized", e.to_string()),
     };
+    let texts = std::iter::once(("id", req.id.as_str()))
+        .chain(req.members.iter().map(|m| ("members", m.as_str())));
+    if let Some(refused) = refuse_nul(texts) {
+        return refused;
+    }
     if req.id.is_empty()
         || req.id.len() > MAX_ID_BYTES
         || req.members.is_empty()
@@ -269,6 +290,12 @@ async fn change_members(
         Ok(c) => c,
         Err(e) => return api_error(StatusCode::UNAUTHORIZED, "unauthorized", e.to_string()),
     };
+    let texts = std::iter::once(("id", id.as_str()))
+        .chain(req.add.iter().map(|m| ("add", m.as_str())))
+        .chain(req.remove.iter().map(|m| ("remove", m.as_str())));
+    if let Some(refused) = refuse_nul(texts) {
+        return refused;
+    }
     if req.add.len() + req.remove.len() > MAX_MEMBERS
         || !valid_ids(&req.add)
         || !valid_ids(&req.remove)
@@ -393,6 +420,9 @@ async fn history(
         Ok(c) => c,
         Err(e) => return api_error(StatusCode::UNAUTHORIZED, "unauthorized", e.to_string()),
     };
+    if let Some(refused) = refuse_nul([("id", id.as_str())]) {
+        return refused;
+    }
     match state
         .store
         .is_member(&id, &claims.tenant, &claims.sub)
@@ -444,6 +474,12 @@ async fn start_chat(
         Ok(c) => c,
         Err(e) => return api_error(StatusCode::UNAUTHORIZED, "unauthorized", e.to_string()),
     };
+    if let Some(refused) = refuse_nul([
+        ("conversation_id", req.conversation_id.as_str()),
+        ("prompt", req.prompt.as_str()),
+    ]) {
+        return refused;
+    }
     if req.prompt.is_empty() {
         return api_error(
             StatusCode::BAD_REQUEST,

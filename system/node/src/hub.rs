@@ -179,6 +179,11 @@ impl Outlet {
         self.space.notify_waiters();
     }
 
+    /// Whether the connection is closing or gone (nothing more will be queued).
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Relaxed)
+    }
+
     pub fn queued_bytes(&self) -> usize {
         self.queued_bytes.load(Ordering::Relaxed)
     }

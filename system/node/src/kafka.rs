@@ -1,16 +1,19 @@
 //! Kafka clients of a node: the idempotent acks=all producer and the outbox relay that
-//! uses it, the fire-and-forget publisher of async mode, and the chat-events consumer of
-//! Kafka fan-out mode.
+//! uses it (and the last pass of a draining node), the fire-and-forget publisher of async
+//! mode, and the chat-events consumer of Kafka fan-out mode.
 
 use chatstream_protocol::events::{topic, EventBody};
 use chatstream_protocol::EventEnvelope;
 use chatstream_store::{PendingEvent, Refusal, Store, OUTBOX_SHARDS};
 use futures::future::join_all;
+use rdkafka::client::ClientContext;
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::types::RDKafkaRespErr;
 use rdkafka::util::Timeout;
+use rdkafka::{Offset, TopicPartitionList};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -202,11 +205,122 @@ pub async fn run_relay(
     }
 }
 
+/// A draining node's last act: publishes pending outbox rows, every shard in turn, until
+/// none written by `node_id` is left or `within` has passed. Returns how many are left
+/// (they stay for the other nodes' relays), -1 when PostgreSQL could not say.
+pub async fn drain_outbox(
+    store: &Store,
+    producer: &FutureProducer,
+    batch: i64,
+    node_id: &str,
+    within: Duration,
+) -> i64 {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let left = match store.outbox_pending_for_node(node_id).await {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot count this node's pending outbox rows");
+                return -1;
+            }
+        };
+        if left == 0 || tokio::time::Instant::now() >= deadline {
+            return left;
+        }
+        let mut published = 0usize;
+        for shard in 0..OUTBOX_SHARDS {
+            let p = producer.clone();
+            match store
+                .relay_shard(shard, batch, clock::now_ms(), move |events| async move {
+                    publish_batch(&p, events).await
+                })
+                .await
+            {
+                Ok(Ok(relayed)) => {
+                    published += relayed.published;
+                    for r in relayed.rejected {
+                        metrics::counter!(m::OUTBOX_REJECTED).increment(1);
+                        tracing::error!(event_id = %r.event_id, topic = %r.topic, key = %r.key, payload_bytes = r.payload_bytes, error = %r.error, "Kafka refused an outbox event for good; moved to outbox_rejected");
+                    }
+                }
+                Ok(Err(e)) => tracing::warn!(shard, error = %e, "draining the outbox"),
+                Err(e) => tracing::warn!(shard, error = %e, "draining the outbox"),
+            }
+        }
+        if published == 0 {
+            // Another relay holds the shards with our rows, or Kafka is away: try again soon.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// The fan-out consumer's context. On assignment every partition starts at its end as of
+/// now (fetched here, not resolved lazily later), so any message produced once the
+/// consumer is assigned is delivered; `assigned` tells readiness the consumer holds its
+/// partitions. Nothing is committed: a fan-out starts at the end (clients sync the rest).
+struct FanoutContext {
+    assigned: Arc<AtomicBool>,
+}
+
+impl ClientContext for FanoutContext {}
+
+impl ConsumerContext for FanoutContext {
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                let mut fixed = TopicPartitionList::new();
+                for e in tpl.elements() {
+                    let start = match consumer.fetch_watermarks(
+                        e.topic(),
+                        e.partition(),
+                        Duration::from_secs(5),
+                    ) {
+                        Ok((_, high)) => Offset::Offset(high),
+                        Err(err) => {
+                            tracing::warn!(partition = e.partition(), error = %err, "fan-out: end offset unknown; starting at the logical end");
+                            Offset::End
+                        }
+                    };
+                    if let Err(err) = fixed.add_partition_offset(e.topic(), e.partition(), start) {
+                        tracing::warn!(error = %err, "fan-out: bad partition in assignment");
+                    }
+                }
+                match consumer.assign(&fixed) {
+                    Ok(()) => {
+                        tracing::info!(partitions = fixed.count(), "fan-out consumer assigned");
+                        self.assigned.store(fixed.count() > 0, Ordering::Relaxed);
+                    }
+                    Err(err) => {
+                        tracing::error!(error = %err, "fan-out consumer could not take its assignment");
+                        self.assigned.store(false, Ordering::Relaxed);
+                    }
+                }
+            }
+            other => {
+                if other != RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS {
+                    tracing::warn!(error = ?other, "fan-out consumer rebalance error");
+                }
+                self.assigned.store(false, Ordering::Relaxed);
+                if let Err(err) = consumer.unassign() {
+                    tracing::warn!(error = %err, "fan-out consumer could not unassign");
+                }
+            }
+        }
+    }
+}
+
 /// Kafka fan-out mode: a consumer of chat-events in a group of this node's own (every node
 /// sees every message), starting at the end; hands each CHAT_MESSAGE to `deliver`.
+/// `assigned` holds while it has its partitions (readiness waits for it).
 pub async fn run_chat_consumer<F, Fut>(
     bootstrap: String,
     node_id: String,
+    assigned: Arc<AtomicBool>,
     deliver: F,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), KafkaError>
@@ -214,14 +328,16 @@ where
     F: Fn(EventEnvelope) -> Fut,
     Fut: std::future::Future<Output = ()>,
 {
-    let consumer: StreamConsumer = ClientConfig::new()
+    let consumer: StreamConsumer<FanoutContext> = ClientConfig::new()
         .set("bootstrap.servers", &bootstrap)
         .set("group.id", format!("chatstream-fanout-{node_id}"))
         .set("auto.offset.reset", "latest")
-        .set("enable.auto.commit", "true")
+        .set("enable.auto.commit", "false")
         .set("fetch.wait.max.ms", "10")
         .set("socket.nagle.disable", "true")
-        .create()
+        .create_with_context(FanoutContext {
+            assigned: assigned.clone(),
+        })
         .map_err(|e| KafkaError(e.to_string()))?;
     consumer
         .subscribe(&[topic::CHAT_EVENTS])

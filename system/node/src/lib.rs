@@ -12,6 +12,7 @@ pub mod events;
 pub mod fanout;
 pub mod http;
 pub mod hub;
+pub mod inflight;
 pub mod kafka;
 pub mod log_limit;
 pub mod metrics;

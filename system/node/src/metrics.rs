@@ -41,6 +41,8 @@ pub const OUTBOX_REJECTED: &str = "chatstream_outbox_rejected_total";
 pub const ASYNC_FAILED: &str = "chatstream_kafka_async_failures_total";
 pub const STREAM_CHUNKS: &str = "chatstream_stream_chunks_total";
 pub const STREAM_SESSIONS: &str = "chatstream_stream_sessions_total";
+/// Streams this node took over from a generator that died (its lease expired).
+pub const STREAM_TAKEOVERS: &str = "chatstream_stream_takeovers_total";
 
 /// Installs the global recorder (latency histograms get explicit buckets).
 pub fn install() -> Result<PrometheusHandle, String> {

@@ -2,7 +2,7 @@
 //! backend is down and reports it in /readyz), spawn the background tasks (Redis link
 //! prober, fan-out publisher and subscriber, outbox relay, health checks, presence), serve
 //! HTTP and WebSocket (every accepted socket with TCP_NODELAY), and drain gracefully on
-//! shutdown.
+//! shutdown, losing no event on the way out.
 
 use axum::serve::ListenerExt;
 use chatstream_protocol::events::EventBody;
@@ -22,6 +22,7 @@ use crate::config::{FanoutMode, NodeConfig, PublishMode};
 use crate::events::{EventContext, EventSink};
 use crate::fanout::{self, FanoutEnvelope, FanoutPublisher, LiveOrder};
 use crate::hub::{Hub, Outbound};
+use crate::inflight::InFlight;
 use crate::kafka::{self, AsyncPublisher};
 use crate::metrics as m;
 use crate::redis_link::RedisLink;
@@ -50,6 +51,8 @@ pub struct Health {
     pub kafka: AtomicBool,
     pub fanout_subscribed: Arc<AtomicBool>,
     pub relay: Arc<AtomicBool>,
+    /// Kafka fan-out mode: the chat-events consumer has its partitions, at fixed offsets.
+    pub fanout_assigned: Arc<AtomicBool>,
 }
 
 /// Conversation memberships, cached briefly (membership rarely changes; sends are hot).
@@ -142,6 +145,8 @@ pub struct NodeState {
     pub metrics: PrometheusHandle,
     pub streams: Streams,
     pub shutdown: watch::Receiver<bool>,
+    /// Tasks a draining node waits for (generators, resumes, notifications).
+    pub work: InFlight,
 }
 
 impl NodeState {
@@ -304,7 +309,11 @@ impl NodeState {
         let relay_ok = self.cfg.publish_mode != PublishMode::Outbox
             || !self.cfg.outbox_relay
             || h.relay.load(Ordering::Relaxed);
-        h.postgres.load(Ordering::Relaxed)
+        // A Kafka fan-out node that is not yet assigned would miss messages sent now.
+        let fanout_ok =
+            self.cfg.fanout_mode != FanoutMode::Kafka || h.fanout_assigned.load(Ordering::Relaxed);
+        fanout_ok
+            && h.postgres.load(Ordering::Relaxed)
             && h.migrated.load(Ordering::Relaxed)
             && self.redis_ok()
             && (!self.needs_kafka() || h.kafka.load(Ordering::Relaxed))
@@ -410,7 +419,9 @@ pub fn presence_key(tenant: &str, user: &str) -> String {
 }
 
 /// Runs a node on `listener` until `signal` resolves, then drains: connections are told
-/// to reconnect elsewhere and closed, in-flight work finishes, producers flush.
+/// to reconnect elsewhere and closed, in-flight work finishes (stream generators,
+/// resumes, notifications), queued events are written to the outbox and every outbox row
+/// this node wrote is published before it returns, producers flush.
 pub async fn run(
     cfg: NodeConfig,
     listener: TcpListener,
@@ -454,6 +465,7 @@ pub async fn run(
         health: Health::default(),
         metrics,
         shutdown: shutdown_rx.clone(),
+        work: InFlight::default(),
     });
 
     tokio::spawn(link.clone().run_prober(shutdown_rx.clone()));
@@ -480,18 +492,23 @@ pub async fn run(
         let rx = shutdown_rx.clone();
         let bootstrap = state.cfg.kafka_bootstrap.clone();
         let node_id = state.cfg.node_id.clone();
+        let assigned = state.health.fanout_assigned.clone();
         tokio::spawn(async move {
             let deliver = |e: EventEnvelope| {
                 let s = s.clone();
                 async move { s.deliver_chat_event(e).await }
             };
-            if let Err(e) = kafka::run_chat_consumer(bootstrap, node_id, deliver, rx).await {
+            if let Err(e) =
+                kafka::run_chat_consumer(bootstrap, node_id, assigned, deliver, rx).await
+            {
                 tracing::error!(error = %e, "kafka fan-out consumer stopped");
             }
         });
     }
+    let mut final_relay = None;
     let relay = if state.cfg.publish_mode == PublishMode::Outbox && state.cfg.outbox_relay {
         let producer = kafka::reliable_producer(&state.cfg.kafka_bootstrap)?;
+        final_relay = Some(producer.clone());
         let s = state.clone();
         let rx = shutdown_rx.clone();
         let poke = relay_poke.clone();
@@ -540,9 +557,36 @@ pub async fn run(
         .with_graceful_shutdown(graceful)
         .await
         .map_err(NodeError::Serve)?;
+    // Work that finishes acknowledged actions (stream generators, notifications, resumes)
+    // ends, then every event still queued is written to the outbox, then published.
+    let deadline = tokio::time::Instant::now() + drain_timeout.max(Duration::from_secs(1));
+    if !state.work.idle(deadline).await {
+        tracing::warn!(
+            running = state.work.running(),
+            "drain timeout: tasks still running (their streams can be resumed on another node)"
+        );
+    }
+    if !state.events.flush(Duration::from_secs(10)).await {
+        tracing::error!("queued events could not be written to the outbox (postgres away?)");
+    }
     if let Some(relay) = relay {
-        // The relay finishes its current batch; rows it did not publish stay for the others.
+        // The relay finishes its current batch...
         let _ = tokio::time::timeout(Duration::from_secs(10), relay).await;
+    }
+    if let Some(producer) = final_relay {
+        // ...then everything this node wrote is published before it exits (rows it could
+        // not publish stay for the other nodes' relays).
+        let left = kafka::drain_outbox(
+            &state.store,
+            &producer,
+            state.cfg.relay_batch,
+            &state.cfg.node_id,
+            Duration::from_secs(15),
+        )
+        .await;
+        if left > 0 {
+            tracing::warn!(left, "outbox rows of this node left for the other relays");
+        }
     }
     if let Some(publisher) = async_publisher {
         let _ = tokio::task::spawn_blocking(move || publisher.flush(Duration::from_secs(5))).await;

@@ -532,6 +532,47 @@ impl Store {
         Ok(r.rows_affected() == 1)
     }
 
+    /// Records that `user` read up to `up_to_seq` (never moves backwards), with the outbox
+    /// rows `events` in the same transaction: a read that is acknowledged has its event.
+    /// Returns false (and writes nothing) when the user is not a member.
+    pub async fn mark_read_with_events(
+        &self,
+        conversation_id: &str,
+        tenant: &str,
+        user_id: &str,
+        up_to_seq: i64,
+        events: &[OutboxRow],
+    ) -> Result<bool> {
+        let mut tx = self.pool.begin().await?;
+        let r = sqlx::query(
+            "UPDATE conversation_members SET last_read_seq = GREATEST(last_read_seq, $4)
+             WHERE conversation_id = $1 AND tenant = $2 AND user_id = $3",
+        )
+        .bind(conversation_id)
+        .bind(tenant)
+        .bind(user_id)
+        .bind(up_to_seq)
+        .execute(&mut *tx)
+        .await?;
+        if r.rows_affected() != 1 {
+            tx.rollback().await?;
+            return Ok(false);
+        }
+        outbox::insert(&mut tx, events).await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    /// Unpublished outbox rows written by `node_id` (what a draining node waits for).
+    pub async fn outbox_pending_for_node(&self, node_id: &str) -> Result<i64> {
+        Ok(sqlx::query_scalar(
+            "SELECT count(*) FROM outbox WHERE published_at_ms IS NULL AND node_id = $1",
+        )
+        .bind(node_id)
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
     /// Queues events outside a message transaction (status, stream events in outbox mode).
     pub async fn enqueue(&self, rows: &[OutboxRow]) -> Result<()> {
         let mut tx = self.pool.begin().await?;
