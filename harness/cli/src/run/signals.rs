@@ -7,7 +7,7 @@
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::ClientConfig;
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Write;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -65,13 +65,56 @@ fn ticks_per_second() -> f64 {
     100.0
 }
 
-/// utime + stime in ticks, and RSS in bytes.
-fn read_proc(pid: i32) -> Option<(u64, u64)> {
+/// (ppid, utime + stime in ticks) from `/proc/<pid>/stat`.
+fn read_stat(pid: i32) -> Option<(i32, u64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let rest = &stat[stat.rfind(')')? + 2..];
     let fields: Vec<&str> = rest.split(' ').collect();
+    let ppid: i32 = fields.get(1)?.parse().ok()?;
     let utime: u64 = fields.get(11)?.parse().ok()?;
     let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some((ppid, utime + stime))
+}
+
+/// Every process's parent and CPU ticks, read once per sample.
+fn process_table() -> HashMap<i32, (i32, u64)> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return HashMap::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter_map(|pid| Some((pid, read_stat(pid)?)))
+        .collect()
+}
+
+/// CPU ticks of `pid` and of its living descendants that are not watched themselves:
+/// PostgreSQL does its work in backends forked per connection, so its postmaster alone
+/// would read as idle. (Descendants that exited between two samples are not counted.)
+fn tree_ticks(pid: i32, table: &HashMap<i32, (i32, u64)>, watched: &HashSet<i32>) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![pid];
+    while let Some(p) = stack.pop() {
+        if let Some((_, ticks)) = table.get(&p) {
+            total += ticks;
+        }
+        stack.extend(
+            table
+                .iter()
+                .filter(|(child, (ppid, _))| *ppid == p && !watched.contains(child))
+                .map(|(child, _)| *child),
+        );
+    }
+    total
+}
+
+/// CPU ticks of the process tree (see `tree_ticks`), and the process's own RSS in bytes
+/// (backends share PostgreSQL's buffers: summing their RSS would count them again).
+fn read_proc(
+    pid: i32,
+    table: &HashMap<i32, (i32, u64)>,
+    watched: &HashSet<i32>,
+) -> Option<(u64, u64)> {
+    table.get(&pid)?;
+    let ticks = tree_ticks(pid, table, watched);
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let rss_kb: u64 = status
         .lines()
@@ -79,7 +122,7 @@ fn read_proc(pid: i32) -> Option<(u64, u64)> {
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
-    Some((utime + stime, rss_kb * 1024))
+    Some((ticks, rss_kb * 1024))
 }
 
 /// Parses Prometheus text, keeping chatstream_* samples (histogram buckets dropped).
@@ -221,8 +264,14 @@ impl Sampler {
                     .lock()
                     .map(|p| p.clone())
                     .unwrap_or_default();
+                let table = process_table();
+                let watched: HashSet<i32> = processes
+                    .iter()
+                    .chain(std::iter::once(&me))
+                    .map(|w| w.pid)
+                    .collect();
                 for w in processes.iter().chain(std::iter::once(&me)) {
-                    if let Some((ticks, rss)) = read_proc(w.pid) {
+                    if let Some((ticks, rss)) = read_proc(w.pid, &table, &watched) {
                         let cpu = previous
                             .get(&w.name)
                             .map(|(t0, at)| {
