@@ -537,8 +537,7 @@ async fn kafka_fanout_mode_delivers_across_nodes(stack: &mut Stack) -> Result<()
     create_conversation(&n1, "alice", &conv, &["alice", "bob"]).await?;
     let mut alice = Client::connect(&n1, "alice").await?;
     let mut bob = Client::connect(&n2, "bob").await?;
-    // The fan-out consumers start at the end of chat-events: give them their assignment.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // No wait: a Kafka fan-out node is ready only once its consumer holds its partitions.
     let (seq, _) = alice.send_msg(&conv, "kafka-1", "through kafka").await?;
     let got = bob
         .until(|f| match f {
