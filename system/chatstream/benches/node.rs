@@ -4,7 +4,23 @@
 //! Redis fan-out + ack). "Per core" divides frames by the node process's CPU seconds
 //! (utime + stime from /proc), so it holds on a noisy shared machine.
 //!
-//!     cargo bench -p chatstream --bench node          # CHATSTREAM_BENCH_BASE_PORT=29900
+//! The send path is measured twice in one run, old and new side by side, each on a node of
+//! its own: `send_batching: off` (one transaction per send, awaited before the connection's
+//! next frame) and `on` (group commit, pipelined connections). For each: the closed-loop
+//! figure (16 connections, 16 sends in flight each), and two open-loop runs whose latency
+//! is counted from each send's intended time (no coordinated omission): 100 connections at
+//! 1,000 messages/s in all, and 1,000 connections at 10,000/s. Each open-loop connection is
+//! the only member of its conversation (1,000 conversations), so what is measured is the send
+//! path (store, outbox, relay to Kafka, ack), not live fan-out to other members. During each
+//! open-loop run the outbox backlog is sampled every second, and the rows stored and published
+//! within the run are counted.
+//!
+//!     cargo bench -p chatstream --bench node
+//!
+//! Environment: `CHATSTREAM_BENCH_BASE_PORT` (29900), `CHATSTREAM_BENCH_SECS` (60: the new
+//! path's 10,000/s run; the old path's runs 15 s, it cannot keep up), `CHATSTREAM_BENCH_ONLY`
+//! (`on` or `off`: one path only), `CHATSTREAM_BENCH_PERF=<dir>` (records `perf` profiles of
+//! the node and of the whole machine for 20 s in the middle of the new path's 10,000/s run).
 
 use anyhow::{anyhow, Context, Result};
 use chatstream_protocol::auth::{self, Claims};
@@ -197,12 +213,309 @@ fn ping(_: usize, i: u64) -> ClientFrame {
     ClientFrame::Ping { nonce: Some(i) }
 }
 
+/// Which node of this run is measured: keys must not repeat across them (a repeat is a
+/// duplicate, answered without a store).
+static RUN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
 fn send(c: usize, i: u64) -> ClientFrame {
+    let run = RUN.load(std::sync::atomic::Ordering::Relaxed);
     ClientFrame::Send {
         conversation_id: format!("bench-conv-{c}"),
-        client_msg_id: format!("b-{c}-{i}-{}", std::process::id()),
+        client_msg_id: format!("b-{c}-{i}-{}-{run}", std::process::id()),
         body: "a benchmark message of about sixty bytes, typical of chat text".into(),
     }
+}
+
+/// What an open-loop run measured.
+struct OpenLoop {
+    offered: u64,
+    acked: u64,
+    errors: u64,
+    secs: f64,
+    /// send→ack, from each send's intended time, µs, sorted.
+    latencies: Vec<u64>,
+    node_cpu: f64,
+    /// Outbox rows of CHAT_MESSAGE events created / published within the run.
+    stored: i64,
+    published: i64,
+    backlog_max: i64,
+    backlog_end: i64,
+    /// After the run: how long until the backlog was empty.
+    drain: Duration,
+    /// PostgreSQL commits during the run (every client of the database).
+    commits: i64,
+}
+
+impl OpenLoop {
+    fn quantile_ms(&self, q: f64) -> f64 {
+        if self.latencies.is_empty() {
+            return f64::NAN;
+        }
+        let i = ((self.latencies.len() as f64 * q).ceil() as usize).clamp(1, self.latencies.len());
+        self.latencies[i - 1] as f64 / 1000.0
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+async fn commits(pg: &sqlx::PgPool) -> Result<i64> {
+    Ok(sqlx::query_scalar(
+        "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()",
+    )
+    .fetch_one(pg)
+    .await?)
+}
+
+async fn outbox_backlog(pg: &sqlx::PgPool) -> Result<i64> {
+    Ok(
+        sqlx::query_scalar("SELECT count(*) FROM outbox WHERE published_at_ms IS NULL")
+            .fetch_one(pg)
+            .await?,
+    )
+}
+
+/// Waits until the outbox is empty (at most `within`); how long that took.
+async fn drain_outbox(pg: &sqlx::PgPool, within: Duration) -> Result<Duration> {
+    let start = Instant::now();
+    while outbox_backlog(pg).await? > 0 {
+        if start.elapsed() > within {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(start.elapsed())
+}
+
+/// Creates conversation `conv` with `user` as its only member (idempotent).
+async fn create_conversations(node: &NodeProc, prefix: &str, n: usize) -> Result<()> {
+    let http = reqwest::Client::new();
+    let addr = node.1.clone();
+    let results: Vec<Result<()>> = futures::stream::iter(0..n)
+        .map(|c| {
+            let http = http.clone();
+            let addr = addr.clone();
+            let user = format!("{prefix}-u{c}");
+            async move {
+                let r = http
+                    .post(format!("http://{addr}/api/conversations"))
+                    .bearer_auth(token(&user))
+                    .json(&serde_json::json!({ "id": format!("{prefix}-c{c}"), "members": [user] }))
+                    .send()
+                    .await?;
+                if !r.status().is_success() {
+                    return Err(anyhow!("creating a conversation: {}", r.status()));
+                }
+                Ok(())
+            }
+        })
+        .buffer_unordered(16)
+        .collect()
+        .await;
+    results.into_iter().collect()
+}
+
+/// `connections` connections (each the only member of its conversation) send `rate`
+/// messages/s in all for `secs`, each on a fixed schedule whatever the node does; send→ack
+/// is counted from the intended send time. `perf` records profiles half-way through.
+async fn open_loop(
+    node: &NodeProc,
+    pg: &sqlx::PgPool,
+    prefix: &str,
+    connections: usize,
+    rate: f64,
+    secs: u64,
+    perf: Option<PathBuf>,
+) -> Result<OpenLoop> {
+    create_conversations(node, prefix, connections).await?;
+    let mut sockets = Vec::with_capacity(connections);
+    for c in 0..connections {
+        sockets.push(connect(&node.1, &format!("{prefix}-u{c}")).await?);
+    }
+    drain_outbox(pg, Duration::from_secs(60)).await?;
+    let pid = node.0.id();
+    let period = Duration::from_secs_f64(connections as f64 / rate);
+    let run = Duration::from_secs(secs);
+    let grace = Duration::from_secs(5);
+    let cpu0 = cpu_seconds(pid)?;
+    let commits0 = commits(pg).await?;
+    let wall0 = now_ms();
+    let t0 = tokio::time::Instant::now() + Duration::from_millis(200);
+    let end = t0 + run;
+    let mut tasks = Vec::with_capacity(connections);
+    for (c, ws) in sockets.into_iter().enumerate() {
+        let prefix = prefix.to_string();
+        tasks.push(tokio::spawn(async move {
+            let (mut sink, mut stream) = ws.split();
+            let start = t0 + period.mul_f64(c as f64 / connections as f64);
+            let due = |i: u64| start + period * i as u32;
+            let mut n = 0u64;
+            while due(n) < end {
+                n += 1;
+            }
+            let conv = format!("{prefix}-c{c}");
+            let sender = async {
+                for i in 0..n {
+                    tokio::time::sleep_until(due(i)).await;
+                    let frame = ClientFrame::Send {
+                        conversation_id: conv.clone(),
+                        client_msg_id: format!("{i}"),
+                        body: "a benchmark message of about sixty bytes, typical of chat text"
+                            .into(),
+                    };
+                    sink.send(Message::text(frame.encode())).await?;
+                }
+                Ok::<_, anyhow::Error>(sink)
+            };
+            let reader = async {
+                let mut latencies = Vec::with_capacity(n as usize);
+                let mut errors = 0u64;
+                let mut answered = 0u64;
+                while answered < n {
+                    let next = tokio::time::timeout_at(end + grace, stream.next()).await;
+                    let Ok(Some(Ok(msg))) = next else { break };
+                    let Message::Text(t) = msg else { continue };
+                    match ServerFrame::decode(&t)? {
+                        ServerFrame::Ack { client_msg_id, .. } => {
+                            answered += 1;
+                            let i: u64 = client_msg_id.parse()?;
+                            let late =
+                                tokio::time::Instant::now().saturating_duration_since(due(i));
+                            latencies.push(late.as_micros() as u64);
+                        }
+                        ServerFrame::Error { .. } => {
+                            answered += 1;
+                            errors += 1;
+                        }
+                        _ => {}
+                    }
+                }
+                Ok::<_, anyhow::Error>((latencies, errors))
+            };
+            let (sink, read) = tokio::join!(sender, reader);
+            let (latencies, errors) = read?;
+            drop(sink?);
+            Ok::<_, anyhow::Error>((n, latencies, errors))
+        }));
+    }
+    let sampler = {
+        let pg = pg.clone();
+        tokio::spawn(async move {
+            let mut max = 0i64;
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                if tokio::time::Instant::now() >= end {
+                    return max;
+                }
+                if let Ok(n) = outbox_backlog(&pg).await {
+                    max = max.max(n);
+                }
+            }
+        })
+    };
+    let profiler = perf.map(|dir| {
+        tokio::spawn(async move {
+            tokio::time::sleep_until(t0 + run / 2 - Duration::from_secs(10)).await;
+            record_profiles(&dir, pid).await
+        })
+    });
+    let mut offered = 0;
+    let mut latencies = Vec::new();
+    let mut errors = 0;
+    for t in tasks {
+        let (n, l, e) = t.await??;
+        offered += n;
+        latencies.extend(l);
+        errors += e;
+    }
+    let backlog_max = sampler.await?;
+    let node_cpu = cpu_seconds(pid)? - cpu0;
+    let commits = commits(pg).await? - commits0;
+    let wall1 = wall0 + 200 + run.as_millis() as i64;
+    let backlog_end = outbox_backlog(pg).await?;
+    let (stored, published): (i64, i64) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE created_at_ms BETWEEN $1 AND $2),
+                count(*) FILTER (WHERE published_at_ms BETWEEN $1 AND $2)
+         FROM outbox WHERE topic = 'chat-events'",
+    )
+    .bind(wall0)
+    .bind(wall1)
+    .fetch_one(pg)
+    .await?;
+    let drain = drain_outbox(pg, Duration::from_secs(120)).await?;
+    if let Some(p) = profiler {
+        if let Err(e) = p.await? {
+            println!("  (profiles not recorded: {e})");
+        }
+    }
+    latencies.sort_unstable();
+    Ok(OpenLoop {
+        offered,
+        acked: latencies.len() as u64,
+        errors,
+        secs: run.as_secs_f64(),
+        latencies,
+        node_cpu,
+        stored,
+        published,
+        backlog_max,
+        backlog_end,
+        drain,
+        commits,
+    })
+}
+
+/// `perf record` for 20 s: the node (call graphs) and the whole machine (where the two
+/// cores go: node, PostgreSQL, Kafka, Toxiproxy, Redis, the load generator).
+async fn record_profiles(dir: &std::path::Path, pid: u32) -> Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let node = tokio::process::Command::new("perf")
+        .args(["record", "-F", "499", "-g", "-p", &pid.to_string(), "-o"])
+        .arg(dir.join("node.perf.data"))
+        .args(["--", "sleep", "20"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let system = tokio::process::Command::new("perf")
+        .args(["record", "-F", "199", "-a", "-o"])
+        .arg(dir.join("system.perf.data"))
+        .args(["--", "sleep", "20"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let (a, b) = tokio::join!(node.wait_with_output(), system.wait_with_output());
+    if !a?.status.success() || !b?.status.success() {
+        return Err(anyhow!("perf record failed"));
+    }
+    Ok(())
+}
+
+fn report(path: &str, name: &str, r: &OpenLoop) {
+    println!(
+        "{path:<4} {name:<22} offered {:>7.0}/s  acked {:>7.0}/s ({} of {}, {} errors)  send→ack p50 {:.1} ms  p99 {:.1} ms  p99.9 {:.1} ms  max {:.1} ms  node CPU {:.1} s ({:.0} msgs per CPU-second)  outbox: stored {:.0}/s, published {:.0}/s, backlog max {} end {} (empty {:.1} s later)  PostgreSQL commits {:.0}/s",
+        r.offered as f64 / r.secs,
+        r.acked as f64 / r.secs,
+        r.acked,
+        r.offered,
+        r.errors,
+        r.quantile_ms(0.5),
+        r.quantile_ms(0.99),
+        r.quantile_ms(0.999),
+        r.quantile_ms(1.0),
+        r.node_cpu,
+        r.acked as f64 / r.node_cpu.max(0.001),
+        r.stored as f64 / r.secs,
+        r.published as f64 / r.secs,
+        r.backlog_max,
+        r.backlog_end,
+        r.drain.as_secs_f64(),
+        r.commits as f64 / r.secs
+    );
 }
 
 #[tokio::main]
@@ -211,31 +524,92 @@ async fn main() -> Result<()> {
     if std::env::args().any(|a| a == "--list") {
         return Ok(());
     }
-    let base = std::env::var("CHATSTREAM_BENCH_BASE_PORT")
+    let env_num = |k: &str, d: u64| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
+    let base = env_num("CHATSTREAM_BENCH_BASE_PORT", 29900) as u16;
+    let secs = env_num("CHATSTREAM_BENCH_SECS", 60);
+    let only = std::env::var("CHATSTREAM_BENCH_ONLY").ok();
+    let perf = std::env::var("CHATSTREAM_BENCH_PERF")
         .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(29900u16);
+        .map(PathBuf::from);
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    // Named by the base port: benches of different port ranges share the target dir.
     let stack = Stack::up(StackConfig::new(
-        dir.join("bench-stack"),
+        dir.join(format!("bench-stack-{base}")),
         PortPlan::from_base(base, 3)?,
     ))
     .await
     .context("stack")?;
-    let config = dir.join("bench-node.yaml");
-    std::fs::write(&config, "node_id: bench-1\nrate_limit_per_s: 1000000\nrate_limit_burst: 1000000\npg_max_connections: 32\n")?;
     let result = async {
-        let node = start_node(&stack, &config).await?;
+        let pg = sqlx::PgPool::connect(&stack.endpoints().postgres_url).await?;
         let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-        println!("machine: {cores} cores; node and load generator share them");
-        let per_conn_kib = idle_memory(&node, 2000).await?;
-        println!("idle connections: 2000, node RSS per connection {per_conn_kib:.1} KiB");
-        for (name, make, setup, window) in [("ping/pong", ping as fn(usize, u64) -> ClientFrame, false, 64), ("send+ack", send, true, 16)] {
-            let (frames, wall, cpu) = throughput(&node, 16, window, 10, make, setup).await?;
+        println!("machine: {cores} cores; node, load generator, 3 brokers, PostgreSQL, Redis and Toxiproxy share them");
+        let mut results = Vec::new();
+        for (run, path) in ["off", "on"].into_iter().enumerate() {
+            if only.as_deref().is_some_and(|o| o != path) {
+                continue;
+            }
+            RUN.store(run, std::sync::atomic::Ordering::Relaxed);
+            let config = dir.join(format!("bench-node-{base}-{path}.yaml"));
+            std::fs::write(
+                &config,
+                format!("node_id: bench-{path}\nrate_limit_per_s: 1000000\nrate_limit_burst: 1000000\npg_max_connections: 32\nsend_batching: {path}\n"),
+            )?;
+            let node = start_node(&stack, &config).await?;
+            println!("send_batching: {path}");
+            if path == "on" {
+                let per_conn_kib = idle_memory(&node, 2000).await?;
+                println!("idle connections: 2000, node RSS per connection {per_conn_kib:.1} KiB");
+                let (frames, wall, cpu) = throughput(&node, 16, 64, 10, ping, false).await?;
+                println!(
+                    "ping/pong  {frames} frames in {wall:.1} s = {:.0} frames/s; node CPU {cpu:.1} s = {:.0} frames per CPU-second (per core)",
+                    frames as f64 / wall,
+                    frames as f64 / cpu.max(0.001)
+                );
+            }
+            let (frames, wall, cpu) = throughput(&node, 16, 16, 10, send, true).await?;
             println!(
-                "{name:<10} {frames} frames in {wall:.1} s = {:.0} frames/s; node CPU {cpu:.1} s = {:.0} frames per CPU-second (per core)",
+                "send+ack closed loop, 16 connections x 16 in flight: {frames} in {wall:.1} s = {:.0} messages/s; node CPU {cpu:.1} s = {:.0} per CPU-second",
                 frames as f64 / wall,
                 frames as f64 / cpu.max(0.001)
+            );
+            let long = if path == "on" { secs } else { secs.min(15) };
+            let tag = format!("{path}{}", std::process::id());
+            let r100 = open_loop(&node, &pg, &format!("o100-{tag}"), 100, 1_000.0, 20, None).await?;
+            report(path, "100 conns @ 1,000/s", &r100);
+            let r1000 = open_loop(
+                &node,
+                &pg,
+                &format!("o1000-{tag}"),
+                1000,
+                10_000.0,
+                long,
+                perf.clone().filter(|_| path == "on"),
+            )
+            .await?;
+            report(path, "1,000 conns @ 10,000/s", &r1000);
+            results.push((path, frames as f64 / wall, r100, r1000));
+            drop(node);
+        }
+        println!();
+        println!("| send path | closed loop, 16 conns | 100 conns @ 1,000/s: acked/s, p50 / p99 | 1,000 conns @ 10,000/s: acked/s, p50 / p99 / p99.9 | outbox at 10,000/s: published/s, backlog max |");
+        println!("| --- | ---: | ---: | ---: | ---: |");
+        for (path, closed, a, b) in &results {
+            println!(
+                "| send_batching: {path} | {closed:.0}/s | {:.0}/s, {:.1} / {:.1} ms | {:.0}/s, {:.1} / {:.1} / {:.1} ms | {:.0}/s, {} |",
+                a.acked as f64 / a.secs,
+                a.quantile_ms(0.5),
+                a.quantile_ms(0.99),
+                b.acked as f64 / b.secs,
+                b.quantile_ms(0.5),
+                b.quantile_ms(0.99),
+                b.quantile_ms(0.999),
+                b.published as f64 / b.secs,
+                b.backlog_max
             );
         }
         Ok::<(), anyhow::Error>(())

@@ -32,6 +32,15 @@ pub enum FanoutMode {
     Kafka,
 }
 
+/// A switch written `on` / `off` in YAML.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Switch {
+    #[default]
+    On,
+    Off,
+}
+
 /// The deterministic generator that stands in for the AI model.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -83,6 +92,23 @@ pub struct NodeConfig {
     pub relay_batch: i64,
     pub sync_limit: i64,
     pub pg_max_connections: u32,
+    /// `on`: sends from every connection are grouped into one transaction per batch (group
+    /// commit; seqs still dense per conversation, a client's own sends keep their order),
+    /// and a connection reads its next frame while its sends are being stored (acks come
+    /// back in the order the sends were read). `off`: one transaction per send, awaited
+    /// before the connection's next frame (the earlier path, kept to compare).
+    pub send_batching: Switch,
+    /// Batcher tasks; a conversation always goes to the same one. Each holds at most one
+    /// PostgreSQL connection of the pool at a time.
+    pub append_batchers: usize,
+    /// Messages per batch transaction at most.
+    pub append_batch_max: usize,
+    /// How long a batcher under load waits to fill a batch, in microseconds (a batcher
+    /// whose last batch held one message does not wait).
+    pub append_linger_us: u64,
+    /// Sends of one connection being stored at once; past this the connection's next
+    /// frame waits.
+    pub max_pending_sends: usize,
     /// How long SIGTERM waits for connections to drain.
     pub drain_timeout_ms: u64,
     /// A connection whose unsent frames would exceed this is closed (4408): the node
@@ -125,6 +151,11 @@ impl Default for NodeConfig {
             relay_batch: 500,
             sync_limit: 500,
             pg_max_connections: 16,
+            send_batching: Switch::On,
+            append_batchers: 4,
+            append_batch_max: 256,
+            append_linger_us: 1000,
+            max_pending_sends: 256,
             drain_timeout_ms: 10_000,
             max_unsent_bytes: 1024 * 1024,
             write_stall_timeout_ms: 10_000,
@@ -156,6 +187,16 @@ pub enum ConfigError {
 }
 
 impl NodeConfig {
+    /// The append batchers' settings; none when `send_batching` is off.
+    pub fn batch_settings(&self) -> Option<chatstream_store::BatchSettings> {
+        (self.send_batching == Switch::On).then(|| chatstream_store::BatchSettings {
+            batchers: self.append_batchers,
+            max_batch: self.append_batch_max,
+            linger: std::time::Duration::from_micros(self.append_linger_us),
+            queue: 4096,
+        })
+    }
+
     pub fn from_yaml_file(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.display().to_string(),
@@ -222,6 +263,29 @@ impl NodeConfig {
                 self.idle_timeout_ms, self.ping_interval_ms
             ));
         }
+        if !(1..=64).contains(&self.append_batchers)
+            || !(1..=10_000).contains(&self.append_batch_max)
+            || self.max_pending_sends == 0
+            || self.append_linger_us > 1_000_000
+        {
+            problems.push(format!(
+                "append_batchers ({}) must be in 1..=64, append_batch_max ({}) in 1..=10000, \
+                 max_pending_sends ({}) positive and append_linger_us ({}) at most 1000000",
+                self.append_batchers,
+                self.append_batch_max,
+                self.max_pending_sends,
+                self.append_linger_us
+            ));
+        }
+        if self.send_batching == Switch::On
+            && self.append_batchers as u64 >= u64::from(self.pg_max_connections)
+        {
+            problems.push(format!(
+                "append_batchers ({}) must leave PostgreSQL connections for the rest of the node: \
+                 fewer than pg_max_connections ({})",
+                self.append_batchers, self.pg_max_connections
+            ));
+        }
         if self.stream.chunks < 1 || self.stream.words_per_chunk == 0 {
             problems.push("stream.chunks and stream.words_per_chunk must be positive".to_string());
         }
@@ -253,6 +317,15 @@ mod tests {
             ("node-7", PublishMode::Async, 3)
         );
         assert_eq!(c.stream.pace_ms, 50);
+        let off = dir.join("off.yaml");
+        std::fs::write(&off, "send_batching: off\nappend_batchers: 2\n").unwrap();
+        let c = NodeConfig::from_yaml_file(&off).unwrap();
+        assert_eq!((c.send_batching, c.append_batchers), (Switch::Off, 2));
+        assert!(c.batch_settings().is_none() && c.validate().is_ok());
+        assert_eq!(
+            NodeConfig::default().batch_settings().map(|b| b.batchers),
+            Some(4)
+        );
         let none = dir.join("none.yaml");
         std::fs::write(&none, "publish_mode: none\n").unwrap();
         let c = NodeConfig::from_yaml_file(&none).unwrap();

@@ -14,8 +14,12 @@ use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use chatstream_protocol::auth::{Claims, TokenError};
 use chatstream_protocol::events::{self as ev, EventBody};
 use chatstream_protocol::frames::{ErrorCode, MessageStatus, Via};
+use chatstream_protocol::EventEnvelope;
 use chatstream_protocol::{ClientFrame, ServerFrame};
-use chatstream_store::{Membership, NewMessage, StoreError};
+use chatstream_store::{
+    AppendHooks, Appended, Membership, NewMessage, OutboxRow, PendingAppend, StoreError,
+    StoredMessage,
+};
 use futures::stream::SplitSink;
 use futures::{SinkExt, StreamExt};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -159,6 +163,63 @@ struct Conn {
     id: ConnId,
     outlet: Arc<Outlet>,
     error_budget: Mutex<ErrorBudget>,
+    /// The completer's queue of batched sends (started with the first one).
+    sends: Mutex<Option<mpsc::Sender<PendingSend>>>,
+}
+
+/// What the answer to a `send` frame needs once its append is done.
+struct SentFrame {
+    conversation_id: String,
+    ref_id: Option<String>,
+    membership: Arc<Membership>,
+    trace_id: String,
+    started: Instant,
+}
+
+/// A batched send being stored.
+struct PendingSend {
+    append: PendingAppend,
+    sent: SentFrame,
+}
+
+/// What a batched send does inside its batch, on the batcher task.
+struct SendHooks {
+    conn: Arc<Conn>,
+    membership: Arc<Membership>,
+    place: Option<Reservation>,
+}
+
+impl AppendHooks for SendHooks {
+    fn in_order(&mut self, msg: &StoredMessage) -> Vec<OutboxRow> {
+        let state = &self.conn.state;
+        if state.cfg.fanout_mode == FanoutMode::Redis {
+            // In seq order per conversation: the node publishes its live frames in that
+            // order. A retried batch takes a new place (the old one is given up).
+            self.place = Some(state.fanout.reserve());
+        }
+        state
+            .events
+            .transactional_rows(|| self.conn.chat_event(msg))
+    }
+
+    fn committed(&mut self, outcome: &Result<Appended, StoreError>) {
+        // Filled here, for the whole batch at once: the publisher waits for each place in
+        // turn, so it must not wait behind the sender's ack. Dropped unfilled otherwise.
+        let Some(place) = self.place.take() else {
+            return;
+        };
+        if let Ok(a) = outcome {
+            if !a.duplicate {
+                let state = &self.conn.state;
+                place.fill(state.message_envelope(
+                    &a.message,
+                    &self.membership,
+                    Some(self.conn.id),
+                    &a.message.trace_id,
+                ));
+            }
+        }
+    }
 }
 
 fn error_frame(code: ErrorCode, message: impl Into<String>, ref_id: Option<String>) -> ServerFrame {
@@ -329,6 +390,7 @@ pub async fn serve(state: Arc<NodeState>, mut socket: WebSocket, auth: Result<Cl
         id: reg.id,
         outlet: reg.outlet.clone(),
         error_budget: Mutex::new(ErrorBudget::new(state.cfg.max_error_frames_per_s)),
+        sends: Mutex::new(None),
     });
     let (sink, mut stream) = socket.split();
     conn.reply(ServerFrame::Hello {
@@ -437,10 +499,12 @@ pub async fn serve(state: Arc<NodeState>, mut socket: WebSocket, auth: Result<Cl
                     .await
                 }
             },
-
             Err(e) => conn.reply(error_frame(e.code(), e.to_string(), None)).await,
         }
     }
+    // Sends still being stored are answered (and fanned out) by the completer, which
+    // ends after them.
+    conn.close_sends();
     state
         .hub
         .unregister(&conn.claims.tenant, &conn.claims.sub, conn.id);
@@ -657,25 +721,25 @@ impl Conn {
             node_id: state.cfg.node_id.clone(),
             created_at_ms: clock::now_ms(),
         };
-        let chat_event = |msg: &chatstream_store::StoredMessage| {
-            let ctx = EventContext {
-                conversation_id: Some(msg.conversation_id.clone()),
-                message_id: Some(msg.message_id.clone()),
-                ..self.ctx(msg.trace_id.clone())
-            };
-            state.events.envelope(
-                &ctx,
-                EventBody::ChatMessage(ev::ChatMessage {
-                    message_id: msg.message_id.clone(),
-                    client_msg_id: msg.client_msg_id.clone(),
-                    conversation_id: msg.conversation_id.clone(),
-                    sender_id: msg.sender_id.clone(),
-                    seq: msg.seq,
-                    body: msg.body.clone(),
-                    created_at_ms: msg.created_at_ms,
-                }),
-            )
+        let sent = SentFrame {
+            conversation_id,
+            ref_id,
+            membership,
+            trace_id,
+            started,
         };
+        if let Some(batcher) = state.store.batched() {
+            // Group commit: queued behind this connection's earlier sends (so a client's
+            // own messages keep their order), answered by the connection's completer while
+            // the read loop goes on to the next frame.
+            let hooks = Box::new(SendHooks {
+                conn: self.clone(),
+                membership: sent.membership.clone(),
+                place: None,
+            });
+            let append = batcher.submit(new, hooks).await;
+            return self.queue_send(PendingSend { append, sent }).await;
+        }
         let redis_fanout = state.cfg.fanout_mode == FanoutMode::Redis;
         let mut place: Option<Reservation> = None;
         let appended = state
@@ -685,17 +749,101 @@ impl Conn {
                 if redis_fanout {
                     place = Some(state.fanout.reserve());
                 }
-                state.events.transactional_rows(|| chat_event(msg))
+                state.events.transactional_rows(|| self.chat_event(msg))
             })
             .await;
+        if let (Ok(a), Some(place)) = (&appended, place) {
+            if !a.duplicate {
+                place.fill(state.message_envelope(
+                    &a.message,
+                    &sent.membership,
+                    Some(self.id),
+                    &sent.trace_id,
+                ));
+            }
+        }
+        self.finish_send(sent, appended).await;
+    }
+
+    /// The CHAT_MESSAGE event of a stored message.
+    fn chat_event(&self, msg: &StoredMessage) -> EventEnvelope {
+        let ctx = EventContext {
+            conversation_id: Some(msg.conversation_id.clone()),
+            message_id: Some(msg.message_id.clone()),
+            ..self.ctx(msg.trace_id.clone())
+        };
+        self.state.events.envelope(
+            &ctx,
+            EventBody::ChatMessage(ev::ChatMessage {
+                message_id: msg.message_id.clone(),
+                client_msg_id: msg.client_msg_id.clone(),
+                conversation_id: msg.conversation_id.clone(),
+                sender_id: msg.sender_id.clone(),
+                seq: msg.seq,
+                body: msg.body.clone(),
+                created_at_ms: msg.created_at_ms,
+            }),
+        )
+    }
+
+    /// Hands a batched send to this connection's completer (started with the first send),
+    /// which answers sends in the order they were read. Waits while `max_pending_sends`
+    /// of them are being stored.
+    async fn queue_send(self: &Arc<Self>, pending: PendingSend) {
+        let tx = self.sends.lock().ok().map(|mut sends| {
+            sends
+                .get_or_insert_with(|| {
+                    let (tx, rx) = mpsc::channel(self.state.cfg.max_pending_sends);
+                    // Counted: a draining node answers (and fans out) what it stored.
+                    self.state.work.spawn(self.clone().complete_sends(rx));
+                    tx
+                })
+                .clone()
+        });
+        let Some(tx) = tx else {
+            return self.complete_one(pending).await;
+        };
+        if let Err(mpsc::error::SendError(pending)) = tx.send(pending).await {
+            self.complete_one(pending).await;
+        }
+    }
+
+    /// The completer: answers each send once its batch is written, in read order (so a
+    /// conversation's acks come in seq order).
+    async fn complete_sends(self: Arc<Self>, mut rx: mpsc::Receiver<PendingSend>) {
+        while let Some(pending) = rx.recv().await {
+            self.complete_one(pending).await;
+        }
+    }
+
+    async fn complete_one(self: &Arc<Self>, pending: PendingSend) {
+        let appended = pending.append.wait().await;
+        self.finish_send(pending.sent, appended).await;
+    }
+
+    /// Lets the completer end once it has answered what is queued (the connection ended).
+    fn close_sends(&self) {
+        if let Ok(mut sends) = self.sends.lock() {
+            sends.take();
+        }
+    }
+
+    /// Everything after the append of a send (its fan-out place is filled already): the
+    /// ack or the error, the event in async mode, a duplicate's fan-out, notifications.
+    async fn finish_send(
+        self: &Arc<Self>,
+        sent: SentFrame,
+        appended: Result<Appended, StoreError>,
+    ) {
+        let state = &self.state;
         let appended = match appended {
             Ok(a) => a,
             Err(e) => {
                 if matches!(e, StoreError::NotMember { .. }) {
                     // The cached membership was stale: read it again next time.
-                    state.members.invalidate(&conversation_id);
+                    state.members.invalidate(&sent.conversation_id);
                 }
-                return self.reply(store_error(e, ref_id)).await;
+                return self.reply(store_error(e, sent.ref_id)).await;
             }
         };
         let msg = appended.message;
@@ -709,26 +857,24 @@ impl Conn {
             ts_ms: clock::now_ms(),
         })
         .await;
-        metrics::histogram!(m::SEND_SECONDS).record(started.elapsed().as_secs_f64());
-        let env = state.message_envelope(&msg, &membership, Some(self.id), &trace_id);
+        metrics::histogram!(m::SEND_SECONDS).record(sent.started.elapsed().as_secs_f64());
         if appended.duplicate {
             metrics::counter!(m::MESSAGES_DUPLICATE).increment(1);
             // Fanned out again: the first attempt may have died before its fan-out.
             // Recipients that already got a later message skip it (live order).
+            let env = state.message_envelope(&msg, &sent.membership, Some(self.id), &sent.trace_id);
             state.fanout(env);
             return;
         }
         metrics::counter!(m::MESSAGES_ACCEPTED).increment(1);
         match state.events.mode() {
             PublishMode::Outbox => state.events.poke_relay(),
-            PublishMode::Async => state.events.emit(chat_event(&msg)).await,
+            PublishMode::Async => state.events.emit(self.chat_event(&msg)).await,
             PublishMode::None => {}
-        }
-        if let Some(place) = place {
-            place.fill(env);
         }
         // Beside the read loop: the presence lookup is a Redis round trip. Counted, so a
         // draining node stores the notifications before it exits.
+        let membership = sent.membership;
         let conn = self.clone();
         state
             .work

@@ -430,7 +430,11 @@ pub async fn run(
 ) -> Result<(), NodeError> {
     cfg.validate()?;
     crate::sabotage::install(&cfg.sabotage);
-    let store = Store::connect_lazy(&cfg.postgres_url, cfg.pg_max_connections)?;
+    let mut store = Store::connect_lazy(&cfg.postgres_url, cfg.pg_max_connections)?;
+    if let Some(settings) = cfg.batch_settings() {
+        // Group commit of sends (conn.rs submits to it when it is there).
+        store = store.with_batched_appends(settings);
+    }
     let client = redis::Client::open(cfg.redis_url.as_str()).map_err(|e| NodeError::Redis {
         url: cfg.redis_url.clone(),
         message: e.to_string(),

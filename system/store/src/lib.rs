@@ -3,10 +3,17 @@
 //! transaction), messages with a per-conversation sequence number (idempotent on
 //! (tenant, sender, conversation, client message id)), and the transactional outbox with
 //! its sharded relay claim (rows Kafka refuses for good moved aside); retention of
-//! published outbox rows and processed-event markers (`retention`).
+//! published outbox rows and processed-event markers (`retention`); group commit of
+//! appends from many connections (`batch`); the relay's claim on its shards on a
+//! connection of its own (`relay`).
 
+mod batch;
 mod outbox;
+mod relay;
 mod retention;
+
+pub use batch::{AppendBatcher, AppendHooks, BatchSettings, PendingAppend};
+pub use relay::RelayClaim;
 
 pub use outbox::{
     shard_of, OutboxRow, PendingEvent, Refusal, RejectedEvent, Relayed, OUTBOX_SHARDS,
@@ -26,6 +33,13 @@ pub enum StoreError {
     Database(#[from] sqlx::Error),
     #[error("migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    /// A failure shared by every append of a batch (the database refused the batch).
+    #[error("postgres: {0}")]
+    Failed(String),
+    /// Another append stored one of a batch's keys after the batch checked them (the batch
+    /// is undone and retried).
+    #[error("a concurrent append stored one of the batch's idempotency keys")]
+    Conflict,
 }
 
 impl StoreError {
@@ -155,6 +169,8 @@ fn sorted_unique(users: &[String]) -> Vec<String> {
 #[derive(Clone)]
 pub struct Store {
     pool: PgPool,
+    /// Group commit of appends, when the node asked for it (`with_batched_appends`).
+    appends: Option<AppendBatcher>,
 }
 
 fn stored(row: &sqlx::postgres::PgRow) -> Result<StoredMessage> {
@@ -196,7 +212,22 @@ impl Store {
             .max_connections(max_connections)
             .acquire_timeout(Duration::from_secs(3))
             .connect_lazy(url)?;
-        Ok(Store { pool })
+        Ok(Store {
+            pool,
+            appends: None,
+        })
+    }
+
+    /// Starts the append batchers (on the current tokio runtime): `batched()` then hands
+    /// them out. Appends through `append_message` stay one transaction each.
+    pub fn with_batched_appends(mut self, settings: BatchSettings) -> Store {
+        self.appends = Some(AppendBatcher::start(self.pool.clone(), settings));
+        self
+    }
+
+    /// The append batchers, if started.
+    pub fn batched(&self) -> Option<&AppendBatcher> {
+        self.appends.as_ref()
     }
 
     pub fn pool(&self) -> &PgPool {
