@@ -327,6 +327,7 @@ fn achieved(
         sends_invoked_per_s: per_s(sends_invoked),
         sends_acked_per_s: per_s(sends_acked),
         deliveries_per_s: per_s(deliveries),
+        live_deliveries_per_s: per_s(sum(&counter("delivered_live"))),
         sends_invoked,
         sends_acked,
         sends_failed: sum(&counter("sends_failed")),

@@ -156,6 +156,10 @@ pub struct LoadAchieved {
     pub sends_acked_per_s: f64,
     /// Live plus sync deliveries per second.
     pub deliveries_per_s: f64,
+    /// Live deliveries per second: the throughput figure `squall compare` judges (sync
+    /// deliveries rise and fall with resyncs, duplicates included).
+    #[serde(default)]
+    pub live_deliveries_per_s: f64,
     /// Totals over the measured window.
     pub sends_invoked: u64,
     pub sends_acked: u64,
