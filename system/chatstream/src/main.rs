@@ -3,6 +3,7 @@
 //! read history and projections back; `token` mints a connection token.
 
 mod replay_cmd;
+mod replay_http;
 mod workers_cmd;
 
 use anyhow::{Context, Result};
@@ -54,11 +55,9 @@ enum Command {
         endpoints: replay_cmd::Endpoints,
         #[arg(long)]
         group: String,
-        #[arg(
-            long,
-            value_delimiter = ',',
-            default_value = "chat-events,stream-events,message-status-events,notifications"
-        )]
+        /// Topics to count; by default those the group consumes (its committed offsets
+        /// and its members' assignments).
+        #[arg(long, value_delimiter = ',')]
         topics: Vec<String>,
     },
     /// The seeds' audit queries.

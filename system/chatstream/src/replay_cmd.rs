@@ -1,5 +1,6 @@
 //! `chatstream replay ...`, `chatstream lag`, `chatstream audit ...`, `chatstream search`:
-//! reading history and projections back, from the command line.
+//! reading history and projections back, from the command line. `lag` counts the topics
+//! the group consumes (its committed offsets and its members' assignments) unless told.
 
 use anyhow::{bail, Context, Result};
 use chatstream_replay::{self as replay, Range, ResetTo};
@@ -131,16 +132,18 @@ fn bar(total: u64) -> ProgressBar {
     pb
 }
 
-fn print_record(r: &replay::Replayed) {
+/// A replayed record as JSON: where it was, when, and its event (null if not JSON).
+pub fn record_json(r: &replay::Replayed) -> serde_json::Value {
     let value = r
         .payload
         .as_deref()
         .and_then(|p| serde_json::from_slice::<serde_json::Value>(p).ok())
         .unwrap_or(serde_json::Value::Null);
-    println!(
-        "{}",
-        serde_json::json!({ "partition": r.partition, "offset": r.offset, "timestamp_ms": r.timestamp_ms, "event": value })
-    );
+    serde_json::json!({ "partition": r.partition, "offset": r.offset, "timestamp_ms": r.timestamp_ms, "event": value })
+}
+
+fn print_record(r: &replay::Replayed) {
+    println!("{}", record_json(r));
 }
 
 fn print_records(bootstrap: &str, topic: &str, ranges: &[Range]) -> Result<u64> {
@@ -372,9 +375,102 @@ pub async fn run_replay(cmd: ReplayCommand, ep: Endpoints) -> Result<()> {
     Ok(())
 }
 
+/// The topics `group` consumes: those it has committed offsets for, and those its
+/// members are assigned right now (a group that has not committed yet). Kafka's internal
+/// topics are left out.
+pub fn group_topics(bootstrap: &str, group: &str) -> Result<Vec<String>> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+    const TIMEOUT: Duration = Duration::from_secs(10);
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .create()?;
+    let md = c.fetch_metadata(None, TIMEOUT)?;
+    let mut all = TopicPartitionList::new();
+    for t in md.topics() {
+        if t.name().starts_with("__") || t.error().is_some() {
+            continue;
+        }
+        for p in t.partitions() {
+            all.add_partition(t.name(), p.id());
+        }
+    }
+    // The coordinator may be loading or moving (a broker restarted): retry briefly.
+    let mut tries = 0;
+    let committed = loop {
+        match c.committed_offsets(all.clone(), TIMEOUT) {
+            Ok(t) => break t,
+            Err(e) if tries < 10 => {
+                tracing::debug!(error = %e, "reading committed offsets; retrying");
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(300));
+            }
+            Err(e) => return Err(e).context("reading the group's committed offsets"),
+        }
+    };
+    let mut topics: std::collections::BTreeSet<String> = committed
+        .elements()
+        .iter()
+        .filter(|e| matches!(e.offset(), Offset::Offset(_)))
+        .map(|e| e.topic().to_string())
+        .collect();
+    let groups = c.fetch_group_list(Some(group), TIMEOUT)?;
+    for g in groups.groups().iter().filter(|g| g.name() == group) {
+        if g.protocol_type() != "consumer" {
+            continue;
+        }
+        for m in g.members() {
+            if let Some(assigned) = m.assignment().and_then(assigned_topics) {
+                topics.extend(assigned);
+            }
+        }
+    }
+    Ok(topics.into_iter().collect())
+}
+
+/// Topic names in a consumer-protocol assignment (version i16, then an array of (topic:
+/// string i16-prefixed, partitions: array of i32), then user data); None if malformed.
+pub fn assigned_topics(bytes: &[u8]) -> Option<Vec<String>> {
+    let mut at = 2usize;
+    let mut take = |n: usize| -> Option<&[u8]> {
+        let s = bytes.get(at..at.checked_add(n)?)?;
+        at += n;
+        Some(s)
+    };
+    let i32_at = |b: &[u8]| i32::from_be_bytes([b[0], b[1], b[2], b[3]]);
+    let count = i32_at(take(4)?);
+    let mut out = Vec::new();
+    for _ in 0..count.max(0) {
+        let len = i16::from_be_bytes(take(2)?.try_into().ok()?);
+        let name = std::str::from_utf8(take(usize::try_from(len).ok()?)?).ok()?;
+        let partitions = i32_at(take(4)?);
+        take(4 * usize::try_from(partitions.max(0)).ok()?)?;
+        out.push(name.to_string());
+    }
+    Some(out)
+}
+
+/// `chatstream lag --group G [--topics ...]`: the group's lag per partition and in total,
+/// on the topics given or else on the topics the group consumes ([`group_topics`]).
 pub async fn run_lag(group: String, topics: Vec<String>, ep: Endpoints) -> Result<()> {
     let b = ep.kafka_bootstrap;
-    let lags = tokio::task::spawn_blocking(move || replay::lag(&b, &group, &topics)).await??;
+    let lags = tokio::task::spawn_blocking(move || -> Result<Vec<replay::PartitionLag>> {
+        let topics = if topics.is_empty() {
+            let found = group_topics(&b, &group)?;
+            if found.is_empty() {
+                eprintln!(
+                    "group {group} has no committed offsets and no members: nothing to count"
+                );
+            }
+            found
+        } else {
+            topics
+        };
+        Ok(replay::lag(&b, &group, &topics)?)
+    })
+    .await??;
     let total: i64 = lags.iter().map(|l| l.lag).sum();
     for l in &lags {
         println!(
@@ -425,4 +521,26 @@ pub async fn run_search(tenant: String, query: String, limit: i64, ep: Endpoints
     let hits = queries::search(store.pool(), &tenant, &query, limit).await?;
     println!("{}", serde_json::to_string_pretty(&hits)?);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn assignments_name_their_topics() {
+        // version 1; two topics: "chat-events" [0, 3], "x" []; 4 bytes of user data.
+        let mut b = vec![0, 1, 0, 0, 0, 2];
+        b.extend([0, 11]);
+        b.extend(b"chat-events");
+        b.extend([0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 3]);
+        b.extend([0, 1, b'x', 0, 0, 0, 0]);
+        b.extend([0, 0, 0, 0]);
+        assert_eq!(
+            assigned_topics(&b),
+            Some(vec!["chat-events".to_string(), "x".to_string()])
+        );
+        assert_eq!(assigned_topics(&b[..9]), None, "truncated");
+        assert_eq!(assigned_topics(&[]), None);
+    }
 }

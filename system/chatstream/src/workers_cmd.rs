@@ -1,6 +1,8 @@
-//! `chatstream workers`: runs the chosen workers (each its own consumer group), exposes
-//! `/healthz`, `/metrics` (including consumer lag per group and partition) and the read
-//! API (`/api/audit/...`, `/api/search`), and stops cleanly on SIGTERM, committing what
+//! `chatstream workers`: runs the chosen workers (each its own consumer group) and the
+//! retention task, exposes `/healthz` (liveness), `/readyz` (red while a partition is
+//! stuck, naming it), `/metrics` (including consumer lag and stuck partitions per group
+//! and partition), the read API (`/api/audit/...`, `/api/search`) and replay over HTTP
+//! (`/api/replay/...`, see `replay_http`), and stops cleanly on SIGTERM, committing what
 //! was handled.
 
 use anyhow::{bail, Context, Result};
@@ -11,6 +13,8 @@ use chatstream_store::Store;
 use chatstream_workers::handlers::{
     Alerts, Analytics, Audit, Export, Search, SearchWithoutIdempotency,
 };
+use chatstream_workers::health::{PartitionWatch, STUCK_GAUGE};
+use chatstream_workers::retention::{run_retention, RetentionPolicy};
 use chatstream_workers::{queries, run_worker, Handler, WorkerConfig};
 use clap::Args;
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -78,6 +82,35 @@ pub struct WorkersArgs {
     /// of upserting it, so a redelivery changes the index (a rebuild differs from it).
     #[arg(long, hide = true)]
     pub unsafe_search_no_idempotency: bool,
+    /// Tries of an event the database (or webhook) refuses for good — e.g. SQLSTATE class
+    /// 22 or 23, a NUL byte in a text field — before it is dead-lettered with the error.
+    #[arg(long, default_value_t = 3)]
+    pub permanent_error_tries: u32,
+    /// Longest wait between two retries of a failing event (capped exponential backoff
+    /// from 1 s).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
+    pub retry_max_backoff: Duration,
+    /// A partition retrying an event, or lagging without progress, for longer than this is
+    /// stuck: /readyz turns red naming it, and chatstream_worker_partition_stuck is 1.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "60s")]
+    pub stuck_after: Duration,
+    /// How often consumer lag is measured (the lag gauges and the stuck-partition watch).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
+    pub lag_interval: Duration,
+    /// How often retention runs (0s: never).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "60s")]
+    pub retention_interval: Duration,
+    /// Published outbox rows older than this are deleted.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "1h")]
+    pub outbox_retention: Duration,
+    /// Processed-event markers older than this are deleted. Keep it longer than the
+    /// longest retention of the topics the workers read (notifications: 30 days), or a
+    /// redelivered old event could be counted twice.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "30days")]
+    pub processed_retention: Duration,
+    /// Test fault injection: the first N pause and seek calls of each consumer fail.
+    #[arg(long, hide = true, default_value_t = 0)]
+    pub test_fail_partition_ops: u32,
 }
 
 impl WorkersArgs {
@@ -107,6 +140,7 @@ pub async fn open_store(url: &str) -> Result<Store> {
 struct Api {
     pool: PgPool,
     metrics: PrometheusHandle,
+    watch: Arc<PartitionWatch>,
 }
 
 type ApiResult = Result<Json<serde_json::Value>, (axum::http::StatusCode, String)>;
@@ -133,6 +167,23 @@ fn now_ms() -> i64 {
 fn router(api: Api) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get(|State(a): State<Api>| async move {
+                let stuck = a.watch.stuck(std::time::Instant::now());
+                let code = if stuck.is_empty() {
+                    axum::http::StatusCode::OK
+                } else {
+                    axum::http::StatusCode::SERVICE_UNAVAILABLE
+                };
+                let body = serde_json::json!({
+                    "ready": stuck.is_empty(),
+                    "stuck_after_s": a.watch.stuck_after().as_secs_f64(),
+                    "stuck": stuck,
+                });
+                (code, Json(body))
+            }),
+        )
         .route(
             "/metrics",
             get(|State(a): State<Api>| async move { a.metrics.render() }),
@@ -210,26 +261,40 @@ fn router(api: Api) -> Router {
         .with_state(api)
 }
 
-/// Publishes consumer lag per group and partition as gauges, every 5 s.
+/// Publishes consumer lag per group and partition as gauges every `interval`, feeds the
+/// stuck-partition watch with it, and publishes which partitions are stuck.
 async fn report_lag(
     bootstrap: String,
     groups: Vec<(String, Vec<String>)>,
+    watch: Arc<PartitionWatch>,
+    interval: Duration,
     mut shutdown: watch::Receiver<bool>,
 ) {
     loop {
         for (group, topics) in &groups {
             let (b, g, t) = (bootstrap.clone(), group.clone(), topics.clone());
-            if let Ok(Ok(lags)) =
-                tokio::task::spawn_blocking(move || chatstream_replay::lag(&b, &g, &t)).await
-            {
-                for l in lags {
-                    metrics::gauge!("chatstream_consumer_lag", "group" => group.clone(), "topic" => l.topic, "partition" => l.partition.to_string())
-                        .set(l.lag as f64);
+            match tokio::task::spawn_blocking(move || chatstream_replay::lag(&b, &g, &t)).await {
+                Ok(Ok(lags)) => {
+                    let now = std::time::Instant::now();
+                    for l in lags {
+                        watch.observe_lag(group, &l.topic, l.partition, l.committed, l.lag, now);
+                        metrics::gauge!("chatstream_consumer_lag", "group" => group.clone(), "topic" => l.topic, "partition" => l.partition.to_string())
+                            .set(l.lag as f64);
+                    }
                 }
+                Ok(Err(e)) => tracing::debug!(%group, error = %e, "lag not measured"),
+                Err(e) => tracing::debug!(%group, error = %e, "lag task failed"),
             }
         }
+        for (group, topic, partition, stuck) in watch.states(std::time::Instant::now()) {
+            if let Some(s) = &stuck {
+                tracing::warn!(%group, %topic, partition, reason = %s.reason, for_s = s.for_s, "partition stuck");
+            }
+            metrics::gauge!(STUCK_GAUGE, "group" => group, "topic" => topic, "partition" => partition.to_string())
+                .set(if stuck.is_some() { 1.0 } else { 0.0 });
+        }
         tokio::select! {
-            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+            _ = tokio::time::sleep(interval) => {}
             _ = shutdown.changed() => return,
         }
     }
@@ -241,8 +306,17 @@ type Spawned = (
     (String, Vec<String>),
 );
 
-fn spawn<H: Handler>(args: &WorkersArgs, handler: H, shutdown: &watch::Receiver<bool>) -> Spawned {
+fn spawn<H: Handler>(
+    args: &WorkersArgs,
+    handler: H,
+    watch: &Arc<PartitionWatch>,
+    shutdown: &watch::Receiver<bool>,
+) -> Spawned {
     let mut config = WorkerConfig::new(&args.kafka_bootstrap);
+    config.permanent_error_tries = args.permanent_error_tries.max(1);
+    config.max_backoff = args.retry_max_backoff.max(config.first_backoff);
+    config.watch = Some(watch.clone());
+    config.test_fail_partition_ops = args.test_fail_partition_ops;
     config.group = Some(args.group(handler.name()));
     config.concurrency = args.concurrency;
     config.crash_after = args.crash_after;
@@ -288,6 +362,13 @@ pub async fn run(
     let store = open_store(&args.postgres_url).await?;
     let pool = store.pool().clone();
     let (tx, rx) = watch::channel(false);
+    let watch = Arc::new(PartitionWatch::new(args.stuck_after));
+    if args.test_fail_partition_ops > 0 {
+        tracing::warn!(
+            n = args.test_fail_partition_ops,
+            "TEST FAULTS: the first pause and seek calls of each consumer fail"
+        );
+    }
     let mut tasks = Vec::new();
     let mut groups = Vec::new();
     for w in &args.only {
@@ -299,6 +380,7 @@ pub async fn run(
                     pool: pool.clone(),
                     group,
                 },
+                &watch,
                 &rx,
             ),
             "analytics" => spawn(
@@ -308,6 +390,7 @@ pub async fn run(
                     group,
                     unsafe_no_dedupe: args.unsafe_no_dedupe,
                 },
+                &watch,
                 &rx,
             ),
             "search" if args.unsafe_search_no_idempotency => spawn(
@@ -316,6 +399,7 @@ pub async fn run(
                     pool: pool.clone(),
                     group,
                 },
+                &watch,
                 &rx,
             ),
             "search" => spawn(
@@ -324,6 +408,7 @@ pub async fn run(
                     pool: pool.clone(),
                     group,
                 },
+                &watch,
                 &rx,
             ),
             "alerts" => spawn(
@@ -335,6 +420,7 @@ pub async fn run(
                     sla_ms: args.sla_ms,
                     http: reqwest::Client::new(),
                 },
+                &watch,
                 &rx,
             ),
             _ => spawn(
@@ -344,13 +430,30 @@ pub async fn run(
                     group,
                     dir: args.export_dir.clone(),
                 },
+                &watch,
                 &rx,
             ),
         };
         tasks.push(task);
         groups.push(entry);
     }
-    tokio::spawn(report_lag(args.kafka_bootstrap.clone(), groups, rx.clone()));
+    tokio::spawn(report_lag(
+        args.kafka_bootstrap.clone(),
+        groups,
+        watch.clone(),
+        args.lag_interval.max(Duration::from_millis(100)),
+        rx.clone(),
+    ));
+    tokio::spawn(run_retention(
+        store.clone(),
+        RetentionPolicy {
+            interval: args.retention_interval,
+            outbox_age: args.outbox_retention,
+            processed_age: args.processed_retention,
+            ..RetentionPolicy::default()
+        },
+        rx.clone(),
+    ));
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
@@ -359,7 +462,12 @@ pub async fn run(
         serde_json::json!({ "event": "listening", "workers": args.only, "addr": listener.local_addr()?.to_string() })
     );
     let mut server_stop = rx.clone();
-    let app = router(Api { pool, metrics });
+    let app = router(Api {
+        pool,
+        metrics,
+        watch,
+    })
+    .merge(crate::replay_http::router(&args.kafka_bootstrap));
     let server = tokio::spawn(async move {
         axum::serve(listener, app)
             .with_graceful_shutdown(async move {

@@ -10,7 +10,7 @@ mod common;
 use anyhow::{anyhow, ensure, Result};
 use chatstream_protocol::EventBody;
 use common::*;
-use squall_stack::testing::SharedStack;
+use squall_stack::testing::{eventually, SharedStack};
 use squall_stack::{stack_test, Stack};
 use std::path::PathBuf;
 use std::process::Command;
@@ -462,6 +462,746 @@ async fn alerts_retry_a_failing_webhook_and_export_writes_pairs(stack: &mut Stac
 }
 
 // ---------------------------------------------------------------------------------------
+// Hardening: permanent errors, stuck partitions, the retry/seek path, retention, the
+// outbox's refused rows, replay over HTTP, lag per group.
+
+/// GET `http://{addr}{path}`: status and JSON body (null when not JSON).
+async fn get_json(addr: &str, path: &str) -> Result<(u16, serde_json::Value)> {
+    let r = reqwest::get(format!("http://{addr}{path}")).await?;
+    let code = r.status().as_u16();
+    let text = r.text().await?;
+    Ok((
+        code,
+        serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
+    ))
+}
+
+/// Sum of the samples of metric `name` at `addr` whose labels contain every `labels` pair.
+async fn metric_at(addr: &str, name: &str, labels: &[(&str, &str)]) -> Result<Option<f64>> {
+    let text = reqwest::get(format!("http://{addr}/metrics"))
+        .await?
+        .text()
+        .await?;
+    let mut found = None;
+    for l in text.lines() {
+        if !(l.starts_with(name) && l[name.len()..].starts_with([' ', '{'])) {
+            continue;
+        }
+        if !labels
+            .iter()
+            .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        {
+            continue;
+        }
+        if let Some(v) = l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) {
+            found = Some(found.unwrap_or(0.0) + v);
+        }
+    }
+    Ok(found)
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn stream_error(session: &str) -> EventBody {
+    EventBody::StreamError(chatstream_protocol::events::StreamError {
+        session_id: session.into(),
+        message_id: "m".into(),
+        conversation_id: "c".into(),
+        error: "boom".into(),
+        error_code: "TEST".into(),
+        chunk_index: 1,
+    })
+}
+
+/// A webhook that answers 503 while `refuse` says so, and records what it took.
+struct Hook {
+    url: String,
+    received: Arc<Mutex<Vec<serde_json::Value>>>,
+    server: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl Drop for Hook {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+async fn hook(refuse: impl Fn(&serde_json::Value) -> bool + Send + Sync + 'static) -> Result<Hook> {
+    let received: Arc<Mutex<Vec<serde_json::Value>>> = Arc::default();
+    let refuse = Arc::new(refuse);
+    let app = {
+        let received = received.clone();
+        axum::Router::new().route(
+            "/hook",
+            axum::routing::post(move |axum::Json(body): axum::Json<serde_json::Value>| {
+                let (received, refuse) = (received.clone(), refuse.clone());
+                async move {
+                    if refuse(&body) {
+                        return axum::http::StatusCode::SERVICE_UNAVAILABLE;
+                    }
+                    if let Ok(mut r) = received.lock() {
+                        r.push(body);
+                    }
+                    axum::http::StatusCode::OK
+                }
+            }),
+        )
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}/hook", listener.local_addr()?);
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    Ok(Hook {
+        url,
+        received,
+        server,
+    })
+}
+
+/// Item 7: an event PostgreSQL refuses for good (a NUL byte: SQLSTATE 22021 in the search
+/// index's text, 22P05 in the audit's JSONB) is tried 3 times, dead-lettered with the
+/// error, and the event after it on the same partition is handled. Today's code retries it
+/// forever and the partition never moves.
+async fn a_permanent_database_error_is_dead_lettered_and_the_partition_moves_on(
+    stack: &mut Stack,
+) -> Result<()> {
+    let conv = unique("conv-nul");
+    let bad = chat_event(&conv, "a NUL \u{0} inside", now_ms());
+    let good = chat_event(&conv, "findable after the nul", now_ms());
+    let p = producer(stack)?;
+    let (bp, bo) = produce(&p, "chat-events", bad.key(), bad.to_json().as_bytes(), None).await?;
+    let (gp, _) = produce(
+        &p,
+        "chat-events",
+        good.key(),
+        good.to_json().as_bytes(),
+        None,
+    )
+    .await?;
+    ensure!(bp == gp, "same key, same partition");
+    let prefix = unique("nul");
+    let mut w = Workers::start(stack, "search,audit", &prefix, &[]).await?;
+    let pool = pg(stack).await?;
+    let good_id = good.message_id.clone().unwrap_or_default();
+    eventually(
+        "the event after the refused one is indexed and audited",
+        Duration::from_secs(90),
+        || async {
+            let indexed: i64 =
+                sqlx::query_scalar("SELECT count(*) FROM search_messages WHERE message_id = $1")
+                    .bind(&good_id)
+                    .fetch_one(&pool)
+                    .await?;
+            let audited: i64 =
+                sqlx::query_scalar("SELECT count(*) FROM audit_logs WHERE event_id = $1")
+                    .bind(&good.id)
+                    .fetch_one(&pool)
+                    .await?;
+            ensure!(
+                indexed == 1 && audited == 1,
+                "indexed {indexed}, audited {audited}"
+            );
+            Ok(())
+        },
+    )
+    .await?;
+    let bootstrap = stack.endpoints().kafka_bootstrap;
+    let start = Instant::now();
+    let mine = loop {
+        let mine: Vec<DeadLetter> = dead_letters(&bootstrap)
+            .await?
+            .into_iter()
+            .filter(|(_, h)| {
+                h.get("dlq-source-partition") == Some(&bp.to_string())
+                    && h.get("dlq-source-offset") == Some(&bo.to_string())
+            })
+            .collect();
+        if mine.len() >= 2 || start.elapsed() > Duration::from_secs(30) {
+            break mine;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    for worker in ["search", "audit"] {
+        let (payload, h) = mine
+            .iter()
+            .find(|(_, h)| h.get("dlq-worker").map(String::as_str) == Some(worker))
+            .ok_or_else(|| anyhow!("no dead letter from {worker}: {mine:?}"))?;
+        ensure!(
+            payload == bad.to_json().as_bytes(),
+            "the dead letter is the event unchanged"
+        );
+        let error = h.get("dlq-error").cloned().unwrap_or_default();
+        ensure!(
+            error.contains("refused 3 times") && error.contains("SQLSTATE 22"),
+            "{worker}: dlq-error {error:?}"
+        );
+        eprintln!("  {worker}: {error}");
+    }
+    for g in ["search", "audit"] {
+        let topics: &[&str] = if g == "search" {
+            &["chat-events"]
+        } else {
+            &[
+                "chat-events",
+                "stream-events",
+                "message-status-events",
+                "notifications",
+            ]
+        };
+        caught_up(
+            stack,
+            &format!("{prefix}-{g}"),
+            topics,
+            Duration::from_secs(120),
+        )
+        .await?;
+    }
+    let status = w.stop().await?;
+    ensure!(status.success(), "workers exited with {status}");
+    Ok(())
+}
+
+/// Item 7: a partition retrying an event longer than --stuck-after turns /readyz red,
+/// naming group, topic and partition, and sets chatstream_worker_partition_stuck to 1;
+/// /healthz stays 200; once the event goes through, both are back.
+async fn a_stuck_partition_turns_readyz_red_naming_it_until_it_moves(
+    stack: &mut Stack,
+) -> Result<()> {
+    let accepting = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let gate = accepting.clone();
+    let h = hook(move |_| !gate.load(std::sync::atomic::Ordering::SeqCst)).await?;
+    let session = unique("s-stuck");
+    let e = stream_event(&session, stream_error(&session), false);
+    let p = producer(stack)?;
+    let (partition, _) =
+        produce(&p, "stream-events", e.key(), e.to_json().as_bytes(), None).await?;
+    let prefix = unique("stuck");
+    let group = format!("{prefix}-alerts");
+    let w = Workers::start(
+        stack,
+        "alerts",
+        &prefix,
+        &[
+            "--webhook",
+            &h.url,
+            "--stuck-after",
+            "3s",
+            "--lag-interval",
+            "500ms",
+            "--retry-max-backoff",
+            "1s",
+        ],
+    )
+    .await?;
+    let part = partition.to_string();
+    let labels = [
+        ("group", group.as_str()),
+        ("topic", "stream-events"),
+        ("partition", part.as_str()),
+    ];
+    eventually(
+        "readyz names the stuck partition",
+        Duration::from_secs(60),
+        || async {
+            let (code, body) = get_json(&w.addr, "/readyz").await?;
+            let named = body["stuck"].as_array().is_some_and(|s| {
+                s.iter().any(|x| {
+                    x["group"] == group.as_str()
+                        && x["topic"] == "stream-events"
+                        && x["partition"] == partition
+                        && x["reason"].as_str().is_some_and(|r| r.contains("503"))
+                })
+            });
+            ensure!(code == 503 && named, "readyz {code} {body}");
+            let gauge = metric_at(&w.addr, "chatstream_worker_partition_stuck", &labels).await?;
+            ensure!(gauge == Some(1.0), "stuck gauge {gauge:?}");
+            Ok(())
+        },
+    )
+    .await?;
+    let (health, _) = get_json(&w.addr, "/healthz").await?;
+    ensure!(health == 200, "healthz {health} while a partition is stuck");
+    accepting.store(true, std::sync::atomic::Ordering::SeqCst);
+    eventually(
+        "readyz is green again once the event went through",
+        Duration::from_secs(60),
+        || async {
+            let (code, body) = get_json(&w.addr, "/readyz").await?;
+            ensure!(code == 200 && body["ready"] == true, "readyz {code} {body}");
+            let gauge = metric_at(&w.addr, "chatstream_worker_partition_stuck", &labels).await?;
+            ensure!(gauge == Some(0.0), "stuck gauge {gauge:?}");
+            Ok(())
+        },
+    )
+    .await?;
+    caught_up(stack, &group, &["stream-events"], Duration::from_secs(60)).await?;
+    let got = h.received.lock().map(|r| r.clone()).unwrap_or_default();
+    ensure!(
+        got.iter().any(|b| b["event_id"] == e.id.as_str()),
+        "the stuck event was never delivered"
+    );
+    Ok(())
+}
+
+/// Item 7: the retry path with its pause and its seek failing (injected, as a broker can
+/// make them fail): records fetched and dropped during the retry are read again — every
+/// event of the partition is handled, and the committed offset reaches the end. Today's
+/// code logs the failed seek, resumes, and skips them for good.
+async fn a_failed_pause_and_seek_during_a_retry_skip_nothing(stack: &mut Stack) -> Result<()> {
+    let session = unique("s-seek");
+    let refusals = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (s, n) = (session.clone(), refusals.clone());
+    // The session's first alert is refused twice; everything else is taken.
+    let h = hook(move |b| {
+        b["alert"]["session_id"] == s.as_str()
+            && n.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < 2
+    })
+    .await?;
+    let p = producer(stack)?;
+    let mut ids = Vec::new();
+    for _ in 0..10 {
+        let e = stream_event(&session, stream_error(&session), false);
+        produce(&p, "stream-events", e.key(), e.to_json().as_bytes(), None).await?;
+        ids.push(e.id);
+    }
+    let prefix = unique("seek");
+    let mut w = Workers::start(
+        stack,
+        "alerts",
+        &prefix,
+        &["--webhook", &h.url, "--test-fail-partition-ops", "3"],
+    )
+    .await?;
+    let group = format!("{prefix}-alerts");
+    let outcome = caught_up(stack, &group, &["stream-events"], Duration::from_secs(60)).await;
+    w.stop().await?;
+    let got: std::collections::BTreeSet<String> = h
+        .received
+        .lock()
+        .map(|r| r.clone())
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|b| b["event_id"].as_str().map(String::from))
+        .collect();
+    let missing: Vec<&String> = ids.iter().filter(|id| !got.contains(*id)).collect();
+    ensure!(
+        missing.is_empty(),
+        "{} of 10 events after the failed pause and seek were never handled: {missing:?} ({outcome:?})",
+        missing.len()
+    );
+    ensure!(
+        refusals.load(std::sync::atomic::Ordering::SeqCst) >= 2,
+        "the retry path was not taken"
+    );
+    outcome
+}
+
+/// Item 8: retention deletes published outbox rows and processed markers past their keep
+/// time, keeps newer ones and every pending outbox row, and counts what it deleted.
+async fn retention_prunes_published_outbox_rows_and_old_markers(stack: &mut Stack) -> Result<()> {
+    // The schema comes with the first workers process.
+    let prefix = unique("retention");
+    let mut first =
+        Workers::start(stack, "search", &prefix, &["--retention-interval", "0s"]).await?;
+    first.stop().await?;
+    let pool = pg(stack).await?;
+    let now = now_ms();
+    let hour = 3_600_000;
+    let rows = [
+        ("old-published", Some(now - 2 * hour)),
+        ("new-published", Some(now)),
+        ("old-pending", None),
+    ];
+    let tag = unique("ret");
+    for (what, published) in rows {
+        sqlx::query(
+            "INSERT INTO outbox (event_id, shard, topic, key, payload, node_id, created_at_ms, published_at_ms)
+             VALUES ($1, 0, 'retention-test', 'k', '{}', 'test', $2, $3)",
+        )
+        .bind(format!("{tag}-{what}"))
+        .bind(now - 3 * hour)
+        .bind(published)
+        .execute(&pool)
+        .await?;
+    }
+    for (what, at) in [("old", now - 2 * hour), ("new", now)] {
+        sqlx::query(
+            "INSERT INTO processed_events (consumer_group, event_id, processed_at_ms) VALUES ($1, $2, $3)",
+        )
+        .bind(&tag)
+        .bind(format!("{tag}-{what}"))
+        .bind(at)
+        .execute(&pool)
+        .await?;
+    }
+    // Pending outbox rows of this test must not be published by a node: none runs here.
+    let mut w = Workers::start(
+        stack,
+        "search",
+        &prefix,
+        &[
+            "--retention-interval",
+            "500ms",
+            "--outbox-retention",
+            "1h",
+            "--processed-retention",
+            "1h",
+        ],
+    )
+    .await?;
+    eventually(
+        "old rows pruned, new ones kept",
+        Duration::from_secs(30),
+        || async {
+            let outbox: Vec<String> = sqlx::query_scalar(
+                "SELECT event_id FROM outbox WHERE event_id LIKE $1 ORDER BY event_id",
+            )
+            .bind(format!("{tag}-%"))
+            .fetch_all(&pool)
+            .await?;
+            let markers: Vec<String> = sqlx::query_scalar(
+                "SELECT event_id FROM processed_events WHERE consumer_group = $1 ORDER BY event_id",
+            )
+            .bind(&tag)
+            .fetch_all(&pool)
+            .await?;
+            ensure!(
+                outbox == [format!("{tag}-new-published"), format!("{tag}-old-pending")]
+                    && markers == [format!("{tag}-new")],
+                "outbox {outbox:?}, markers {markers:?}"
+            );
+            Ok(())
+        },
+    )
+    .await?;
+    for table in ["outbox", "processed_events"] {
+        let n = metric_at(
+            &w.addr,
+            "chatstream_retention_pruned_rows_total",
+            &[("table", table)],
+        )
+        .await?
+        .unwrap_or(0.0);
+        ensure!(n >= 1.0, "pruned {table} rows counted {n}");
+    }
+    w.stop().await?;
+    sqlx::query("DELETE FROM outbox WHERE event_id LIKE $1")
+        .bind(format!("{tag}-%"))
+        .execute(&pool)
+        .await?;
+    Ok(())
+}
+
+/// Item 8: outbox rows Kafka refuses for good — one larger than the topic's
+/// max.message.bytes (the broker refuses it), one larger than the producer's
+/// message.max.bytes (the client refuses it) — are moved to outbox_rejected with the
+/// error and counted; the rows after them in the same shard are published. Today's relay
+/// retries the batch forever and the shard never moves.
+async fn an_outbox_row_kafka_refuses_is_moved_aside_and_its_shard_goes_on(
+    stack: &mut Stack,
+) -> Result<()> {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    let bootstrap = stack.endpoints().kafka_bootstrap;
+    let topic = unique("small-records");
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &bootstrap)
+        .create()?;
+    let created = admin
+        .create_topics(
+            &[NewTopic::new(&topic, 1, TopicReplication::Fixed(3))
+                .set("max.message.bytes", "100000")
+                .set("min.insync.replicas", "2")],
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))),
+        )
+        .await?;
+    for r in created {
+        r.map_err(|(t, e)| anyhow!("creating {t}: {e}"))?;
+    }
+    // The schema (outbox_rejected) comes with the node's migrations.
+    let node = Node::start(stack, "relay-refusals", &[]).await?;
+    let pool = pg(stack).await?;
+    let key = unique("k");
+    let shard = chatstream_store::shard_of(&key);
+    let tag = unique("refused");
+    let rows = [
+        ("1-good", "{\"n\":1}".to_string()),
+        ("2-broker-refuses", format!("\"{}\"", "b".repeat(300_000))),
+        ("3-client-refuses", format!("\"{}\"", "c".repeat(2_000_000))),
+        ("4-good", "{\"n\":4}".to_string()),
+    ];
+    // One transaction: the relay sees the four rows as one batch of one shard.
+    let mut tx = pool.begin().await?;
+    for (what, payload) in &rows {
+        sqlx::query(
+            "INSERT INTO outbox (event_id, shard, topic, key, payload, node_id, created_at_ms)
+             VALUES ($1, $2, $3, $4, $5, 'test', $6)",
+        )
+        .bind(format!("{tag}-{what}"))
+        .bind(shard)
+        .bind(&topic)
+        .bind(&key)
+        .bind(payload)
+        .bind(now_ms())
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await?;
+    eventually("the refused rows are moved aside and the good ones published", Duration::from_secs(60), || async {
+        let published: Vec<String> = sqlx::query_scalar(
+            "SELECT event_id FROM outbox WHERE event_id LIKE $1 AND published_at_ms IS NOT NULL ORDER BY event_id",
+        )
+        .bind(format!("{tag}-%"))
+        .fetch_all(&pool)
+        .await?;
+        let rejected: Vec<(String, String)> = sqlx::query_as(
+            "SELECT event_id, error FROM outbox_rejected WHERE event_id LIKE $1 ORDER BY event_id",
+        )
+        .bind(format!("{tag}-%"))
+        .fetch_all(&pool)
+        .await?;
+        let pending: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM outbox WHERE event_id LIKE $1 AND published_at_ms IS NULL",
+        )
+        .bind(format!("{tag}-%"))
+        .fetch_one(&pool)
+        .await?;
+        ensure!(
+            published == [format!("{tag}-1-good"), format!("{tag}-4-good")]
+                && rejected.len() == 2
+                && pending == 0,
+            "published {published:?}, rejected {rejected:?}, pending {pending}"
+        );
+        for (id, error) in &rejected {
+            eprintln!("  {id}: {error}");
+        }
+        Ok(())
+    })
+    .await?;
+    let on_kafka: i64 = {
+        let (b, t) = (bootstrap.clone(), topic.clone());
+        tokio::task::spawn_blocking(move || chatstream_replay::ranges_all(&b, &t))
+            .await??
+            .iter()
+            .map(|r| r.len())
+            .sum()
+    };
+    ensure!(
+        on_kafka == 2,
+        "{on_kafka} records on {topic}, expected the 2 good ones"
+    );
+    let counted = metric(&node, "chatstream_outbox_rejected_total").await?;
+    ensure!(counted >= 2.0, "chatstream_outbox_rejected_total {counted}");
+    // The shard keeps going: a later message of the same key is published too.
+    sqlx::query(
+        "INSERT INTO outbox (event_id, shard, topic, key, payload, node_id, created_at_ms)
+         VALUES ($1, $2, $3, $4, '{\"n\":5}', 'test', $5)",
+    )
+    .bind(format!("{tag}-5-later"))
+    .bind(shard)
+    .bind(&topic)
+    .bind(&key)
+    .bind(now_ms())
+    .execute(&pool)
+    .await?;
+    eventually(
+        "a later row of the shard is published",
+        Duration::from_secs(30),
+        || async {
+            let n: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM outbox WHERE event_id = $1 AND published_at_ms IS NOT NULL",
+            )
+            .bind(format!("{tag}-5-later"))
+            .fetch_one(&pool)
+            .await?;
+            ensure!(n == 1, "not published yet");
+            Ok(())
+        },
+    )
+    .await?;
+    Ok(())
+}
+
+/// Item 11: replay over HTTP on the workers process — a session's timeline (also at the
+/// seeds' /api/debug/replay-session/{id}) and a topic from a time, exact, bounded by
+/// max_events and max_wait_ms, with errors for a missing time or an unknown topic.
+async fn replay_over_http_answers_timelines_and_topics_within_limits(
+    stack: &mut Stack,
+) -> Result<()> {
+    use chatstream_protocol::events::SessionStarted;
+    let p = producer(stack)?;
+    let session = unique("s-http");
+    let started = EventBody::SessionStarted(SessionStarted {
+        session_id: session.clone(),
+        message_id: "m".into(),
+        conversation_id: "c".into(),
+        user_id: "alice".into(),
+        prompt: "replay me".into(),
+        prompt_length: 9,
+        planned_chunks: 2,
+    });
+    let events = [
+        stream_event(&session, started, false),
+        stream_event(&session, stream_error(&session), false),
+        stream_event(&session, completed(&session, 100), false),
+    ];
+    for e in &events {
+        produce(&p, "stream-events", e.key(), e.to_json().as_bytes(), None).await?;
+    }
+    let topic = unique("http-replay");
+    stack
+        .create_topics(&[squall_stack::topics::TopicSpec {
+            name: topic.clone(),
+            retention_ms: 3_600_000,
+        }])
+        .await?;
+    let t = now_ms() - 600_000;
+    let mut after = std::collections::BTreeSet::new();
+    for i in 0..40i64 {
+        let (key, ts) = if i % 2 == 0 {
+            (format!("before-{i}"), t - 1 - i)
+        } else {
+            (format!("after-{i}"), t + i)
+        };
+        if ts >= t {
+            after.insert(key.clone());
+        }
+        let payload = serde_json::json!({ "k": key }).to_string();
+        produce(&p, &topic, &key, payload.as_bytes(), Some(ts)).await?;
+    }
+    let prefix = unique("http");
+    let mut w = Workers::start(stack, "search", &prefix, &[]).await?;
+
+    let (code, body) = get_json(&w.addr, &format!("/api/replay/sessions/{session}")).await?;
+    let types: Vec<&str> = body["events"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|e| e["type"].as_str()).collect())
+        .unwrap_or_default();
+    ensure!(
+        code == 200
+            && types == ["SESSION_STARTED", "STREAM_ERROR", "STREAM_COMPLETED"]
+            && body["complete"] == true,
+        "timeline {code} {types:?} {body}"
+    );
+    ensure!(
+        body["events"]
+            .as_array()
+            .is_some_and(|a| a.iter().all(|e| e["replayed"] == true)),
+        "replayed events must be marked"
+    );
+    let (code, seeds) = get_json(&w.addr, &format!("/api/debug/replay-session/{session}")).await?;
+    ensure!(
+        code == 200 && seeds["events"] == body["events"],
+        "debug path: {code} {seeds}"
+    );
+    let (code, cut) = get_json(
+        &w.addr,
+        &format!("/api/replay/sessions/{session}?max_events=2"),
+    )
+    .await?;
+    ensure!(
+        code == 200 && cut["count"] == 2 && cut["truncated"] == true && cut["complete"] == false,
+        "max_events=2: {cut}"
+    );
+
+    let (code, body) = get_json(&w.addr, &format!("/api/replay/topics/{topic}?since={t}")).await?;
+    let keys: std::collections::BTreeSet<String> = body["records"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|r| r["event"]["k"].as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default();
+    ensure!(
+        code == 200 && keys == after && body["count"] == 20 && body["complete"] == true,
+        "from a time: {code}, {} keys, expected {}: {body}",
+        keys.len(),
+        after.len()
+    );
+    let (code, cut) = get_json(
+        &w.addr,
+        &format!("/api/replay/topics/{topic}?since={t}&max_events=5"),
+    )
+    .await?;
+    ensure!(
+        code == 200 && cut["count"].as_i64().is_some_and(|n| n <= 5) && cut["truncated"] == true,
+        "max_events=5: {cut}"
+    );
+    let (code, late) = get_json(
+        &w.addr,
+        &format!("/api/replay/topics/{topic}?since={t}&max_wait_ms=0"),
+    )
+    .await?;
+    ensure!(
+        code == 200 && late["timed_out"] == true && late["complete"] == false,
+        "max_wait_ms=0: {late}"
+    );
+    let (code, _) = get_json(&w.addr, &format!("/api/replay/topics/{topic}")).await?;
+    ensure!(code == 400, "no since: {code}");
+    let (code, _) = get_json(
+        &w.addr,
+        &format!("/api/replay/topics/{}?since={t}", unique("nope")),
+    )
+    .await?;
+    ensure!(code == 404, "unknown topic: {code}");
+    w.stop().await?;
+    Ok(())
+}
+
+/// Item 14: `chatstream lag --group G` counts only the topics G consumes: after the search
+/// workers drain, 0 (today it also counts stream-events and the rest, which the search
+/// group never reads).
+async fn lag_counts_only_the_topics_the_group_consumes(stack: &mut Stack) -> Result<()> {
+    let p = producer(stack)?;
+    let e = chat_event(&unique("conv-lag"), "lag me", now_ms());
+    produce(&p, "chat-events", e.key(), e.to_json().as_bytes(), None).await?;
+    let s = unique("s-lag");
+    let other = stream_event(&s, completed(&s, 10), false);
+    produce(
+        &p,
+        "stream-events",
+        other.key(),
+        other.to_json().as_bytes(),
+        None,
+    )
+    .await?;
+    let prefix = unique("lag");
+    let group = format!("{prefix}-search");
+    let mut w = Workers::start(stack, "search", &prefix, &[]).await?;
+    caught_up(stack, &group, &["chat-events"], Duration::from_secs(60)).await?;
+    w.stop().await?;
+    let out = Command::new(chatstream_bin())
+        .args([
+            "lag",
+            "--kafka-bootstrap",
+            &stack.endpoints().kafka_bootstrap,
+        ])
+        .args(["--group", &group])
+        .env("RUST_LOG", "warn")
+        .output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success(),
+        "lag: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ensure!(
+        stdout.lines().any(|l| l == "total lag 0"),
+        "lag of a drained group:\n{stdout}"
+    );
+    ensure!(
+        stdout.lines().any(|l| l.starts_with("chat-events "))
+            && !stdout.lines().any(|l| l.starts_with("stream-events")),
+        "only chat-events is the search group's:\n{stdout}"
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
 
 fn main() {
     let shared = SharedStack::new(
@@ -489,6 +1229,41 @@ fn main() {
             shared,
             "workers::rebuilt_projections_equal_the_live_ones",
             rebuilt_projections_equal_the_live_ones
+        ),
+        stack_test!(
+            shared,
+            "workers::a_permanent_database_error_is_dead_lettered_and_the_partition_moves_on",
+            a_permanent_database_error_is_dead_lettered_and_the_partition_moves_on
+        ),
+        stack_test!(
+            shared,
+            "workers::a_stuck_partition_turns_readyz_red_naming_it_until_it_moves",
+            a_stuck_partition_turns_readyz_red_naming_it_until_it_moves
+        ),
+        stack_test!(
+            shared,
+            "workers::a_failed_pause_and_seek_during_a_retry_skip_nothing",
+            a_failed_pause_and_seek_during_a_retry_skip_nothing
+        ),
+        stack_test!(
+            shared,
+            "workers::retention_prunes_published_outbox_rows_and_old_markers",
+            retention_prunes_published_outbox_rows_and_old_markers
+        ),
+        stack_test!(
+            shared,
+            "workers::an_outbox_row_kafka_refuses_is_moved_aside_and_its_shard_goes_on",
+            an_outbox_row_kafka_refuses_is_moved_aside_and_its_shard_goes_on
+        ),
+        stack_test!(
+            shared,
+            "workers::replay_over_http_answers_timelines_and_topics_within_limits",
+            replay_over_http_answers_timelines_and_topics_within_limits
+        ),
+        stack_test!(
+            shared,
+            "workers::lag_counts_only_the_topics_the_group_consumes",
+            lag_counts_only_the_topics_the_group_consumes
         ),
     ];
     shared.run(trials)

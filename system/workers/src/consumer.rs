@@ -5,10 +5,20 @@
 //!   shutdown.
 //! - A transient failure pauses only that partition and retries the event with capped
 //!   exponential backoff (1 s, 2 s, ... 30 s) while the loop keeps polling, so the
-//!   consumer never stalls into a rebalance; on success the partition is sought past the
-//!   event and resumed.
+//!   consumer never stalls into a rebalance; on success the partition is sought to the
+//!   event after it and resumed — and only once that seek succeeded: until then it stays
+//!   paused and the seek is tried again, so records fetched (and dropped) during the retry
+//!   are always read again. Independently, each partition's next offset is tracked: a
+//!   record arriving past it (records skipped, whatever the cause) is not handled; the
+//!   partition is sought back instead. No offset is committed past an unhandled record.
 //! - A poison event (undecodable, unknown version, failing validation) goes to
 //!   `<topic>-dlq` with the error and its origin in headers, and the worker moves on.
+//! - An event the backend refuses for good (a database "data exception" or "integrity
+//!   constraint violation", e.g. a NUL byte in a text or JSONB field: [`HandleError::
+//!   Permanent`]) is tried `permanent_error_tries` times with the same backoff, then
+//!   dead-lettered with the error, and the partition moves on. Transient errors (a backend
+//!   down) are retried for as long as it takes: a stuck partition is reported instead (a
+//!   [`PartitionWatch`] behind the workers' `/readyz`).
 //! - Handlers make redelivery harmless (idempotent by event id), so a crash between
 //!   handling and commit changes nothing.
 //!
@@ -34,6 +44,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 use crate::dlq;
+use crate::health::PartitionWatch;
 
 /// Where an event came from.
 #[derive(Debug, Clone)]
@@ -59,6 +70,10 @@ pub enum HandleError {
     /// Will never succeed (fails validation): dead-lettered.
     #[error("poison: {0}")]
     Poison(String),
+    /// The backend refused this event itself (e.g. SQLSTATE class 22 or 23): tried a
+    /// bounded number of times (`WorkerConfig::permanent_error_tries`), then dead-lettered.
+    #[error("refused: {0}")]
+    Permanent(String),
 }
 
 /// What a worker does with one event.
@@ -92,6 +107,14 @@ pub struct WorkerConfig {
     /// commit. A kill -9 loses the events of up to one `commit_interval`: their offsets are
     /// committed, their effects never happened, and no redelivery brings them back.
     pub unsafe_commit_before_handle: bool,
+    /// Tries of an event the backend refuses for good ([`HandleError::Permanent`]) before
+    /// it is dead-lettered (at least 1).
+    pub permanent_error_tries: u32,
+    /// Where this worker reports partitions it keeps retrying (the stuck-partition watch).
+    pub watch: Option<Arc<PartitionWatch>>,
+    /// Test fault injection, never for production: the first N pause and seek calls of
+    /// each consumer fail as a broker could make them fail.
+    pub test_fail_partition_ops: u32,
 }
 
 /// Sabotage only: how often offsets of events just read are committed ahead of handling.
@@ -108,6 +131,9 @@ impl WorkerConfig {
             max_backoff: Duration::from_secs(30),
             crash_after: None,
             unsafe_commit_before_handle: false,
+            permanent_error_tries: 3,
+            watch: None,
+            test_fail_partition_ops: 0,
         }
     }
 }
@@ -162,7 +188,95 @@ impl ConsumerContext for WorkerContext {
 struct Retry {
     msg: OwnedMessage,
     attempt: u32,
+    /// How many of the attempts the backend refused the event itself.
+    refusals: u32,
     due: Instant,
+}
+
+/// Per-partition state of one consumer.
+#[derive(Default)]
+struct Partitions {
+    /// Paused partitions whose event is being retried.
+    retries: HashMap<PartitionKey, Retry>,
+    /// Paused partitions waiting for a seek to this offset to succeed (then resumed).
+    seeks: HashMap<PartitionKey, (i64, u32)>,
+    /// The offset expected next: one past the last record handled in this assignment.
+    expected: HashMap<PartitionKey, i64>,
+    /// Partitions just sought: their first record may lie past the target legitimately
+    /// (offsets taken by transaction markers or compaction), since the fetch restarted there.
+    sought: HashSet<PartitionKey>,
+}
+
+impl Partitions {
+    fn forget(&mut self, key: &PartitionKey) {
+        self.retries.remove(key);
+        self.seeks.remove(key);
+        self.expected.remove(key);
+        self.sought.remove(key);
+    }
+
+    /// Records of this partition that arrive now are dropped (they are read again later).
+    fn held(&self, key: &PartitionKey) -> bool {
+        self.retries.contains_key(key) || self.seeks.contains_key(key)
+    }
+}
+
+/// Pause, seek and resume of one consumer's partitions, with the test fault injection.
+struct PartitionOps<'a> {
+    consumer: &'a StreamConsumer<WorkerContext>,
+    fail_next: std::sync::atomic::AtomicU32,
+}
+
+impl PartitionOps<'_> {
+    fn injected(&self) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.fail_next
+            .fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1))
+            .is_ok()
+    }
+
+    fn pause(&self, key: &PartitionKey) -> Result<(), String> {
+        if self.injected() {
+            return Err("pause failed (injected test fault)".into());
+        }
+        self.consumer
+            .pause(&partition_list(&key.0, key.1))
+            .map_err(|e| e.to_string())
+    }
+
+    fn seek(&self, key: &PartitionKey, to: i64) -> Result<(), String> {
+        if self.injected() {
+            return Err("seek failed (injected test fault)".into());
+        }
+        self.consumer
+            .seek(&key.0, key.1, Offset::Offset(to), Duration::from_secs(5))
+            .map_err(|e| e.to_string())
+    }
+
+    fn resume(&self, key: &PartitionKey) {
+        if let Err(e) = self.consumer.resume(&partition_list(&key.0, key.1)) {
+            tracing::warn!(topic = %key.0, partition = key.1, error = %e, "resume failed");
+        }
+    }
+
+    /// Seeks `key` to `to` and resumes it; when the seek fails the partition stays paused
+    /// and `parts.seeks` holds it until a later try succeeds.
+    fn seek_then_resume(&self, parts: &mut Partitions, key: &PartitionKey, to: i64, worker: &str) {
+        match self.seek(key, to) {
+            Ok(()) => {
+                parts.seeks.remove(key);
+                parts.sought.insert(key.clone());
+                self.resume(key);
+            }
+            Err(e) => {
+                let tries = parts.seeks.get(key).map_or(0, |(_, n)| *n) + 1;
+                if tries == 1 || tries % 20 == 0 {
+                    tracing::warn!(%worker, topic = %key.0, partition = key.1, offset = to, tries, error = %e, "seek failed; the partition stays paused until a seek succeeds");
+                }
+                parts.seeks.insert(key.clone(), (to, tries));
+            }
+        }
+    }
 }
 
 /// Runs `concurrency` consumers of `handler` until `shutdown` turns true.
@@ -234,7 +348,37 @@ fn commit_handled(
 /// Outcome of one attempt at an event.
 enum Attempt {
     Done,
+    /// A transient failure: tried again for as long as it takes.
     Retry(String),
+    /// The backend refused the event itself: tried again a bounded number of times.
+    Refused(String),
+}
+
+/// Copies `msg` to its dead-letter topic with `error`; Done once the dead letter is safe.
+async fn dead_letter(
+    worker: &str,
+    producer: &FutureProducer,
+    msg: &OwnedMessage,
+    error: String,
+) -> Attempt {
+    metrics::counter!("chatstream_worker_dead_letters_total", "worker" => worker.to_string())
+        .increment(1);
+    tracing::warn!(worker, topic = %msg.topic(), partition = msg.partition(), offset = msg.offset(), %error, "dead-lettering event");
+    match dlq::send(
+        producer,
+        worker,
+        msg.topic(),
+        msg.partition(),
+        msg.offset(),
+        msg.key(),
+        msg.payload(),
+        &error,
+    )
+    .await
+    {
+        Ok(()) => Attempt::Done,
+        Err(e) => Attempt::Retry(e),
+    }
 }
 
 async fn attempt<H: Handler>(
@@ -248,32 +392,10 @@ async fn attempt<H: Handler>(
         offset: msg.offset(),
     };
     let worker = handler.name();
-    let meta_ref = &meta;
-    let poison = |error: String| async move {
-        let meta = meta_ref;
-        metrics::counter!("chatstream_worker_dead_letters_total", "worker" => worker.to_string())
-            .increment(1);
-        tracing::warn!(worker, topic = %meta.topic, partition = meta.partition, offset = meta.offset, %error, "dead-lettering poison event");
-        match dlq::send(
-            producer,
-            worker,
-            &meta.topic,
-            meta.partition,
-            meta.offset,
-            msg.key(),
-            msg.payload(),
-            &error,
-        )
-        .await
-        {
-            Ok(()) => Attempt::Done,
-            Err(e) => Attempt::Retry(e),
-        }
-    };
     let event = match msg.payload().map(EventEnvelope::from_slice) {
         Some(Ok(e)) => e,
-        Some(Err(e)) => return poison(e.to_string()).await,
-        None => return poison("empty payload".into()).await,
+        Some(Err(e)) => return dead_letter(worker, producer, msg, e.to_string()).await,
+        None => return dead_letter(worker, producer, msg, "empty payload".into()).await,
     };
     match handler.handle(&event, &meta).await {
         Ok(outcome) => {
@@ -285,8 +407,9 @@ async fn attempt<H: Handler>(
             metrics::counter!("chatstream_worker_events_total", "worker" => worker.to_string(), "outcome" => label).increment(1);
             Attempt::Done
         }
-        Err(HandleError::Poison(e)) => poison(e).await,
+        Err(HandleError::Poison(e)) => dead_letter(worker, producer, msg, e).await,
         Err(HandleError::Transient(e)) => Attempt::Retry(e),
+        Err(HandleError::Permanent(e)) => Attempt::Refused(e),
     }
 }
 
@@ -303,8 +426,8 @@ async fn handle_deferred<H: Handler>(
     for msg in deferred.drain(..) {
         match attempt(handler, producer, &msg).await {
             Attempt::Done => count_handled(),
-            Attempt::Retry(e) => {
-                tracing::warn!(worker = handler.name(), topic = msg.topic(), partition = msg.partition(), offset = msg.offset(), error = %e, "transient failure of an already committed event; trying again next tick");
+            Attempt::Retry(e) | Attempt::Refused(e) => {
+                tracing::warn!(worker = handler.name(), topic = msg.topic(), partition = msg.partition(), offset = msg.offset(), error = %e, "failure of an already committed event; trying again next tick");
                 again.push(msg);
             }
         }
@@ -355,8 +478,14 @@ async fn run_instance<H: Handler>(
     tracing::info!(%worker, %group, instance, ?topics, "worker consuming");
 
     let mut committed: HashMap<PartitionKey, i64> = HashMap::new();
-    let mut retries: HashMap<PartitionKey, Retry> = HashMap::new();
+    let mut parts = Partitions::default();
+    let ops = PartitionOps {
+        consumer: &consumer,
+        fail_next: std::sync::atomic::AtomicU32::new(config.test_fail_partition_ops),
+    };
+    let tries = config.permanent_error_tries.max(1);
     let mut commit_tick = tokio::time::interval(config.commit_interval);
+    let mut seek_tick = tokio::time::interval(Duration::from_millis(250));
     let backoff = |attempt: u32| {
         (config.first_backoff * 2u32.saturating_pow(attempt.saturating_sub(1)))
             .min(config.max_backoff)
@@ -374,6 +503,33 @@ async fn run_instance<H: Handler>(
         }
         count_handled();
     };
+    let watch_retry = |key: &PartitionKey, r: &Retry, error: &str| {
+        if let Some(w) = &config.watch {
+            w.retrying(
+                &group,
+                &key.0,
+                key.1,
+                r.msg.offset(),
+                r.attempt,
+                error,
+                Instant::now(),
+            );
+        }
+    };
+    let watch_over = |key: &PartitionKey| {
+        if let Some(w) = &config.watch {
+            w.retry_over(&group, &key.0, key.1);
+        }
+    };
+    let drain_revoked = |parts: &mut Partitions, committed: &mut HashMap<PartitionKey, i64>| {
+        if let Ok(mut p) = progress.lock() {
+            for key in p.revoked.drain() {
+                parts.forget(&key);
+                committed.remove(&key);
+                watch_over(&key);
+            }
+        }
+    };
     // Sabotage only: events read (and committed) but not handled yet.
     let unsafe_mode = config.unsafe_commit_before_handle;
     let mut deferred: Vec<OwnedMessage> = Vec::new();
@@ -382,14 +538,9 @@ async fn run_instance<H: Handler>(
         tracing::warn!(%worker, instance, "SABOTAGE --unsafe-commit-before-handle: offsets are committed before events are handled; a crash loses events");
     }
     loop {
-        // Drop retries of partitions this consumer no longer owns.
-        if let Ok(mut p) = progress.lock() {
-            for key in p.revoked.drain() {
-                retries.remove(&key);
-                committed.remove(&key);
-            }
-        }
-        let next_due = retries.values().map(|r| r.due).min();
+        // Forget partitions this consumer no longer owns.
+        drain_revoked(&mut parts, &mut committed);
+        let next_due = parts.retries.values().map(|r| r.due).min();
         tokio::select! {
             _ = shutdown.changed() => break,
             _ = commit_tick.tick() => {
@@ -401,27 +552,47 @@ async fn run_instance<H: Handler>(
                     commit_handled(&consumer, &progress, &mut committed, CommitMode::Async);
                 }
             }
+            _ = seek_tick.tick(), if !parts.seeks.is_empty() => {
+                let pending: Vec<(PartitionKey, i64)> = parts.seeks.iter().map(|(k, (to, _))| (k.clone(), *to)).collect();
+                for (key, to) in pending {
+                    ops.seek_then_resume(&mut parts, &key, to, &worker);
+                    if !parts.seeks.contains_key(&key) {
+                        tracing::info!(%worker, topic = %key.0, partition = key.1, offset = to, "seek succeeded; partition resumed");
+                    }
+                }
+            }
             _ = tokio::time::sleep_until(next_due.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600)).into()), if next_due.is_some() => {
-                let due: Vec<PartitionKey> = retries.iter().filter(|(_, r)| r.due <= Instant::now()).map(|(k, _)| k.clone()).collect();
+                let due: Vec<PartitionKey> = parts.retries.iter().filter(|(_, r)| r.due <= Instant::now()).map(|(k, _)| k.clone()).collect();
                 for key in due {
-                    let Some(mut r) = retries.remove(&key) else { continue };
-                    match attempt(handler.as_ref(), &producer, &r.msg).await {
+                    let Some(mut r) = parts.retries.remove(&key) else { continue };
+                    let mut outcome = attempt(handler.as_ref(), &producer, &r.msg).await;
+                    if let Attempt::Refused(e) = outcome {
+                        r.refusals += 1;
+                        outcome = if r.refusals >= tries {
+                            let error = format!("refused {} times, dead-lettered: {e}", r.refusals);
+                            dead_letter(&worker, &producer, &r.msg, error).await
+                        } else {
+                            Attempt::Refused(e)
+                        };
+                    }
+                    match outcome {
                         Attempt::Done => {
                             let next = r.msg.offset() + 1;
                             handled_here(key.clone(), next);
-                            // Fetched-but-dropped events of this partition come again from here.
-                            if let Err(e) = consumer.seek(&key.0, key.1, Offset::Offset(next), Duration::from_secs(5)) {
-                                tracing::warn!(error = %e, "seek after retry failed");
-                            }
-                            let _ = consumer.resume(&partition_list(&key.0, key.1));
-                            tracing::info!(%worker, topic = %key.0, partition = key.1, attempts = r.attempt + 1, "retry succeeded; partition resumed");
+                            parts.expected.insert(key.clone(), next);
+                            watch_over(&key);
+                            // Records fetched and dropped during the retry come again from
+                            // here; the partition resumes only once the seek succeeded.
+                            ops.seek_then_resume(&mut parts, &key, next, &worker);
+                            tracing::info!(%worker, topic = %key.0, partition = key.1, attempts = r.attempt + 1, resumed = !parts.seeks.contains_key(&key), "retry over");
                         }
-                        Attempt::Retry(e) => {
+                        Attempt::Retry(e) | Attempt::Refused(e) => {
                             r.attempt += 1;
                             r.due = Instant::now() + backoff(r.attempt);
                             metrics::counter!("chatstream_worker_retries_total", "worker" => worker.clone()).increment(1);
-                            tracing::warn!(%worker, topic = %key.0, partition = key.1, attempt = r.attempt, error = %e, "still failing; next try in {:?}", backoff(r.attempt));
-                            retries.insert(key, r);
+                            tracing::warn!(%worker, topic = %key.0, partition = key.1, offset = r.msg.offset(), attempt = r.attempt, refusals = r.refusals, error = %e, "still failing; next try in {:?}", backoff(r.attempt));
+                            watch_retry(&key, &r, &e);
+                            parts.retries.insert(key, r);
                         }
                     }
                 }
@@ -435,9 +606,11 @@ async fn run_instance<H: Handler>(
                         continue;
                     }
                 };
+                // A rebalance may have run inside recv(): forget what it took away first.
+                drain_revoked(&mut parts, &mut committed);
                 let key = (msg.topic().to_string(), msg.partition());
-                if retries.contains_key(&key) {
-                    // Prefetched before the pause took effect; read again after the retry.
+                if parts.held(&key) {
+                    // Fetched before the pause took effect; read again after the seek.
                     continue;
                 }
                 if unsafe_mode {
@@ -452,13 +625,46 @@ async fn run_instance<H: Handler>(
                     }
                     continue;
                 }
-                match attempt(handler.as_ref(), &producer, &msg).await {
-                    Attempt::Done => handled_here(key, msg.offset() + 1),
-                    Attempt::Retry(e) => {
-                        let _ = consumer.pause(&partition_list(&key.0, key.1));
+                let just_sought = parts.sought.remove(&key);
+                if let Some(&next) = parts.expected.get(&key) {
+                    if msg.offset() < next {
+                        // Already handled (a fetch from before a seek back).
+                        continue;
+                    }
+                    if msg.offset() > next && !just_sought {
+                        // Records were skipped: handling this one would let the commit
+                        // pass them. Read again from the expected offset.
+                        metrics::counter!("chatstream_worker_offset_gaps_total", "worker" => worker.clone()).increment(1);
+                        tracing::error!(%worker, topic = %key.0, partition = key.1, expected = next, got = msg.offset(), "records skipped; seeking back to the expected offset");
+                        if let Err(e) = ops.pause(&key) {
+                            tracing::warn!(%worker, topic = %key.0, partition = key.1, error = %e, "pause failed; records are dropped until the seek succeeds");
+                        }
+                        ops.seek_then_resume(&mut parts, &key, next, &worker);
+                        continue;
+                    }
+                }
+                let mut outcome = attempt(handler.as_ref(), &producer, &msg).await;
+                let refused_first = matches!(outcome, Attempt::Refused(_));
+                if let Attempt::Refused(e) = &outcome {
+                    if tries <= 1 {
+                        outcome = dead_letter(&worker, &producer, &msg, format!("refused 1 time, dead-lettered: {e}")).await;
+                    }
+                }
+                match outcome {
+                    Attempt::Done => {
+                        handled_here(key.clone(), msg.offset() + 1);
+                        parts.expected.insert(key, msg.offset() + 1);
+                    }
+                    Attempt::Retry(e) | Attempt::Refused(e) => {
+                        let refusals = u32::from(refused_first);
+                        if let Err(pe) = ops.pause(&key) {
+                            tracing::warn!(%worker, topic = %key.0, partition = key.1, error = %pe, "pause failed; records are dropped until the retry is over and the seek succeeds");
+                        }
                         metrics::counter!("chatstream_worker_retries_total", "worker" => worker.clone()).increment(1);
-                        tracing::warn!(%worker, topic = %key.0, partition = key.1, offset = msg.offset(), error = %e, "transient failure; partition paused, retry in {:?}", config.first_backoff);
-                        retries.insert(key, Retry { msg, attempt: 1, due: Instant::now() + config.first_backoff });
+                        tracing::warn!(%worker, topic = %key.0, partition = key.1, offset = msg.offset(), refused = refused_first, error = %e, "event failed; partition paused, retry in {:?}", config.first_backoff);
+                        let r = Retry { msg, attempt: 1, refusals, due: Instant::now() + config.first_backoff };
+                        watch_retry(&key, &r, &e);
+                        parts.retries.insert(key, r);
                     }
                 }
             }

@@ -1,6 +1,7 @@
 //! What each worker does with an event. Every projection write happens in one PostgreSQL
 //! transaction with the event's processed marker (consumer group, event id), so a
-//! redelivered event is skipped and nothing is counted twice.
+//! redelivered event is skipped and nothing is counted twice. Database errors are sorted
+//! by SQLSTATE ([`db_error`]): the event refused for good, or the database unwell.
 
 use chatstream_protocol::events::{topic, EventBody};
 use chatstream_protocol::EventEnvelope;
@@ -13,16 +14,49 @@ fn transient(e: impl std::fmt::Display) -> HandleError {
     HandleError::Transient(e.to_string())
 }
 
+/// SQLSTATE classes that mean the database refused this event's data, not that it is
+/// unwell: 22 data exception (e.g. a NUL byte in text or JSONB, a number out of range),
+/// 23 integrity constraint violation, 54 program limit exceeded (e.g. a tsvector or an
+/// index row too large). Retrying the same event cannot succeed.
+pub fn is_permanent_sqlstate(code: &str) -> bool {
+    matches!(code.get(..2), Some("22" | "23" | "54"))
+}
+
+/// Sorts a database error: the event refused ([`is_permanent_sqlstate`], or a value that
+/// cannot be encoded) is [`HandleError::Permanent`] (tried a few times, then
+/// dead-lettered); anything else — connection, pool, timeout, serialization failure,
+/// shutdown, a table missing before migrations — is [`HandleError::Transient`].
+pub fn db_error(e: sqlx::Error) -> HandleError {
+    match &e {
+        sqlx::Error::Database(db) => match db.code() {
+            Some(code) if is_permanent_sqlstate(&code) => HandleError::Permanent(format!(
+                "database refused the event (SQLSTATE {code}): {}",
+                db.message()
+            )),
+            Some(code) => HandleError::Transient(format!("SQLSTATE {code}: {}", db.message())),
+            None => HandleError::Transient(e.to_string()),
+        },
+        sqlx::Error::Encode(_) => HandleError::Permanent(format!("cannot encode the event: {e}")),
+        _ => HandleError::Transient(e.to_string()),
+    }
+}
+
+/// Now, as the processed markers record it: retention prunes markers by when they were
+/// written (an event's own timestamp may be far older than its handling).
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
 /// Claims `event_id` for `group` inside `tx`; false when it was already processed.
 pub async fn claim(
     tx: &mut Transaction<'_, Postgres>,
     group: &str,
     event_id: &str,
 ) -> Result<bool, sqlx::Error> {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0);
+    let now = now_ms();
     let r = sqlx::query(
         "INSERT INTO processed_events (consumer_group, event_id, processed_at_ms) VALUES ($1, $2, $3)
          ON CONFLICT DO NOTHING",
@@ -82,7 +116,7 @@ impl Handler for Audit {
         // One statement (one round trip): the processed marker and the row together.
         let inserted = sqlx::query(
             "WITH claimed AS (
-                INSERT INTO processed_events (consumer_group, event_id, processed_at_ms) VALUES ($15, $1, $10)
+                INSERT INTO processed_events (consumer_group, event_id, processed_at_ms) VALUES ($15, $1, $16)
                 ON CONFLICT DO NOTHING RETURNING 1
              )
              INSERT INTO audit_logs (event_id, event_type, tenant, user_id, conversation_id, session_id, message_id,
@@ -105,9 +139,10 @@ impl Handler for Audit {
         .bind(meta.offset)
         .bind(payload)
         .bind(&self.group)
+        .bind(now_ms())
         .execute(&self.pool)
         .await
-        .map_err(transient)?;
+        .map_err(db_error)?;
         Ok(if inserted.rows_affected() == 1 {
             Handled::Applied
         } else {
@@ -186,7 +221,7 @@ impl Handler for Analytics {
         let claim = if self.unsafe_no_dedupe {
             "SELECT 1"
         } else {
-            "INSERT INTO processed_events (consumer_group, event_id, processed_at_ms) VALUES ($5, $6, $1)
+            "INSERT INTO processed_events (consumer_group, event_id, processed_at_ms) VALUES ($5, $6, $7)
              ON CONFLICT DO NOTHING RETURNING 1"
         };
         let applied = sqlx::query(&format!(
@@ -206,9 +241,10 @@ impl Handler for Analytics {
         .bind(&buckets)
         .bind(&self.group)
         .bind(&e.id)
+        .bind(now_ms())
         .execute(&self.pool)
         .await
-        .map_err(transient)?;
+        .map_err(db_error)?;
         if applied.rows_affected() == 0 {
             return Ok(Handled::Skipped);
         }
@@ -286,7 +322,7 @@ impl Handler for Search {
         .bind(m.created_at_ms)
         .execute(&self.pool)
         .await
-        .map_err(transient)?;
+        .map_err(db_error)?;
         Ok(Handled::Applied)
     }
 }
@@ -333,7 +369,7 @@ impl Handler for SearchWithoutIdempotency {
             .bind(m.created_at_ms)
             .execute(&self.pool)
             .await
-            .map_err(transient)?;
+            .map_err(db_error)?;
         Ok(Handled::Applied)
     }
 }
@@ -379,11 +415,8 @@ impl Handler for Alerts {
             }
             _ => return Ok(Handled::Skipped),
         };
-        let mut tx = self.pool.begin().await.map_err(transient)?;
-        if !claim(&mut tx, &self.group, &e.id)
-            .await
-            .map_err(transient)?
-        {
+        let mut tx = self.pool.begin().await.map_err(db_error)?;
+        if !claim(&mut tx, &self.group, &e.id).await.map_err(db_error)? {
             return Ok(Handled::Skipped);
         }
         let body = serde_json::json!({ "event_id": e.id, "tenant": e.tenant, "trace_id": e.trace_id, "alert": alert });
@@ -396,14 +429,21 @@ impl Handler for Alerts {
             .send()
             .await
             .map_err(transient)?;
-        if !resp.status().is_success() {
-            return Err(HandleError::Transient(format!(
-                "webhook answered {}",
-                resp.status()
-            )));
+        let status = resp.status();
+        if !status.is_success() {
+            let error = format!("webhook answered {status}");
+            // A 4xx other than a timeout or a rate limit is the webhook refusing this alert.
+            let refused = status.is_client_error()
+                && status != reqwest::StatusCode::REQUEST_TIMEOUT
+                && status != reqwest::StatusCode::TOO_MANY_REQUESTS;
+            return Err(if refused {
+                HandleError::Permanent(error)
+            } else {
+                HandleError::Transient(error)
+            });
         }
         // Marked only once the webhook took it: a failure retries the POST.
-        tx.commit().await.map_err(transient)?;
+        tx.commit().await.map_err(db_error)?;
         metrics::counter!("chatstream_alerts_sent_total").increment(1);
         Ok(Handled::Applied)
     }
@@ -440,15 +480,12 @@ impl Handler for Export {
                 .bind(e.timestamp_ms)
                 .execute(&self.pool)
                 .await
-                .map_err(transient)?;
+                .map_err(db_error)?;
                 Ok(Handled::Applied)
             }
             EventBody::StreamCompleted(c) => {
-                let mut tx = self.pool.begin().await.map_err(transient)?;
-                if !claim(&mut tx, &self.group, &e.id)
-                    .await
-                    .map_err(transient)?
-                {
+                let mut tx = self.pool.begin().await.map_err(db_error)?;
+                if !claim(&mut tx, &self.group, &e.id).await.map_err(db_error)? {
                     return Ok(Handled::Skipped);
                 }
                 let prompt: Option<String> =
@@ -456,7 +493,7 @@ impl Handler for Export {
                         .bind(&c.session_id)
                         .fetch_optional(&mut *tx)
                         .await
-                        .map_err(transient)?;
+                        .map_err(db_error)?;
                 let Some(prompt) = prompt else {
                     return Err(HandleError::Poison(format!(
                         "STREAM_COMPLETED for {} without its SESSION_STARTED",
@@ -473,7 +510,7 @@ impl Handler for Export {
                 append_line(&path, &line.to_string())
                     .await
                     .map_err(transient)?;
-                tx.commit().await.map_err(transient)?;
+                tx.commit().await.map_err(db_error)?;
                 Ok(Handled::Applied)
             }
             _ => Ok(Handled::Skipped),
@@ -521,6 +558,24 @@ mod tests {
         assert!(
             UNSAFE_SEARCH_APPEND.contains("body = search_messages.body || ' ' || EXCLUDED.body")
         );
+    }
+
+    #[test]
+    fn data_and_constraint_errors_are_permanent_and_the_rest_transient() {
+        // 22021: invalid byte sequence (a NUL in text); 22P05: untranslatable character
+        // (\u0000 in JSONB); 23505: unique violation; 54000: e.g. tsvector too long.
+        for code in ["22021", "22P05", "23505", "54000"] {
+            assert!(is_permanent_sqlstate(code), "{code}");
+        }
+        // 08006 connection failure, 40001 serialization failure, 57P01 admin shutdown,
+        // 53300 too many connections, 42P01 undefined table (migrations not run yet).
+        for code in ["08006", "40001", "57P01", "53300", "42P01", "", "2"] {
+            assert!(!is_permanent_sqlstate(code), "{code}");
+        }
+        assert!(matches!(
+            db_error(sqlx::Error::PoolTimedOut),
+            HandleError::Transient(_)
+        ));
     }
 
     #[test]
