@@ -3,6 +3,8 @@
 //! proxy of its own so that any link can be cut or degraded alone; reads its health; and
 //! stops exactly what it started.
 
+#[cfg(feature = "docker")]
+pub mod docker;
 pub mod error;
 pub mod kafka;
 pub mod kafka_wire;

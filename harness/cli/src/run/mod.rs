@@ -22,6 +22,7 @@ macro_rules! show {
 mod nemesis;
 mod pipeline;
 mod progress;
+mod provider;
 pub mod readback;
 mod signals;
 pub mod topology;
@@ -41,6 +42,7 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::{watch, Mutex};
 
+use provider::{DockerStack, Provider};
 use signals::{Sampler, Sources, Watched};
 use topology::{Backends, RunPorts, TargetEndpoints, Topology};
 
@@ -58,6 +60,12 @@ pub struct RunArgs {
     /// instead of starting one; it is left running at the end.
     #[arg(long, conflicts_with = "target")]
     stack_dir: Option<PathBuf>,
+    /// What starts the stack: `local` (installed binaries on 127.0.0.1) or `docker` (the
+    /// docker-compose.yml topology from official images with testcontainers, on the engine
+    /// at DOCKER_HOST or /var/run/docker.sock; containers removed at the end; needs squall
+    /// built with `--features docker`; kill_broker and isolate_controller are refused there).
+    #[arg(long, value_enum, default_value_t = Provider::Local, conflicts_with_all = ["stack_dir", "target"])]
+    provider: Provider,
     /// Drive a deployment Squall did not start (YAML: nodes, workers_api,
     /// kafka_bootstrap, redis_url, postgres_url, toxiproxy_api, token_secret); starts nothing.
     #[arg(long)]
@@ -115,6 +123,8 @@ fn create_run_dir(reports: &Path, name: &str) -> Result<PathBuf> {
 enum StackUse {
     Owned(Arc<Mutex<Stack>>),
     Reused(Arc<Mutex<Stack>>),
+    /// Containers this run started (`--provider docker`): endpoints only, no processes.
+    Docker(DockerStack),
     None,
 }
 
@@ -122,6 +132,19 @@ impl StackUse {
     fn stack(&self) -> Option<&Arc<Mutex<Stack>>> {
         match self {
             StackUse::Owned(s) | StackUse::Reused(s) => Some(s),
+            StackUse::Docker(_) | StackUse::None => None,
+        }
+    }
+
+    /// Where clients reach the stack's servers, and the base port of the run's own
+    /// processes (nodes, workers).
+    async fn endpoints(&self, base_port: u16) -> Option<(squall_stack::Endpoints, u16)> {
+        match self {
+            StackUse::Owned(s) | StackUse::Reused(s) => {
+                let s = s.lock().await;
+                Some((s.endpoints(), s.plan().toxiproxy_api))
+            }
+            StackUse::Docker(d) => Some((d.endpoints().clone(), base_port)),
             StackUse::None => None,
         }
     }
@@ -171,6 +194,17 @@ pub async fn run(args: RunArgs) -> Result<ExitCode> {
         }
     };
     let planned = nemesis::plan(&scenario);
+    let docker = args.provider == Provider::Docker;
+    if docker && !provider::DOCKER_BUILT_IN {
+        say!("squall: {}", provider::MISSING_FEATURE);
+        return Ok(ExitCode::from(2));
+    }
+    if docker {
+        if let Err(e) = provider::check_faults(&planned) {
+            say!("squall: {}: {e:#}", args.scenario.display());
+            return Ok(ExitCode::from(2));
+        }
+    }
     let owns = args.target.is_none();
     let target_file = match &args.target {
         Some(t) => Some(TargetEndpoints::load(t)?),
@@ -180,7 +214,7 @@ pub async fn run(args: RunArgs) -> Result<ExitCode> {
         || target_file
             .as_ref()
             .is_some_and(|t| t.toxiproxy_api.is_some());
-    if let Err(e) = nemesis::check_feasible(&planned, owns, owns, has_toxiproxy) {
+    if let Err(e) = nemesis::check_feasible(&planned, owns, owns && !docker, has_toxiproxy) {
         say!("squall: {}: {e:#}", args.scenario.display());
         return Ok(ExitCode::from(2));
     }
@@ -206,6 +240,14 @@ pub async fn run(args: RunArgs) -> Result<ExitCode> {
         let s = Stack::attach(dir)
             .with_context(|| format!("attaching to the stack in {}", dir.display()))?;
         StackUse::Reused(Arc::new(Mutex::new(s)))
+    } else if docker {
+        let started = Instant::now();
+        let stack = DockerStack::start(&scenario).await?;
+        tracing::info!(
+            "docker stack up in {:.1} s",
+            started.elapsed().as_secs_f64()
+        );
+        StackUse::Docker(stack)
     } else {
         let plan = PortPlan::from_base(args.base_port, DEFAULT_BROKERS)?;
         let mut config = StackConfig::new(run_dir.join("stack"), plan);
@@ -267,8 +309,16 @@ pub async fn run(args: RunArgs) -> Result<ExitCode> {
 }
 
 async fn teardown_stack(stack: StackUse, run_dir: &Path, keep: bool) -> Result<()> {
-    let StackUse::Owned(stack) = stack else {
-        return Ok(());
+    let stack = match stack {
+        StackUse::Owned(stack) => stack,
+        StackUse::Docker(docker) => {
+            // The containers' output belongs to the run; the containers do not.
+            if let Err(e) = docker.save_logs(&run_dir.join("logs")).await {
+                say!("squall: saving the containers' logs: {e:#}");
+            }
+            return docker.down().await;
+        }
+        StackUse::Reused(_) | StackUse::None => return Ok(()),
     };
     let stack = Arc::try_unwrap(stack)
         .map_err(|_| anyhow::anyhow!("the stack is still in use"))?
@@ -294,7 +344,8 @@ async fn run_on_stack(
     abort: Abort,
     stop: watch::Receiver<bool>,
 ) -> Result<ExitCode> {
-    let (topology, backends, toxiproxy_api) = match (&target_file, stack.stack()) {
+    let stack_endpoints = stack.endpoints(args.base_port).await;
+    let (topology, backends, toxiproxy_api) = match (&target_file, stack_endpoints) {
         (Some(t), _) => {
             let b = Backends {
                 postgres_url: t.postgres_url.clone(),
@@ -303,11 +354,7 @@ async fn run_on_stack(
             };
             (Topology::target(t), b, t.toxiproxy_api.clone())
         }
-        (None, Some(stack)) => {
-            let (e, base) = {
-                let s = stack.lock().await;
-                (s.endpoints(), s.plan().toxiproxy_api)
-            };
+        (None, Some((e, base))) => {
             let backends = Backends {
                 postgres_url: e.postgres_url,
                 redis_url: e.redis_url,

@@ -8,8 +8,9 @@ use anyhow::{bail, Context, Result};
 use nix::sys::signal::Signal;
 use squall_history::{Kind, Recorder, Value, NEMESIS};
 use squall_scenario::{FaultAction, OutageMode, Scenario, ToxicKind, ToxicStream};
+use squall_stack::plan::{DEFAULT_BASE_PORT, DEFAULT_BROKERS};
 use squall_stack::toxiproxy::{Toxic, ToxiproxyClient};
-use squall_stack::Stack;
+use squall_stack::{PortPlan, Stack};
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -212,9 +213,18 @@ impl Targets {
         Ok(Undo::Restore(links))
     }
 
+    /// The plan that names the broker links: the local stack's; without one (the docker
+    /// provider, a `--target` started from docker-compose.yml) the compose file's, whose
+    /// proxies carry the same names (they depend on the broker ids only).
+    async fn link_plan(&self) -> Result<PortPlan> {
+        Ok(match &self.stack {
+            Some(stack) => stack.lock().await.plan().clone(),
+            None => PortPlan::from_base(DEFAULT_BASE_PORT, DEFAULT_BROKERS)?,
+        })
+    }
+
     async fn broker_links(&self, broker: u8) -> Result<Vec<String>> {
-        let stack = self.stack.as_ref().context("no stack")?.lock().await;
-        let plan = stack.plan().clone();
+        let plan = self.link_plan().await?;
         let mut links: Vec<String> = squall_stack::links::isolation_links(&plan, broker)
             .into_iter()
             .map(|l| l.name)
@@ -318,12 +328,11 @@ impl Targets {
                 )
             }
             FaultAction::PartitionOneWay { from, to } => {
-                let stack = self.stack.as_ref().context("no stack")?.lock().await;
-                let links = squall_stack::links::one_way_links(stack.plan(), *from, *to)
+                let plan = self.link_plan().await?;
+                let links = squall_stack::links::one_way_links(&plan, *from, *to)
                     .into_iter()
                     .map(|l| l.name)
                     .collect();
-                drop(stack);
                 (format!("kafka-{from}->kafka-{to}"), self.cut(links).await?)
             }
             FaultAction::CutKafka {} => {
