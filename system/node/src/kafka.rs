@@ -4,7 +4,7 @@
 
 use chatstream_protocol::events::{topic, EventBody};
 use chatstream_protocol::EventEnvelope;
-use chatstream_store::{PendingEvent, Refusal, Store, OUTBOX_SHARDS};
+use chatstream_store::{PendingEvent, Refusal, RelayClaim, Store, OUTBOX_SHARDS};
 use futures::future::join_all;
 use rdkafka::client::ClientContext;
 use rdkafka::config::ClientConfig;
@@ -113,28 +113,8 @@ async fn publish_batch(
     let results = join_all(sends).await;
     let mut refused = Vec::new();
     let mut failed = Vec::new();
-    let mut again = Vec::new();
     for (e, r) in events.iter().zip(results) {
         match r {
-            Ok(_) => {}
-            Err((err, _)) if refused_for_good(&err) => again.push(e),
-            Err((err, _)) => failed.push(err.to_string()),
-        }
-    }
-    // The broker refuses a whole produce batch when one record in it is too large, so the
-    // records batched with it share its error: each is sent again on its own (in id order,
-    // one at a time), and only one refused alone is refused for good.
-    for e in again {
-        if !failed.is_empty() {
-            break;
-        }
-        let alone = producer
-            .send(
-                FutureRecord::to(&e.topic).key(&e.key).payload(&e.payload),
-                Timeout::After(Duration::from_secs(30)),
-            )
-            .await;
-        match alone {
             Ok(_) => {}
             Err((err, _)) if refused_for_good(&err) => refused.push(Refusal {
                 id: e.id,
@@ -156,8 +136,13 @@ async fn publish_batch(
     }
 }
 
-/// The outbox relay: takes each shard in turn (one relay per shard at a time, across all
-/// nodes), publishes its pending rows and marks them. Idles until poked or 100 ms pass.
+/// The outbox relay: claims free shards (session locks on a PostgreSQL connection of its
+/// own, see `RelayClaim`), then in each pass reads the pending rows of every shard it holds
+/// in one statement, publishes them all at once on the idempotent producer (in id order:
+/// per-key order holds) with no transaction open and no pooled connection held, and marks
+/// them in one statement. Free shards (a dead relay's) are looked for at most every
+/// `CLAIM_EVERY`. A failure gives every shard up (another relay may reach Kafka) and backs
+/// off. Idles until poked or 100 ms pass.
 pub async fn run_relay(
     store: Store,
     migrated: Arc<AtomicBool>,
@@ -167,6 +152,9 @@ pub async fn run_relay(
     healthy: Arc<AtomicBool>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    const CLAIM_EVERY: Duration = Duration::from_millis(500);
+    let mut claim = RelayClaim::new(&store);
+    let mut claimed_at: Option<tokio::time::Instant> = None;
     let mut backoff = Duration::from_millis(200);
     loop {
         if *shutdown.borrow() {
@@ -177,29 +165,33 @@ pub async fn run_relay(
             tokio::time::sleep(Duration::from_millis(200)).await;
             continue;
         }
-        let mut published = 0usize;
-        let mut failure = None;
-        for shard in 0..OUTBOX_SHARDS {
-            let p = producer.clone();
-            match store
-                .relay_shard(shard, batch, clock::now_ms(), move |events| async move {
-                    publish_batch(&p, events).await
-                })
-                .await
+        let pass = async {
+            if claim.owned().len() < OUTBOX_SHARDS as usize
+                && claimed_at.is_none_or(|at| at.elapsed() >= CLAIM_EVERY)
             {
-                Ok(Ok(relayed)) => {
-                    published += relayed.published;
-                    for r in relayed.rejected {
-                        metrics::counter!(m::OUTBOX_REJECTED).increment(1);
-                        tracing::error!(event_id = %r.event_id, topic = %r.topic, key = %r.key, payload_bytes = r.payload_bytes, error = %r.error, "Kafka refused an outbox event for good; moved to outbox_rejected");
-                    }
-                }
-                Ok(Err(e)) => failure = Some(e),
-                Err(e) => failure = Some(e.to_string()),
+                claimed_at = Some(tokio::time::Instant::now());
+                claim.claim().await.map_err(|e| e.to_string())?;
             }
-        }
-        match failure {
-            Some(e) => {
+            let events = claim.pending(batch).await.map_err(|e| e.to_string())?;
+            if events.is_empty() {
+                return Ok::<usize, String>(0);
+            }
+            let refusals = publish_batch(&producer, events.clone()).await?;
+            let relayed = claim
+                .settle(&events, refusals, clock::now_ms())
+                .await
+                .map_err(|e| e.to_string())?;
+            for r in relayed.rejected {
+                metrics::counter!(m::OUTBOX_REJECTED).increment(1);
+                tracing::error!(event_id = %r.event_id, topic = %r.topic, key = %r.key, payload_bytes = r.payload_bytes, error = %r.error, "Kafka refused an outbox event for good; moved to outbox_rejected");
+            }
+            Ok(relayed.published)
+        };
+        match pass.await {
+            Err(e) => {
+                // Given up: this relay may be the one cut off (from Kafka or PostgreSQL).
+                claim.release().await;
+                claimed_at = None;
                 healthy.store(false, Ordering::Relaxed);
                 metrics::counter!(m::OUTBOX_ERRORS).increment(1);
                 tracing::warn!(error = %e, "outbox relay could not publish; retrying in {backoff:?}");
@@ -208,21 +200,22 @@ pub async fn run_relay(
                     _ = shutdown.changed() => {}
                 }
                 backoff = (backoff * 2).min(Duration::from_secs(5));
-                continue;
             }
-            None => {
+            Ok(published) => {
                 healthy.store(true, Ordering::Relaxed);
                 backoff = Duration::from_millis(200);
-            }
-        }
-        if published == 0 {
-            tokio::select! {
-                _ = poke.notified() => {}
-                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
-                _ = shutdown.changed() => {}
+                if published == 0 {
+                    tokio::select! {
+                        _ = poke.notified() => {}
+                        _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                        _ = shutdown.changed() => {}
+                    }
+                }
             }
         }
     }
+    // The shards go back at once (a draining node's last pass, or another relay, takes them).
+    claim.release().await;
 }
 
 /// A draining node's last act: publishes pending outbox rows, every shard in turn, until
