@@ -12,6 +12,16 @@
 //! `ack_seq_conflict` / `ack_mid_conflict` (two acks of one client_msg_id disagree),
 //! `sender_mismatch` (a delivery names another sender), `non_member_deliveries` and
 //! `failed_but_delivered` (a definite refusal that was stored after all).
+//!
+//! Store level, from the recovery phase (fresh connections that read every conversation
+//! from seq 0 after the faults healed; their reads are never counted as a member's
+//! delivery, so they cannot mask a live loss): `lost_at_store` (acked, absent from the
+//! completed recovery read of its conversation), `store_seq_mismatch` (read back at
+//! another seq than acked), `stored_twice` (one client_msg_id at two seqs),
+//! `failed_but_stored` (a definite refusal read back). A lost (member, message) pair whose
+//! message the recovery read found is a delivery loss (`lost_but_stored`), one whose
+//! message it did not find a store loss. A conversation whose recovery read did not
+//! complete leaves its messages unverified at the store (the verdict is then unknown).
 
 use std::collections::HashMap;
 
@@ -25,6 +35,8 @@ const UNEXPECTED: &str = "unexpected";
 const FAILED_DELIVERED: &str = "failed_but_delivered";
 const NON_MEMBER: &str = "non_member";
 const SENDER_MISMATCH: &str = "sender_mismatch";
+const LOST_AT_STORE: &str = "lost_at_store";
+const STORE_MISMATCH: &str = "store_mismatch";
 
 /// Checks that every acknowledged message reached every required recipient.
 pub fn delivery(f: &Facts) -> Verdict {
@@ -37,6 +49,8 @@ pub fn delivery(f: &Facts) -> Verdict {
         FAILED_DELIVERED,
         NON_MEMBER,
         SENDER_MISMATCH,
+        LOST_AT_STORE,
+        STORE_MISMATCH,
     ]);
     let sends = f.sends();
     let mut delivered = vec![false; sends.len()];
@@ -183,6 +197,12 @@ pub fn delivery(f: &Facts) -> Verdict {
                         whom.push(f.who(r));
                     }
                 }
+                for (&c, list) in f.recovery_msgs_all() {
+                    if list.iter().any(|x| x.m == m) {
+                        f.timeline_recovery(c, Some(m), &mut tl);
+                        whom.push(format!("the recovery read of {}", f.conv_name(c)));
+                    }
+                }
                 ev.example(
                     UNEXPECTED,
                     Example {
@@ -314,6 +334,11 @@ pub fn delivery(f: &Facts) -> Verdict {
     }
     lost_msgs.sort_unstable();
     lost_msgs.dedup();
+    let store = store_level(f, &by_conv, &mut ev);
+    let lost_but_stored = lost_msgs
+        .iter()
+        .filter(|m| store.stored.contains(m))
+        .count() as u64;
 
     for (k, v) in [
         ("deliveries", deliveries),
@@ -338,6 +363,17 @@ pub fn delivery(f: &Facts) -> Verdict {
         ("sender_mismatch", sender_mismatch),
         ("non_member_deliveries", non_member),
         ("failed_but_delivered", failed_but_delivered),
+        ("recovery_conversations_read", store.read),
+        ("recovery_conversations_unread", store.unread),
+        ("recovery_messages_read", store.messages),
+        ("store_verified", store.verified),
+        ("store_unverified", store.unverified),
+        ("lost_at_store", store.lost),
+        ("lost_but_stored", lost_but_stored),
+        ("store_seq_mismatch", store.seq_mismatch),
+        ("stored_twice", store.twice),
+        ("failed_but_stored", store.failed_stored),
+        ("unknown_outcome_stored", store.unknown_stored),
     ] {
         ev.set(k, v);
     }
@@ -348,7 +384,11 @@ pub fn delivery(f: &Facts) -> Verdict {
         + ack_mid_conflict
         + sender_mismatch
         + non_member
-        + failed_but_delivered;
+        + failed_but_delivered
+        + store.lost
+        + store.seq_mismatch
+        + store.twice
+        + store.failed_stored;
     let mut summary = format!(
         "{acked} acked of {invoked} sent (failed {failed}, unknown {unknown}, recovered {recovered}); \
          {required} required deliveries: lost {lost} ({} messages), duplicated {duplicated}, exactly once {:.4}%; \
@@ -364,6 +404,16 @@ pub fn delivery(f: &Facts) -> Verdict {
             ack_seq_conflict + ack_mid_conflict
         ));
     }
+    if f.has_recovery() {
+        summary.push_str(&format!(
+            "; store (recovery read of {} conversations, {} unread): {} acked verified, lost at store {}, \
+             lost live but stored {lost_but_stored}, seq mismatch {}, stored twice {}, failed but stored {}",
+            store.read, store.unread, store.verified, store.lost, store.seq_mismatch, store.twice,
+            store.failed_stored
+        ));
+    } else {
+        summary.push_str("; no recovery read in this history (store not judged)");
+    }
     let valid = if violations > 0 {
         Validity::Invalid
     } else if let Some(reason) = f.anomaly_reason(&[
@@ -377,10 +427,160 @@ pub fn delivery(f: &Facts) -> Verdict {
     } else if acked == 0 {
         summary = format!("unknown: no acknowledged message to check; {summary}");
         Validity::Unknown
+    } else if store.unverified > 0 {
+        summary = format!(
+            "unknown: {} acked messages in {} conversations the recovery phase could not read; {summary}",
+            store.unverified, store.unread
+        );
+        Validity::Unknown
     } else {
         Validity::Valid
     };
     ev.verdict(valid, summary)
+}
+
+/// What the recovery phase's reads say about the store.
+#[derive(Default)]
+struct Store {
+    /// Acked messages the recovery read found.
+    stored: std::collections::HashSet<MsgId>,
+    read: u64,
+    unread: u64,
+    messages: u64,
+    verified: u64,
+    unverified: u64,
+    lost: u64,
+    seq_mismatch: u64,
+    twice: u64,
+    failed_stored: u64,
+    unknown_stored: u64,
+}
+
+/// Judges every acked message against the recovery read of its conversation, and every
+/// message read back against what the history says of its send.
+fn store_level(f: &Facts, by_conv: &[Vec<MsgId>], ev: &mut Evidence) -> Store {
+    let mut st = Store::default();
+    if !f.has_recovery() {
+        return st;
+    }
+    for c in 0..f.n_conversations() as u32 {
+        let complete = f.recovery_complete(c);
+        if complete {
+            st.read += 1;
+        }
+        let msgs = f.recovery_msgs(c);
+        st.messages += msgs.len() as u64;
+        // m -> the seqs it was read back at (a retry stored twice shows up here).
+        let mut found: HashMap<MsgId, Vec<i64>> = HashMap::with_capacity(msgs.len());
+        for x in msgs {
+            let seqs = found.entry(x.m).or_default();
+            if !seqs.contains(&x.s) {
+                seqs.push(x.s);
+            }
+        }
+        for (&m, seqs) in &found {
+            let Some(s) = f.send(m) else { continue };
+            if seqs.len() > 1 {
+                st.twice += 1;
+                if ev.wants(STORE_MISMATCH) {
+                    let mut tl = Timeline::new();
+                    f.timeline_send(m, &mut tl);
+                    f.timeline_recovery(c, Some(m), &mut tl);
+                    ev.example(
+                        STORE_MISMATCH,
+                        Example {
+                            id: f.msg_name(m),
+                            what: format!(
+                                "stored twice in {}: read back at seqs {seqs:?}",
+                                f.conv_name(c)
+                            ),
+                            timeline: tl.finish(),
+                        },
+                    );
+                }
+            }
+            if s.failed() {
+                st.failed_stored += 1;
+                if ev.wants(STORE_MISMATCH) {
+                    let mut tl = Timeline::new();
+                    f.timeline_send(m, &mut tl);
+                    f.timeline_recovery(c, Some(m), &mut tl);
+                    ev.example(
+                        STORE_MISMATCH,
+                        Example {
+                            id: f.msg_name(m),
+                            what: "the send failed (a definite refusal) yet the recovery read found it stored".into(),
+                            timeline: tl.finish(),
+                        },
+                    );
+                }
+            } else if s.outcome_unknown() {
+                st.unknown_stored += 1;
+            }
+        }
+        let Some(acked) = by_conv.get(c as usize) else {
+            continue;
+        };
+        if acked.is_empty() {
+            continue;
+        }
+        if !complete {
+            st.unread += 1;
+            st.unverified += acked.len() as u64;
+            continue;
+        }
+        for &m in acked {
+            let Some(s) = f.send(m) else { continue };
+            match found.get(&m) {
+                Some(seqs) => {
+                    st.stored.insert(m);
+                    st.verified += 1;
+                    if s.seq().is_some_and(|q| !seqs.contains(&q)) {
+                        st.seq_mismatch += 1;
+                        if ev.wants(STORE_MISMATCH) {
+                            let mut tl = Timeline::new();
+                            f.timeline_send(m, &mut tl);
+                            f.timeline_recovery(c, Some(m), &mut tl);
+                            ev.example(
+                                STORE_MISMATCH,
+                                Example {
+                                    id: f.msg_name(m),
+                                    what: format!(
+                                        "acked as seq {} in {} but read back at seq {seqs:?}",
+                                        s.seq().unwrap_or(0),
+                                        f.conv_name(c)
+                                    ),
+                                    timeline: tl.finish(),
+                                },
+                            );
+                        }
+                    }
+                }
+                None => {
+                    st.lost += 1;
+                    if ev.wants(LOST_AT_STORE) {
+                        let mut tl = Timeline::new();
+                        f.timeline_send(m, &mut tl);
+                        f.timeline_recovery(c, None, &mut tl);
+                        ev.example(
+                            LOST_AT_STORE,
+                            Example {
+                                id: f.msg_name(m),
+                                what: format!(
+                                    "acked as seq {} in {} at {} but absent from the recovery read of the conversation",
+                                    s.seq().unwrap_or(0),
+                                    f.conv_name(c),
+                                    fmt_secs(s.ok_t().unwrap_or(0))
+                                ),
+                                timeline: tl.finish(),
+                            },
+                        );
+                    }
+                }
+            }
+        }
+    }
+    st
 }
 
 fn lost_example(f: &Facts, m: MsgId, r: u32, c: u32) -> Example {
@@ -397,6 +597,8 @@ fn lost_example(f: &Facts, m: MsgId, r: u32, c: u32) -> Example {
     f.timeline_connections(r, from, &mut tl);
     f.timeline_syncs(r, c, from, &mut tl);
     f.timeline_deliveries_of_msg(m, c, &mut tl);
+    f.timeline_recovery(c, Some(m), &mut tl);
+    let stored = f.recovery_msgs(c).iter().any(|x| x.m == m);
     let synced_after = f
         .syncs(r, c)
         .iter()
@@ -404,12 +606,19 @@ fn lost_example(f: &Facts, m: MsgId, r: u32, c: u32) -> Example {
     Example {
         id: f.msg_name(m),
         what: format!(
-            "acked as seq {seq} in {} at {} but never delivered to {}{}",
+            "acked as seq {seq} in {} at {} but never delivered to {}{}{}",
             f.conv_name(c),
             fmt_secs(ok_t),
             f.who(r),
             if synced_after {
                 " (not even by a sync completed after the ack)"
+            } else {
+                ""
+            },
+            if stored {
+                "; the recovery read found it stored: lost in delivery, not at the store"
+            } else if f.recovery_complete(c) {
+                "; absent from the recovery read too: lost at the store"
             } else {
                 ""
             }
@@ -637,5 +846,98 @@ mod tests {
         );
         let empty = delivery(&base().facts());
         assert_eq!(empty.valid, Validity::Unknown);
+    }
+
+    #[test]
+    fn the_recovery_read_verifies_the_store() {
+        let mut h = base();
+        h.send(10, 0, 0, "0-1").ok(11, 0, 0, "0-1", 1, "a");
+        h.deliver(12, 1, 0, 1, "0-1", 0, Live)
+            .deliver(12, 2, 0, 1, "0-1", 0, Live);
+        h.send(20, 0, 0, "0-2").info(30, 0, 0, "0-2");
+        h.recovery(100, 0, 1, &[(1, "0-1"), (2, "0-2")]);
+        let v = delivery(&h.facts());
+        assert_eq!(v.valid, Validity::Valid, "{}", v.summary);
+        assert_eq!(v.counts["store_verified"], 1);
+        assert_eq!(v.counts["recovery_conversations_read"], 1);
+        assert_eq!(v.counts["unknown_outcome_stored"], 1);
+        assert_eq!(v.counts["lost_at_store"], 0);
+    }
+
+    #[test]
+    fn an_acked_message_missing_from_the_recovery_read_is_lost_at_the_store() {
+        let mut h = base();
+        h.send(10, 0, 0, "0-1").ok(11, 0, 0, "0-1", 1, "a");
+        h.deliver(12, 1, 0, 1, "0-1", 0, Live)
+            .deliver(12, 2, 0, 1, "0-1", 0, Live);
+        h.send(20, 0, 0, "0-2").ok(21, 0, 0, "0-2", 2, "b");
+        h.deliver(22, 1, 0, 2, "0-2", 0, Live)
+            .deliver(22, 2, 0, 2, "0-2", 0, Live);
+        h.recovery(100, 0, 1, &[(1, "0-1")]);
+        let v = delivery(&h.facts());
+        assert_eq!(v.valid, Validity::Invalid, "{}", v.summary);
+        assert_eq!(v.counts["lost_at_store"], 1);
+        assert_eq!(v.counts["lost"], 0, "every member got it live");
+        assert_eq!(ids(&v), vec!["0-2"]);
+        assert!(v.examples[0].what.contains("absent from the recovery read"));
+        assert!(
+            v.examples[0]
+                .timeline
+                .iter()
+                .any(|l| l.contains("recovery ok recovery_read c=0")),
+            "{:?}",
+            v.examples[0].timeline
+        );
+    }
+
+    #[test]
+    fn a_recovery_read_never_masks_a_live_loss() {
+        let mut h = base();
+        h.send(10, 0, 0, "0-1").ok(11, 0, 0, "0-1", 1, "a");
+        h.deliver(12, 1, 0, 1, "0-1", 0, Live);
+        // u2 stayed connected and never got it; the recovery read (as u2) finds it.
+        h.recovery(100, 0, 2, &[(1, "0-1")]);
+        let v = delivery(&h.facts());
+        assert_eq!(v.valid, Validity::Invalid, "{}", v.summary);
+        assert_eq!(v.counts["lost"], 1);
+        assert_eq!(v.counts["lost_but_stored"], 1);
+        assert_eq!(v.counts["lost_at_store"], 0);
+        assert!(
+            v.examples[0]
+                .what
+                .contains("lost in delivery, not at the store"),
+            "{}",
+            v.examples[0].what
+        );
+    }
+
+    #[test]
+    fn a_failed_send_read_back_and_a_retry_stored_twice_are_violations() {
+        let mut h = base();
+        h.send(10, 0, 0, "0-1").fail(11, 0, 0, "0-1");
+        h.send(20, 0, 0, "0-2").ok(21, 0, 0, "0-2", 2, "b");
+        h.deliver(22, 1, 0, 2, "0-2", 0, Live)
+            .deliver(22, 2, 0, 2, "0-2", 0, Live);
+        h.recovery(100, 0, 1, &[(1, "0-1"), (2, "0-2"), (3, "0-2")]);
+        let v = delivery(&h.facts());
+        assert_eq!(v.valid, Validity::Invalid, "{}", v.summary);
+        assert_eq!(v.counts["failed_but_stored"], 1);
+        assert_eq!(v.counts["stored_twice"], 1);
+        let mut got = ids(&v);
+        got.sort();
+        assert_eq!(got, vec!["0-1", "0-2"]);
+    }
+
+    #[test]
+    fn a_conversation_the_recovery_could_not_read_is_unknown() {
+        let mut h = base();
+        h.send(10, 0, 0, "0-1").ok(11, 0, 0, "0-1", 1, "a");
+        h.deliver(12, 1, 0, 1, "0-1", 0, Live)
+            .deliver(12, 2, 0, 1, "0-1", 0, Live);
+        h.recovery_fail(100, 0, 1);
+        let v = delivery(&h.facts());
+        assert_eq!(v.valid, Validity::Unknown, "{}", v.summary);
+        assert_eq!(v.counts["store_unverified"], 1);
+        assert!(v.summary.contains("could not read"), "{}", v.summary);
     }
 }

@@ -43,6 +43,30 @@ pub struct Readback {
     /// Projection digests, live and rebuilt by replaying the topics from the start.
     #[serde(default)]
     pub replay: Vec<ReplayDigest>,
+    /// How each partition of the chat events topic was read: from where to where.
+    /// (Absent in readbacks saved before it was recorded.)
+    #[serde(default)]
+    pub partitions: Vec<PartitionRead>,
+}
+
+/// One partition of the chat events topic as the readback read it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartitionRead {
+    pub partition: i32,
+    /// The partition's earliest offset (its start) and end offset when the read began.
+    pub low: i64,
+    pub high: i64,
+    /// The first and last offsets actually read (None: nothing read).
+    pub first: Option<i64>,
+    pub last: Option<i64>,
+}
+
+impl PartitionRead {
+    /// Read from the partition's start to its end (or the partition was empty).
+    pub fn whole(&self) -> bool {
+        self.low >= self.high
+            || (self.first == Some(self.low) && self.last.is_some_and(|l| l + 1 >= self.high))
+    }
 }
 
 /// One projection's digest as the live workers built it, and as a replay of the topics
@@ -312,6 +336,11 @@ pub fn no_loss_downstream(f: &Facts, rb: &Readback) -> Verdict {
         ("kafka_seq_mismatch", seq_mismatch),
         ("unacked_in_kafka", unacked_in_kafka),
         ("foreign_messages", foreign),
+        ("partitions_read", rb.partitions.len() as u64),
+        (
+            "partitions_read_whole",
+            rb.partitions.iter().filter(|p| p.whole()).count() as u64,
+        ),
     ] {
         ev.set(k, v);
     }
@@ -323,8 +352,25 @@ pub fn no_loss_downstream(f: &Facts, rb: &Readback) -> Verdict {
         rb.chat_events.len(),
         rb.audit_rows.len()
     );
+    let partial: Vec<String> = rb
+        .partitions
+        .iter()
+        .filter(|p| !p.whole())
+        .map(|p| {
+            format!(
+                "{}: offsets {}..{} read {:?}..{:?}",
+                p.partition, p.low, p.high, p.first, p.last
+            )
+        })
+        .collect();
     let valid = if !rb.complete {
         summary = format!("unknown: the readback did not reach the end offsets; {summary}");
+        Validity::Unknown
+    } else if !partial.is_empty() && violations == 0 {
+        summary = format!(
+            "unknown: partitions not read from start to end ({}); {summary}",
+            partial.join(", ")
+        );
         Validity::Unknown
     } else if violations > 0 {
         Validity::Invalid
@@ -420,6 +466,7 @@ mod tests {
             audit_rows: vec![ar("e1", "ma"), ar("e2", "mb"), ar("e3", "mc")],
             complete: true,
             replay: Vec::new(),
+            partitions: Vec::new(),
         }
     }
 

@@ -344,6 +344,7 @@ mod tests {
                 .collect(),
             complete: true,
             replay: Vec::new(),
+            partitions: Vec::new(),
         }
     }
 

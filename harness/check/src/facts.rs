@@ -17,7 +17,7 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 
-use squall_history::{Header, Kind, Op, Value, Via, ABUSE, HARNESS, HTTP, NEMESIS};
+use squall_history::{Header, Kind, Op, Value, Via, ABUSE, HARNESS, HTTP, NEMESIS, RECOVERY};
 
 use crate::verdict::{fmt_t, Timeline};
 
@@ -253,6 +253,26 @@ pub struct Fault {
     pub err: Option<String>,
 }
 
+/// One read of a conversation by the recovery phase (a fresh connection, from seq 0).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RecoveryRead {
+    pub t: u64,
+    pub k: Kind,
+    /// The member whose identity the fresh connection used.
+    pub u: u32,
+    pub last: Option<i64>,
+    pub n: Option<u32>,
+    pub err: Option<Box<str>>,
+}
+
+/// A message the recovery phase read back from the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecoveredMsg {
+    pub t: u64,
+    pub s: i64,
+    pub m: MsgId,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct Phase {
     pub t: u64,
@@ -379,6 +399,11 @@ pub struct Facts {
     unanswered_stream_invokes: u64,
     faults: Vec<Fault>,
     phases: Vec<Phase>,
+    /// Per conversation: the recovery phase's reads and the messages they returned.
+    recovery_reads: BTreeMap<u32, Vec<RecoveryRead>>,
+    recovery_msgs: BTreeMap<u32, Vec<RecoveredMsg>>,
+    /// Per user: `(t, kind, ms)` of its stalls (a slow consumer not reading its socket).
+    stalls: BTreeMap<u32, Vec<(u64, Kind, u64)>>,
     anomalies: BTreeMap<&'static str, u64>,
     ops: u64,
     end_t: u64,
@@ -426,6 +451,9 @@ impl FactsBuilder {
                 unanswered_stream_invokes: 0,
                 faults: Vec::new(),
                 phases: Vec::new(),
+                recovery_reads: BTreeMap::new(),
+                recovery_msgs: BTreeMap::new(),
+                stalls: BTreeMap::new(),
                 anomalies: BTreeMap::new(),
                 ops: 0,
                 end_t: 0,
@@ -472,8 +500,44 @@ impl FactsBuilder {
         if abuse {
             return;
         }
-        if !user && p != NEMESIS && p != HARNESS && p != HTTP {
+        if !user && p != NEMESIS && p != HARNESS && p != HTTP && p != RECOVERY {
             self.anomaly(anomaly::UNKNOWN_PROCESS);
+            return;
+        }
+        // The recovery phase's reads are its own record, never a user's deliveries.
+        if p == RECOVERY {
+            match v {
+                Value::RecoveryRead { c, u, last, n, err } => {
+                    if !self.conv_ok(c) {
+                        return;
+                    }
+                    self.facts
+                        .recovery_reads
+                        .entry(c)
+                        .or_default()
+                        .push(RecoveryRead {
+                            t,
+                            k,
+                            u,
+                            last,
+                            n,
+                            err: err.map(String::into_boxed_str),
+                        });
+                }
+                Value::RecoveryMsg { c, s, m, .. } => {
+                    if !self.conv_ok(c) {
+                        return;
+                    }
+                    let id = self.msg(&m);
+                    self.facts
+                        .recovery_msgs
+                        .entry(c)
+                        .or_default()
+                        .push(RecoveredMsg { t, s, m: id });
+                }
+                Value::Phase { name } => self.facts.phases.push(Phase { t, name }),
+                _ => self.anomaly(anomaly::UNKNOWN_PROCESS),
+            }
             return;
         }
         match v {
@@ -656,6 +720,15 @@ impl FactsBuilder {
                 err,
             } => self.fault(t, k, id, kind, target, err),
             Value::Phase { name } => self.facts.phases.push(Phase { t, name }),
+            Value::Stall { ms } => {
+                if user {
+                    self.facts.stalls.entry(p).or_default().push((t, k, ms));
+                }
+            }
+            Value::RecoveryRead { .. } | Value::RecoveryMsg { .. } => {
+                // Only the recovery process reads for the recovery phase.
+                self.anomaly(anomaly::UNKNOWN_PROCESS);
+            }
             Value::Typing { .. }
             | Value::Read { .. }
             | Value::Http { .. }
@@ -1074,6 +1147,36 @@ impl Facts {
         self.phase_t("interrupted").is_some()
     }
 
+    // --- recovery -----------------------------------------------------------------------
+
+    /// Whether the history has a recovery phase at all (any recovery read).
+    pub fn has_recovery(&self) -> bool {
+        !self.recovery_reads.is_empty()
+    }
+    /// The recovery phase's reads of conversation `c`.
+    pub fn recovery_reads(&self, c: u32) -> &[RecoveryRead] {
+        self.recovery_reads
+            .get(&c)
+            .map(Vec::as_slice)
+            .unwrap_or(&[])
+    }
+    /// Whether some recovery read of `c` completed (the node said there was no more).
+    pub fn recovery_complete(&self, c: u32) -> bool {
+        self.recovery_reads(c).iter().any(|r| r.k == Kind::Ok)
+    }
+    /// The messages the recovery phase read back in `c`, in history order.
+    pub fn recovery_msgs(&self, c: u32) -> &[RecoveredMsg] {
+        self.recovery_msgs.get(&c).map(Vec::as_slice).unwrap_or(&[])
+    }
+    /// Conversations with recovered messages.
+    pub fn recovery_msgs_all(&self) -> &BTreeMap<u32, Vec<RecoveredMsg>> {
+        &self.recovery_msgs
+    }
+    /// `(t, kind, ms)` of user `u`'s stalls (slow consumer not reading).
+    pub fn stalls(&self, u: u32) -> &[(u64, Kind, u64)] {
+        self.stalls.get(&u).map(Vec::as_slice).unwrap_or(&[])
+    }
+
     // --- timelines ---------------------------------------------------------------------
 
     /// `user <id> (p=<p>)`, `nemesis`, `harness`, `http`.
@@ -1081,6 +1184,7 @@ impl Facts {
         match p {
             NEMESIS => "nemesis".into(),
             HARNESS => "harness".into(),
+            RECOVERY => "recovery".into(),
             HTTP => "http".into(),
             p if (ABUSE - 64..=ABUSE).contains(&p) => format!("abuse-{}", ABUSE - p),
             _ => match self.header.users.get(p as usize) {
@@ -1163,6 +1267,42 @@ impl Facts {
                 ),
             };
             tl.push(e.t, &who, text);
+        }
+        for &(t, k, ms) in self.stalls(u).iter().filter(|s| s.0 >= from) {
+            tl.push(t, &who, format!("{} stall ms={ms}", kind_name(k)));
+        }
+    }
+
+    /// The recovery phase's reads of `c` and whether they returned `m`.
+    pub(crate) fn timeline_recovery(&self, c: u32, m: Option<MsgId>, tl: &mut Timeline) {
+        for r in self.recovery_reads(c) {
+            let mut text = format!(
+                "{} recovery_read c={c} as={}",
+                kind_name(r.k),
+                self.header
+                    .users
+                    .get(r.u as usize)
+                    .map_or("?", |x| x.id.as_str())
+            );
+            if let Some(l) = r.last {
+                text.push_str(&format!(" last={l}"));
+            }
+            if let Some(n) = r.n {
+                text.push_str(&format!(" n={n}"));
+            }
+            if let Some(e) = &r.err {
+                text.push_str(&format!(" err={e:?}"));
+            }
+            tl.push(r.t, "recovery", text);
+        }
+        if let Some(m) = m {
+            for x in self.recovery_msgs(c).iter().filter(|x| x.m == m) {
+                tl.push(
+                    x.t,
+                    "recovery",
+                    format!("ok recovery_msg c={c} s={} m={}", x.s, self.msg_name(m)),
+                );
+            }
         }
     }
 

@@ -24,7 +24,9 @@ mod verdict;
 mod testkit;
 
 pub use delivery::delivery;
-pub use downstream::{no_loss_downstream, AuditRow, KafkaEvent, Readback, ReplayDigest};
+pub use downstream::{
+    no_loss_downstream, AuditRow, KafkaEvent, PartitionRead, Readback, ReplayDigest,
+};
 pub use duplicates::{duplicates, Path};
 pub use facts::{
     anomaly, ConnEvent, ConnWhat, Delivery, Facts, FactsBuilder, Fault, Follow, MsgId, Phase,
@@ -34,5 +36,5 @@ pub use lag::lag;
 pub use order::order;
 pub use replay::replay;
 pub use slo::{slo, METRICS};
-pub use streams::streams;
+pub use streams::{streams, streams_required};
 pub use verdict::{Example, Validity, Verdict, MAX_EXAMPLES, MAX_TIMELINE_LINES};

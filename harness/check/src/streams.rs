@@ -3,7 +3,10 @@
 //! `0..total` each arrived exactly once to that user (`missing`, `repeated` and
 //! out-of-range `extra` indices otherwise). Sessions that never ended for the user are
 //! `unfinished`: invalid, unless the run was interrupted (then unknown). Sessions that
-//! ended `failed`, or whose resume was refused, are counted, not judged.
+//! ended `failed`, or whose resume was refused, are counted, not judged — unless the
+//! check requires completion ([`streams_required`]): then every followed stream must end
+//! `completed` for its follower, and a refused resume (the last word on a session) or a
+//! `failed` end is `not_completed`.
 
 use squall_history::Kind;
 
@@ -12,11 +15,18 @@ use crate::verdict::{ranges, Evidence, Example, Timeline, Validity, Verdict};
 
 const INCOMPLETE: &str = "incomplete";
 const UNFINISHED: &str = "unfinished";
+const NOT_COMPLETED: &str = "not_completed";
 
 /// Checks stream completeness per (user, session).
 pub fn streams(f: &Facts) -> Verdict {
+    streams_required(f, false)
+}
+
+/// Checks stream completeness; with `require_complete` every followed stream must also
+/// have completed for its follower.
+pub fn streams_required(f: &Facts, require_complete: bool) -> Verdict {
     let mut ev = Evidence::new("streams");
-    ev.kinds(&[INCOMPLETE, UNFINISHED]);
+    ev.kinds(&[INCOMPLETE, UNFINISHED, NOT_COMPLETED]);
     let (mut followed, mut completed, mut failed, mut resume_failed, mut unfinished) =
         (0u64, 0u64, 0u64, 0u64, 0u64);
     let (mut complete_ok, mut with_missing, mut with_repeats, mut with_extra) =
@@ -37,6 +47,20 @@ pub fn streams(f: &Facts) -> Verdict {
         let Some(end) = fo.ends.last() else {
             if fo.resumes.last().is_some_and(|r| r.2 == Kind::Fail) {
                 resume_failed += 1;
+                if require_complete && ev.wants(NOT_COMPLETED) {
+                    ev.example(
+                        NOT_COMPLETED,
+                        Example {
+                            id: f.session_name(sid).to_string(),
+                            what: format!(
+                                "{}'s resume was refused after {} chunks and the stream never completed for it",
+                                f.who(u),
+                                fo.chunks.len()
+                            ),
+                            timeline: timeline(f, u, sid, fo),
+                        },
+                    );
+                }
             } else {
                 unfinished += 1;
                 if ev.wants(UNFINISHED) {
@@ -58,6 +82,21 @@ pub fn streams(f: &Facts) -> Verdict {
         };
         if &*end.outcome != "completed" {
             failed += 1;
+            if require_complete && ev.wants(NOT_COMPLETED) {
+                ev.example(
+                    NOT_COMPLETED,
+                    Example {
+                        id: f.session_name(sid).to_string(),
+                        what: format!(
+                            "ended `{}` for {} after {} chunks",
+                            end.outcome,
+                            f.who(u),
+                            fo.chunks.len()
+                        ),
+                        timeline: timeline(f, u, sid, fo),
+                    },
+                );
+            }
             continue;
         }
         completed += 1;
@@ -139,7 +178,10 @@ pub fn streams(f: &Facts) -> Verdict {
          {bad} of them with missing ({missing_chunks}) or repeated ({repeated_chunks}) chunks; \
          {failed} failed, {resume_failed} resume refused, {unfinished} unfinished"
     );
-    let valid = if bad > 0 {
+    if require_complete {
+        summary.push_str("; every followed stream must complete");
+    }
+    let valid = if bad > 0 || (require_complete && failed + resume_failed > 0) {
         Validity::Invalid
     } else if unfinished > 0 && f.interrupted() {
         summary = format!(
@@ -325,5 +367,32 @@ mod tests {
         let v = streams(&h.facts());
         assert_eq!(v.valid, Validity::Valid, "{}", v.summary);
         assert_eq!(v.counts["resume_failed"], 1);
+    }
+
+    #[test]
+    fn a_refused_resume_fails_only_when_completion_is_required() {
+        let mut h = base();
+        for i in 0..3 {
+            h.chunk(20 + i, 0, "s1", i as i64);
+        }
+        h.stream_end(30, 0, "s1", "completed", 3);
+        h.chunk(20, 1, "s1", 0);
+        h.op(
+            40,
+            1,
+            Kind::Fail,
+            squall_history::Value::Resume {
+                session: "s1".into(),
+                after: 0,
+            },
+        );
+        let lenient = streams(&h.facts());
+        assert_eq!(lenient.valid, Validity::Valid, "{}", lenient.summary);
+        assert_eq!(lenient.counts["resume_failed"], 1);
+        let strict = streams_required(&h.facts(), true);
+        assert_eq!(strict.valid, Validity::Invalid, "{}", strict.summary);
+        assert_eq!(strict.examples.len(), 1);
+        assert_eq!(strict.examples[0].id, "s1");
+        assert!(strict.examples[0].what.contains("refused"));
     }
 }

@@ -2,7 +2,9 @@
 //! Times are given in milliseconds and recorded in µs; users are `u0..`, conversations
 //! `conv0..`, all in tenant `t`.
 
-use squall_history::{ConversationInfo, Header, Kind, Op, UserInfo, Value, Via, HARNESS, NEMESIS};
+use squall_history::{
+    ConversationInfo, Header, Kind, Op, UserInfo, Value, Via, HARNESS, NEMESIS, RECOVERY,
+};
 
 use crate::Facts;
 
@@ -266,6 +268,76 @@ impl H {
                 session: session.into(),
                 outcome: outcome.into(),
                 total,
+            },
+        )
+    }
+
+    /// A completed recovery read of `c` (as member `u`) returning `msgs` as `(seq, m)`.
+    pub fn recovery(&mut self, ms: u64, c: u32, u: u32, msgs: &[(i64, &str)]) -> &mut H {
+        self.op(
+            ms,
+            RECOVERY,
+            Kind::Invoke,
+            Value::RecoveryRead {
+                c,
+                u,
+                last: None,
+                n: None,
+                err: None,
+            },
+        );
+        for &(s, m) in msgs {
+            self.op(
+                ms,
+                RECOVERY,
+                Kind::Ok,
+                Value::RecoveryMsg {
+                    c,
+                    s,
+                    m: m.into(),
+                    from: 0,
+                },
+            );
+        }
+        let last = msgs.iter().map(|x| x.0).max().unwrap_or(0);
+        self.op(
+            ms,
+            RECOVERY,
+            Kind::Ok,
+            Value::RecoveryRead {
+                c,
+                u,
+                last: Some(last),
+                n: Some(msgs.len() as u32),
+                err: None,
+            },
+        )
+    }
+
+    /// A recovery read of `c` that failed.
+    pub fn recovery_fail(&mut self, ms: u64, c: u32, u: u32) -> &mut H {
+        self.op(
+            ms,
+            RECOVERY,
+            Kind::Invoke,
+            Value::RecoveryRead {
+                c,
+                u,
+                last: None,
+                n: None,
+                err: None,
+            },
+        );
+        self.op(
+            ms,
+            RECOVERY,
+            Kind::Fail,
+            Value::RecoveryRead {
+                c,
+                u,
+                last: None,
+                n: None,
+                err: Some("no node answered".into()),
             },
         )
     }

@@ -109,6 +109,8 @@ async fn run_reconciles_history_and_figures(stack: &mut Stack) -> Result<()> {
     let mut phases = Vec::new();
     let mut chunks = 0;
     let mut http_ok = 0;
+    let mut recovery_read = BTreeSet::new();
+    let mut recovered: BTreeMap<String, i64> = BTreeMap::new();
     for op in ops {
         let op = op?;
         match (&op.k, &op.v) {
@@ -156,13 +158,47 @@ async fn run_reconciles_history_and_figures(stack: &mut Stack) -> Result<()> {
             (Kind::Ok, Value::Chunk { .. }) => chunks += 1,
             (Kind::Ok, Value::Http { .. }) => http_ok += 1,
             (Kind::Info, Value::Phase { name }) => phases.push(name.clone()),
+            (Kind::Ok, Value::RecoveryRead { c, .. }) => {
+                ensure!(
+                    op.p == squall_history::RECOVERY,
+                    "a recovery read by {}",
+                    op.p
+                );
+                recovery_read.insert(*c);
+            }
+            (Kind::Ok, Value::RecoveryMsg { m, s, .. }) => {
+                recovered.insert(m.clone(), *s);
+            }
             _ => {}
         }
     }
     ensure!(
-        phases == ["connected", "load_start", "load_end", "drained"],
+        phases
+            == [
+                "connected",
+                "load_start",
+                "load_end",
+                "drained",
+                "recovery_start",
+                "recovery_end"
+            ],
         "phases {phases:?}"
     );
+    // The recovery phase read every conversation from seq 0 and found every acked
+    // message at its acked seq.
+    ensure!(
+        recovery_read.len() == header.conversations.len(),
+        "the recovery phase read {} of {} conversations",
+        recovery_read.len(),
+        header.conversations.len()
+    );
+    for (m, seq) in &acked {
+        ensure!(
+            recovered.get(m) == Some(seq),
+            "acked {m} at seq {seq}, the recovery read found {:?}",
+            recovered.get(m)
+        );
+    }
     ensure!(
         acked.len() > 150,
         "only {} messages acked at 32/s for 9 s",
@@ -583,6 +619,8 @@ shipped!(bad_input, "scenarios/chaos/bad-input.yaml");
 shipped!(redis_outage, "scenarios/chaos/redis-outage.yaml");
 shipped!(postgres_outage, "scenarios/chaos/postgres-outage.yaml");
 shipped!(replay_rebuild, "scenarios/chaos/replay-rebuild.yaml");
+shipped!(slow_consumer, "scenarios/chaos/slow-consumer.yaml");
+shipped!(stream_resume, "scenarios/chaos/stream-resume.yaml");
 
 fn main() {
     let shared = SharedStack::new(
@@ -623,6 +661,8 @@ fn main() {
         stack_test!(shared, "chaos::redis_outage", redis_outage),
         stack_test!(shared, "chaos::postgres_outage", postgres_outage),
         stack_test!(shared, "chaos::replay_rebuild", replay_rebuild),
+        stack_test!(shared, "chaos::slow_consumer", slow_consumer),
+        stack_test!(shared, "chaos::stream_resume", stream_resume),
     ];
     shared.run(trials);
 }

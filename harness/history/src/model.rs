@@ -7,13 +7,18 @@ use serde::{Deserialize, Serialize};
 
 /// The format name in every header.
 pub const FORMAT: &str = "squall-history";
-/// Bumped on any change a reader of an older version would misread.
-pub const VERSION: u32 = 1;
+/// Bumped on any change a reader of an older version would misread. Version 2 added the
+/// recovery phase's records (`recovery_read`, `recovery_msg`, process [`RECOVERY`]) and the
+/// slow consumers' `stall`; a version-1 history is still read (it has none of them).
+pub const VERSION: u32 = 2;
 
 /// Process ids: users are numbered from 0; these name the harness's other actors.
 pub const NEMESIS: u32 = u32::MAX;
 pub const HARNESS: u32 = u32::MAX - 1;
 pub const HTTP: u32 = u32::MAX - 2;
+/// The recovery phase: fresh clients that read every conversation from seq 0 after the
+/// load. Its reads are its own (`recovery_read`, `recovery_msg`), never a user's deliveries.
+pub const RECOVERY: u32 = u32::MAX - 3;
 /// Abuse connections (bad input) use process ids from here down, one per kind.
 pub const ABUSE: u32 = u32::MAX - 16;
 
@@ -202,9 +207,35 @@ pub enum Value {
         got: Option<String>,
     },
     /// A phase boundary of the run (info by the harness): `connected`, `load_start`
-    /// (after warm-up), `load_end`, `drained`.
+    /// (after warm-up), `load_end`, `drained`, `recovery_start`, `recovery_end`.
     Phase {
         name: String,
+    },
+    /// The recovery phase reading conversation `c` from seq 0 with a fresh connection as
+    /// member `u` (by process [`RECOVERY`]): invoke → ok with `last` (the newest seq) and
+    /// `n` (messages received) once the node said no more, or fail with `err`.
+    RecoveryRead {
+        c: u32,
+        u: u32,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        last: Option<i64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        n: Option<u32>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        err: Option<String>,
+    },
+    /// One message the recovery read of `c` returned (ok by [`RECOVERY`]): seq `s`,
+    /// client_msg_id `m`, sender index `from`.
+    RecoveryMsg {
+        c: u32,
+        s: i64,
+        m: String,
+        from: u32,
+    },
+    /// A slow consumer stopped reading its socket for `ms` milliseconds (invoke at the
+    /// start, ok when it reads again).
+    Stall {
+        ms: u64,
     },
 }
 
@@ -228,6 +259,9 @@ impl Value {
             Value::ServerError { .. } => "server_error",
             Value::Abuse { .. } => "abuse",
             Value::Phase { .. } => "phase",
+            Value::RecoveryRead { .. } => "recovery_read",
+            Value::RecoveryMsg { .. } => "recovery_msg",
+            Value::Stall { .. } => "stall",
         }
     }
 }

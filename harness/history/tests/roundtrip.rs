@@ -127,3 +127,76 @@ fn a_foreign_file_is_refused_with_its_name() {
     assert!(err.contains("not-a-history.gz"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn version_2_records_round_trip_and_version_1_is_still_read() {
+    let dir = std::env::temp_dir().join(format!("squall-history-v2-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(FILE_NAME);
+    let origin = Instant::now();
+    let (writer, rec) = Writer::create(&path, &header(), origin).unwrap();
+    let records = [
+        (3, Kind::Invoke, Value::Stall { ms: 8000 }),
+        (3, Kind::Ok, Value::Stall { ms: 8000 }),
+        (
+            RECOVERY,
+            Kind::Invoke,
+            Value::RecoveryRead {
+                c: 0,
+                u: 2,
+                last: None,
+                n: None,
+                err: None,
+            },
+        ),
+        (
+            RECOVERY,
+            Kind::Ok,
+            Value::RecoveryMsg {
+                c: 0,
+                s: 1,
+                m: "1-0".into(),
+                from: 1,
+            },
+        ),
+        (
+            RECOVERY,
+            Kind::Ok,
+            Value::RecoveryRead {
+                c: 0,
+                u: 2,
+                last: Some(1),
+                n: Some(1),
+                err: None,
+            },
+        ),
+    ];
+    for (p, k, v) in &records {
+        rec.record(*p, *k, v.clone());
+    }
+    writer.finish().unwrap();
+    let (_, ops) = read(&path).unwrap();
+    let ops: Vec<Op> = ops.collect::<Result<_>>().unwrap();
+    let got: Vec<(u32, Kind, Value)> = ops.into_iter().map(|o| (o.p, o.k, o.v)).collect();
+    assert_eq!(got, records.to_vec());
+    // A version-1 file (what older squalls wrote) is still read.
+    let mut old = header();
+    old.version = 1;
+    let v1 = dir.join("v1.jsonl.gz");
+    let mut gz = flate2::write::GzEncoder::new(
+        std::fs::File::create(&v1).unwrap(),
+        flate2::Compression::fast(),
+    );
+    use std::io::Write;
+    writeln!(gz, "{}", serde_json::to_string(&old).unwrap()).unwrap();
+    writeln!(
+        gz,
+        r#"{{"t":5,"p":0,"k":"ok","v":{{"f":"deliver","c":0,"s":1,"m":"1-0","from":1,"via":"live"}}}}"#
+    )
+    .unwrap();
+    gz.finish().unwrap();
+    let (h, ops) = read(&v1).unwrap();
+    assert_eq!(h.version, 1);
+    assert_eq!(ops.count(), 1);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

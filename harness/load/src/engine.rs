@@ -54,7 +54,7 @@ pub struct Outcome {
     pub arrivals: u64,
 }
 
-fn ws_url(http: &str) -> String {
+pub(crate) fn ws_url(http: &str) -> String {
     if let Some(rest) = http.strip_prefix("https://") {
         format!("wss://{rest}")
     } else if let Some(rest) = http.strip_prefix("http://") {
@@ -120,6 +120,28 @@ async fn create_conversations(
     .collect::<Vec<_>>()
     .await;
     results.into_iter().collect()
+}
+
+/// The slow consumers (`load.slow_consumers`), drawn from the seed: user index → the
+/// offset of its first stall into the measured window, in `[0, every - pause]`.
+pub fn slow_consumers(
+    scenario: &Scenario,
+    users: usize,
+) -> std::collections::BTreeMap<u32, Duration> {
+    use rand::seq::SliceRandom;
+    use rand::{Rng, SeedableRng};
+    let mut out = std::collections::BTreeMap::new();
+    let Some(slow) = &scenario.load.slow_consumers else {
+        return out;
+    };
+    let mut rng = rand_pcg::Pcg64::seed_from_u64(scenario.seed ^ 0x510e_0003);
+    let mut all: Vec<u32> = (0..users as u32).collect();
+    all.shuffle(&mut rng);
+    let slack = slow.every.saturating_sub(slow.pause).as_secs_f64();
+    for u in all.into_iter().take(slow.count(users as u32) as usize) {
+        out.insert(u, Duration::from_secs_f64(rng.random::<f64>() * slack));
+    }
+    out
 }
 
 /// Runs the load of `scenario` against `target`. `stop` turning true (Ctrl-C, a
@@ -188,6 +210,8 @@ pub async fn run(
         load.max_in_flight as usize,
     );
     shared.final_resync = load.final_resync;
+    shared.slow = load.slow_consumers.as_ref().map(|s| (s.pause, s.every));
+    let stall_offsets = slow_consumers(scenario, population.users.len());
     let shared = Arc::new(shared);
     let memberships = population.memberships();
     let (connected_tx, mut connected_rx) = mpsc::unbounded_channel();
@@ -205,6 +229,7 @@ pub async fn run(
                 token: tokens[i].clone(),
                 home: u.home % target.nodes.len(),
                 conversations: memberships[i].clone(),
+                stall_offset: stall_offsets.get(&(i as u32)).copied(),
             },
             shared.clone(),
         );
@@ -400,12 +425,37 @@ pub async fn run(
         let _ = tx.send(Command::Finish);
     }
     drop(senders);
+    // Then every send still open gets its outcome (an ack, or its ack timeout) before any
+    // user's final resync reads the store: a message acknowledged after a member's last
+    // read would otherwise be owed to a member that has already left.
+    let settle_deadline = Instant::now() + load.ack_timeout + Duration::from_secs(1);
+    loop {
+        let c = &metrics.counters;
+        let settled = c.sends_acked.load(Ordering::Relaxed)
+            + c.sends_failed.load(Ordering::Relaxed)
+            + c.sends_unknown.load(Ordering::Relaxed)
+            + c.sends_dropped_in_flight_limit.load(Ordering::Relaxed);
+        let invoked = c.sends_invoked.load(Ordering::Relaxed).max(chat_dispatched);
+        if settled >= invoked || Instant::now() >= settle_deadline || interrupted {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    shared.start_final_phase();
     let finish_deadline =
         tokio::time::Instant::now() + shared.finish_timeout + Duration::from_secs(5);
+    let mut late = 0usize;
     for h in handles {
+        let abort = h.abort_handle();
         if tokio::time::timeout_at(finish_deadline, h).await.is_err() {
-            tracing::warn!("a user did not finish its final resync in time");
+            // Bounded: a user still busy past its deadline is stopped, not left running
+            // (and recording) behind the rest of the run.
+            abort.abort();
+            late += 1;
         }
+    }
+    if late > 0 {
+        tracing::warn!("{late} users did not finish their final resync in time; stopped");
     }
     rec.record(
         HARNESS,
@@ -424,4 +474,32 @@ pub async fn run(
         setup,
         arrivals,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slow_consumers_are_drawn_from_the_seed_with_offsets_inside_the_period() {
+        let text = "name: t\nload:\n  users: 40\n  conversations: { count: 4, members: { fixed: 4 } }\n  rate: 10\n  duration: 1m\n  slow_consumers: { share: 0.25, pause: 8s, every: 15s }\n";
+        let scenario = squall_scenario::parse_str(text, "t.yaml").expect("valid");
+        let a = slow_consumers(&scenario, 40);
+        assert_eq!(a.len(), 10);
+        assert!(a.values().all(|o| *o <= Duration::from_secs(7)), "{a:?}");
+        assert_eq!(
+            a,
+            slow_consumers(&scenario, 40),
+            "the same seed, the same users"
+        );
+        let none = squall_scenario::parse_str(
+            &text.replace(
+                "  slow_consumers: { share: 0.25, pause: 8s, every: 15s }\n",
+                "",
+            ),
+            "t.yaml",
+        )
+        .expect("valid");
+        assert!(slow_consumers(&none, 40).is_empty());
+    }
 }

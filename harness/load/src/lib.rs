@@ -2,7 +2,8 @@
 //! conversations and an open-loop arrival schedule; [`engine`] connects the users, runs
 //! the schedule and the HTTP traffic against the nodes, and drains; every operation goes
 //! to the history ([`squall_history`]) and every latency to [`metrics`], measured from
-//! the operation's intended time so a stalled system cannot hide (no coordinated omission).
+//! the operation's intended time so a stalled system cannot hide (no coordinated omission);
+//! [`recovery`] reads every conversation from seq 0 with fresh clients after the load.
 
 pub mod abuse;
 pub mod body;
@@ -10,10 +11,11 @@ pub mod engine;
 pub mod http;
 pub mod metrics;
 pub mod plan;
+pub mod recovery;
 mod shared;
+pub mod tap;
 mod user;
 
-pub mod tap;
 pub use engine::{run, LoadError, Outcome, Target};
 pub use metrics::{Metrics, SecondPoint, Summary};
 pub use plan::{Arrival, Arrivals, Population};

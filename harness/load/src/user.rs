@@ -2,7 +2,11 @@
 //! pacer hands it and by what the node sends. It records every operation and delivery in
 //! the history, keeps a per-conversation cursor of the seqs it has seen, retries unacked
 //! sends with the same client id after a reconnect (to the next node when its own died or
-//! drains), resyncs every conversation after each reconnect and resumes its streams.
+//! drains), resyncs every conversation after each reconnect and resumes its streams
+//! (again, a few times, when a resume is refused as `unavailable`). A slow consumer
+//! (`load.slow_consumers`) stops reading its socket now and then: its task does nothing
+//! for the pause, as a frozen client would, and its socket has a small receive buffer so
+//! that what it does not read backs up at the node rather than in the kernel.
 
 use chatstream_protocol::frames::{
     ClientFrame, ErrorCode, ServerFrame, StreamOutcome, Via as WireVia,
@@ -23,11 +27,11 @@ use crate::body::{self, BodyStamp};
 use crate::metrics::names;
 use crate::plan::Arrival;
 use crate::shared::Shared;
+use crate::tap::AckSample;
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 /// What the engine asks of a user.
-use crate::tap::AckSample;
 #[derive(Debug)]
 pub enum Command {
     /// An operation of the schedule, due at `due`.
@@ -50,7 +54,20 @@ pub struct UserSpec {
     pub token: String,
     pub home: usize,
     pub conversations: Vec<u32>,
+    /// A slow consumer: the offset of its first stall from the start of the measured
+    /// window (the pause and the period are the scenario's).
+    pub stall_offset: Option<Duration>,
 }
+
+/// The receive buffer of a slow consumer's socket: small, so that frames it does not read
+/// back up at the node (whose bound then closes the connection) instead of in the kernel.
+const SLOW_RECV_BUFFER: u32 = 32 * 1024;
+/// Refused resumes (`unavailable`) retried per stream session before giving up.
+const RESUME_RETRIES: u32 = 5;
+/// Pause before retrying a refused resume.
+const RESUME_RETRY_AFTER: Duration = Duration::from_secs(1);
+/// Pause before asking again for a sync the node refused.
+const SYNC_RETRY_AFTER: Duration = Duration::from_secs(1);
 
 struct PendingSend {
     conversation: u32,
@@ -68,9 +85,18 @@ struct Cursor {
     above: BTreeSet<i64>,
     /// A sync is in flight (its `after`), with when it started.
     syncing: Option<(i64, Instant, u32)>,
+    /// When the request of the sync in flight (its first page or the next) was written.
+    requested: Option<Instant>,
+    /// A sync the node refused, to be asked again then.
+    retry_at: Option<Instant>,
 }
 
 impl Cursor {
+    /// Whether seq `seq` (or a later one) has been seen.
+    fn reached(&self, seq: i64) -> bool {
+        self.contiguous >= seq || self.above.last().is_some_and(|&s| s >= seq)
+    }
+
     fn see(&mut self, seq: i64) {
         if seq == self.contiguous + 1 {
             self.contiguous = seq;
@@ -87,6 +113,21 @@ struct StreamFollow {
     due: Instant,
     last_index: i64,
     last_chunk_at: Option<Instant>,
+    /// Resumes refused so far, and when to try again after the last one.
+    refusals: u32,
+    retry_at: Option<Instant>,
+}
+
+impl StreamFollow {
+    fn new(due: Instant) -> Self {
+        StreamFollow {
+            due,
+            last_index: -1,
+            last_chunk_at: None,
+            refusals: 0,
+            retry_at: None,
+        }
+    }
 }
 
 /// Why a connection ended.
@@ -108,7 +149,11 @@ pub struct User {
     next_msg: u64,
     /// Since when every conversation has to be resynced (set at a reconnect).
     resync_since: Option<Instant>,
+    /// Told to finish: no more operations; waits for the final phase (every user's sends
+    /// settled) before its final resync.
     finishing: bool,
+    /// The final phase has begun for this user (final resync asked, deadline running).
+    final_started: bool,
 }
 
 impl User {
@@ -130,6 +175,7 @@ impl User {
             next_msg: 0,
             resync_since: None,
             finishing: false,
+            final_started: false,
         }
     }
 
@@ -186,10 +232,12 @@ impl User {
                         }
                         Ended::Planned => {
                             lost_at = Some(Instant::now());
+                            self.stream_requests_lost();
                             self.node = (self.node + 1) % self.shared.nodes.len();
                         }
                         Ended::Lost(reason) => {
                             lost_at = Some(Instant::now());
+                            self.stream_requests_lost();
                             self.record(
                                 Kind::Info,
                                 Value::Disconnect {
@@ -253,10 +301,16 @@ impl User {
         );
         let started = Instant::now();
         let url = format!("{}/ws?token={}", self.shared.nodes[node], self.spec.token);
+        let slow = self.spec.stall_offset.is_some();
         let attempt = async {
-            let (mut ws, _) = tokio_tungstenite::connect_async_with_config(url, None, true)
-                .await
-                .map_err(|e| e.to_string())?;
+            let mut ws = if slow && url.starts_with("ws://") {
+                connect_small_buffer(&url).await?
+            } else {
+                tokio_tungstenite::connect_async_with_config(url, None, true)
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .0
+            };
             // The first frame is `hello`, or an error and a close for a bad token.
             match ws.next().await {
                 Some(Ok(Message::Text(t))) => match ServerFrame::decode(&t) {
@@ -282,8 +336,9 @@ impl User {
                 counters.connects.fetch_add(1, Ordering::Relaxed);
                 counters.connected.fetch_add(1, Ordering::Relaxed);
                 let now = Instant::now();
+                // Counted by when it started (a window's operations are those due in it).
                 self.shared
-                    .record_latency(names::CONNECT, now - started, now);
+                    .record_latency(names::CONNECT, now - started, started);
                 self.record(
                     Kind::Ok,
                     Value::Connect {
@@ -318,16 +373,27 @@ impl User {
             return Ended::Lost(e);
         }
         let mut tick = tokio::time::interval(Duration::from_millis(100));
-        let mut finish_deadline: Option<Instant> = None;
+        // Reconnected during the final phase: the resync this connection started above is
+        // the final one; end once it is done (or at the deadline), not never.
+        let mut finish_deadline: Option<Instant> = self
+            .final_started
+            .then(|| Instant::now() + self.shared.finish_timeout);
+        let mut stall_at = self.next_stall();
+        // A disabled select branch still builds its future: a time that never comes.
+        let never = tokio::time::Instant::now() + Duration::from_secs(86_400 * 365);
         loop {
             tokio::select! {
+                _ = tokio::time::sleep_until(stall_at.map_or(never, Into::into)), if stall_at.is_some() && !self.finishing => {
+                    self.stall().await;
+                    stall_at = self.next_stall();
+                }
                 cmd = rx.recv(), if !self.finishing => {
                     let result = match cmd {
                         Some(Command::Finish) | None => {
+                            // No more operations; the final resync waits for the final
+                            // phase, when every user's sends have their outcome.
                             self.finishing = true;
-                            finish_deadline = Some(Instant::now() + self.shared.finish_timeout);
-                            self.resync_since = None;
-                            self.final_resync(&mut ws).await
+                            Ok(())
                         }
                         Some(Command::Op { arrival, due }) => {
                             if arrival.kind == OpKind::Reconnect {
@@ -361,9 +427,40 @@ impl User {
                 },
                 _ = tick.tick() => {
                     self.expire_pending();
+                    // The measured window is set after the users connect: a slow consumer
+                    // learns its first stall once it is.
+                    if stall_at.is_none() && self.spec.stall_offset.is_some() && !self.finishing {
+                        stall_at = self.next_stall();
+                    }
+                    if let Err(e) = self.retry_resumes(&mut ws).await {
+                        return Ended::Lost(e);
+                    }
+                    if let Err(e) = self.retry_refused_syncs(&mut ws).await {
+                        return Ended::Lost(e);
+                    }
+                    if self.finishing && !self.final_started && self.shared.final_phase() {
+                        // Every send of the run has its outcome now: no message can be
+                        // acknowledged after this resync reads the store.
+                        self.final_started = true;
+                        finish_deadline = Some(Instant::now() + self.shared.finish_timeout);
+                        if self.cursors.values().all(|k| k.syncing.is_none()) {
+                            self.resync_since = None;
+                        }
+                        if let Err(e) = self.final_resync(&mut ws).await {
+                            return Ended::Lost(e);
+                        }
+                    }
                     if let Some(deadline) = finish_deadline {
                         let synced = self.cursors.values().all(|c| c.syncing.is_none());
-                        if (synced && self.pending.is_empty()) || Instant::now() >= deadline {
+                        // Streams still being followed end first (bounded by the deadline):
+                        // a stream cut off by the end of the run is not the system's fault.
+                        let streams_done = self.streams.is_empty() && self.stream_requests.is_empty();
+                        // Without a final resync, live delivery must catch up with every
+                        // seq acknowledged in the user's conversations before it leaves (a
+                        // backlog is not a loss; a frame dropped for good stays missing).
+                        let caught_up = self.shared.final_resync
+                            || self.cursors.iter().all(|(c, k)| k.reached(self.shared.highest_acked(*c)));
+                        if (synced && self.pending.is_empty() && streams_done && caught_up) || Instant::now() >= deadline {
                             let _ = ws.close(None).await;
                             return Ended::Finished;
                         }
@@ -382,14 +479,7 @@ impl User {
                 }
             }
             Command::FollowStream { session, due, .. } => {
-                self.streams.insert(
-                    session,
-                    StreamFollow {
-                        due,
-                        last_index: -1,
-                        last_chunk_at: None,
-                    },
-                );
+                self.streams.insert(session, StreamFollow::new(due));
             }
             // Typing, reads, syncs and stream requests while offline are not attempted;
             // the resync after the reconnect covers what a sync would have fetched.
@@ -566,6 +656,8 @@ impl User {
         }
         let after = cursor.contiguous;
         cursor.syncing = Some((after, Instant::now(), 0));
+        cursor.requested = Some(Instant::now());
+        cursor.retry_at = None;
         self.shared
             .metrics
             .counters
@@ -650,14 +742,7 @@ impl User {
     }
 
     async fn follow(&mut self, ws: &mut Ws, session: String, due: Instant) -> Result<(), String> {
-        self.streams.insert(
-            session.clone(),
-            StreamFollow {
-                due,
-                last_index: -1,
-                last_chunk_at: None,
-            },
-        );
+        self.streams.insert(session.clone(), StreamFollow::new(due));
         self.record(
             Kind::Invoke,
             Value::Resume {
@@ -673,6 +758,138 @@ impl User {
             },
         )
         .await
+    }
+
+    /// Stream requests whose `stream_started` died with the connection: the session may
+    /// or may not have started, and its id is unknown (info).
+    fn stream_requests_lost(&mut self) {
+        for (c, _) in std::mem::take(&mut self.stream_requests) {
+            self.record(
+                Kind::Info,
+                Value::Stream {
+                    c,
+                    due: None,
+                    session: None,
+                    http: false,
+                    err: Some("the connection ended before stream_started".into()),
+                },
+            );
+        }
+    }
+
+    /// A sync the node refused is asked again, from the cursor, once its pause is over.
+    async fn retry_refused_syncs(&mut self, ws: &mut Ws) -> Result<(), String> {
+        let now = Instant::now();
+        let due: Vec<u32> = self
+            .cursors
+            .iter()
+            .filter(|(_, k)| k.syncing.is_none() && k.retry_at.is_some_and(|t| t <= now))
+            .map(|(c, _)| *c)
+            .collect();
+        for c in due {
+            self.sync(ws, c).await?;
+        }
+        Ok(())
+    }
+
+    /// An error frame naming no request, while syncs are in flight: the node answers a
+    /// sync it could not serve (PostgreSQL busy or away) that way, and it answers one
+    /// connection's requests in order, so it is the oldest sync in flight that failed.
+    /// That sync is recorded failed and asked again after a pause, as a client would;
+    /// without this the conversation would stay unsynced to the end of the run.
+    fn sync_refused(&mut self, code: ErrorCode, why: &str) -> bool {
+        if !matches!(code, ErrorCode::Unavailable | ErrorCode::Internal) {
+            return false;
+        }
+        let oldest = self
+            .cursors
+            .iter()
+            .filter(|(_, k)| k.syncing.is_some())
+            .min_by_key(|(_, k)| k.requested)
+            .map(|(c, _)| *c);
+        let Some(c) = oldest else {
+            return false;
+        };
+        let Some(k) = self.cursors.get_mut(&c) else {
+            return false;
+        };
+        let after = k.syncing.take().map_or(0, |(after, _, _)| after);
+        k.requested = None;
+        k.retry_at = Some(Instant::now() + SYNC_RETRY_AFTER);
+        self.record(
+            Kind::Fail,
+            Value::Sync {
+                c,
+                after,
+                last: None,
+                n: None,
+                err: Some(why.to_string()),
+            },
+        );
+        true
+    }
+
+    /// Resumes refused earlier whose retry is due, after the last chunk seen.
+    async fn retry_resumes(&mut self, ws: &mut Ws) -> Result<(), String> {
+        let now = Instant::now();
+        let due: Vec<(String, i64)> = self
+            .streams
+            .iter_mut()
+            .filter(|(_, f)| f.retry_at.is_some_and(|t| t <= now))
+            .map(|(s, f)| {
+                f.retry_at = None;
+                (s.clone(), f.last_index)
+            })
+            .collect();
+        for (session, after) in due {
+            self.record(
+                Kind::Invoke,
+                Value::Resume {
+                    session: session.clone(),
+                    after,
+                },
+            );
+            Self::write(
+                ws,
+                &ClientFrame::Resume {
+                    session_id: session,
+                    after_index: after,
+                },
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// When this slow consumer next stops reading: its stalls start at its offset into
+    /// the measured window and repeat every period, each ending inside the window.
+    fn next_stall(&self) -> Option<Instant> {
+        let offset = self.spec.stall_offset?;
+        let (pause, every) = self.shared.slow?;
+        let (start, end) = self.shared.window()?;
+        let now = Instant::now();
+        let mut at = start + offset;
+        if at < now {
+            let behind = now.duration_since(at).as_secs_f64();
+            let periods = (behind / every.as_secs_f64()).ceil();
+            at += every.mul_f64(periods);
+        }
+        (at + pause <= end).then_some(at)
+    }
+
+    /// Stops reading (and doing anything else) for the pause, as a frozen client would.
+    /// The ack timeout does not run meanwhile: the wait is the user's, not the system's.
+    async fn stall(&mut self) {
+        let Some((pause, _)) = self.shared.slow else {
+            return;
+        };
+        let ms = pause.as_millis() as u64;
+        self.record(Kind::Invoke, Value::Stall { ms });
+        tokio::time::sleep(pause).await;
+        for p in self.pending.values_mut() {
+            p.first_invoked += pause;
+        }
+        self.record(Kind::Ok, Value::Stall { ms });
     }
 
     fn expire_pending(&mut self) {
@@ -772,6 +989,20 @@ impl User {
                         p.due,
                     );
                 }
+                if !duplicate {
+                    let shared = &self.shared;
+                    shared.metrics.ack_tap.offer(|| AckSample {
+                        conversation_id: shared
+                            .conversation_ids
+                            .get(p.conversation as usize)
+                            .cloned()
+                            .unwrap_or_default(),
+                        message_id: message_id.clone(),
+                        acked: now,
+                        in_window: shared.in_window(p.due),
+                    });
+                }
+                self.shared.acked(p.conversation, seq);
                 if let Some(cursor) = self.cursors.get_mut(&p.conversation) {
                     cursor.see(seq);
                 }
@@ -864,6 +1095,7 @@ impl User {
                 if more {
                     // Keep paging from where this page ended.
                     cursor.syncing = Some((last_seq, started, n));
+                    cursor.requested = Some(now);
                     let conversation_id = conversation_id.clone();
                     Self::write(
                         ws,
@@ -876,7 +1108,8 @@ impl User {
                     .await?;
                     return Ok(());
                 }
-                self.shared.record_latency(names::SYNC, now - started, now);
+                self.shared
+                    .record_latency(names::SYNC, now - started, started);
                 self.record(
                     Kind::Ok,
                     Value::Sync {
@@ -889,8 +1122,10 @@ impl User {
                 );
                 if let Some(since) = self.resync_since {
                     if self.cursors.values().all(|k| k.syncing.is_none()) {
+                        // Counted by when the connection was lost: a storm late in the
+                        // window whose resync ends after it is still the window's.
                         self.shared
-                            .record_latency(names::RECONNECT_RESYNC, now - since, now);
+                            .record_latency(names::RECONNECT_RESYNC, now - since, since);
                         self.resync_since = None;
                     }
                 }
@@ -917,14 +1152,7 @@ impl User {
                             err: None,
                         },
                     );
-                    self.streams.insert(
-                        session_id,
-                        StreamFollow {
-                            due,
-                            last_index: -1,
-                            last_chunk_at: None,
-                        },
-                    );
+                    self.streams.insert(session_id, StreamFollow::new(due));
                 }
             }
             ServerFrame::Chunk {
@@ -955,19 +1183,6 @@ impl User {
                 );
             }
             ServerFrame::StreamEnd {
-                if !duplicate {
-                    let shared = &self.shared;
-                    shared.metrics.ack_tap.offer(|| AckSample {
-                        conversation_id: shared
-                            .conversation_ids
-                            .get(p.conversation as usize)
-                            .cloned()
-                            .unwrap_or_default(),
-                        message_id: message_id.clone(),
-                        acked: now,
-                        in_window: shared.in_window(p.due),
-                    });
-                }
                 session_id,
                 outcome,
                 total_chunks,
@@ -1023,8 +1238,20 @@ impl User {
                         },
                     );
                 } else if let Some(session) = ref_id.filter(|r| self.streams.contains_key(r)) {
-                    self.streams.remove(&session);
-                    self.record(Kind::Fail, Value::Resume { session, after: -1 });
+                    // Refused as unavailable (the generator's node died, a backend is
+                    // away): asked again a few times, a second apart, as a client would.
+                    let retry = code == ErrorCode::Unavailable;
+                    let mut after = -1;
+                    if let Some(f) = self.streams.get_mut(&session) {
+                        after = f.last_index;
+                        f.refusals += 1;
+                        if retry && f.refusals <= RESUME_RETRIES {
+                            f.retry_at = Some(now + RESUME_RETRY_AFTER);
+                        } else {
+                            self.streams.remove(&session);
+                        }
+                    }
+                    self.record(Kind::Fail, Value::Resume { session, after });
                 } else {
                     if code == ErrorCode::ShuttingDown {
                         return Err("node shutting down".into());
@@ -1044,6 +1271,7 @@ impl User {
                             return Ok(());
                         }
                     }
+                    let why = format!("{code_name}: {message}");
                     self.record(
                         Kind::Info,
                         Value::ServerError {
@@ -1051,6 +1279,7 @@ impl User {
                             message,
                         },
                     );
+                    self.sync_refused(code, &why);
                 }
             }
             ServerFrame::Hello { .. }
@@ -1060,4 +1289,33 @@ impl User {
         }
         Ok(())
     }
+}
+
+/// A WebSocket connection over a socket with a small receive buffer (a slow consumer's).
+async fn connect_small_buffer(url: &str) -> Result<Ws, String> {
+    let authority = url
+        .strip_prefix("ws://")
+        .and_then(|rest| rest.split('/').next())
+        .ok_or_else(|| format!("not a ws:// URL: {url}"))?;
+    let addr = tokio::net::lookup_host(authority)
+        .await
+        .map_err(|e| format!("resolving {authority}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("{authority} resolves to nothing"))?;
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()
+    } else {
+        tokio::net::TcpSocket::new_v6()
+    }
+    .map_err(|e| e.to_string())?;
+    socket
+        .set_recv_buffer_size(SLOW_RECV_BUFFER)
+        .map_err(|e| e.to_string())?;
+    let stream = socket.connect(addr).await.map_err(|e| e.to_string())?;
+    stream.set_nodelay(true).map_err(|e| e.to_string())?;
+    let (ws, _) =
+        tokio_tungstenite::client_async_with_config(url, MaybeTlsStream::Plain(stream), None)
+            .await
+            .map_err(|e| e.to_string())?;
+    Ok(ws)
 }

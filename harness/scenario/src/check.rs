@@ -38,8 +38,13 @@ pub enum Checker {
     },
     /// Per-conversation order: sequence numbers increase without gaps, for every member.
     Order {},
-    /// Every AI stream completed or failed cleanly, chunks in order, resumes continuous.
-    Streams {},
+    /// Every AI stream completed or failed cleanly, chunks in order, resumes continuous;
+    /// with `require_complete`, every followed stream must also complete (a refused
+    /// resume, a failed end or a stream that never ended fails the check).
+    Streams {
+        #[serde(default)]
+        require_complete: bool,
+    },
     /// Rebuilding the projections from Kafka gives what the workers built live.
     Replay {
         #[serde(default = "every_projection")]
@@ -117,7 +122,7 @@ impl Checker {
             Checker::NoLossDownstream {} => "no_loss_downstream",
             Checker::Duplicates { .. } => "duplicates",
             Checker::Order {} => "order",
-            Checker::Streams {} => "streams",
+            Checker::Streams { .. } => "streams",
             Checker::Replay { .. } => "replay",
             Checker::Lag { .. } => "lag",
             Checker::Slo { .. } => "slo",

@@ -30,7 +30,7 @@ pub use fault::{
 };
 pub use gate::{CmpOp, Gate, GateError, GateScope, MetricRef, Threshold};
 pub use http::{HttpEndpoint, HttpTraffic};
-pub use load::{Abuse, AbuseKind, Conversations, Load, Mix, OpKind, Placement};
+pub use load::{Abuse, AbuseKind, Conversations, Load, Mix, OpKind, Placement, SlowConsumers};
 pub use rate::{Phase, Rate};
 pub use scenario::Scenario;
 pub use topology::{

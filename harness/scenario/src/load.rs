@@ -43,9 +43,39 @@ pub struct Load {
     /// sabotage scenarios that break live delivery turn it off to show it.
     #[serde(default = "default_final_resync")]
     pub final_resync: bool,
+    /// After the load and the faults, fresh clients read every conversation from seq 0
+    /// (the recovery phase): the store's testimony for the delivery checker.
+    #[serde(default = "default_recovery")]
+    pub recovery: bool,
+    /// A share of the users stop reading their socket for a while, again and again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slow_consumers: Option<SlowConsumers>,
     /// Bad input sent at a rate while the legitimate load goes on.
     #[serde(default)]
     pub abuse: Vec<Abuse>,
+}
+
+/// Slow consumers: `share` of the users (drawn from the seed) stop reading their
+/// WebSocket for `pause`, every `every` during the measured window (each from its own
+/// offset, drawn from the seed, inside the first `every`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SlowConsumers {
+    /// Fraction of the users that are slow, in (0, 1].
+    pub share: f64,
+    /// How long one stall lasts (> 0, < `every`).
+    #[serde(with = "crate::duration")]
+    pub pause: Duration,
+    /// From the start of one stall to the next.
+    #[serde(with = "crate::duration")]
+    pub every: Duration,
+}
+
+impl SlowConsumers {
+    /// How many of `users` are slow: the share, rounded, at least one.
+    pub fn count(&self, users: u32) -> u32 {
+        ((f64::from(users) * self.share).round() as u32).clamp(1, users.max(1))
+    }
 }
 
 /// One kind of bad input, sent on connections of its own at `rate` per second.
@@ -90,6 +120,10 @@ impl AbuseKind {
 }
 
 fn default_final_resync() -> bool {
+    true
+}
+
+fn default_recovery() -> bool {
     true
 }
 

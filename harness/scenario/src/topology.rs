@@ -76,6 +76,12 @@ pub struct NodeSettings {
     pub pg_max_connections: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drain_timeout_ms: Option<u64>,
+    /// A connection whose unsent frames would pass this is closed (4408).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_unsent_bytes: Option<usize>,
+    /// A connection whose socket takes nothing for this long is dropped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub write_stall_timeout_ms: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stream: Option<StreamSettings>,
     /// Switches of the system under test that deliberately break a property (to prove a

@@ -11,7 +11,7 @@ use crate::duration::Readable;
 use crate::error::Problem;
 use crate::fault::{Fault, FaultAction, ToxicKind};
 use crate::gate::MetricRef;
-use crate::load::Load;
+use crate::load::{Load, SlowConsumers};
 use crate::rate::Rate;
 use crate::scenario::Scenario;
 use crate::topology::{NodeSettings, Topology, Workers};
@@ -145,6 +145,20 @@ impl Rules {
                 );
             }
         }
+        if node.max_unsent_bytes == Some(0) {
+            self.add(
+                "topology.node.max_unsent_bytes",
+                "is zero",
+                "a positive number of bytes",
+            );
+        }
+        if node.write_stall_timeout_ms == Some(0) {
+            self.add(
+                "topology.node.write_stall_timeout_ms",
+                "is zero",
+                "a positive number of milliseconds",
+            );
+        }
         for (key, value) in [
             ("relay_batch", node.relay_batch),
             ("sync_limit", node.sync_limit),
@@ -275,6 +289,9 @@ impl Rules {
         for (i, a) in load.abuse.iter().enumerate() {
             self.positive_rate(&format!("load.abuse[{i}].rate"), a.rate);
         }
+        if let Some(slow) = &load.slow_consumers {
+            self.slow_consumers(slow, load.duration);
+        }
         if load.max_in_flight == 0 {
             self.add(
                 "load.max_in_flight",
@@ -286,6 +303,38 @@ impl Rules {
 
     /// Checks a distribution on its own and that all its values lie in `low..=high`,
     /// pointing at the key that states the offending bound.
+    fn slow_consumers(&mut self, slow: &SlowConsumers, duration: Duration) {
+        if !(slow.share > 0.0 && slow.share <= 1.0) {
+            self.add(
+                "load.slow_consumers.share",
+                format!("{} is not a share of the users", slow.share),
+                "a number in (0, 1]",
+            );
+        }
+        self.positive_duration("load.slow_consumers.pause", slow.pause);
+        if slow.every <= slow.pause {
+            self.add(
+                "load.slow_consumers.every",
+                format!(
+                    "{} is not longer than the pause ({})",
+                    Readable(slow.every),
+                    Readable(slow.pause)
+                ),
+                "a duration longer than `pause`",
+            );
+        } else if slow.pause > duration {
+            self.add(
+                "load.slow_consumers.pause",
+                format!(
+                    "{} is longer than load.duration ({})",
+                    Readable(slow.pause),
+                    Readable(duration)
+                ),
+                "a pause that fits inside `load.duration`",
+            );
+        }
+    }
+
     fn distribution(
         &mut self,
         path: &str,
@@ -772,7 +821,7 @@ impl Rules {
             Checker::Delivery {}
             | Checker::NoLossDownstream {}
             | Checker::Order {}
-            | Checker::Streams {} => {}
+            | Checker::Streams { .. } => {}
         }
     }
 }

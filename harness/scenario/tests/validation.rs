@@ -952,3 +952,45 @@ checks:
         render(&found)
     );
 }
+
+#[test]
+fn slow_consumers_need_a_share_and_a_pause_shorter_than_the_period() {
+    let ok = parse(&with_load(&format!(
+        "{LOAD}  slow_consumers: {{ share: 0.25, pause: 8s, every: 15s }}\n"
+    )));
+    let slow = ok.load.slow_consumers.clone().expect("slow consumers");
+    assert_eq!(slow.pause, Duration::from_secs(8));
+    assert_eq!(slow.count(100), 25);
+    assert!(ok.load.recovery, "the recovery phase is on by default");
+    let text = with_load(&format!(
+        "{LOAD}  slow_consumers: {{ share: 1.5, pause: 8s, every: 15s }}\n"
+    ));
+    assert_problem(
+        &text,
+        "load.slow_consumers.share",
+        "share",
+        "not a share of the users",
+    );
+    let text = with_load(&format!(
+        "{LOAD}  slow_consumers: {{ share: 0.1, pause: 20s, every: 15s }}\n"
+    ));
+    assert_problem(
+        &text,
+        "load.slow_consumers.every",
+        "every",
+        "not longer than the pause",
+    );
+}
+
+#[test]
+fn streams_can_require_every_stream_to_complete() {
+    let s = parse(&with(
+        "checks:\n  - { checker: streams, require_complete: true }\n",
+    ));
+    assert_eq!(
+        s.checks,
+        vec![Check::Checker(Checker::Streams {
+            require_complete: true
+        })]
+    );
+}

@@ -24,6 +24,7 @@ mod pipeline;
 mod progress;
 mod provider;
 pub mod readback;
+mod recovery;
 mod signals;
 pub mod topology;
 pub mod verdicts;
@@ -529,6 +530,18 @@ async fn drive(
     }
     watchdog.abort();
     display.finish().await;
+    // Every fault has healed (the nemesis is done): fresh clients read every conversation.
+    if matches!(&outcome, Ok(o) if !o.interrupted) && abort.reason().is_none() {
+        recovery::run(
+            scenario,
+            &population,
+            &target,
+            &metrics,
+            rec.clone(),
+            stop.clone(),
+        )
+        .await;
+    }
     let outcome = match outcome {
         Ok(o) => o,
         Err(e) => {

@@ -1,7 +1,8 @@
 //! After the load has drained: read back, once, what the system made durable for this
 //! run's conversations — the CHAT_MESSAGE events on `chat-events` (every partition from
-//! its start to the end offsets taken when reading, through the client proxies) and the
-//! audit table's rows — waiting (bounded) for the outbox relay and the audit worker to
+//! its earliest offset to the end offset taken when reading, through the client proxies;
+//! what was read of each partition is saved, so a checker can tell a partial read) and
+//! the audit table's rows — waiting (bounded) for the outbox relay and the audit worker to
 //! catch up with what was acknowledged. Saved as `readback.json.gz` so `squall check`
 //! can re-check the run offline.
 
@@ -10,7 +11,7 @@ use chatstream_protocol::events::{EventBody, EventEnvelope};
 use flate2::write::GzEncoder;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
-use squall_check::{AuditRow, KafkaEvent, Readback, ReplayDigest};
+use squall_check::{AuditRow, KafkaEvent, PartitionRead, Readback, ReplayDigest};
 use std::collections::{BTreeMap, HashSet};
 use std::io::Write;
 use std::path::Path;
@@ -30,14 +31,25 @@ pub struct Source {
     pub timeout: Duration,
 }
 
-/// Reads `chat-events` from every partition's start to its current end, keeping this
-/// run's CHAT_MESSAGE events; returns them with whether every end offset was reached.
-fn read_kafka(bootstrap: &str, conversations: &HashSet<String>) -> Result<(Vec<KafkaEvent>, bool)> {
+/// What one read of `chat-events` gave: this run's CHAT_MESSAGE events, what was read of
+/// each partition, and whether every partition was read to its end offset.
+struct KafkaRead {
+    events: Vec<KafkaEvent>,
+    partitions: Vec<PartitionRead>,
+    complete: bool,
+}
+
+/// Reads `chat-events` from every partition's earliest offset to its end offset (both
+/// taken before reading), keeping this run's CHAT_MESSAGE events.
+fn read_kafka(bootstrap: &str, conversations: &HashSet<String>) -> Result<KafkaRead> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .set("group.id", "squall-readback")
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "false")
+        // An explicit start offset that is no longer valid must mean the earliest one,
+        // never the latest (which would skip the whole partition).
+        .set("auto.offset.reset", "earliest")
         .set("log_level", "3")
         .create()
         .context("creating the readback consumer")?;
@@ -49,12 +61,30 @@ fn read_kafka(bootstrap: &str, conversations: &HashSet<String>) -> Result<(Vec<K
         .iter()
         .flat_map(|t| t.partitions().iter().map(|p| p.id()))
         .collect();
+    // No partitions means the metadata was not usable (a broker just back, a leader
+    // election): an empty read must never pass as a complete one.
+    anyhow::ensure!(
+        !partitions.is_empty(),
+        "the metadata of {TOPIC} names no partition (error: {:?})",
+        md.topics().first().and_then(|t| t.error())
+    );
     let mut ends = BTreeMap::new();
+    let mut reads: BTreeMap<i32, PartitionRead> = BTreeMap::new();
     let mut tpl = TopicPartitionList::new();
     for p in &partitions {
         let (low, high) = consumer
             .fetch_watermarks(TOPIC, *p, Duration::from_secs(10))
-            .with_context(|| format!("end offsets of {TOPIC}[{p}]"))?;
+            .with_context(|| format!("offsets of {TOPIC}[{p}]"))?;
+        reads.insert(
+            *p,
+            PartitionRead {
+                partition: *p,
+                low,
+                high,
+                first: None,
+                last: None,
+            },
+        );
         if high > low {
             ends.insert(*p, high);
             tpl.add_partition_offset(TOPIC, *p, Offset::Offset(low))?;
@@ -70,6 +100,10 @@ fn read_kafka(bootstrap: &str, conversations: &HashSet<String>) -> Result<(Vec<K
         };
         let msg = msg.context("reading chat-events")?;
         let (p, offset) = (msg.partition(), msg.offset());
+        if let Some(r) = reads.get_mut(&p) {
+            r.first = Some(r.first.map_or(offset, |f| f.min(offset)));
+            r.last = Some(r.last.map_or(offset, |l| l.max(offset)));
+        }
         if let Some(end) = ends.get(&p) {
             if offset + 1 >= *end {
                 reached.insert(p, true);
@@ -97,7 +131,11 @@ fn read_kafka(bootstrap: &str, conversations: &HashSet<String>) -> Result<(Vec<K
             offset,
         });
     }
-    Ok((events, reached.values().all(|r| *r)))
+    Ok(KafkaRead {
+        events,
+        partitions: reads.into_values().collect(),
+        complete: reached.values().all(|r| *r),
+    })
 }
 
 async fn read_audit(pool: &sqlx::PgPool, conversations: &[String]) -> Result<Vec<AuditRow>> {
@@ -140,8 +178,21 @@ pub async fn collect(src: &Source) -> Result<Readback> {
     let conversations: Vec<String> = src.conversations.iter().cloned().collect();
     loop {
         let (bootstrap, convs) = (src.kafka_bootstrap.clone(), src.conversations.clone());
-        let (chat_events, kafka_complete) =
-            tokio::task::spawn_blocking(move || read_kafka(&bootstrap, &convs)).await??;
+        let read = tokio::task::spawn_blocking(move || read_kafka(&bootstrap, &convs)).await?;
+        let KafkaRead {
+            events: chat_events,
+            partitions,
+            complete: kafka_complete,
+        } = match read {
+            Ok(r) => r,
+            // Metadata not usable yet (a broker just back): ask again while time is left.
+            Err(e) if started.elapsed() < src.timeout => {
+                tracing::warn!(error = %format!("{e:#}"), "reading chat-events back; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         let audit_rows = match &pool {
             Some(pool) => read_audit(pool, &conversations).await?,
             None => Vec::new(),
@@ -161,6 +212,7 @@ pub async fn collect(src: &Source) -> Result<Readback> {
                 audit_rows,
                 complete: kafka_complete,
                 replay: Vec::new(),
+                partitions,
             });
         }
         tokio::time::sleep(Duration::from_secs(1)).await;

@@ -99,7 +99,9 @@ fn default_checks(scenario: &Scenario) -> Vec<Check> {
             .iter()
             .any(|h| h.endpoint == squall_scenario::HttpEndpoint::Chat);
     if streams {
-        checks.push(Check::Checker(Checker::Streams {}));
+        checks.push(Check::Checker(Checker::Streams {
+            require_complete: false,
+        }));
     }
     checks
 }
@@ -142,7 +144,9 @@ fn judge(check: &Check, record: &RunRecord) -> Verdict {
     match check {
         Check::Checker(Checker::Delivery {}) => squall_check::delivery(facts),
         Check::Checker(Checker::Order {}) => squall_check::order(facts),
-        Check::Checker(Checker::Streams {}) => squall_check::streams(facts),
+        Check::Checker(Checker::Streams { require_complete }) => {
+            squall_check::streams_required(facts, *require_complete)
+        }
         Check::Checker(Checker::NoLossDownstream {}) => match &record.readback {
             Some(rb) => squall_check::no_loss_downstream(facts, rb),
             None => unknown(
