@@ -99,7 +99,7 @@ pub struct NodeConfig {
     /// before the connection's next frame (the earlier path, kept to compare).
     pub send_batching: Switch,
     /// Batcher tasks; a conversation always goes to the same one. Each holds at most one
-    /// PostgreSQL connection of the pool at a time.
+    /// PostgreSQL connection of the pool at a time (at most half the pool is used so).
     pub append_batchers: usize,
     /// Messages per batch transaction at most.
     pub append_batch_max: usize,
@@ -187,10 +187,12 @@ pub enum ConfigError {
 }
 
 impl NodeConfig {
-    /// The append batchers' settings; none when `send_batching` is off.
+    /// The append batchers' settings; none when `send_batching` is off. The batchers get
+    /// at most half the pool (at least one): the rest of the node needs connections too.
     pub fn batch_settings(&self) -> Option<chatstream_store::BatchSettings> {
+        let half_pool = (self.pg_max_connections as usize / 2).max(1);
         (self.send_batching == Switch::On).then(|| chatstream_store::BatchSettings {
-            batchers: self.append_batchers,
+            batchers: self.append_batchers.min(half_pool),
             max_batch: self.append_batch_max,
             linger: std::time::Duration::from_micros(self.append_linger_us),
             queue: 4096,
@@ -277,15 +279,6 @@ impl NodeConfig {
                 self.append_linger_us
             ));
         }
-        if self.send_batching == Switch::On
-            && self.append_batchers as u64 >= u64::from(self.pg_max_connections)
-        {
-            problems.push(format!(
-                "append_batchers ({}) must leave PostgreSQL connections for the rest of the node: \
-                 fewer than pg_max_connections ({})",
-                self.append_batchers, self.pg_max_connections
-            ));
-        }
         if self.stream.chunks < 1 || self.stream.words_per_chunk == 0 {
             problems.push("stream.chunks and stream.words_per_chunk must be positive".to_string());
         }
@@ -326,6 +319,12 @@ mod tests {
             NodeConfig::default().batch_settings().map(|b| b.batchers),
             Some(4)
         );
+        let small_pool = NodeConfig {
+            pg_max_connections: 3,
+            ..NodeConfig::default()
+        };
+        assert!(small_pool.validate().is_ok());
+        assert_eq!(small_pool.batch_settings().map(|b| b.batchers), Some(1));
         let none = dir.join("none.yaml");
         std::fs::write(&none, "publish_mode: none\n").unwrap();
         let c = NodeConfig::from_yaml_file(&none).unwrap();

@@ -512,6 +512,28 @@ async fn drive(
             nemesis::run(planned, targets, rec, measure_start, stop).await
         })
     };
+    let probe = if pipeline::applies(scenario) {
+        // Its queries wait on a busy database by design: their slowness is not news.
+        let options = backends
+            .postgres_url
+            .parse::<sqlx::postgres::PgConnectOptions>()
+            .map(sqlx::ConnectOptions::disable_statement_logging);
+        match options.map(|o| {
+            sqlx::postgres::PgPoolOptions::new()
+                .max_connections(1)
+                .acquire_timeout(std::time::Duration::from_secs(5))
+                .acquire_slow_level(log::LevelFilter::Off)
+                .connect_lazy_with(o)
+        }) {
+            Ok(pool) => pipeline::Probe::start(metrics.clone(), pool),
+            Err(e) => {
+                tracing::warn!("no audit pipeline probe: {e}");
+                None
+            }
+        }
+    } else {
+        None
+    };
     let outcome = squall_load::run(
         scenario,
         &population,

@@ -2,8 +2,8 @@
 //! second, through the load's ack tap) and polls PostgreSQL until each one's audit row
 //! is visible, recording ack → visible as `pipeline_audit`. It measures the whole
 //! event path a user does not wait for: outbox relay, Kafka, the audit worker, its
-//! commit. Polling starts fast and backs off, so a sample's error stays within about a
-//! tenth of its latency.
+//! commit. One query a poll asks for every sample still pending, so the probe's own
+//! load on the database stays at a few queries a second however far the pipeline lags.
 
 use squall_load::metrics::names;
 use squall_load::tap::AckSample;
@@ -11,15 +11,17 @@ use squall_load::Metrics;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{watch, Semaphore};
-use tokio::task::JoinSet;
+use tokio::sync::watch;
 
 /// Samples asked for per second.
 const SAMPLES_PER_S: u32 = 10;
-/// Samples followed at once; beyond this, ticks are skipped (and counted).
-const MAX_IN_FLIGHT: usize = 128;
+/// Samples followed at once; beyond this, new ones are not taken (and counted).
+const MAX_PENDING: usize = 1000;
 /// A sample not visible by then is counted as unseen, not as a latency.
 const GIVE_UP_AFTER: Duration = Duration::from_secs(60);
+/// Time between two polls of the pending samples (the latency's resolution, plus the
+/// query's own time).
+const POLL_EVERY: Duration = Duration::from_millis(10);
 
 pub struct Probe {
     task: tokio::task::JoinHandle<()>,
@@ -29,13 +31,13 @@ pub struct Probe {
 impl Probe {
     /// Starts sampling; `None` when the load's tap already serves another probe.
     pub fn start(metrics: Arc<Metrics>, pool: sqlx::PgPool) -> Option<Probe> {
-        let samples = metrics.ack_tap.subscribe(16)?;
+        let samples = metrics.ack_tap.subscribe(64)?;
         let (stop, stopped) = watch::channel(false);
         let task = tokio::spawn(sample_loop(metrics, pool, samples, stopped));
         Some(Probe { task, stop })
     }
 
-    /// Stops asking for samples and gives the ones in flight until `grace` to show up
+    /// Stops asking for samples and gives the pending ones until `grace` to show up
     /// (the counters `pipeline_seen`, `pipeline_unseen`, `pipeline_skipped` say what
     /// became of them).
     pub async fn finish(self, grace: Duration) {
@@ -52,60 +54,71 @@ async fn sample_loop(
     mut samples: tokio::sync::mpsc::Receiver<AckSample>,
     mut stopped: watch::Receiver<bool>,
 ) {
-    let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
-    let mut following = JoinSet::new();
-    let mut tick = tokio::time::interval(Duration::from_secs(1) / SAMPLES_PER_S);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let counters = &metrics.counters;
+    let mut pending: Vec<AckSample> = Vec::new();
+    let mut ask = tokio::time::interval(Duration::from_secs(1) / SAMPLES_PER_S);
+    ask.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut poll = tokio::time::interval(POLL_EVERY);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut stopping = false;
     loop {
         tokio::select! {
-            _ = tick.tick() => metrics.ack_tap.want_one(),
-            Some(sample) = samples.recv() => {
-                let Ok(slot) = slots.clone().try_acquire_owned() else {
-                    metrics.counters.pipeline_skipped.fetch_add(1, Ordering::Relaxed);
-                    continue;
+            _ = ask.tick(), if !stopping => metrics.ack_tap.want_one(),
+            Some(sample) = samples.recv(), if !stopping => {
+                if pending.len() < MAX_PENDING {
+                    pending.push(sample);
+                } else {
+                    counters.pipeline_skipped.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            _ = poll.tick(), if !pending.is_empty() => {
+                let visible = match visible_among(&pool, &pending).await {
+                    Ok(v) => v,
+                    // PostgreSQL may be the fault under test; keep asking until the deadline.
+                    Err(e) => {
+                        tracing::debug!("audit probe query failed: {e}");
+                        Default::default()
+                    }
                 };
-                let (pool, metrics) = (pool.clone(), metrics.clone());
-                following.spawn(async move {
-                    let _slot = slot;
-                    follow(&pool, &metrics, sample).await;
+                pending.retain(|s| {
+                    let waited = s.acked.elapsed();
+                    if visible.contains(&s.message_id) {
+                        metrics.record(names::PIPELINE_AUDIT, waited, s.in_window);
+                        counters.pipeline_seen.fetch_add(1, Ordering::Relaxed);
+                        false
+                    } else if waited >= GIVE_UP_AFTER {
+                        counters.pipeline_unseen.fetch_add(1, Ordering::Relaxed);
+                        false
+                    } else {
+                        true
+                    }
                 });
             }
-            _ = stopped.changed() => break,
+            _ = stopped.changed(), if !stopping => stopping = true,
         }
-        while following.try_join_next().is_some() {}
-    }
-    while following.join_next().await.is_some() {}
-}
-
-async fn follow(pool: &sqlx::PgPool, metrics: &Metrics, s: AckSample) {
-    let counters = &metrics.counters;
-    let mut pause = Duration::from_millis(5);
-    loop {
-        let visible: Result<bool, sqlx::Error> = sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM audit_logs WHERE conversation_id = $1 AND message_id = $2)",
-        )
-        .bind(&s.conversation_id)
-        .bind(&s.message_id)
-        .fetch_one(pool)
-        .await;
-        let elapsed = s.acked.elapsed();
-        match visible {
-            Ok(true) => {
-                metrics.record(names::PIPELINE_AUDIT, elapsed, s.in_window);
-                counters.pipeline_seen.fetch_add(1, Ordering::Relaxed);
-                return;
-            }
-            Ok(false) => {}
-            // PostgreSQL may be the fault under test; keep asking until the deadline.
-            Err(e) => tracing::debug!("audit probe query failed: {e}"),
-        }
-        if elapsed >= GIVE_UP_AFTER {
-            counters.pipeline_unseen.fetch_add(1, Ordering::Relaxed);
+        if stopping && pending.is_empty() {
             return;
         }
-        tokio::time::sleep(pause).await;
-        pause = (elapsed / 10).clamp(Duration::from_millis(5), Duration::from_millis(500));
     }
+}
+
+/// The message ids among `pending` whose audit rows are visible now.
+async fn visible_among(
+    pool: &sqlx::PgPool,
+    pending: &[AckSample],
+) -> Result<std::collections::HashSet<String>, sqlx::Error> {
+    let conversations: Vec<&str> = pending.iter().map(|s| s.conversation_id.as_str()).collect();
+    let messages: Vec<&str> = pending.iter().map(|s| s.message_id.as_str()).collect();
+    let rows: Vec<String> = sqlx::query_scalar(
+        "SELECT a.message_id FROM audit_logs a
+         JOIN unnest($1::text[], $2::text[]) AS p(conversation_id, message_id)
+           ON a.conversation_id = p.conversation_id AND a.message_id = p.message_id",
+    )
+    .bind(&conversations)
+    .bind(&messages)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().collect())
 }
 
 /// Whether the scenario's events reach an audit table this probe can watch: something
