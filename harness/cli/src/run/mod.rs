@@ -551,6 +551,9 @@ async fn drive(
         Err(e) => abort.abort(format!("the nemesis failed: {e}")),
     }
     watchdog.abort();
+    if let Some(probe) = probe {
+        probe.finish(std::time::Duration::from_secs(30)).await;
+    }
     display.finish().await;
     // Every fault has healed (the nemesis is done): fresh clients read every conversation.
     if matches!(&outcome, Ok(o) if !o.interrupted) && abort.reason().is_none() {
@@ -594,21 +597,6 @@ async fn drive(
             kafka_bootstrap: backends.kafka_bootstrap.clone(),
             postgres_url: Some(backends.postgres_url.clone()),
             conversations: population
-    let probe = if pipeline::applies(scenario) {
-        match sqlx::postgres::PgPoolOptions::new()
-            .max_connections(4)
-            .acquire_timeout(std::time::Duration::from_secs(5))
-            .connect_lazy(&backends.postgres_url)
-        {
-            Ok(pool) => pipeline::Probe::start(metrics.clone(), pool),
-            Err(e) => {
-                tracing::warn!("no audit pipeline probe: {e}");
-                None
-            }
-        }
-    } else {
-        None
-    };
                 .conversations
                 .iter()
                 .map(|c| c.id.clone())
@@ -626,9 +614,6 @@ async fn drive(
         if let Err(e) = rb {
             sampler.finish().await;
             return Err(e.context("reading back Kafka and the audit table"));
-    if let Some(probe) = probe {
-        probe.finish(std::time::Duration::from_secs(30)).await;
-    }
         }
     }
     if let Some((max, within)) = lag_bound(scenario) {
