@@ -113,8 +113,28 @@ async fn publish_batch(
     let results = join_all(sends).await;
     let mut refused = Vec::new();
     let mut failed = Vec::new();
+    let mut again = Vec::new();
     for (e, r) in events.iter().zip(results) {
         match r {
+            Ok(_) => {}
+            Err((err, _)) if refused_for_good(&err) => again.push(e),
+            Err((err, _)) => failed.push(err.to_string()),
+        }
+    }
+    // The broker refuses a whole produce batch when one record in it is too large, so the
+    // records batched with it share its error: each is sent again on its own (in id order,
+    // one at a time), and only one refused alone is refused for good.
+    for e in again {
+        if !failed.is_empty() {
+            break;
+        }
+        let alone = producer
+            .send(
+                FutureRecord::to(&e.topic).key(&e.key).payload(&e.payload),
+                Timeout::After(Duration::from_secs(30)),
+            )
+            .await;
+        match alone {
             Ok(_) => {}
             Err((err, _)) if refused_for_good(&err) => refused.push(Refusal {
                 id: e.id,
