@@ -190,6 +190,19 @@ async fn crash_and_count(stack: &Stack, sabotage: bool) -> Result<i64> {
         Duration::from_secs(120),
     )
     .await?;
+    // The redelivered backlog arrives in runs: the batch path (one transaction per run,
+    // markers included) is what must count each event once.
+    let batches = metric_at(
+        &second.addr,
+        "chatstream_worker_batches_total",
+        &[("worker", "analytics")],
+    )
+    .await?
+    .unwrap_or(0.0);
+    ensure!(
+        batches > 0.0,
+        "the restarted worker handled its backlog without a single batch"
+    );
     second.stop().await?;
     minute_count(&pool, minute).await
 }

@@ -21,6 +21,11 @@
 //!   [`PartitionWatch`] behind the workers' `/readyz`).
 //! - Handlers make redelivery harmless (idempotent by event id), so a crash between
 //!   handling and commit changes nothing.
+//! - A worker with a batch path ([`Handler::BATCHES`]) gets every run of one partition's
+//!   records that arrived together in one call (one statement or transaction, markers
+//!   included, up to [`MAX_BATCH`] events); nothing waits to fill a batch. A batch that
+//!   fails took no effect and its events go through the one-by-one path above, so the
+//!   poison, refused and transient rules are the same either way.
 //!
 //! Sabotage (off by default, `WorkerConfig::unsafe_commit_before_handle`, the hidden
 //! `--unsafe-commit-before-handle` of `chatstream workers`): the loop turns the rule
@@ -30,6 +35,7 @@
 //! catch as acknowledged messages missing from the audit trail.
 
 use chatstream_protocol::EventEnvelope;
+use futures::FutureExt;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
@@ -76,8 +82,43 @@ pub enum HandleError {
     Permanent(String),
 }
 
-/// What a worker does with one event.
+/// What a batch of events did to the projection.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BatchOutcome {
+    pub applied: u64,
+    pub skipped: u64,
+}
+
+impl BatchOutcome {
+    /// `applied` of a batch of `total` events; the rest were skipped.
+    pub fn applied(applied: u64, total: usize) -> Self {
+        BatchOutcome {
+            applied,
+            skipped: (total as u64).saturating_sub(applied),
+        }
+    }
+
+    pub fn skipped(total: usize) -> Self {
+        BatchOutcome::applied(0, total)
+    }
+}
+
+impl RecordMeta {
+    pub fn position(&self) -> crate::bulk::Position<'_> {
+        crate::bulk::Position {
+            topic: &self.topic,
+            partition: self.partition,
+            offset: self.offset,
+        }
+    }
+}
+
+/// What a worker does with one event, and optionally with a run of them.
 pub trait Handler: Send + Sync + 'static {
+    /// Whether [`Handler::handle_batch`] is implemented: the loop then hands it every run
+    /// of events of one partition that arrived together (up to [`MAX_BATCH`]).
+    const BATCHES: bool = false;
+
     /// The worker's name; its consumer group is `chatstream-<name>`.
     fn name(&self) -> &str;
     fn topics(&self) -> Vec<String>;
@@ -86,7 +127,27 @@ pub trait Handler: Send + Sync + 'static {
         event: &EventEnvelope,
         meta: &RecordMeta,
     ) -> impl Future<Output = Result<Handled, HandleError>> + Send;
+
+    /// Handles `events` (one partition, in offset order) all together or not at all (one
+    /// statement or one transaction, the processed markers included). On any error nothing
+    /// of the batch took effect, and the loop hands the same events to
+    /// [`Handler::handle`] one by one, which sorts out the poison, the refused and the
+    /// transient: the batch path is only ever a faster way to the same rows.
+    fn handle_batch(
+        &self,
+        _events: &[(EventEnvelope, RecordMeta)],
+    ) -> impl Future<Output = Result<BatchOutcome, HandleError>> + Send {
+        async {
+            Err(HandleError::Transient(
+                "this worker has no batch path".into(),
+            ))
+        }
+    }
 }
+
+/// The most events one batch takes: enough to amortise a round trip over hundreds of
+/// events, small enough that one statement stays well under PostgreSQL's bind limits.
+pub const MAX_BATCH: usize = 1_000;
 
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
@@ -441,6 +502,81 @@ fn partition_list(topic: &str, partition: i32) -> TopicPartitionList {
     tpl
 }
 
+/// The polled records to handle, as runs per partition in offset order. Records of a
+/// held partition and records already handled are dropped; a record past the offset
+/// expected next (records skipped, whatever the cause) is not handled: its partition is
+/// sought back to the expected offset instead. Each admitted record moves the expected
+/// offset past itself, so the next record of the run is checked against it.
+fn admitted_runs(
+    parts: &mut Partitions,
+    ops: &PartitionOps<'_>,
+    worker: &str,
+    polled: Vec<OwnedMessage>,
+) -> Vec<(PartitionKey, Vec<OwnedMessage>)> {
+    let mut runs: Vec<(PartitionKey, Vec<OwnedMessage>)> = Vec::new();
+    for msg in polled {
+        let key = (msg.topic().to_string(), msg.partition());
+        if parts.held(&key) {
+            // Fetched before the pause took effect; read again after the seek.
+            continue;
+        }
+        let just_sought = parts.sought.remove(&key);
+        if let Some(&next) = parts.expected.get(&key) {
+            if msg.offset() < next {
+                // Already handled (a fetch from before a seek back).
+                continue;
+            }
+            if msg.offset() > next && !just_sought {
+                metrics::counter!("chatstream_worker_offset_gaps_total", "worker" => worker.to_string()).increment(1);
+                tracing::error!(%worker, topic = %key.0, partition = key.1, expected = next, got = msg.offset(), "records skipped; seeking back to the expected offset");
+                if let Err(e) = ops.pause(&key) {
+                    tracing::warn!(%worker, topic = %key.0, partition = key.1, error = %e, "pause failed; records are dropped until the seek succeeds");
+                }
+                ops.seek_then_resume(parts, &key, next, worker);
+                continue;
+            }
+        }
+        parts.expected.insert(key.clone(), msg.offset() + 1);
+        match runs.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, run)) => run.push(msg),
+            None => runs.push((key, vec![msg])),
+        }
+    }
+    runs
+}
+
+/// Hands `run` (one partition, in order) to the handler's batch path. False when any
+/// event in it does not decode or the batch failed: nothing of it took effect, and the
+/// caller handles the events one by one.
+async fn try_batch<H: Handler>(handler: &H, run: &[OwnedMessage]) -> bool {
+    let mut events = Vec::with_capacity(run.len());
+    for msg in run {
+        let Some(Ok(event)) = msg.payload().map(EventEnvelope::from_slice) else {
+            return false;
+        };
+        let meta = RecordMeta {
+            topic: msg.topic().to_string(),
+            partition: msg.partition(),
+            offset: msg.offset(),
+        };
+        events.push((event, meta));
+    }
+    let worker = handler.name().to_string();
+    match handler.handle_batch(&events).await {
+        Ok(outcome) => {
+            metrics::counter!("chatstream_worker_events_total", "worker" => worker.clone(), "outcome" => "applied").increment(outcome.applied);
+            metrics::counter!("chatstream_worker_events_total", "worker" => worker.clone(), "outcome" => "skipped").increment(outcome.skipped);
+            metrics::counter!("chatstream_worker_batches_total", "worker" => worker).increment(1);
+            true
+        }
+        Err(e) => {
+            metrics::counter!("chatstream_worker_batch_fallbacks_total", "worker" => worker.clone()).increment(1);
+            tracing::debug!(%worker, events = run.len(), error = %e, "batch failed; handling its events one by one");
+            false
+        }
+    }
+}
+
 async fn run_instance<H: Handler>(
     instance: usize,
     config: WorkerConfig,
@@ -598,7 +734,7 @@ async fn run_instance<H: Handler>(
                 }
             }
             msg = consumer.recv() => {
-                let msg = match msg {
+                let first = match msg {
                     Ok(m) => m.detach(),
                     Err(e) => {
                         tracing::warn!(%worker, error = %e, "consumer error");
@@ -606,65 +742,76 @@ async fn run_instance<H: Handler>(
                         continue;
                     }
                 };
+                let mut polled = vec![first];
+                if H::BATCHES && !unsafe_mode {
+                    // Whatever else is already fetched joins this batch; nothing waits for more.
+                    while polled.len() < MAX_BATCH {
+                        match consumer.recv().now_or_never() {
+                            Some(Ok(m)) => polled.push(m.detach()),
+                            Some(Err(e)) => {
+                                tracing::warn!(%worker, error = %e, "consumer error");
+                                break;
+                            }
+                            None => break,
+                        }
+                    }
+                }
                 // A rebalance may have run inside recv(): forget what it took away first.
                 drain_revoked(&mut parts, &mut committed);
-                let key = (msg.topic().to_string(), msg.partition());
-                if parts.held(&key) {
-                    // Fetched before the pause took effect; read again after the seek.
-                    continue;
-                }
                 if unsafe_mode {
-                    // Sabotage: the offset counts as done the moment the event is read.
-                    if let Ok(mut p) = progress.lock() {
-                        p.handled.insert(key, msg.offset() + 1);
-                    }
-                    deferred.push(msg);
-                    if last_early_commit.elapsed() >= EARLY_COMMIT_EVERY {
-                        commit_handled(&consumer, &progress, &mut committed, CommitMode::Async);
-                        last_early_commit = Instant::now();
+                    for msg in polled {
+                        let key = (msg.topic().to_string(), msg.partition());
+                        if parts.held(&key) {
+                            continue;
+                        }
+                        // Sabotage: the offset counts as done the moment the event is read.
+                        if let Ok(mut p) = progress.lock() {
+                            p.handled.insert(key, msg.offset() + 1);
+                        }
+                        deferred.push(msg);
+                        if last_early_commit.elapsed() >= EARLY_COMMIT_EVERY {
+                            commit_handled(&consumer, &progress, &mut committed, CommitMode::Async);
+                            last_early_commit = Instant::now();
+                        }
                     }
                     continue;
                 }
-                let just_sought = parts.sought.remove(&key);
-                if let Some(&next) = parts.expected.get(&key) {
-                    if msg.offset() < next {
-                        // Already handled (a fetch from before a seek back).
+                for (key, run) in admitted_runs(&mut parts, &ops, &worker, polled) {
+                    if H::BATCHES && run.len() > 1 && try_batch(handler.as_ref(), &run).await {
+                        for msg in &run {
+                            handled_here(key.clone(), msg.offset() + 1);
+                        }
                         continue;
                     }
-                    if msg.offset() > next && !just_sought {
-                        // Records were skipped: handling this one would let the commit
-                        // pass them. Read again from the expected offset.
-                        metrics::counter!("chatstream_worker_offset_gaps_total", "worker" => worker.clone()).increment(1);
-                        tracing::error!(%worker, topic = %key.0, partition = key.1, expected = next, got = msg.offset(), "records skipped; seeking back to the expected offset");
-                        if let Err(e) = ops.pause(&key) {
-                            tracing::warn!(%worker, topic = %key.0, partition = key.1, error = %e, "pause failed; records are dropped until the seek succeeds");
+                    for msg in run {
+                        if parts.held(&key) {
+                            // An event before it failed: it is read again after the retry.
+                            break;
                         }
-                        ops.seek_then_resume(&mut parts, &key, next, &worker);
-                        continue;
-                    }
-                }
-                let mut outcome = attempt(handler.as_ref(), &producer, &msg).await;
-                let refused_first = matches!(outcome, Attempt::Refused(_));
-                if let Attempt::Refused(e) = &outcome {
-                    if tries <= 1 {
-                        outcome = dead_letter(&worker, &producer, &msg, format!("refused 1 time, dead-lettered: {e}")).await;
-                    }
-                }
-                match outcome {
-                    Attempt::Done => {
-                        handled_here(key.clone(), msg.offset() + 1);
-                        parts.expected.insert(key, msg.offset() + 1);
-                    }
-                    Attempt::Retry(e) | Attempt::Refused(e) => {
-                        let refusals = u32::from(refused_first);
-                        if let Err(pe) = ops.pause(&key) {
-                            tracing::warn!(%worker, topic = %key.0, partition = key.1, error = %pe, "pause failed; records are dropped until the retry is over and the seek succeeds");
+                        let mut outcome = attempt(handler.as_ref(), &producer, &msg).await;
+                        let refused_first = matches!(outcome, Attempt::Refused(_));
+                        if let Attempt::Refused(e) = &outcome {
+                            if tries <= 1 {
+                                outcome = dead_letter(&worker, &producer, &msg, format!("refused 1 time, dead-lettered: {e}")).await;
+                            }
                         }
-                        metrics::counter!("chatstream_worker_retries_total", "worker" => worker.clone()).increment(1);
-                        tracing::warn!(%worker, topic = %key.0, partition = key.1, offset = msg.offset(), refused = refused_first, error = %e, "event failed; partition paused, retry in {:?}", config.first_backoff);
-                        let r = Retry { msg, attempt: 1, refusals, due: Instant::now() + config.first_backoff };
-                        watch_retry(&key, &r, &e);
-                        parts.retries.insert(key, r);
+                        match outcome {
+                            Attempt::Done => {
+                                handled_here(key.clone(), msg.offset() + 1);
+                                parts.expected.insert(key.clone(), msg.offset() + 1);
+                            }
+                            Attempt::Retry(e) | Attempt::Refused(e) => {
+                                let refusals = u32::from(refused_first);
+                                if let Err(pe) = ops.pause(&key) {
+                                    tracing::warn!(%worker, topic = %key.0, partition = key.1, error = %pe, "pause failed; records are dropped until the retry is over and the seek succeeds");
+                                }
+                                metrics::counter!("chatstream_worker_retries_total", "worker" => worker.clone()).increment(1);
+                                tracing::warn!(%worker, topic = %key.0, partition = key.1, offset = msg.offset(), refused = refused_first, error = %e, "event failed; partition paused, retry in {:?}", config.first_backoff);
+                                let r = Retry { msg, attempt: 1, refusals, due: Instant::now() + config.first_backoff };
+                                watch_retry(&key, &r, &e);
+                                parts.retries.insert(key.clone(), r);
+                            }
+                        }
                     }
                 }
             }

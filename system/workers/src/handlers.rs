@@ -6,9 +6,11 @@
 use chatstream_protocol::events::{topic, EventBody};
 use chatstream_protocol::EventEnvelope;
 use sqlx::{PgPool, Postgres, Transaction};
+use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
-use crate::consumer::{HandleError, Handled, Handler, RecordMeta};
+use crate::bulk;
+use crate::consumer::{BatchOutcome, HandleError, Handled, Handler, RecordMeta};
 
 fn transient(e: impl std::fmt::Display) -> HandleError {
     HandleError::Transient(e.to_string())
@@ -149,6 +151,52 @@ impl Handler for Audit {
             Handled::Skipped
         })
     }
+
+    const BATCHES: bool = true;
+
+    async fn handle_batch(
+        &self,
+        events: &[(EventEnvelope, RecordMeta)],
+    ) -> Result<BatchOutcome, HandleError> {
+        for (e, _) in events {
+            validate(e)?;
+        }
+        let mut seen = HashSet::new();
+        let rows = events
+            .iter()
+            .filter(|(e, _)| bulk::auditable(e) && seen.insert(e.id.as_str()))
+            .map(|(e, meta)| (e, meta.position()));
+        let columns =
+            bulk::AuditColumns::new(rows).map_err(|err| HandleError::Poison(err.to_string()))?;
+        if columns.is_empty() {
+            return Ok(BatchOutcome::skipped(events.len()));
+        }
+        // One statement: the markers of the batch and the rows of the events it claimed.
+        let sql = format!(
+            "WITH input AS (SELECT * FROM {input}),
+                  claimed AS (
+                    INSERT INTO processed_events (consumer_group, event_id, processed_at_ms)
+                    SELECT $15, e, $16 FROM input ON CONFLICT DO NOTHING RETURNING event_id
+                  )
+             INSERT INTO audit_logs ({columns})
+             SELECT e, t, te, u, c, s, m, n, tr, ts, kt, kp, ko, p::jsonb
+             FROM input JOIN claimed ON claimed.event_id = input.e
+             ON CONFLICT (event_id) DO NOTHING",
+            input = bulk::AUDIT_INPUT,
+            columns = bulk::AUDIT_COLUMNS,
+        );
+        let inserted = columns
+            .bind(sqlx::query(&sql))
+            .bind(&self.group)
+            .bind(now_ms())
+            .execute(&self.pool)
+            .await
+            .map_err(db_error)?;
+        Ok(BatchOutcome::applied(
+            inserted.rows_affected(),
+            events.len(),
+        ))
+    }
 }
 
 /// Analytics: the seeds' metric set as Prometheus metrics, and per-minute aggregates
@@ -251,6 +299,122 @@ impl Handler for Analytics {
         Self::record_metrics(e);
         Ok(Handled::Applied)
     }
+
+    const BATCHES: bool = true;
+
+    async fn handle_batch(
+        &self,
+        events: &[(EventEnvelope, RecordMeta)],
+    ) -> Result<BatchOutcome, HandleError> {
+        for (e, _) in events {
+            validate(e)?;
+        }
+        let mut tx = self.pool.begin().await.map_err(db_error)?;
+        let counted: Vec<&EventEnvelope> = if self.unsafe_no_dedupe {
+            events.iter().map(|(e, _)| e).collect()
+        } else {
+            let ids: Vec<&str> = events.iter().map(|(e, _)| e.id.as_str()).collect();
+            let claimed: HashSet<String> = sqlx::query_scalar(
+                "INSERT INTO processed_events (consumer_group, event_id, processed_at_ms)
+                 SELECT $1, id, $2 FROM UNNEST($3::text[]) AS id
+                 ON CONFLICT DO NOTHING RETURNING event_id",
+            )
+            .bind(&self.group)
+            .bind(now_ms())
+            .bind(&ids)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(db_error)?
+            .into_iter()
+            .collect();
+            // Each claimed id counts once, even when the batch holds it twice.
+            let mut first = HashSet::new();
+            events
+                .iter()
+                .map(|(e, _)| e)
+                .filter(|e| claimed.contains(&e.id) && first.insert(e.id.as_str()))
+                .collect()
+        };
+        let minutes = MinuteAggregates::of(counted.iter().copied());
+        if !minutes.is_empty() {
+            minutes
+                .bind(sqlx::query(UPSERT_MINUTES))
+                .execute(&mut *tx)
+                .await
+                .map_err(db_error)?;
+        }
+        tx.commit().await.map_err(db_error)?;
+        for e in &counted {
+            Self::record_metrics(e);
+        }
+        Ok(BatchOutcome::applied(counted.len() as u64, events.len()))
+    }
+}
+
+/// `[1, 0, 2]` as PostgreSQL's array literal `{1,0,2}` (bound as text and cast, since an
+/// UNNEST of a two-dimensional array would yield numbers, not rows of arrays).
+fn array_literal(values: &[i64]) -> String {
+    let items: Vec<String> = values.iter().map(i64::to_string).collect();
+    format!("{{{}}}", items.join(","))
+}
+
+/// Adds a batch's per-minute aggregates to `analytics_minutes`.
+const UPSERT_MINUTES: &str = "INSERT INTO analytics_minutes (minute_ms, event_type, events, errors, latency_buckets)
+     SELECT m, t, n, er, b::bigint[] FROM UNNEST($1::bigint[], $2::text[], $3::bigint[], $4::bigint[], $5::text[])
+       AS x(m, t, n, er, b)
+     ON CONFLICT (minute_ms, event_type) DO UPDATE SET
+       events = analytics_minutes.events + EXCLUDED.events,
+       errors = analytics_minutes.errors + EXCLUDED.errors,
+       latency_buckets = ARRAY(
+         SELECT coalesce(a, 0) + coalesce(b, 0)
+         FROM UNNEST(analytics_minutes.latency_buckets, EXCLUDED.latency_buckets) AS t(a, b))";
+
+/// Events, errors and latency buckets per (minute, event type), summed in memory so that
+/// one statement adds a whole batch (one row may be upserted only once per statement).
+#[derive(Default)]
+struct MinuteAggregates(BTreeMap<(i64, &'static str), (i64, i64, Vec<i64>)>);
+
+impl MinuteAggregates {
+    fn of<'a>(events: impl IntoIterator<Item = &'a EventEnvelope>) -> Self {
+        let mut agg = MinuteAggregates::default();
+        for e in events {
+            let minute = e.timestamp_ms - e.timestamp_ms.rem_euclid(60_000);
+            let (n, errors, buckets) = agg
+                .0
+                .entry((minute, e.body.type_name()))
+                .or_insert_with(|| (0, 0, vec![0; LATENCY_BUCKETS_MS.len() + 1]));
+            *n += 1;
+            *errors += matches!(e.body, EventBody::StreamError(_)) as i64;
+            if let Some(ms) = Analytics::latency_ms(e) {
+                buckets[latency_bucket(ms)] += 1;
+            }
+        }
+        agg
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Binds `$1`..`$5` of [`UPSERT_MINUTES`] (each bucket array as a `{..}` literal).
+    fn bind<'q>(
+        self,
+        q: sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments>,
+    ) -> sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments> {
+        let mut cols = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for ((minute, kind), (n, errors, buckets)) in self.0 {
+            cols.0.push(minute);
+            cols.1.push(kind.to_string());
+            cols.2.push(n);
+            cols.3.push(errors);
+            cols.4.push(array_literal(&buckets));
+        }
+        q.bind(cols.0)
+            .bind(cols.1)
+            .bind(cols.2)
+            .bind(cols.3)
+            .bind(cols.4)
+    }
 }
 
 /// Upper bounds (ms) of the analytics latency buckets; a last, open bucket follows.
@@ -324,6 +488,31 @@ impl Handler for Search {
         .await
         .map_err(db_error)?;
         Ok(Handled::Applied)
+    }
+
+    const BATCHES: bool = true;
+
+    async fn handle_batch(
+        &self,
+        events: &[(EventEnvelope, RecordMeta)],
+    ) -> Result<BatchOutcome, HandleError> {
+        let mut messages = 0;
+        for (e, _) in events {
+            validate(e)?;
+            if let EventBody::ChatMessage(m) = &e.body {
+                if m.message_id.is_empty() || m.conversation_id.is_empty() {
+                    return Err(HandleError::Poison(
+                        "CHAT_MESSAGE without message or conversation id".into(),
+                    ));
+                }
+                messages += 1;
+            }
+        }
+        // The upsert is idempotent by message id: no marker needed, as one by one.
+        bulk::search(&self.pool, events.iter().map(|(e, _)| e))
+            .await
+            .map_err(db_error)?;
+        Ok(BatchOutcome::applied(messages, events.len()))
     }
 }
 
@@ -558,6 +747,61 @@ mod tests {
         assert!(
             UNSAFE_SEARCH_APPEND.contains("body = search_messages.body || ' ' || EXCLUDED.body")
         );
+    }
+
+    fn completed(id: &str, ts_ms: i64, latency_ms: u64) -> EventEnvelope {
+        EventEnvelope {
+            id: id.into(),
+            version: chatstream_protocol::EVENT_VERSION,
+            timestamp: "2026-01-01T00:00:00.000Z".into(),
+            timestamp_ms: ts_ms,
+            tenant: "t".into(),
+            trace_id: "tr".into(),
+            source_node: "n".into(),
+            conversation_id: Some("c".into()),
+            session_id: Some("s".into()),
+            user_id: Some("u".into()),
+            message_id: Some("m".into()),
+            replayed: false,
+            body: EventBody::StreamCompleted(chatstream_protocol::events::StreamCompleted {
+                session_id: "s".into(),
+                message_id: "m".into(),
+                conversation_id: "c".into(),
+                total_chunks: 3,
+                content_length: 10,
+                total_latency_ms: latency_ms,
+                words: 2,
+                tokens_used: 2,
+                response: "hi there".into(),
+            }),
+        }
+    }
+
+    #[test]
+    fn a_batch_adds_up_per_minute_and_type_as_one_by_one_would() {
+        let events = [
+            completed("a", 60_000, 1),
+            completed("b", 119_999, 7),
+            completed("c", 120_000, 7),
+            completed("d", 120_001, 1_000_000),
+        ];
+        let agg = MinuteAggregates::of(events.iter());
+        let rows: Vec<_> = agg.0.into_iter().collect();
+        assert_eq!(rows.len(), 2, "two minutes, one event type");
+        let ((m1, t1), (n1, e1, b1)) = &rows[0];
+        assert_eq!((*m1, *t1, *n1, *e1), (60_000, "STREAM_COMPLETED", 2, 0));
+        assert_eq!(b1[latency_bucket(1)], 1);
+        assert_eq!(b1[latency_bucket(7)], 1);
+        let ((m2, _), (n2, _, b2)) = &rows[1];
+        assert_eq!((*m2, *n2), (120_000, 2));
+        assert_eq!(
+            b2[LATENCY_BUCKETS_MS.len()],
+            1,
+            "past the last bound: the open bucket"
+        );
+        assert_eq!(b2.iter().sum::<i64>(), 2);
+        assert_eq!(array_literal(&[1, 0, 2]), "{1,0,2}");
+        assert_eq!(array_literal(&[]), "{}");
     }
 
     #[test]
