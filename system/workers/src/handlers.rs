@@ -447,6 +447,38 @@ pub fn bucket_quantile(buckets: &[i64], q: f64) -> Option<i64> {
     None
 }
 
+/// The one-by-one search write: idempotent by message id (the last version wins).
+const SEARCH_UPSERT: &str =
+    "INSERT INTO search_messages (message_id, tenant, conversation_id, sender_id, seq, body, created_at_ms)
+     VALUES ($1, $2, $3, $4, $5, $6, $7)
+     ON CONFLICT (message_id) DO UPDATE SET body = EXCLUDED.body";
+
+/// Writes one CHAT_MESSAGE event to `search_messages` with `sql` (`$1`..`$7`: message id,
+/// tenant, conversation, sender, seq, body, created at); other events are skipped.
+async fn index_one(pool: &PgPool, e: &EventEnvelope, sql: &str) -> Result<Handled, HandleError> {
+    validate(e)?;
+    let EventBody::ChatMessage(m) = &e.body else {
+        return Ok(Handled::Skipped);
+    };
+    if m.message_id.is_empty() || m.conversation_id.is_empty() {
+        return Err(HandleError::Poison(
+            "CHAT_MESSAGE without message or conversation id".into(),
+        ));
+    }
+    sqlx::query(sql)
+        .bind(&m.message_id)
+        .bind(&e.tenant)
+        .bind(&m.conversation_id)
+        .bind(&m.sender_id)
+        .bind(m.seq)
+        .bind(&m.body)
+        .bind(m.created_at_ms)
+        .execute(pool)
+        .await
+        .map_err(db_error)?;
+    Ok(Handled::Applied)
+}
+
 /// Search: CHAT_MESSAGE events into a PostgreSQL full-text index (`search_messages`).
 pub struct Search {
     pub pool: PgPool,
@@ -463,31 +495,7 @@ impl Handler for Search {
     }
 
     async fn handle(&self, e: &EventEnvelope, _meta: &RecordMeta) -> Result<Handled, HandleError> {
-        validate(e)?;
-        let EventBody::ChatMessage(m) = &e.body else {
-            return Ok(Handled::Skipped);
-        };
-        if m.message_id.is_empty() || m.conversation_id.is_empty() {
-            return Err(HandleError::Poison(
-                "CHAT_MESSAGE without message or conversation id".into(),
-            ));
-        }
-        sqlx::query(
-            "INSERT INTO search_messages (message_id, tenant, conversation_id, sender_id, seq, body, created_at_ms)
-             VALUES ($1, $2, $3, $4, $5, $6, $7)
-             ON CONFLICT (message_id) DO UPDATE SET body = EXCLUDED.body",
-        )
-        .bind(&m.message_id)
-        .bind(&e.tenant)
-        .bind(&m.conversation_id)
-        .bind(&m.sender_id)
-        .bind(m.seq)
-        .bind(&m.body)
-        .bind(m.created_at_ms)
-        .execute(&self.pool)
-        .await
-        .map_err(db_error)?;
-        Ok(Handled::Applied)
+        index_one(&self.pool, e, SEARCH_UPSERT).await
     }
 
     const BATCHES: bool = true;
@@ -539,27 +547,7 @@ impl Handler for SearchWithoutIdempotency {
     }
 
     async fn handle(&self, e: &EventEnvelope, _meta: &RecordMeta) -> Result<Handled, HandleError> {
-        validate(e)?;
-        let EventBody::ChatMessage(m) = &e.body else {
-            return Ok(Handled::Skipped);
-        };
-        if m.message_id.is_empty() || m.conversation_id.is_empty() {
-            return Err(HandleError::Poison(
-                "CHAT_MESSAGE without message or conversation id".into(),
-            ));
-        }
-        sqlx::query(UNSAFE_SEARCH_APPEND)
-            .bind(&m.message_id)
-            .bind(&e.tenant)
-            .bind(&m.conversation_id)
-            .bind(&m.sender_id)
-            .bind(m.seq)
-            .bind(&m.body)
-            .bind(m.created_at_ms)
-            .execute(&self.pool)
-            .await
-            .map_err(db_error)?;
-        Ok(Handled::Applied)
+        index_one(&self.pool, e, UNSAFE_SEARCH_APPEND).await
     }
 }
 
