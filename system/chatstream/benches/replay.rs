@@ -220,18 +220,27 @@ async fn run(stack: &Stack, n: u64, dir: &std::path::Path) -> Result<()> {
     // Each worker from start until caught up (or 30 s): events committed per second,
     // start-up included; with one consumer and with three.
     let export_dir = dir.join("bench-export");
-    for (worker, concurrency) in [
-        ("search", 1),
-        ("audit", 1),
-        ("audit", 3),
-        ("analytics", 1),
-        ("analytics", 3),
-        ("export", 1),
-        ("alerts", 1),
+    // The batch path (the default) and one by one (`--max-batch 1`, the path before it)
+    // side by side in one run.
+    for (worker, concurrency, max_batch) in [
+        ("search", 1, 1_000),
+        ("search", 1, 1),
+        ("audit", 1, 1_000),
+        ("audit", 1, 1),
+        ("audit", 3, 1_000),
+        ("analytics", 1, 1_000),
+        ("analytics", 1, 1),
+        ("analytics", 3, 1_000),
+        ("export", 1, 1),
+        ("alerts", 1, 1),
     ] {
-        let prefix = format!("bench-{}-{worker}-{concurrency}", std::process::id());
+        let prefix = format!(
+            "bench-{}-{worker}-{concurrency}-{max_batch}",
+            std::process::id()
+        );
         let dir_arg = export_dir.display().to_string();
         let conc = concurrency.to_string();
+        let batch = max_batch.to_string();
         let mut args = vec![
             "workers",
             "--only",
@@ -240,6 +249,8 @@ async fn run(stack: &Stack, n: u64, dir: &std::path::Path) -> Result<()> {
             &prefix,
             "--concurrency",
             &conc,
+            "--max-batch",
+            &batch,
         ];
         args.extend([
             "--postgres-url",
@@ -287,7 +298,7 @@ async fn run(stack: &Stack, n: u64, dir: &std::path::Path) -> Result<()> {
         };
         let _ = child.kill();
         let _ = child.wait();
-        println!("worker    {worker:<9} x{concurrency} {handled} events in {secs:.1} s = {:.0} events/s (start-up included)", handled as f64 / secs);
+        println!("worker    {worker:<9} x{concurrency} batch<={max_batch:<5} {handled} events in {secs:.1} s = {:.0} events/s (start-up included)", handled as f64 / secs);
     }
     Ok(())
 }

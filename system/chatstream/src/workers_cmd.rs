@@ -63,6 +63,10 @@ pub struct WorkersArgs {
     /// Consumer group prefix (groups are `<prefix>-<worker>`).
     #[arg(long, default_value = "chatstream")]
     pub group_prefix: String,
+    /// Most events the audit, search and analytics workers write in one statement (the
+    /// run of one partition's records that arrived together); 1 handles them one by one.
+    #[arg(long, default_value_t = chatstream_workers::consumer::DEFAULT_MAX_BATCH)]
+    pub max_batch: usize,
     /// How often handled offsets are committed (also on revoke and on shutdown).
     #[arg(long, default_value_t = 500)]
     pub commit_interval_ms: u64,
@@ -319,6 +323,7 @@ fn spawn<H: Handler>(
     config.test_fail_partition_ops = args.test_fail_partition_ops;
     config.group = Some(args.group(handler.name()));
     config.concurrency = args.concurrency;
+    config.max_batch = args.max_batch.max(1);
     config.crash_after = args.crash_after;
     config.unsafe_commit_before_handle = args.unsafe_commit_before_handle;
     config.commit_interval = Duration::from_millis(args.commit_interval_ms.max(10));

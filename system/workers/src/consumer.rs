@@ -23,7 +23,7 @@
 //!   handling and commit changes nothing.
 //! - A worker with a batch path ([`Handler::BATCHES`]) gets every run of one partition's
 //!   records that arrived together in one call (one statement or transaction, markers
-//!   included, up to [`MAX_BATCH`] events); nothing waits to fill a batch. A batch that
+//!   included, up to `WorkerConfig::max_batch` events); nothing waits to fill a batch. A batch that
 //!   fails took no effect and its events go through the one-by-one path above, so the
 //!   poison, refused and transient rules are the same either way.
 //!
@@ -116,7 +116,7 @@ impl RecordMeta {
 /// What a worker does with one event, and optionally with a run of them.
 pub trait Handler: Send + Sync + 'static {
     /// Whether [`Handler::handle_batch`] is implemented: the loop then hands it every run
-    /// of events of one partition that arrived together (up to [`MAX_BATCH`]).
+    /// of events of one partition that arrived together (up to `WorkerConfig::max_batch`).
     const BATCHES: bool = false;
 
     /// The worker's name; its consumer group is `chatstream-<name>`.
@@ -145,9 +145,10 @@ pub trait Handler: Send + Sync + 'static {
     }
 }
 
-/// The most events one batch takes: enough to amortise a round trip over hundreds of
-/// events, small enough that one statement stays well under PostgreSQL's bind limits.
-pub const MAX_BATCH: usize = 1_000;
+/// The most events one batch takes by default: enough to amortise a round trip over
+/// hundreds of events, small enough that one statement stays well under PostgreSQL's
+/// bind limits.
+pub const DEFAULT_MAX_BATCH: usize = 1_000;
 
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
@@ -156,6 +157,8 @@ pub struct WorkerConfig {
     pub group: Option<String>,
     /// Consumers of this worker in this process (each gets its share of partitions).
     pub concurrency: usize,
+    /// Most events handed to [`Handler::handle_batch`] at once; 1 turns batching off.
+    pub max_batch: usize,
     pub commit_interval: Duration,
     pub first_backoff: Duration,
     pub max_backoff: Duration,
@@ -187,6 +190,7 @@ impl WorkerConfig {
             bootstrap: bootstrap.to_string(),
             group: None,
             concurrency: 1,
+            max_batch: DEFAULT_MAX_BATCH,
             commit_interval: Duration::from_millis(500),
             first_backoff: Duration::from_secs(1),
             max_backoff: Duration::from_secs(30),
@@ -745,7 +749,7 @@ async fn run_instance<H: Handler>(
                 let mut polled = vec![first];
                 if H::BATCHES && !unsafe_mode {
                     // Whatever else is already fetched joins this batch; nothing waits for more.
-                    while polled.len() < MAX_BATCH {
+                    while polled.len() < config.max_batch {
                         match consumer.recv().now_or_never() {
                             Some(Ok(m)) => polled.push(m.detach()),
                             Some(Err(e)) => {
