@@ -54,7 +54,8 @@ pub async fn search<'a>(
     let r = sqlx::query(
         "INSERT INTO search_messages (message_id, tenant, conversation_id, sender_id, seq, body, created_at_ms)
          SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::text[], $7::bigint[])
-         ON CONFLICT (message_id) DO UPDATE SET body = EXCLUDED.body",
+         ON CONFLICT (message_id) DO UPDATE SET body = EXCLUDED.body
+           WHERE search_messages.body IS DISTINCT FROM EXCLUDED.body",
     )
     .bind(col(|(_, m)| m.message_id.clone()))
     .bind(col(|(e, _)| e.tenant.clone()))

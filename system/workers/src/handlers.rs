@@ -447,11 +447,13 @@ pub fn bucket_quantile(buckets: &[i64], q: f64) -> Option<i64> {
     None
 }
 
-/// The one-by-one search write: idempotent by message id (the last version wins).
+/// The one-by-one search write: idempotent by message id (the last version wins; a
+/// redelivery of the same text rewrites no row and no index entry).
 const SEARCH_UPSERT: &str =
     "INSERT INTO search_messages (message_id, tenant, conversation_id, sender_id, seq, body, created_at_ms)
      VALUES ($1, $2, $3, $4, $5, $6, $7)
-     ON CONFLICT (message_id) DO UPDATE SET body = EXCLUDED.body";
+     ON CONFLICT (message_id) DO UPDATE SET body = EXCLUDED.body
+       WHERE search_messages.body IS DISTINCT FROM EXCLUDED.body";
 
 /// Writes one CHAT_MESSAGE event to `search_messages` with `sql` (`$1`..`$7`: message id,
 /// tenant, conversation, sender, seq, body, created at); other events are skipped.
