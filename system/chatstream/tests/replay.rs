@@ -47,71 +47,116 @@ async fn replay_from_a_time_is_exact(stack: &mut Stack) -> Result<()> {
         produce(&p, &topic, &key, key.as_bytes(), Some(ts)).await?;
     }
     let b = stack.endpoints().kafka_bootstrap;
-    // Records produced after the replay fixed its end must not be returned: produce them
-    // from another task while the replay runs, and once before it reads.
-    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let late_keys: BTreeSet<String> = (0..20).map(|i| format!("late-{i}")).collect();
+    // Records produced after the replay fixed its end must not be returned: `read_since`
+    // fixes its end before it reads, so the late records are produced (and acknowledged)
+    // from its first callback, while it runs.
+    let (go, go_rx) = std::sync::mpsc::channel::<()>();
+    let (done, done_rx) = std::sync::mpsc::channel::<Result<()>>();
     let late_producer = p.clone();
     let late_topic = topic.clone();
     let late = tokio::spawn(async move {
-        let _ = tokio::task::spawn_blocking(move || rx.recv()).await;
-        for i in 0..20 {
-            let _ = produce(
-                &late_producer,
-                &late_topic,
-                &format!("late-{i}"),
-                b"late",
-                Some(t + 10_000 + i),
-            )
-            .await;
+        if tokio::task::spawn_blocking(move || go_rx.recv())
+            .await
+            .is_ok_and(|r| r.is_ok())
+        {
+            let mut result = Ok(());
+            for i in 0..20 {
+                if let Err(e) = produce(
+                    &late_producer,
+                    &late_topic,
+                    &format!("late-{i}"),
+                    b"late",
+                    Some(t + 10_000 + i),
+                )
+                .await
+                {
+                    result = Err(e);
+                    break;
+                }
+            }
+            let _ = done.send(result);
         }
     });
-    let got = tokio::task::spawn_blocking(move || -> Result<Vec<String>> {
-        let ranges = chatstream_replay::ranges_from_timestamp(&b, &topic, t)?;
-        let _ = tx.send(());
-        std::thread::sleep(Duration::from_secs(2));
-        let mut keys = Vec::new();
-        let mut kept = 0;
-        chatstream_replay::read(
-            &b,
-            &topic,
-            &ranges,
-            Duration::from_secs(60),
-            |r| {
-                if r.timestamp_ms.is_some_and(|ts| ts >= t) {
-                    kept += 1;
+    let (bb, tt) = (b.clone(), topic.clone());
+    let (first, first_count) =
+        tokio::task::spawn_blocking(move || -> Result<(Vec<String>, u64)> {
+            let mut keys = Vec::new();
+            let mut late_in = None;
+            let count = chatstream_replay::read_since(
+                &bb,
+                &tt,
+                t,
+                Duration::from_secs(60),
+                |r| {
+                    if late_in.is_none() {
+                        let _ = go.send(());
+                        late_in = Some(
+                            done_rx
+                                .recv_timeout(Duration::from_secs(30))
+                                .map_err(|e| anyhow::anyhow!("late records not produced: {e}"))
+                                .and_then(|r| r),
+                        );
+                    }
                     keys.push(String::from_utf8_lossy(&r.key.unwrap_or_default()).into_owned());
-                }
-            },
-            |_, _| {},
-        )?;
-        // The public entry point gives the same answer (plus the late ones, which now exist).
-        let again = chatstream_replay::read_since(
-            &b,
-            &topic,
-            t,
-            Duration::from_secs(60),
-            |_| {},
-            |_, _| {},
-        )?;
-        ensure!(
-            again == kept + 20,
-            "read_since after the late records: {again}, expected {}",
-            kept + 20
-        );
-        Ok(keys)
-    })
-    .await??;
+                },
+                |_, _| {},
+            )?;
+            late_in.unwrap_or_else(|| Err(anyhow::anyhow!("read_since returned nothing")))?;
+            Ok((keys, count))
+        })
+        .await??;
     late.await?;
-    let got_set: BTreeSet<String> = got.iter().cloned().collect();
-    ensure!(got.len() == got_set.len(), "duplicates in the replay");
-    ensure!(
-        got_set == expected,
-        "replay from T returned {} keys, expected {} (extra {:?}, missing {:?})",
-        got_set.len(),
-        expected.len(),
-        got_set.difference(&expected).take(3).collect::<Vec<_>>(),
-        expected.difference(&got_set).take(3).collect::<Vec<_>>()
-    );
+    // Once more, now that the late records exist: they are returned too.
+    let (second, second_count) =
+        tokio::task::spawn_blocking(move || -> Result<(Vec<String>, u64)> {
+            let mut keys = Vec::new();
+            let count = chatstream_replay::read_since(
+                &b,
+                &topic,
+                t,
+                Duration::from_secs(60),
+                |r| keys.push(String::from_utf8_lossy(&r.key.unwrap_or_default()).into_owned()),
+                |_, _| {},
+            )?;
+            Ok((keys, count))
+        })
+        .await??;
+    let with_late: BTreeSet<String> = expected.union(&late_keys).cloned().collect();
+    for (what, got, count, want) in [
+        ("read_since", &first, first_count, &expected),
+        (
+            "read_since after the late records",
+            &second,
+            second_count,
+            &with_late,
+        ),
+    ] {
+        let got_set: BTreeSet<String> = got.iter().cloned().collect();
+        ensure!(
+            got.len() == got_set.len(),
+            "{what}: {} duplicates",
+            got.len() - got_set.len()
+        );
+        ensure!(
+            count == got.len() as u64,
+            "{what} says {count} records and handed over {}",
+            got.len()
+        );
+        ensure!(
+            got_set == *want,
+            "{what} from T returned {} keys, expected {} (extra {:?}, missing {:?})",
+            got_set.len(),
+            want.len(),
+            got_set.difference(want).take(3).collect::<Vec<_>>(),
+            want.difference(&got_set).take(3).collect::<Vec<_>>()
+        );
+        eprintln!(
+            "  {what}: {} keys, exactly the {} expected",
+            got_set.len(),
+            want.len()
+        );
+    }
     Ok(())
 }
 
