@@ -18,7 +18,7 @@ use rdkafka::ClientConfig;
 use squall_stack::testing::{eventually, SharedStack};
 use squall_stack::toxiproxy::Toxic;
 use squall_stack::{stack_test, Stack};
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
@@ -307,69 +307,351 @@ async fn bad_tokens_close_with_a_reason(stack: &mut Stack) -> Result<()> {
     Ok(())
 }
 
-async fn killed_node_s_outbox_rows_are_published_by_another(stack: &mut Stack) -> Result<()> {
-    let mut a = Node::start(stack, "node-a", &["--no-relay"]).await?;
-    let conv = unique("conv");
-    create_conversation(&a, "alice", &conv, &["alice", "bob"]).await?;
-    let mut alice = Client::connect(&a, "alice").await?;
-    let mut ids = BTreeSet::new();
-    for i in 0..50 {
-        let cid = format!("k{i}");
-        alice.send_msg(&conv, &cid, "survive kill -9").await?;
-        ids.insert(cid);
-    }
-    let pool = sqlx::PgPool::connect(&stack.endpoints().postgres_url).await?;
-    let message_ids: Vec<String> =
-        sqlx::query_scalar("SELECT id FROM messages WHERE conversation_id = $1")
-            .bind(&conv)
-            .fetch_all(&pool)
-            .await?;
-    ensure!(message_ids.len() == 50);
-    // The conversation's creation (MEMBERSHIP_CHANGED) has a row of its own.
-    let pending: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM outbox WHERE published_at_ms IS NULL AND key = $1
+/// The advisory lock id of outbox shard `s` (`chatstream_store`'s ADVISORY_BASE + s).
+const OUTBOX_LOCK_BASE: i64 = 0x5157_4c4c_0000;
+
+/// How many of `shards` some PostgreSQL session holds the relay lock of.
+async fn shards_locked(pool: &sqlx::PgPool, shards: &BTreeSet<i32>) -> Result<i64> {
+    let ids: Vec<i64> = shards
+        .iter()
+        .map(|s| OUTBOX_LOCK_BASE + i64::from(*s))
+        .collect();
+    Ok(sqlx::query_scalar(
+        "SELECT count(DISTINCT (classid::bigint << 32) | objid::bigint) FROM pg_locks
+         WHERE locktype = 'advisory' AND granted AND objsubid = 1
+           AND ((classid::bigint << 32) | objid::bigint) = ANY($1)",
+    )
+    .bind(&ids)
+    .fetch_one(pool)
+    .await?)
+}
+
+/// Unpublished CHAT_MESSAGE outbox rows of `convs`.
+async fn chat_rows_pending(pool: &sqlx::PgPool, convs: &[String]) -> Result<i64> {
+    Ok(sqlx::query_scalar(
+        "SELECT count(*) FROM outbox WHERE published_at_ms IS NULL AND key = ANY($1)
          AND payload::jsonb->>'type' = 'CHAT_MESSAGE'",
     )
-    .bind(&conv)
-    .fetch_one(&pool)
-    .await?;
+    .bind(convs)
+    .fetch_one(pool)
+    .await?)
+}
+
+/// A CHAT_MESSAGE record read back: (partition, offset, conversation, message id, seq).
+type ChatRecord = (i32, i64, String, String, i64);
+
+/// The high watermarks of chat-events `partitions`, through `bootstrap`.
+async fn chat_ends(bootstrap: &str, partitions: Vec<i32>) -> Result<BTreeMap<i32, i64>> {
+    let bootstrap = bootstrap.to_string();
+    tokio::task::spawn_blocking(move || -> Result<BTreeMap<i32, i64>> {
+        let c: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &bootstrap)
+            .create()?;
+        let mut ends = BTreeMap::new();
+        for p in partitions {
+            let (_, high) = c.fetch_watermarks("chat-events", p, Duration::from_secs(10))?;
+            ends.insert(p, high);
+        }
+        Ok(ends)
+    })
+    .await?
+}
+
+/// The CHAT_MESSAGE records of `convs` on chat-events from `from` (partition → offset) up
+/// to the partitions' ends as of now, in offset order per partition. Only the partitions
+/// of `from` are asked for, through `bootstrap` (so a broker left out of both is never
+/// needed).
+async fn chat_records(
+    bootstrap: &str,
+    from: &BTreeMap<i32, i64>,
+    convs: &BTreeSet<String>,
+) -> Result<Vec<ChatRecord>> {
+    let ends = chat_ends(bootstrap, from.keys().copied().collect()).await?;
+    let (bootstrap, from, convs) = (bootstrap.to_string(), from.clone(), convs.clone());
+    tokio::task::spawn_blocking(move || -> Result<Vec<ChatRecord>> {
+        // A group id only because assigning needs one: nothing is committed.
+        let c: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &bootstrap)
+            .set("group.id", unique("mid-batch-reader"))
+            .set("enable.auto.commit", "false")
+            .create()?;
+        let mut tpl = rdkafka::TopicPartitionList::new();
+        let mut next = BTreeMap::new();
+        for (p, o) in &from {
+            if ends[p] > *o {
+                tpl.add_partition_offset("chat-events", *p, rdkafka::Offset::Offset(*o))?;
+                next.insert(*p, *o);
+            }
+        }
+        let mut out = Vec::new();
+        if next.is_empty() {
+            return Ok(out);
+        }
+        c.assign(&tpl)?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while next.iter().any(|(p, o)| *o < ends[p]) {
+            ensure!(
+                Instant::now() < deadline,
+                "chat-events not read to {ends:?} within 60 s (at {next:?})"
+            );
+            let Some(m) = c.poll(Duration::from_millis(300)) else {
+                continue;
+            };
+            let m = m?;
+            use rdkafka::message::Message as _;
+            next.insert(m.partition(), m.offset() + 1);
+            let Some(e) = m
+                .payload()
+                .and_then(|b| chatstream_protocol::EventEnvelope::from_slice(b).ok())
+            else {
+                continue;
+            };
+            if let EventBody::ChatMessage(msg) = e.body {
+                if convs.contains(&msg.conversation_id) {
+                    out.push((
+                        m.partition(),
+                        m.offset(),
+                        msg.conversation_id,
+                        msg.message_id,
+                        msg.seq,
+                    ));
+                }
+            }
+        }
+        out.sort_by_key(|r| (r.0, r.1));
+        Ok(out)
+    })
+    .await?
+}
+
+/// A relay killed (`kill -9`) while it holds its shard locks in the middle of a batch:
+/// part of the batch is on Kafka, none of it marked published. Another node takes the
+/// shards over and publishes the batch again: every message reaches chat-events, each
+/// conversation's seqs in increasing order once duplicates are dropped, and the
+/// duplicates are exactly what at-least-once allows (the part the dead relay had landed,
+/// at most once more each).
+///
+/// Deterministic: the batch spans conversations whose partitions are led by different
+/// brokers, and the client link of one broker (X) is black-holed before the relay starts,
+/// so its batch lands on the other brokers and hangs on X (well inside the producer's
+/// 30 s message timeout, when the node is killed).
+async fn relay_killed_mid_batch_is_taken_over_in_key_order(stack: &mut Stack) -> Result<()> {
+    const PER_CONV: usize = 40;
+    let bootstrap = stack.endpoints().kafka_bootstrap;
+    // Conversations on partitions led by X and by the others (the nodes' partitioner is
+    // the Java client's murmur2, so a key's partition is computed).
+    let view = stack.cluster_view_from(1).await?;
+    let parts = view
+        .topics
+        .get("chat-events")
+        .ok_or_else(|| anyhow!("no chat-events in {view:?}"))?
+        .clone();
+    let leader_of = |conv: &str| {
+        let p = chatstream_replay::partition_for_key(conv, parts.len() as i32);
+        (p, parts.iter().find(|x| x.partition == p).map(|x| x.leader))
+    };
+    let first = unique("mid");
+    let x = leader_of(&first)
+        .1
+        .filter(|l| *l > 0)
+        .ok_or_else(|| anyhow!("no leader for {first}'s partition: {parts:?}"))?;
+    let (mut on_x, mut elsewhere) = (Vec::new(), Vec::new());
+    for i in 0..500 {
+        let conv = format!("{first}-{i}");
+        match leader_of(&conv).1 {
+            Some(l) if l == x && on_x.len() < 3 => on_x.push(conv),
+            Some(l) if l > 0 && l != x && elsewhere.len() < 3 => elsewhere.push(conv),
+            _ => {}
+        }
+    }
     ensure!(
-        pending == 50,
-        "{pending} rows pending before the kill (node-a runs no relay)"
+        on_x.len() == 3 && elsewhere.len() == 3,
+        "no conversations on both sides of kafka-{x}: {on_x:?} {elsewhere:?}"
     );
-    eprintln!(
-        "  kill -9 node-a (pid {}) with {pending} unpublished rows",
-        a.pid()
+    let convs: Vec<String> = on_x.iter().chain(&elsewhere).cloned().collect();
+    let conv_set: BTreeSet<String> = convs.iter().cloned().collect();
+    let shards: BTreeSet<i32> = convs
+        .iter()
+        .map(|c| chatstream_store::shard_of(c))
+        .collect();
+
+    // The backlog: written by a node that runs no relay, which then goes away.
+    let pool = pg(stack).await?;
+    let mut acked: BTreeMap<String, Vec<(String, i64)>> = BTreeMap::new();
+    {
+        let w = Node::start(stack, &unique("mid-w"), &["--no-relay"]).await?;
+        for conv in &convs {
+            create_conversation(&w, "alice", conv, &["alice", "bob"]).await?;
+            // A connection per conversation: 40 sends stay inside the rate limit's burst.
+            let mut alice = Client::connect(&w, "alice").await?;
+            for i in 0..PER_CONV {
+                let (_, id, seq, _) = alice
+                    .send_for_ack(conv, &format!("m{i}"), "published once or twice, in order")
+                    .await?;
+                acked.entry(conv.clone()).or_default().push((id, seq));
+            }
+        }
+    }
+    let total = (convs.len() * PER_CONV) as i64;
+    ensure!(
+        chat_rows_pending(&pool, &convs).await? == total,
+        "the backlog is not all pending before the relay starts"
     );
-    a.kill9();
-    let _b = Node::start(stack, "node-b", &[]).await?;
-    let start = Instant::now();
-    loop {
-        let pending: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM outbox WHERE published_at_ms IS NULL AND key = $1",
-        )
-        .bind(&conv)
-        .fetch_one(&pool)
+    let landed_expected = elsewhere.len() * PER_CONV;
+    let start: BTreeMap<i32, i64> =
+        chat_ends(&bootstrap, parts.iter().map(|p| p.partition).collect()).await?;
+    // Only the brokers other than X: reading must never wait on X's black hole.
+    let not_x: String = (1..=3u8)
+        .filter(|b| i32::from(*b) != x)
+        .map(|b| {
+            stack
+                .plan()
+                .broker(b)
+                .map(|p| format!("127.0.0.1:{}", p.client_proxy))
+        })
+        .collect::<Result<Vec<_>, _>>()?
+        .join(",");
+    let start_not_x: BTreeMap<i32, i64> = start
+        .iter()
+        .filter(|(p, _)| parts.iter().any(|x2| x2.partition == **p && x2.leader != x))
+        .map(|(p, o)| (*p, *o))
+        .collect();
+
+    let x_link = format!("kafka-{x}-client");
+    stack
+        .toxiproxy()
+        .add_toxic(&x_link, &Toxic::timeout("upstream", 0))
         .await?;
-        if pending == 0 {
-            break;
+    let mut a = Node::spawn(stack, &unique("mid-a"), &[]).await?;
+    let spawned = Instant::now();
+    // Mid-batch: the shards locked, the part of the batch for the other brokers on Kafka,
+    // nothing marked published.
+    let (locked, landed) = loop {
+        let locked = shards_locked(&pool, &shards).await?;
+        let landed = chat_records(&not_x, &start_not_x, &conv_set).await?.len();
+        let pending = chat_rows_pending(&pool, &convs).await?;
+        ensure!(
+            pending == total,
+            "{} rows marked published while kafka-{x} was black-holed",
+            total - pending
+        );
+        if locked == shards.len() as i64 && landed >= landed_expected {
+            break (locked, landed);
         }
         ensure!(
-            start.elapsed() < Duration::from_secs(30),
-            "{pending} rows still unpublished"
+            spawned.elapsed() < Duration::from_secs(20),
+            "not caught mid-batch 20 s after the relay started: {locked} of {} shards locked, {landed} of {landed_expected} records landed",
+            shards.len()
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    let published = chat_event_ids(&stack.endpoints().kafka_bootstrap).await?;
-    let missing: Vec<_> = message_ids
-        .iter()
-        .filter(|id| !published.contains_key(*id))
-        .collect();
+    };
+    eprintln!(
+        "  kill -9 {} {:.1} s after it started: {locked} shards locked, {landed} of the batch's {total} records on Kafka, {total} rows unpublished",
+        a.id,
+        spawned.elapsed().as_secs_f64()
+    );
+    a.kill9();
+    let pending = chat_rows_pending(&pool, &convs).await?;
     ensure!(
-        missing.is_empty(),
-        "{} acknowledged messages missing from chat-events: {:?}",
-        missing.len(),
-        &missing[..missing.len().min(3)]
+        pending == total,
+        "the relay settled {} rows before it died: not killed mid-batch",
+        total - pending
+    );
+    stack
+        .toxiproxy()
+        .remove_toxic(&x_link, "timeout_upstream")
+        .await?;
+    // Its session ended with it, and its locks with the session.
+    eventually(
+        "the dead relay's shard locks released",
+        Duration::from_secs(10),
+        || async {
+            let n = shards_locked(&pool, &shards).await?;
+            ensure!(n == 0, "{n} shards still locked");
+            Ok(())
+        },
+    )
+    .await?;
+    let _b = Node::start(stack, &unique("mid-b"), &[]).await?;
+    eventually(
+        "the other node published the batch",
+        Duration::from_secs(30),
+        || async {
+            let n = chat_rows_pending(&pool, &convs).await?;
+            ensure!(n == 0, "{n} rows still unpublished");
+            Ok(())
+        },
+    )
+    .await?;
+
+    let records = chat_records(&bootstrap, &start, &conv_set).await?;
+    let mut copies: BTreeMap<&str, usize> = BTreeMap::new();
+    for r in &records {
+        *copies.entry(r.3.as_str()).or_default() += 1;
+    }
+    for (conv, msgs) in &acked {
+        let missing: Vec<&str> = msgs
+            .iter()
+            .filter(|(id, _)| !copies.contains_key(id.as_str()))
+            .map(|(id, _)| id.as_str())
+            .collect();
+        ensure!(
+            missing.is_empty(),
+            "{} acknowledged messages of {conv} missing from chat-events: {:?}",
+            missing.len(),
+            &missing[..missing.len().min(3)]
+        );
+        // Per key (one partition): the seqs in increasing order once duplicates are
+        // dropped, every acked one; the raw sequence restarts at most once (the takeover).
+        let seqs: Vec<i64> = records
+            .iter()
+            .filter(|r| r.2 == *conv)
+            .map(|r| r.4)
+            .collect();
+        let mut seen = HashSet::new();
+        let first_copies: Vec<i64> = seqs.iter().copied().filter(|s| seen.insert(*s)).collect();
+        let acked_seqs: Vec<i64> = msgs.iter().map(|(_, s)| *s).collect();
+        ensure!(
+            first_copies == acked_seqs,
+            "{conv}: seqs on chat-events once duplicates are dropped {first_copies:?}, acked {acked_seqs:?}"
+        );
+        let restarts = seqs.windows(2).filter(|w| w[1] <= w[0]).count();
+        ensure!(
+            restarts <= 1,
+            "{conv}: the seqs go back {restarts} times: {seqs:?}"
+        );
+    }
+    let doubled: BTreeSet<&str> = copies
+        .iter()
+        .filter(|(_, n)| **n > 1)
+        .map(|(id, _)| *id)
+        .collect();
+    let most = copies.values().copied().max().unwrap_or(0);
+    let duplicates = records.len() - copies.len();
+    eprintln!(
+        "  {} records for {} messages: {duplicates} duplicates ({} messages twice, at most {most} copies); {landed} had landed before the kill",
+        records.len(),
+        copies.len(),
+        doubled.len()
+    );
+    // At least once, and no more than the design allows: what the dead relay landed is
+    // sent again (its rows were never marked), once; nothing else is doubled.
+    ensure!(most <= 2, "a message is on chat-events {most} times");
+    let landed_ids: Vec<&str> = elsewhere
+        .iter()
+        .flat_map(|c| acked[c].iter().map(|(id, _)| id.as_str()))
+        .collect();
+    let not_doubled = landed_ids
+        .iter()
+        .filter(|id| !doubled.contains(*id))
+        .count();
+    ensure!(
+        not_doubled == 0,
+        "{not_doubled} messages the dead relay had landed were not sent again"
+    );
+    ensure!(
+        duplicates >= landed && duplicates <= total as usize,
+        "{duplicates} duplicates: expected between the {landed} landed before the kill and the batch's {total}"
     );
     Ok(())
 }
@@ -879,6 +1161,18 @@ async fn redis_outage(stack: &mut Stack, fault: RedisFault, outage: Duration) ->
     )
     .await
     .context("live fan-out node-1 -> node-2 once both nodes said ready")?;
+    // And the other way: node 2's publish reaches node 1's subscriber live.
+    let (back, _) = bob
+        .send_msg(&conv, "after-back", "live again, back")
+        .await?;
+    live_by(
+        &mut alice,
+        &conv,
+        back,
+        Instant::now() + Duration::from_secs(2),
+    )
+    .await
+    .context("live fan-out node-2 -> node-1 once both nodes said ready")?;
     // Presence: a connection made now is marked online.
     let dave = unique("dave");
     let mut d = Client::connect(&n2, &dave).await?;
@@ -971,7 +1265,7 @@ async fn redis_outage(stack: &mut Stack, fault: RedisFault, outage: Duration) ->
             _ => None,
         })
         .await?;
-    let acked = (2 + baseline.len() + during.len()) as i64;
+    let acked = (3 + baseline.len() + during.len()) as i64;
     ensure!(
         last == acked,
         "sync ends at {last}, {acked} were acknowledged"
@@ -2626,8 +2920,8 @@ fn main() {
         ),
         stack_test!(
             shared,
-            "node::killed_node_s_outbox_rows_are_published_by_another",
-            killed_node_s_outbox_rows_are_published_by_another
+            "node::relay_killed_mid_batch_is_taken_over_in_key_order",
+            relay_killed_mid_batch_is_taken_over_in_key_order
         ),
         stack_test!(
             shared,

@@ -139,6 +139,23 @@ impl Node {
         extra: &[&str],
         log_filter: &str,
     ) -> Result<Node> {
+        let node = Self::spawn_logging(stack, id, extra, log_filter).await?;
+        node.wait_ready(Duration::from_secs(60)).await?;
+        Ok(node)
+    }
+
+    /// Starts a node without waiting for it to be ready (one whose relay is stuck on a
+    /// batch never reports ready).
+    pub async fn spawn(stack: &Stack, id: &str, extra: &[&str]) -> Result<Node> {
+        Self::spawn_logging(stack, id, extra, DEFAULT_LOG_FILTER).await
+    }
+
+    async fn spawn_logging(
+        stack: &Stack,
+        id: &str,
+        extra: &[&str],
+        log_filter: &str,
+    ) -> Result<Node> {
         let e = stack.endpoints();
         let mut args = strings(&["node", "--node-id", id, "--listen", "127.0.0.1:0"]);
         args.extend(strings(&[
@@ -155,13 +172,11 @@ impl Node {
         ]));
         args.extend(strings(extra));
         let (child, addr) = spawn_chatstream_logging(args, id, log_filter).await?;
-        let node = Node {
+        Ok(Node {
             child,
             addr,
             id: id.to_string(),
-        };
-        node.wait_ready(Duration::from_secs(60)).await?;
-        Ok(node)
+        })
     }
 
     pub async fn readyz(&self) -> Result<(u16, serde_json::Value)> {
