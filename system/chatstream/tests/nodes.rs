@@ -1235,20 +1235,21 @@ async fn redis_outage(stack: &mut Stack, fault: RedisFault, outage: Duration) ->
         "resumed chunks {chunks:?} of {total}"
     );
     // Sends never waited for Redis while it was away: send->ack stays at its no-fault
-    // level. p95 under 200 ms, and p99 under the 1 s a Redis call may take before the link
-    // gives up: no send waited for Redis. (p99 itself is not held to 200 ms: this 2-core
-    // machine, shared with the brokers and other builds, stalls a process for a few
-    // hundred ms now and then, outage or not; the defect this guards against made every
-    // send wait 1-2 s.)
+    // level, measured just before on the same machine. p50 and p95 within twice the
+    // no-fault figure (or 100 / 200 ms, whichever is larger), and p99 under the 1 s a
+    // Redis call may take before the link gives up: no send waited for Redis. (Absolute
+    // bounds alone flake: this 2-core machine, shared with the brokers and other builds,
+    // has seen a no-fault p95 of 266 ms; the defect this guards against made every send
+    // wait 1-2 s.)
     let (p50, p95, p99) = (
         quantile(&during, 0.5),
         quantile(&during, 0.95),
         quantile(&during, 0.99),
     );
+    let p50_bound = (quantile(&baseline, 0.5) * 2).max(Duration::from_millis(100));
+    let p95_bound = (quantile(&baseline, 0.95) * 2).max(Duration::from_millis(200));
     ensure!(
-        p50 < Duration::from_millis(100)
-            && p95 < Duration::from_millis(200)
-            && p99 < Duration::from_secs(1),
+        p50 < p50_bound && p95 < p95_bound && p99 < Duration::from_secs(1),
         "send->ack during the outage: p50 {p50:?}, p95 {p95:?}, p99 {p99:?} (no fault: {})",
         latency_summary(&baseline)
     );
