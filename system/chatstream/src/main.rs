@@ -243,7 +243,7 @@ async fn run(cli: Cli) -> Result<()> {
             );
             let metrics = chatstream_node::metrics::install()
                 .map_err(|e| anyhow::anyhow!("installing metrics: {e}"))?;
-            chatstream_node::server::run(config, listener, metrics, shutdown_signal()).await?;
+            chatstream_node::run(config, listener, metrics, shutdown_signal()).await?;
             Ok(())
         }
         Command::Workers(args) => {

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use crate::clock;
 use crate::events::{new_trace_id, EventContext};
 use crate::fanout::FanoutEnvelope;
-use crate::server::NodeState;
+use crate::state::NodeState;
 use crate::{conn, streams};
 
 pub fn router(state: Arc<NodeState>) -> Router {

@@ -47,7 +47,7 @@ pub struct CloseReason {
 
 /// A client that does not read fast enough: its unsent frames passed the byte bound.
 pub const SLOW_CONSUMER: CloseReason = CloseReason {
-    code: crate::conn::CLOSE_SLOW,
+    code: crate::close::CLOSE_SLOW,
     reason: "too slow to read; reconnect and sync",
 };
 

@@ -1,4 +1,4 @@
-//! AI-style streams: a deterministic, seedable generator stands in for the model. Each
+//! AI-style streams: the seedable `generator` stands in for the model. Each
 //! chunk is cached in Redis (a list per session, with a TTL) and announced on a channel
 //! per session, so a client that reconnects to any node can `resume` after its last index
 //! and receive the rest. Every Redis call goes through the node's link (bounded, and
@@ -18,8 +18,6 @@ use chatstream_protocol::frames::{ErrorCode, StreamOutcome};
 use chatstream_protocol::ServerFrame;
 use futures::future::BoxFuture;
 use futures::StreamExt;
-use rand::{Rng, SeedableRng};
-use rand_pcg::Pcg64;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -28,93 +26,11 @@ use std::time::{Duration, Instant};
 use crate::clock;
 use crate::config::StreamConfig;
 use crate::events::{new_id, new_trace_id, stable_id, EventContext};
+use crate::generator::{Generator, Plan};
 use crate::hub::{Outbound, Outlet, PushError};
 use crate::metrics as m;
 use crate::redis_link::{RedisLinkError, CONNECT_TIMEOUT, OP_TIMEOUT};
-use crate::server::NodeState;
-
-const WORDS: &[&str] = &[
-    "the",
-    "event",
-    "stream",
-    "replays",
-    "every",
-    "chunk",
-    "in",
-    "order",
-    "so",
-    "clients",
-    "resume",
-    "where",
-    "they",
-    "left",
-    "off",
-    "after",
-    "a",
-    "reconnect",
-    "kafka",
-    "keeps",
-    "history",
-    "while",
-    "redis",
-    "fans",
-    "out",
-    "live",
-    "messages",
-    "across",
-    "nodes",
-    "and",
-    "postgres",
-    "stores",
-];
-
-/// What the generator will do for a prompt: how many chunks, and where it fails (if it does).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Plan {
-    pub chunks: i64,
-    pub fail_at: Option<i64>,
-}
-
-pub struct Streams {
-    cfg: StreamConfig,
-}
-
-fn fnv(s: &str) -> u64 {
-    s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    })
-}
-
-impl Streams {
-    pub fn new(cfg: StreamConfig) -> Self {
-        Streams { cfg }
-    }
-
-    pub fn config(&self) -> &StreamConfig {
-        &self.cfg
-    }
-
-    /// Same seed and prompt, same plan.
-    pub fn plan(&self, prompt: &str) -> Plan {
-        let mut rng = Pcg64::seed_from_u64(self.cfg.seed ^ fnv(prompt));
-        let fails = rng.random_bool(self.cfg.error_rate);
-        Plan {
-            chunks: self.cfg.chunks,
-            fail_at: fails.then(|| rng.random_range(0..self.cfg.chunks)),
-        }
-    }
-
-    /// The text of chunk `index` (same seed, prompt and index: same text).
-    pub fn chunk_text(&self, prompt: &str, index: i64) -> String {
-        let mut rng = Pcg64::seed_from_u64(
-            self.cfg.seed ^ fnv(prompt) ^ (index as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15),
-        );
-        let words: Vec<&str> = (0..self.cfg.words_per_chunk)
-            .map(|_| WORDS[rng.random_range(0..WORDS.len())])
-            .collect();
-        format!("{} ", words.join(" "))
-    }
-}
+use crate::state::NodeState;
 
 fn chunks_key(session: &str) -> String {
     format!("chatstream:stream:{session}:chunks")
@@ -209,7 +125,7 @@ impl Session {
     fn from_meta(meta: &HashMap<String, String>, session: &str, token: String) -> Option<Self> {
         let cfg: StreamConfig = serde_json::from_str(meta.get("gen")?).ok()?;
         let prompt = meta.get("prompt")?.clone();
-        let plan = Streams::new(cfg.clone()).plan(&prompt);
+        let plan = Generator::new(cfg.clone()).plan(&prompt);
         Some(Session {
             ctx: EventContext {
                 tenant: meta.get("tenant")?.clone(),
@@ -248,8 +164,8 @@ pub async fn start(
 ) -> Result<Started, (ErrorCode, String)> {
     let session_id = new_id();
     let message_id = new_id();
-    let cfg = state.streams.config().clone();
-    let plan = state.streams.plan(prompt);
+    let cfg = state.generator.config().clone();
+    let plan = state.generator.plan(prompt);
     let ttl = cfg.cache_ttl_s as i64;
     let token = owner_token(state);
     let started_ms = clock::now_ms();
@@ -432,7 +348,7 @@ async fn cache_with_retry(state: &NodeState, s: &Session, item: &CacheItem) -> W
 async fn generate(state: Arc<NodeState>, s: Session, from: i64, live: Option<Arc<Outlet>>) {
     let session = s.id().to_string();
     let message_id = s.ctx.message_id.clone().unwrap_or_default();
-    let generator = Streams::new(s.cfg.clone());
+    let generator = Generator::new(s.cfg.clone());
     let pace = Duration::from_millis(s.cfg.pace_ms);
     let mut last = Instant::now();
     // The text so far is what the chunks before `from` were: the generator is deterministic.
@@ -765,7 +681,7 @@ pub async fn resume(
     let pace_ms = meta
         .get("gen")
         .and_then(|g| serde_json::from_str::<StreamConfig>(g).ok())
-        .map_or(state.streams.config().pace_ms, |c| c.pace_ms);
+        .map_or(state.generator.config().pace_ms, |c| c.pace_ms);
     let idle_limit = Duration::from_millis(pace_ms.saturating_mul(20).max(10_000));
     // How long without a chunk before checking whether the generator is still alive.
     let probe = Duration::from_millis(pace_ms.saturating_mul(2).max(250));
@@ -826,42 +742,5 @@ pub async fn resume(
                 next - 1
             ),
         ))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn generator_is_deterministic_and_seedable() {
-        let a = Streams::new(StreamConfig::default());
-        let b = Streams::new(StreamConfig::default());
-        assert_eq!(a.chunk_text("hello", 3), b.chunk_text("hello", 3));
-        assert_ne!(a.chunk_text("hello", 3), a.chunk_text("hello", 4));
-        let other = Streams::new(StreamConfig {
-            seed: 7,
-            ..StreamConfig::default()
-        });
-        assert_ne!(a.chunk_text("hello", 3), other.chunk_text("hello", 3));
-        assert_eq!(a.chunk_text("x", 0).split_whitespace().count(), 5);
-    }
-
-    #[test]
-    fn error_rate_decides_failures() {
-        let never = Streams::new(StreamConfig {
-            error_rate: 0.0,
-            ..StreamConfig::default()
-        });
-        let always = Streams::new(StreamConfig {
-            error_rate: 1.0,
-            ..StreamConfig::default()
-        });
-        for p in ["a", "b", "c"] {
-            assert_eq!(never.plan(p).fail_at, None);
-            let at = always.plan(p).fail_at.unwrap();
-            assert!((0..20).contains(&at));
-            assert_eq!(always.plan(p), always.plan(p));
-        }
     }
 }

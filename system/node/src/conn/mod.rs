@@ -1,0 +1,178 @@
+//! One WebSocket connection: authenticate, register with the hub, then read frames
+//! (size check, rate limit) and hand each to the commands while a writer task drains the
+//! connection's outlet and pings the client. Every problem with a frame is answered with
+//! an `error` frame (at most `max_error_frames_per_s` a second) and the connection stays
+//! open; the node closes it only for a bad token (4401), a frame past the hard cap (1009),
+//! a slow consumer (4408), silence past the idle timeout (4409), a rate limit exceeded
+//! for seconds on end (1008), shutdown (1012), or a socket that takes nothing for the
+//! write stall timeout (dropped: no close frame gets through a stalled socket).
+//!
+//! Nothing on the read loop waits for Redis: a send is stored, acknowledged and handed to
+//! the fan-out queue; presence lookups for notifications run beside it.
+
+mod limits;
+mod writer;
+
+use axum::extract::ws::{Message, WebSocket};
+use chatstream_protocol::auth::{Claims, TokenError};
+use chatstream_protocol::frames::ErrorCode;
+use chatstream_protocol::ServerFrame;
+use futures::StreamExt;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::oneshot;
+
+use crate::close::{CLOSE_RATE_LIMIT, CLOSE_UNAUTHORIZED};
+use crate::commands::{self, error_frame, Client};
+use crate::hub::CloseReason;
+use crate::metrics as m;
+use crate::state::NodeState;
+use crate::{clock, presence};
+use limits::{Heard, Offence, RateLimit};
+use writer::{close_message, write_loop, WriterSettings, CLOSE_WRITE_TIMEOUT};
+
+async fn close_with(socket: &mut WebSocket, code: u16, reason: &str) {
+    let _ = tokio::time::timeout(
+        CLOSE_WRITE_TIMEOUT,
+        socket.send(close_message(code, reason)),
+    )
+    .await;
+}
+
+/// Serves one upgraded connection until it closes.
+pub async fn serve(state: Arc<NodeState>, mut socket: WebSocket, auth: Result<Claims, TokenError>) {
+    let claims = match auth {
+        Ok(c) => c,
+        Err(e) => {
+            let frame = error_frame(
+                ErrorCode::Unauthorized,
+                format!("{e}; connect with a valid token (?token=...)"),
+                None,
+            );
+            let _ = tokio::time::timeout(
+                CLOSE_WRITE_TIMEOUT,
+                socket.send(Message::Text(frame.encode().into())),
+            )
+            .await;
+            close_with(&mut socket, CLOSE_UNAUTHORIZED, &e.to_string()).await;
+            return;
+        }
+    };
+    let reg = state.hub.register(&claims.tenant, &claims.sub);
+    let conn = Arc::new(Client::new(
+        state.clone(),
+        claims,
+        reg.id,
+        reg.outlet.clone(),
+    ));
+    let (sink, mut stream) = socket.split();
+    conn.reply(ServerFrame::Hello {
+        node_id: state.cfg.node_id.clone(),
+        user_id: conn.claims.sub.clone(),
+        tenant: conn.claims.tenant.clone(),
+        max_frame_bytes: state.cfg.max_frame_bytes,
+        server_time_ms: clock::now_ms(),
+    })
+    .await;
+    presence::mark(&state, &conn.claims.tenant, &conn.claims.sub, conn.id, true).await;
+
+    let (reader_done, reader_done_rx) = oneshot::channel();
+    let heard = Arc::new(Heard::new());
+    let mut writer = tokio::spawn(write_loop(
+        sink,
+        reg.rx,
+        reg.outlet,
+        WriterSettings {
+            shutdown: state.shutdown.clone(),
+            stall: Duration::from_millis(state.cfg.write_stall_timeout_ms),
+            ping_every: Duration::from_millis(state.cfg.ping_interval_ms),
+            idle: Duration::from_millis(state.cfg.idle_timeout_ms),
+            heard: heard.clone(),
+        },
+        reader_done_rx,
+    ));
+    let mut writer_done = false;
+
+    let mut limit = RateLimit::new(state.cfg.rate_limit_per_s, state.cfg.rate_limit_burst);
+    let mut offence = Offence::default();
+    let close_after = Duration::from_millis(state.cfg.rate_limit_close_after_ms);
+    loop {
+        let msg = tokio::select! {
+            msg = stream.next() => msg,
+            // The writer closed the connection (slow, stalled, idle, shutdown): stop too.
+            _ = &mut writer => { writer_done = true; break }
+        };
+        if matches!(msg, Some(Ok(_))) {
+            heard.now();
+        }
+        let text = match msg {
+            Some(Ok(Message::Text(t))) => t,
+            Some(Ok(Message::Binary(_))) => {
+                conn.reply(error_frame(
+                    ErrorCode::MalformedFrame,
+                    "binary frames are not supported; send JSON text frames",
+                    None,
+                ))
+                .await;
+                continue;
+            }
+            Some(Ok(Message::Close(_)) | Err(_)) | None => break,
+            Some(Ok(_)) => continue,
+        };
+        metrics::counter!(m::FRAMES_IN).increment(1);
+        if text.len() > state.cfg.max_frame_bytes {
+            conn.reply(error_frame(
+                ErrorCode::FrameTooLarge,
+                format!(
+                    "frame of {} bytes exceeds the limit of {} bytes",
+                    text.len(),
+                    state.cfg.max_frame_bytes
+                ),
+                None,
+            ))
+            .await;
+            continue;
+        }
+        if let Err(wait) = limit.take() {
+            metrics::counter!(m::ERRORS, "code" => "RateLimited").increment(1);
+            if offence.limited(close_after) {
+                metrics::counter!(m::RATE_LIMIT_DISCONNECTS).increment(1);
+                conn.outlet.close(CloseReason {
+                    code: CLOSE_RATE_LIMIT,
+                    reason: "rate limit exceeded for seconds on end; slow down and reconnect",
+                });
+                continue;
+            }
+            conn.reply(ServerFrame::Error {
+                code: ErrorCode::RateLimited,
+                message: format!(
+                    "more than {} frames/s (burst {}); slow down",
+                    state.cfg.rate_limit_per_s, state.cfg.rate_limit_burst
+                ),
+                ref_id: None,
+                retry_after_ms: Some(wait.as_millis() as u64 + 1),
+            })
+            .await;
+            continue;
+        }
+        commands::dispatch(&conn, &text).await;
+    }
+    // Sends still being stored are answered (and fanned out) by the completer, which
+    // ends after them.
+    conn.close_sends();
+    state
+        .hub
+        .unregister(&conn.claims.tenant, &conn.claims.sub, conn.id);
+    presence::mark(
+        &state,
+        &conn.claims.tenant,
+        &conn.claims.sub,
+        conn.id,
+        false,
+    )
+    .await;
+    if !writer_done {
+        let _ = reader_done.send(());
+        let _ = writer.await;
+    }
+}

@@ -1,0 +1,125 @@
+//! The connection's writer task: drains the outlet into the socket, pings the client,
+//! and ends the connection for an idle client, a stalled socket, a hub-side close (slow
+//! consumer, rate limit) or shutdown, with the close frame each calls for.
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use chatstream_protocol::frames::ErrorCode;
+use chatstream_protocol::ServerFrame;
+use futures::stream::SplitSink;
+use futures::SinkExt;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::limits::Heard;
+use crate::close::{CLOSE_IDLE, CLOSE_SHUTDOWN};
+use crate::hub::{CloseReason, Outbound, Outlet};
+use crate::metrics as m;
+
+/// How long a close frame may take to go out before the socket is just dropped.
+pub(super) const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
+
+pub(super) fn close_message(code: u16, reason: &str) -> Message {
+    Message::Close(Some(CloseFrame {
+        code,
+        reason: Utf8Bytes::from(reason.to_string()),
+    }))
+}
+
+/// What the writer needs besides the socket and the outlet.
+pub(super) struct WriterSettings {
+    pub(super) shutdown: watch::Receiver<bool>,
+    pub(super) stall: Duration,
+    pub(super) ping_every: Duration,
+    pub(super) idle: Duration,
+    pub(super) heard: Arc<Heard>,
+}
+
+/// Drains the outlet into the socket and pings the client until the connection ends. A
+/// frame the socket does not take within `stall` ends the connection (the peer stopped
+/// reading); so does silence past `idle`.
+pub(super) async fn write_loop(
+    sink: SplitSink<WebSocket, Message>,
+    rx: mpsc::UnboundedReceiver<Outbound>,
+    outlet: Arc<Outlet>,
+    settings: WriterSettings,
+    reader_done: oneshot::Receiver<()>,
+) {
+    write_frames(sink, rx, &outlet, settings, reader_done).await;
+    outlet.writer_gone();
+}
+
+async fn write_frames(
+    mut sink: SplitSink<WebSocket, Message>,
+    mut rx: mpsc::UnboundedReceiver<Outbound>,
+    outlet: &Outlet,
+    mut settings: WriterSettings,
+    mut reader_done: oneshot::Receiver<()>,
+) {
+    let stall = settings.stall;
+    let mut ping = tokio::time::interval_at(
+        tokio::time::Instant::now() + settings.ping_every,
+        settings.ping_every,
+    );
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let close = |why: CloseReason| close_message(why.code, why.reason);
+    loop {
+        // The message to write, and the outlet bytes it frees (pings free none).
+        let next = tokio::select! {
+            frame = rx.recv() => match frame {
+                Some(text) => {
+                    let n = text.len();
+                    Some((Message::Text(Utf8Bytes::from(&*text)), Some(n)))
+                }
+                None => break,
+            },
+            _ = ping.tick() => {
+                let silent = settings.heard.silent_for();
+                if silent >= settings.idle {
+                    metrics::counter!(m::IDLE_DISCONNECTS).increment(1);
+                    tracing::info!(?silent, "closing a connection silent past the idle timeout");
+                    let why = CloseReason { code: CLOSE_IDLE, reason: "idle: no frame or pong within the idle timeout" };
+                    let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, sink.send(close(why))).await;
+                    return;
+                }
+                Some((Message::Ping(Default::default()), None))
+            }
+            why = outlet.closing() => {
+                tracing::info!(code = why.code, reason = why.reason, queued_bytes = outlet.queued_bytes(), "closing a connection");
+                let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, sink.send(close(why))).await;
+                return;
+            }
+            _ = settings.shutdown.changed() => {
+                let bye = ServerFrame::error(ErrorCode::ShuttingDown, "node is shutting down; reconnect to another node");
+                let goodbye = async {
+                    sink.send(Message::Text(bye.encode().into())).await?;
+                    sink.send(close_message(CLOSE_SHUTDOWN, "node shutting down")).await
+                };
+                let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, goodbye).await;
+                return;
+            }
+            _ = &mut reader_done => break,
+        };
+        let Some((message, frees)) = next else {
+            continue;
+        };
+        match tokio::time::timeout(stall, sink.send(message)).await {
+            Ok(Ok(())) => {
+                if let Some(n) = frees {
+                    outlet.written(n);
+                    metrics::counter!(m::FRAMES_OUT).increment(1);
+                }
+            }
+            Ok(Err(_)) => return,
+            Err(_) => {
+                metrics::counter!(m::WRITE_STALL_DISCONNECTS).increment(1);
+                tracing::info!(
+                    queued_bytes = outlet.queued_bytes(),
+                    "dropping a connection whose socket took nothing for {stall:?}"
+                );
+                return;
+            }
+        }
+    }
+    let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, sink.close()).await;
+}
