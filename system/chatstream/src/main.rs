@@ -3,7 +3,6 @@
 //! read history and projections back; `token` mints a connection token.
 
 mod replay_cmd;
-mod replay_http;
 mod workers_cmd;
 
 use anyhow::{Context, Result};

@@ -1,17 +1,13 @@
 //! `chatstream replay ...`, `chatstream lag`, `chatstream audit ...`, `chatstream search`:
-//! reading history and projections back, from the command line. `lag` counts the topics
-//! the group consumes (its committed offsets and its members' assignments) unless told.
+//! reading history and projections back, from the command line. The work is the replay
+//! and workers crates'; this module parses arguments, draws progress and prints.
 
-use anyhow::{bail, Context, Result};
-use chatstream_replay::{self as replay, Range, ResetTo};
-use chatstream_workers::consumer::{Handler, RecordMeta};
-use chatstream_workers::handlers::{Analytics, Audit, Search};
-use chatstream_workers::{bulk, queries};
-
-const BATCH: usize = 5_000;
+use anyhow::{bail, Result};
+use chatstream_replay::{self as replay, parse_time, Range, ResetTo};
+use chatstream_workers::queries;
 use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::workers_cmd::open_store;
 
@@ -110,16 +106,6 @@ pub enum AuditCommand {
     },
 }
 
-pub fn parse_time(s: &str) -> Result<i64> {
-    if let Ok(ms) = s.parse::<i64>() {
-        return Ok(ms);
-    }
-    let t = humantime::parse_rfc3339_weak(s).with_context(|| {
-        format!("{s:?} is neither Unix milliseconds nor RFC 3339 (2026-11-25T08:00:00Z)")
-    })?;
-    Ok(t.duration_since(std::time::UNIX_EPOCH)?.as_millis() as i64)
-}
-
 fn bar(total: u64) -> ProgressBar {
     let pb = ProgressBar::new(total);
     pb.set_style(
@@ -132,18 +118,8 @@ fn bar(total: u64) -> ProgressBar {
     pb
 }
 
-/// A replayed record as JSON: where it was, when, and its event (null if not JSON).
-pub fn record_json(r: &replay::Replayed) -> serde_json::Value {
-    let value = r
-        .payload
-        .as_deref()
-        .and_then(|p| serde_json::from_slice::<serde_json::Value>(p).ok())
-        .unwrap_or(serde_json::Value::Null);
-    serde_json::json!({ "partition": r.partition, "offset": r.offset, "timestamp_ms": r.timestamp_ms, "event": value })
-}
-
 fn print_record(r: &replay::Replayed) {
-    println!("{}", record_json(r));
+    println!("{}", r.to_json());
 }
 
 fn print_records(bootstrap: &str, topic: &str, ranges: &[Range]) -> Result<u64> {
@@ -162,125 +138,17 @@ fn print_records(bootstrap: &str, topic: &str, ranges: &[Range]) -> Result<u64> 
     Ok(n)
 }
 
-/// Empties a projection (and its processed markers) and replays its topics into it.
-pub async fn rebuild(bootstrap: &str, postgres_url: &str, projection: &str) -> Result<(u64, f64)> {
-    let store = open_store(postgres_url).await?;
-    let pool = store.pool().clone();
-    let group = format!("rebuild-{projection}");
-    let (tables, topics): (&[&str], Vec<String>) = match projection {
-        "audit" => (
-            &["audit_logs"],
-            Audit {
-                pool: pool.clone(),
-                group: group.clone(),
-            }
-            .topics(),
-        ),
-        "search" => (
-            &["search_messages"],
-            Search {
-                pool: pool.clone(),
-                group: group.clone(),
-            }
-            .topics(),
-        ),
-        "analytics" => (
-            &["analytics_minutes"],
-            Analytics {
-                pool: pool.clone(),
-                group: group.clone(),
-                unsafe_no_dedupe: false,
-            }
-            .topics(),
-        ),
-        other => bail!("unknown projection {other:?}; use audit, search or analytics"),
-    };
-    for t in tables {
-        sqlx::query(&format!("TRUNCATE {t}")).execute(&pool).await?;
+/// A progress bar for one topic of a rebuild.
+struct Bar(ProgressBar);
+
+impl replay::Progress for Bar {
+    fn position(&self, done: u64) {
+        self.0.set_position(done);
     }
-    sqlx::query("DELETE FROM processed_events WHERE consumer_group = $1")
-        .bind(&group)
-        .execute(&pool)
-        .await?;
-    let started = Instant::now();
-    let mut total = 0u64;
-    for topic in &topics {
-        let ranges = replay::ranges_all(bootstrap, topic)?;
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<replay::Replayed>(10_000);
-        let (b, t, r) = (bootstrap.to_string(), topic.clone(), ranges.clone());
-        let reader = tokio::task::spawn_blocking(move || {
-            let pb = bar(r.iter().map(|x| x.len() as u64).sum());
-            let n = replay::read(
-                &b,
-                &t,
-                &r,
-                Duration::from_secs(3600),
-                |rec| {
-                    let _ = tx.blocking_send(rec);
-                },
-                |done, _| pb.set_position(done),
-            );
-            pb.finish_and_clear();
-            n
-        });
-        // Audit and search are written in bulk (thousands of rows per statement);
-        // analytics goes event by event through its live handler (it aggregates).
-        let mut batch: Vec<(chatstream_protocol::EventEnvelope, i32, i64)> =
-            Vec::with_capacity(BATCH);
-        loop {
-            let next = rx.recv().await;
-            let done = next.is_none();
-            if let Some(rec) = next {
-                let Some(event) = rec.event() else { continue };
-                if projection == "analytics" {
-                    let meta = RecordMeta {
-                        topic: topic.clone(),
-                        partition: rec.partition,
-                        offset: rec.offset,
-                    };
-                    let handler = Analytics {
-                        pool: pool.clone(),
-                        group: group.clone(),
-                        unsafe_no_dedupe: false,
-                    };
-                    if let Err(e) = handler.handle(&event, &meta).await {
-                        tracing::warn!(error = %e, offset = rec.offset, "event skipped during rebuild");
-                    }
-                    continue;
-                }
-                batch.push((event, rec.partition, rec.offset));
-            }
-            if batch.len() >= BATCH || (done && !batch.is_empty()) {
-                match projection {
-                    "audit" => {
-                        let rows: Vec<_> = batch
-                            .drain(..)
-                            .map(|(e, partition, offset)| {
-                                (
-                                    e,
-                                    bulk::Position {
-                                        topic,
-                                        partition,
-                                        offset,
-                                    },
-                                )
-                            })
-                            .collect();
-                        bulk::audit(&pool, &rows).await?;
-                    }
-                    _ => {
-                        let events: Vec<_> = batch.drain(..).map(|(e, _, _)| e).collect();
-                        bulk::search(&pool, &events).await?;
-                    }
-                }
-            }
-            if done {
-                break;
-            }
-        }
-        total += reader.await??;
+
+    fn finish(&self) {
+        self.0.finish_and_clear();
     }
-    Ok((total, started.elapsed().as_secs_f64()))
 }
 
 pub async fn run_replay(cmd: ReplayCommand, ep: Endpoints) -> Result<()> {
@@ -338,8 +206,10 @@ pub async fn run_replay(cmd: ReplayCommand, ep: Endpoints) -> Result<()> {
             .await??;
         }
         ReplayCommand::Rebuild { projection } => {
-            let (n, secs) = rebuild(&b, &ep.postgres_url, &projection).await?;
             let store = open_store(&ep.postgres_url).await?;
+            let rebuilt =
+                replay::rebuild(&b, store.pool(), &projection, |total| Bar(bar(total))).await?;
+            let (n, secs) = (rebuilt.events, rebuilt.seconds);
             let digest = queries::digest(store.pool(), &projection).await?;
             println!(
                 "{}",
@@ -375,90 +245,13 @@ pub async fn run_replay(cmd: ReplayCommand, ep: Endpoints) -> Result<()> {
     Ok(())
 }
 
-/// The topics `group` consumes: those it has committed offsets for, and those its
-/// members are assigned right now (a group that has not committed yet). Kafka's internal
-/// topics are left out.
-pub fn group_topics(bootstrap: &str, group: &str) -> Result<Vec<String>> {
-    use rdkafka::consumer::{BaseConsumer, Consumer};
-    use rdkafka::{ClientConfig, Offset, TopicPartitionList};
-    const TIMEOUT: Duration = Duration::from_secs(10);
-    let c: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("group.id", group)
-        .set("enable.auto.commit", "false")
-        .create()?;
-    let md = c.fetch_metadata(None, TIMEOUT)?;
-    let mut all = TopicPartitionList::new();
-    for t in md.topics() {
-        if t.name().starts_with("__") || t.error().is_some() {
-            continue;
-        }
-        for p in t.partitions() {
-            all.add_partition(t.name(), p.id());
-        }
-    }
-    // The coordinator may be loading or moving (a broker restarted): retry briefly.
-    let mut tries = 0;
-    let committed = loop {
-        match c.committed_offsets(all.clone(), TIMEOUT) {
-            Ok(t) => break t,
-            Err(e) if tries < 10 => {
-                tracing::debug!(error = %e, "reading committed offsets; retrying");
-                tries += 1;
-                std::thread::sleep(Duration::from_millis(300));
-            }
-            Err(e) => return Err(e).context("reading the group's committed offsets"),
-        }
-    };
-    let mut topics: std::collections::BTreeSet<String> = committed
-        .elements()
-        .iter()
-        .filter(|e| matches!(e.offset(), Offset::Offset(_)))
-        .map(|e| e.topic().to_string())
-        .collect();
-    let groups = c.fetch_group_list(Some(group), TIMEOUT)?;
-    for g in groups.groups().iter().filter(|g| g.name() == group) {
-        if g.protocol_type() != "consumer" {
-            continue;
-        }
-        for m in g.members() {
-            if let Some(assigned) = m.assignment().and_then(assigned_topics) {
-                topics.extend(assigned);
-            }
-        }
-    }
-    Ok(topics.into_iter().collect())
-}
-
-/// Topic names in a consumer-protocol assignment (version i16, then an array of (topic:
-/// string i16-prefixed, partitions: array of i32), then user data); None if malformed.
-pub fn assigned_topics(bytes: &[u8]) -> Option<Vec<String>> {
-    let mut at = 2usize;
-    let mut take = |n: usize| -> Option<&[u8]> {
-        let s = bytes.get(at..at.checked_add(n)?)?;
-        at += n;
-        Some(s)
-    };
-    let i32_at = |b: &[u8]| i32::from_be_bytes([b[0], b[1], b[2], b[3]]);
-    let count = i32_at(take(4)?);
-    let mut out = Vec::new();
-    for _ in 0..count.max(0) {
-        let len = i16::from_be_bytes(take(2)?.try_into().ok()?);
-        let name = std::str::from_utf8(take(usize::try_from(len).ok()?)?).ok()?;
-        let partitions = i32_at(take(4)?);
-        take(4 * usize::try_from(partitions.max(0)).ok()?)?;
-        out.push(name.to_string());
-    }
-    Some(out)
-}
-
 /// `chatstream lag --group G [--topics ...]`: the group's lag per partition and in total,
-/// on the topics given or else on the topics the group consumes ([`group_topics`]).
+/// on the topics given or else on the topics the group consumes (`replay::group_topics`).
 pub async fn run_lag(group: String, topics: Vec<String>, ep: Endpoints) -> Result<()> {
     let b = ep.kafka_bootstrap;
     let lags = tokio::task::spawn_blocking(move || -> Result<Vec<replay::PartitionLag>> {
         let topics = if topics.is_empty() {
-            let found = group_topics(&b, &group)?;
+            let found = replay::group_topics(&b, &group)?;
             if found.is_empty() {
                 eprintln!(
                     "group {group} has no committed offsets and no members: nothing to count"
@@ -521,26 +314,4 @@ pub async fn run_search(tenant: String, query: String, limit: i64, ep: Endpoints
     let hits = queries::search(store.pool(), &tenant, &query, limit).await?;
     println!("{}", serde_json::to_string_pretty(&hits)?);
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn assignments_name_their_topics() {
-        // version 1; two topics: "chat-events" [0, 3], "x" []; 4 bytes of user data.
-        let mut b = vec![0, 1, 0, 0, 0, 2];
-        b.extend([0, 11]);
-        b.extend(b"chat-events");
-        b.extend([0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 3]);
-        b.extend([0, 1, b'x', 0, 0, 0, 0]);
-        b.extend([0, 0, 0, 0]);
-        assert_eq!(
-            assigned_topics(&b),
-            Some(vec!["chat-events".to_string(), "x".to_string()])
-        );
-        assert_eq!(assigned_topics(&b[..9]), None, "truncated");
-        assert_eq!(assigned_topics(&[]), None);
-    }
 }

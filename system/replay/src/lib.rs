@@ -11,6 +11,19 @@
 //! (records retention already deleted) it refuses with an error naming the topic,
 //! partition, offset and the earliest offset left; the reader runs with
 //! `auto.offset.reset=error`, so records deleted while it reads are an error too.
+//!
+//! Built on that reading: `rebuild` (projections rebuilt from their topics), `http`
+//! (replay over HTTP, served by the workers process), `groups` (the topics a group
+//! consumes) and `time` (the times a replay starts from).
+
+pub mod groups;
+pub mod http;
+pub mod rebuild;
+pub mod time;
+
+pub use groups::{assigned_topics, group_topics, GroupTopicsError};
+pub use rebuild::{rebuild, Progress, RebuildError, Rebuilt};
+pub use time::{parse_time, TimeError};
 
 use chatstream_protocol::EventEnvelope;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
@@ -79,6 +92,16 @@ impl Replayed {
         let mut e = EventEnvelope::from_slice(self.payload.as_deref()?).ok()?;
         e.replayed = true;
         Some(e)
+    }
+
+    /// The record as JSON: where it was, when, and its event (null if not JSON).
+    pub fn to_json(&self) -> serde_json::Value {
+        let value = self
+            .payload
+            .as_deref()
+            .and_then(|p| serde_json::from_slice::<serde_json::Value>(p).ok())
+            .unwrap_or(serde_json::Value::Null);
+        serde_json::json!({ "partition": self.partition, "offset": self.offset, "timestamp_ms": self.timestamp_ms, "event": value })
     }
 }
 

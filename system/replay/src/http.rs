@@ -1,4 +1,4 @@
-//! Replay over HTTP, on the workers process (the seeds' debug endpoint,
+//! Replay over HTTP, served by the workers process (the seeds' debug endpoint,
 //! `GET /api/debug/replay-session/{id}`): a session's timeline and a topic from a time,
 //! each bounded by a number of events and a wait. The reading is the replay crate's
 //! (`ranges_all`, `partition_for_key`, `ranges_from_timestamp`, `read`): the end offsets are
@@ -12,13 +12,17 @@
 //! Answers say whether they are `complete` (every record in range read), `truncated` (cut
 //! at `max_events`) or `timed_out` (cut at `max_wait_ms`). At most [`CONCURRENT`] replays
 //! run at once (503 beyond), so debugging cannot starve the workers.
+//!
+//! It lives here rather than in the workers crate because this crate already depends on
+//! the workers' handlers (for rebuilds): the workers binary mounts [`router`] beside the
+//! workers' own routes.
 
+use crate::{Range, ReplayError, Replayed};
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use chatstream_replay::{self as replay, Range, ReplayError};
 use serde::Deserialize;
 use std::sync::Arc;
 use std::time::Duration;
@@ -89,15 +93,15 @@ impl Ending {
     }
 }
 
-/// `replay::read` with a deadline whose expiry is an answer, not an error.
+/// `read` with a deadline whose expiry is an answer, not an error.
 fn read_bounded(
     bootstrap: &str,
     topic: &str,
     ranges: &[Range],
     wait: Duration,
-    each: impl FnMut(replay::Replayed),
+    each: impl FnMut(Replayed),
 ) -> Result<bool, ReplayError> {
-    match replay::read(bootstrap, topic, ranges, wait, each, |_, _| {}) {
+    match crate::read(bootstrap, topic, ranges, wait, each, |_, _| {}) {
         Ok(_) => Ok(false),
         Err(ReplayError::Timeout(..)) => Ok(true),
         Err(e) => Err(e),
@@ -113,8 +117,8 @@ fn session_events(
     wait: Duration,
 ) -> Result<(Vec<chatstream_protocol::EventEnvelope>, Ending), ReplayError> {
     let topic = chatstream_protocol::events::topic::STREAM_EVENTS;
-    let all = replay::ranges_all(bootstrap, topic)?;
-    let partition = replay::partition_for_key(session_id, all.len() as i32);
+    let all = crate::ranges_all(bootstrap, topic)?;
+    let partition = crate::partition_for_key(session_id, all.len() as i32);
     let range: Vec<Range> = all
         .into_iter()
         .filter(|r| r.partition == partition)
@@ -146,7 +150,7 @@ fn topic_records(
 ) -> Result<(Vec<serde_json::Value>, Vec<Range>, Ending), ReplayError> {
     let mut budget = max_events as i64;
     let mut ending = Ending::default();
-    let ranges: Vec<Range> = replay::ranges_from_timestamp(bootstrap, topic, since_ms)?
+    let ranges: Vec<Range> = crate::ranges_from_timestamp(bootstrap, topic, since_ms)?
         .into_iter()
         .map(|r| {
             let take = r.len().min(budget);
@@ -163,9 +167,9 @@ fn topic_records(
     let mut records = Vec::new();
     ending.timed_out = read_bounded(bootstrap, topic, &ranges, wait, |r| {
         // Records after a partition's start may still be older (producer timestamps
-        // need not grow): the same filter as `replay::read_since`.
+        // need not grow): the same filter as `read_since`.
         if r.timestamp_ms.is_some_and(|t| t >= since_ms) {
-            records.push(crate::replay_cmd::record_json(&r));
+            records.push(r.to_json());
         }
     })?;
     Ok((records, ranges, ending))
@@ -220,9 +224,9 @@ async fn topic(
     let Some(since) = limits.since.as_deref() else {
         return error(StatusCode::BAD_REQUEST, "give ?since=<Unix ms or RFC 3339>");
     };
-    let since_ms = match crate::replay_cmd::parse_time(since) {
+    let since_ms = match crate::parse_time(since) {
         Ok(t) => t,
-        Err(e) => return error(StatusCode::BAD_REQUEST, format!("{e:#}")),
+        Err(e) => return error(StatusCode::BAD_REQUEST, with_causes(&e)),
     };
     let Ok(permit) = api.slots.clone().try_acquire_owned() else {
         return error(
@@ -254,6 +258,18 @@ async fn topic(
         Ok(Err(e)) => replay_error(e),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
+}
+
+/// An error and its causes on one line, outermost first.
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut line = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        line.push_str(": ");
+        line.push_str(&c.to_string());
+        cause = c.source();
+    }
+    line
 }
 
 fn merge(into: &mut serde_json::Value, from: serde_json::Value) {
