@@ -1,8 +1,8 @@
 //! Projection rebuilds: a projection (audit, search or analytics) emptied, with its
 //! processed markers, and filled again from every record of its topics, as a replay
-//! (events marked replayed). Audit and search are written in bulk, thousands of rows a
-//! statement; analytics goes event by event through its live handler, because it
-//! aggregates.
+//! (events marked replayed), thousands of events a statement: audit and search in bulk,
+//! analytics through its live handler's batch path (it aggregates, so it keeps the live
+//! code's sums and markers).
 
 use chatstream_protocol::EventEnvelope;
 use chatstream_workers::bulk;
@@ -130,26 +130,10 @@ async fn rebuild_topic<P: Progress>(
         let done = next.is_none();
         if let Some(rec) = next {
             let Some(event) = rec.event() else { continue };
-            if projection == "analytics" {
-                let meta = RecordMeta {
-                    topic: topic.to_string(),
-                    partition: rec.partition,
-                    offset: rec.offset,
-                };
-                let handler = Analytics {
-                    pool: pool.clone(),
-                    group: group.to_string(),
-                    unsafe_no_dedupe: false,
-                };
-                if let Err(e) = handler.handle(&event, &meta).await {
-                    tracing::warn!(error = %e, offset = rec.offset, "event skipped during rebuild");
-                }
-                continue;
-            }
             batch.push((event, rec.partition, rec.offset));
         }
         if batch.len() >= BATCH || (done && !batch.is_empty()) {
-            write_batch(pool, projection, topic, &mut batch).await?;
+            write_batch(pool, projection, topic, group, &mut batch).await?;
         }
         if done {
             break;
@@ -158,11 +142,14 @@ async fn rebuild_topic<P: Progress>(
     Ok(reader.await??)
 }
 
-/// Writes (and empties) a batch of audit or search events in one statement.
+/// Writes (and empties) a batch: audit and search in one statement each, analytics through
+/// its live handler's batch path (one transaction, markers included; a batch it refuses
+/// goes event by event, and an event refused alone is skipped with a warning).
 async fn write_batch(
     pool: &PgPool,
     projection: &str,
     topic: &str,
+    group: &str,
     batch: &mut Vec<(EventEnvelope, i32, i64)>,
 ) -> Result<(), sqlx::Error> {
     match projection {
@@ -181,6 +168,32 @@ async fn write_batch(
                 })
                 .collect();
             bulk::audit(pool, &rows).await?;
+        }
+        "analytics" => {
+            let handler = Analytics {
+                pool: pool.clone(),
+                group: group.to_string(),
+                unsafe_no_dedupe: false,
+            };
+            let events: Vec<(EventEnvelope, RecordMeta)> = batch
+                .drain(..)
+                .map(|(e, partition, offset)| {
+                    let meta = RecordMeta {
+                        topic: topic.to_string(),
+                        partition,
+                        offset,
+                    };
+                    (e, meta)
+                })
+                .collect();
+            if let Err(e) = handler.handle_batch(&events).await {
+                tracing::warn!(error = %e, events = events.len(), "analytics batch refused during rebuild; going event by event");
+                for (event, meta) in &events {
+                    if let Err(e) = handler.handle(event, meta).await {
+                        tracing::warn!(error = %e, offset = meta.offset, "event skipped during rebuild");
+                    }
+                }
+            }
         }
         _ => {
             let events: Vec<_> = batch.drain(..).map(|(e, _, _)| e).collect();
