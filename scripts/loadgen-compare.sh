@@ -20,6 +20,8 @@
 #   --members M      LOADGEN_MEMBERS   members per conversation                 (4)
 #   --only TOOL      LOADGEN_ONLY      squall | gatling | both                  (both)
 #   --base-port P    LOADGEN_BASE_PORT the stack's base port; the node is P+101 (31000)
+#   --steady-skip S  LOADGEN_STEADY_SKIP seconds after the first send left out of the steady
+#                    window (JIT warm-up, connection set-up)                 (10)
 #   --no-build       LOADGEN_NO_BUILD=1  use the binaries in target/release as they are
 #   --bin-dir DIR    LOADGEN_BIN_DIR     take squall and chatstream from DIR (implies --no-build)
 #   --squall-bin F / --chatstream-bin F  (LOADGEN_SQUALL_BIN / LOADGEN_CHATSTREAM_BIN) one binary
@@ -52,6 +54,7 @@ DURATION=${LOADGEN_DURATION:-60}
 MEMBERS=${LOADGEN_MEMBERS:-4}
 ONLY=${LOADGEN_ONLY:-both}
 BASE_PORT=${LOADGEN_BASE_PORT:-31000}
+STEADY_SKIP=${LOADGEN_STEADY_SKIP:-10}
 NO_BUILD=${LOADGEN_NO_BUILD:-0}
 KEEP=${LOADGEN_KEEP:-0}
 BIN_DIR=${LOADGEN_BIN_DIR:-}
@@ -68,6 +71,7 @@ while [ $# -gt 0 ]; do
     --members) MEMBERS=$2; shift 2 ;;
     --only) ONLY=$2; shift 2 ;;
     --base-port) BASE_PORT=$2; shift 2 ;;
+    --steady-skip) STEADY_SKIP=$2; shift 2 ;;
     --no-build) NO_BUILD=1; shift ;;
     --bin-dir) BIN_DIR=$2; shift 2 ;;
     --squall-bin) SQUALL_BIN=$2; shift 2 ;;
@@ -77,6 +81,10 @@ while [ $# -gt 0 ]; do
     *) echo "loadgen-compare: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
+[[ $STEADY_SKIP =~ ^[0-9]+$ ]] || { echo "loadgen-compare: steady-skip must be a whole number of seconds" >&2; exit 2; }
+if [ "$STEADY_SKIP" -ge "$DURATION" ]; then
+  echo "loadgen-compare: steady-skip ($STEADY_SKIP) must be shorter than the duration ($DURATION)" >&2; exit 2
+fi
 for v in USERS RATE BYTES DURATION MEMBERS BASE_PORT; do
   if ! [[ ${!v} =~ ^[0-9]+$ ]] || [ "${!v}" -le 0 ]; then
     echo "loadgen-compare: ${v,,} must be a positive integer, got '${!v}'" >&2; exit 2
@@ -359,6 +367,17 @@ EOF
     if [ -n "$origin" ] && [ -n "$t0" ] && [ -n "$t1" ]; then
       R[squall.from_ms]=$(( origin + t0 / 1000 ))
       R[squall.to_ms]=$(( origin + t1 / 1000 ))
+      # The steady window: whole seconds of the run's per-second series (second s is
+      # [s, s+1) after the origin), from STEADY_SKIP s after the load's start to its end.
+      local s0 s1
+      s0=$(( (t0 + 999999) / 1000000 + STEADY_SKIP ))
+      s1=$(( t1 / 1000000 ))
+      if [ -r "$dir/series.json" ] && [ "$s1" -gt "$s0" ]; then
+        R[squall.steady_acks]=$(jq --argjson a "$s0" --argjson b "$s1" \
+          '[.[] | select(.second >= $a and .second < $b) | .counters.sends_acked // 0] | add // 0' "$dir/series.json")
+        R[squall.steady_from_ms]=$(( origin + s0 * 1000 ))
+        R[squall.steady_to_ms]=$(( origin + s1 * 1000 ))
+      fi
     fi
   fi
   finish_tool squall
@@ -440,6 +459,20 @@ PY
   # the time it really took (first send to last ack), never less than the duration asked.
   R[gatling.seconds]=$(awk -v d="$DURATION" -v a="${R[gatling.from_ms]}" -v b="${R[gatling.to_ms]}" \
     'BEGIN { s = (b - a) / 1000; printf "%.3f", (s > d ? s : d) }')
+  # The steady window, as for squall: whole seconds of the simulation's per-second acks
+  # (second s is [s, s+1) after its start), from STEADY_SKIP s after the first send to
+  # the end of the schedule (first send + duration).
+  local started s0 s1
+  started=$(jq '.started_ms // 0' "$res")
+  if [ "$started" -gt 0 ] && jq -e '.acks_per_second | type == "array"' "$res" >/dev/null 2>&1; then
+    s0=$(( (R[gatling.from_ms] - started + 999) / 1000 + STEADY_SKIP ))
+    s1=$(( (R[gatling.from_ms] + DURATION * 1000 - started) / 1000 ))
+    if [ "$s1" -gt "$s0" ]; then
+      R[gatling.steady_acks]=$(jq --argjson a "$s0" --argjson b "$s1" '.acks_per_second[$a:$b] | add // 0' "$res")
+      R[gatling.steady_from_ms]=$(( started + s0 * 1000 ))
+      R[gatling.steady_to_ms]=$(( started + s1 * 1000 ))
+    fi
+  fi
   finish_tool gatling
   if [ "${R[gatling.connected]}" -lt "$USERS" ] || [ "${R[gatling.acked]}" -eq 0 ]; then
     log "Gatling connected ${R[gatling.connected]} of $USERS users and got ${R[gatling.acked]} acks: see $WORK/gatling.log"
@@ -456,7 +489,11 @@ finish_tool() {
   if [ -n "${R[$t.from_ms]:-}" ] && [ -n "${R[$t.to_ms]:-}" ]; then
     R[$t.window_cpu]=$(window_cpu "$t" "${R[$t.from_ms]}" "${R[$t.to_ms]}")
   fi
-  log "$t: acked ${R[$t.acked]} of ${R[$t.sent]} sent; CPU ${R[$t.cpu]} s (load window ${R[$t.window_cpu]:-?} s); peak RSS $(( ${R[$t.rss_kb]} / 1024 )) MiB; wall ${R[$t.wall]} s"
+  R[$t.steady_cpu]=
+  if [ -n "${R[$t.steady_from_ms]:-}" ]; then
+    R[$t.steady_cpu]=$(window_cpu "$t" "${R[$t.steady_from_ms]}" "${R[$t.steady_to_ms]}")
+  fi
+  log "$t: acked ${R[$t.acked]} of ${R[$t.sent]} sent; CPU ${R[$t.cpu]} s (load window ${R[$t.window_cpu]:-?} s; steady window ${R[$t.steady_cpu]:-?} s for ${R[$t.steady_acks]:-?} acks); peak RSS $(( ${R[$t.rss_kb]} / 1024 )) MiB; wall ${R[$t.wall]} s"
 }
 
 FAILED=0
@@ -475,19 +512,26 @@ row() { # tool -> a markdown row
   [ -n "${R[$t.acked]:-}" ] || return 0
   awk -v tool="$t" -v users="$USERS" -v target="$RATE" -v acked="${R[$t.acked]}" -v sent="${R[$t.sent]}" \
       -v secs="${R[$t.seconds]}" -v cpu="${R[$t.cpu]}" -v wcpu="${R[$t.window_cpu]:-}" \
-      -v from="${R[$t.from_ms]:-0}" -v to="${R[$t.to_ms]:-0}" -v rss="${R[$t.rss_kb]}" 'BEGIN {
+      -v from="${R[$t.from_ms]:-0}" -v to="${R[$t.to_ms]:-0}" -v rss="${R[$t.rss_kb]}" \
+      -v sacks="${R[$t.steady_acks]:-}" -v scpu="${R[$t.steady_cpu]:-}" \
+      -v sfrom="${R[$t.steady_from_ms]:-0}" -v sto="${R[$t.steady_to_ms]:-0}" 'BEGIN {
     rate = acked / secs
     per_cpu = cpu > 0 ? acked / cpu : 0
     if (wcpu != "" && wcpu > 0 && to > from) {
       wsecs = (to - from) / 1000
       wcol = sprintf("%.3f | %.0f", wcpu / wsecs, acked / wcpu)
     } else wcol = "- | -"
-    printf "| %s | %d | %d | %.0f | %d / %d | %.1f | %.0f | %s | %.1f | %.1f |\n",
-      tool, users, target, rate, acked, sent, cpu, per_cpu, wcol, rss / 1024, rss / users
+    if (scpu != "" && scpu > 0 && sto > sfrom) {
+      ssecs = (sto - sfrom) / 1000
+      scol = sprintf("%.0f | %.0f | %.3f | %.0f", ssecs, sacks / ssecs, scpu / ssecs, sacks / scpu)
+    } else scol = "- | - | - | -"
+    printf "| %s | %d | %d | %.0f | %d / %d | %.1f | %.0f | %s | %s | %.1f | %.1f |\n",
+      tool, users, target, rate, acked, sent, cpu, per_cpu, wcol, scol, rss / 1024, rss / users
   }'
 }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a != "" && b != "" && b > 0) printf "%.1f", a / b; else printf "-" }'; }
 per_cpu() { [ -n "${R[$1.acked]:-}" ] && awk -v a="${R[$1.acked]}" -v c="$2" 'BEGIN { if (c > 0) printf "%.3f", a / c }'; }
+steady_per_cpu() { [ -n "${R[$1.steady_acks]:-}" ] && awk -v a="${R[$1.steady_acks]}" -v c="${R[$1.steady_cpu]:-}" 'BEGIN { if (c > 0) printf "%.3f", a / c }'; }
 
 {
   echo "# Load-generator efficiency: squall vs Gatling ($STAMP)"
@@ -498,17 +542,22 @@ per_cpu() { [ -n "${R[$1.acked]:-}" ] && awk -v a="${R[$1.acked]}" -v c="$2" 'BE
   echo "($(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1)), $(awk '/MemTotal/ { printf "%.1f GiB", $2 / 1048576 }' /proc/meminfo);"
   echo "the node, the stack and both tools share them. $(java -version 2>&1 | head -1); Gatling 3.14.3."
   echo
-  echo "| tool | users | target msg/s | achieved msg/s (acked) | acked / sent | CPU-s (whole process) | msgs per CPU-s | cores busy during load | msgs per CPU-s during load | peak RSS MiB | RSS per user KiB |"
-  echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+  echo "| tool | users | target msg/s | achieved msg/s (acked) | acked / sent | CPU-s (whole process) | msgs per CPU-s | cores busy during load | msgs per CPU-s during load | steady window s | steady acked msg/s | steady cores busy | **steady msgs per CPU-s** | peak RSS MiB | RSS per user KiB |"
+  echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
   row squall
   row gatling
   echo
   if [ -n "${R[squall.acked]:-}" ] && [ -n "${R[gatling.acked]:-}" ]; then
-    echo "- messages per harness CPU-second, squall / Gatling: **$(ratio "$(per_cpu squall "${R[squall.cpu]}")" "$(per_cpu gatling "${R[gatling.cpu]}")")x** whole process;" \
-      "$(ratio "$(per_cpu squall "${R[squall.window_cpu]:-}")" "$(per_cpu gatling "${R[gatling.window_cpu]:-}")")x during the load window (goal: >= 5x)"
+    echo "- messages per harness CPU-second, squall / Gatling: **$(ratio "$(steady_per_cpu squall)" "$(steady_per_cpu gatling)")x in the steady window** (goal: >= 5x);" \
+      "$(ratio "$(per_cpu squall "${R[squall.window_cpu]:-}")" "$(per_cpu gatling "${R[gatling.window_cpu]:-}")")x over the whole load window;" \
+      "$(ratio "$(per_cpu squall "${R[squall.cpu]}")" "$(per_cpu gatling "${R[gatling.cpu]}")")x over the whole process"
     echo "- memory per simulated user, Gatling / squall: **$(ratio "${R[gatling.rss_kb]}" "${R[squall.rss_kb]}")x**"
   fi
   echo
+  echo "Steady window (the headline): whole seconds from $STEADY_SKIP s after the tool's first send to the end of its"
+  echo "schedule (first send + $DURATION s), the same rule for both tools; the acks counted in it from each tool's"
+  echo "per-second counts (squall: series.json; Gatling: the simulation's acks_per_second), the CPU in it from the"
+  echo "/proc samples. It leaves out connection set-up and the JVM's JIT warm-up, which the load window includes."
   echo "Whole process: from start to exit (squall: set-up of users, conversations and tokens, connecting,"
   echo "load, drain, reports; Gatling: JVM start and JIT warm-up, connecting, load, shut-down). During load:"
   echo "the tool's CPU between its first and last send (squall: the history's load_start..load_end;"
@@ -519,7 +568,7 @@ per_cpu() { [ -n "${R[$1.acked]:-}" ] && awk -v a="${R[$1.acked]}" -v c="$2" 'BE
   echo "Commands:"
   echo
   echo '```sh'
-  echo "scripts/loadgen-compare.sh --users $USERS --rate $RATE --bytes $BYTES --duration $DURATION --members $MEMBERS --only $ONLY"
+  echo "scripts/loadgen-compare.sh --users $USERS --rate $RATE --bytes $BYTES --duration $DURATION --members $MEMBERS --steady-skip $STEADY_SKIP --only $ONLY"
   if [ -n "${SQUALL_CMD:-}" ]; then echo "${SQUALL_CMD[*]/#$ROOT\//}"; fi
   if [ -n "${GATLING_CMD:-}" ]; then
     printf '%s ' "${GATLING_CMD[@]}" | sed -e "s|-cp [^ ]*|-cp harness/gatling/target/test-classes:<classpath.txt>|" -e "s|$ROOT/||g"

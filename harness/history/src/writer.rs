@@ -1,31 +1,56 @@
 //! Appending to a history: [`Recorder`]s (cheap to clone, one per actor) stamp each
-//! operation with the run's monotonic clock and hand it to one writer thread, which
-//! encodes JSON lines through gzip into the file, so no actor ever waits on the disk.
+//! operation with the run's monotonic clock and append it to a shared queue; one writer
+//! thread takes the queue in batches and encodes JSON lines through gzip into the file,
+//! so no actor ever waits on the disk. The writer wakes a few dozen times a second, not
+//! once per record: a wake-up (a futex call on the recording side, a context switch on
+//! the writer's) per record cost more than encoding the record.
 
 use flate2::write::GzEncoder;
 use flate2::Compression;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc;
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::model::{Header, Kind, Op, Value};
 use crate::{HistoryError, Result};
 
-enum Message {
-    Op(Op),
-    Close,
+/// How long records may wait in the queue before the writer takes them.
+const BATCH_EVERY: Duration = Duration::from_millis(25);
+/// How often the gzip stream is flushed to the file.
+const FLUSH_EVERY: Duration = Duration::from_secs(1);
+
+#[derive(Default)]
+struct State {
+    ops: Vec<Op>,
+    /// Set by `finish` (or the writer's drop): later records are counted, not written.
+    closed: bool,
+}
+
+/// What recorders and the writer thread share.
+#[derive(Default)]
+struct Queue {
+    state: Mutex<State>,
+    closing: Condvar,
+    dropped: AtomicU64,
+}
+
+impl Queue {
+    fn close(&self) {
+        // A poisoned lock means a recorder panicked mid-push; the queue is still whole.
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.closed = true;
+        self.closing.notify_all();
+    }
 }
 
 /// A handle that appends operations; clone one into every task that records.
 #[derive(Clone)]
 pub struct Recorder {
     origin: Instant,
-    tx: mpsc::Sender<Message>,
-    dropped: Arc<AtomicU64>,
+    queue: Arc<Queue>,
 }
 
 impl Recorder {
@@ -52,10 +77,14 @@ impl Recorder {
             k,
             v,
         };
-        if self.tx.send(Message::Op(op)).is_err() {
+        let mut state = self.queue.state.lock().unwrap_or_else(|e| e.into_inner());
+        if state.closed {
             // The writer has finished: the run is over and this record came too late.
-            self.dropped.fetch_add(1, Ordering::Relaxed);
+            drop(state);
+            self.queue.dropped.fetch_add(1, Ordering::Relaxed);
+            return;
         }
+        state.ops.push(op);
     }
 }
 
@@ -72,9 +101,8 @@ pub struct WriteStats {
 /// Owns the writer thread; `finish` flushes and closes the file.
 pub struct Writer {
     path: PathBuf,
-    tx: mpsc::Sender<Message>,
+    queue: Arc<Queue>,
     thread: Option<JoinHandle<Result<(u64, u64)>>>,
-    dropped: Arc<AtomicU64>,
 }
 
 impl Writer {
@@ -95,24 +123,22 @@ impl Writer {
         })?;
         line.push(b'\n');
         out.write_all(&line).map_err(|e| io_err("writing", e))?;
-        let (tx, rx) = mpsc::channel::<Message>();
+        let queue = Arc::new(Queue::default());
         let display = path.display().to_string();
+        let thread_queue = queue.clone();
         let thread = std::thread::Builder::new()
             .name("history-writer".into())
-            .spawn(move || write_loop(rx, out, line.len() as u64, display))
+            .spawn(move || write_loop(&thread_queue, out, line.len() as u64, display))
             .map_err(|e| io_err("starting the writer thread for", e))?;
-        let dropped = Arc::new(AtomicU64::new(0));
         let recorder = Recorder {
             origin,
-            tx: tx.clone(),
-            dropped: dropped.clone(),
+            queue: queue.clone(),
         };
         Ok((
             Writer {
                 path: path.to_path_buf(),
-                tx,
+                queue,
                 thread: Some(thread),
-                dropped,
             },
             recorder,
         ))
@@ -121,7 +147,7 @@ impl Writer {
     /// Writes what was recorded so far, closes the file and reports its size. Records
     /// arriving later are counted as `late`, not written.
     pub fn finish(mut self) -> Result<WriteStats> {
-        let _ = self.tx.send(Message::Close);
+        self.queue.close();
         let (records, bytes_uncompressed) = match self.thread.take() {
             Some(t) => t.join().map_err(|_| HistoryError::Format {
                 path: self.path.display().to_string(),
@@ -134,7 +160,7 @@ impl Writer {
             records,
             bytes_uncompressed,
             bytes_on_disk,
-            late: self.dropped.load(Ordering::Relaxed),
+            late: self.queue.dropped.load(Ordering::Relaxed),
         })
     }
 }
@@ -142,7 +168,7 @@ impl Writer {
 impl Drop for Writer {
     fn drop(&mut self) {
         // Not finished (an error path): still close the file so what was recorded is readable.
-        let _ = self.tx.send(Message::Close);
+        self.queue.close();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -150,7 +176,7 @@ impl Drop for Writer {
 }
 
 fn write_loop(
-    rx: mpsc::Receiver<Message>,
+    queue: &Queue,
     mut out: GzEncoder<BufWriter<std::fs::File>>,
     header_bytes: u64,
     path: String,
@@ -163,27 +189,41 @@ fn write_loop(
     let mut records = 0u64;
     let mut bytes = header_bytes;
     let mut line = Vec::with_capacity(256);
-    let mut last_flush = std::time::Instant::now();
+    let mut batch: Vec<Op> = Vec::new();
+    let mut last_flush = Instant::now();
     loop {
+        let closed = {
+            let mut state = queue.state.lock().unwrap_or_else(|e| e.into_inner());
+            if !state.closed {
+                // Woken early only by `close`; otherwise the records gather for a while.
+                state = queue
+                    .closing
+                    .wait_timeout(state, BATCH_EVERY)
+                    .map(|(s, _)| s)
+                    .unwrap_or_else(|e| e.into_inner().0);
+            }
+            // Swapped, not drained: both vectors keep their capacity across batches.
+            std::mem::swap(&mut state.ops, &mut batch);
+            state.closed
+        };
+        for op in batch.drain(..) {
+            line.clear();
+            // Encoding an Op cannot fail (no maps with non-string keys, no foreign types).
+            if serde_json::to_writer(&mut line, &op).is_ok() {
+                line.push(b'\n');
+                out.write_all(&line).map_err(io_err)?;
+                records += 1;
+                bytes += line.len() as u64;
+            }
+        }
+        if closed {
+            break;
+        }
         // A sync flush every second: a run killed mid-way leaves a readable history, and
         // a reader can follow a run in progress.
-        let op = match rx.recv_timeout(std::time::Duration::from_secs(1)) {
-            Ok(Message::Op(op)) => Some(op),
-            Ok(Message::Close) | Err(mpsc::RecvTimeoutError::Disconnected) => break,
-            Err(mpsc::RecvTimeoutError::Timeout) => None,
-        };
-        if last_flush.elapsed() >= std::time::Duration::from_secs(1) {
+        if last_flush.elapsed() >= FLUSH_EVERY {
             out.flush().map_err(io_err)?;
-            last_flush = std::time::Instant::now();
-        }
-        let Some(op) = op else { continue };
-        line.clear();
-        // Encoding an Op cannot fail (no maps with non-string keys, no foreign types).
-        if serde_json::to_writer(&mut line, &op).is_ok() {
-            line.push(b'\n');
-            out.write_all(&line).map_err(io_err)?;
-            records += 1;
-            bytes += line.len() as u64;
+            last_flush = Instant::now();
         }
     }
     let inner = out.finish().map_err(io_err)?;

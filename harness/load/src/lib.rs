@@ -15,6 +15,7 @@ pub mod recovery;
 mod shared;
 pub mod tap;
 mod user;
+mod wire;
 
 pub use engine::{run, LoadError, Outcome, Target};
 pub use metrics::{Metrics, SecondPoint, Summary};

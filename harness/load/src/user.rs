@@ -20,6 +20,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
@@ -28,6 +29,7 @@ use crate::metrics::names;
 use crate::plan::Arrival;
 use crate::shared::Shared;
 use crate::tap::AckSample;
+use crate::wire::{self, Incoming};
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
@@ -66,6 +68,8 @@ const SLOW_RECV_BUFFER: u32 = 32 * 1024;
 const RESUME_RETRIES: u32 = 5;
 /// Pause before retrying a refused resume.
 const RESUME_RETRY_AFTER: Duration = Duration::from_secs(1);
+/// The period of a user's housekeeping while it has retries or a final phase to run.
+const TICK: Duration = Duration::from_millis(100);
 /// Pause before asking again for a sync the node refused.
 const SYNC_RETRY_AFTER: Duration = Duration::from_secs(1);
 
@@ -306,7 +310,7 @@ impl User {
             let mut ws = if slow && url.starts_with("ws://") {
                 connect_small_buffer(&url).await?
             } else {
-                tokio_tungstenite::connect_async_with_config(url, None, true)
+                tokio_tungstenite::connect_async_with_config(url, Some(ws_config()), true)
                     .await
                     .map_err(|e| e.to_string())?
                     .0
@@ -372,7 +376,13 @@ impl User {
         if let Err(e) = self.resume_streams(&mut ws).await {
             return Ended::Lost(e);
         }
-        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        // The housekeeping tick (ack timeouts, retries, the final phase) runs only when
+        // there is housekeeping to do: a tick every 100 ms for every user whatever the
+        // traffic cost more CPU than the messages themselves at low per-user rates.
+        let tick = tokio::time::sleep_until(tokio::time::Instant::now());
+        tokio::pin!(tick);
+        let mut armed: Option<Instant> = None;
+        let mut last_tick = Instant::now();
         // Reconnected during the final phase: the resync this connection started above is
         // the final one; end once it is done (or at the deadline), not never.
         let mut finish_deadline: Option<Instant> = self
@@ -382,6 +392,11 @@ impl User {
         // A disabled select branch still builds its future: a time that never comes.
         let never = tokio::time::Instant::now() + Duration::from_secs(86_400 * 365);
         loop {
+            let want = self.next_tick(last_tick);
+            if want != armed {
+                tick.as_mut().reset(want.map_or(never, Into::into));
+                armed = want;
+            }
             tokio::select! {
                 _ = tokio::time::sleep_until(stall_at.map_or(never, Into::into)), if stall_at.is_some() && !self.finishing => {
                     self.stall().await;
@@ -425,7 +440,10 @@ impl User {
                     Some(Err(e)) => return Ended::Lost(e.to_string()),
                     None => return Ended::Lost("connection ended".into()),
                 },
-                _ = tick.tick() => {
+                _ = &mut tick, if armed.is_some() => {
+                    last_tick = Instant::now();
+                    // Re-armed (or not) from what is left to do at the top of the loop.
+                    armed = None;
                     self.expire_pending();
                     // The measured window is set after the users connect: a slow consumer
                     // learns its first stall once it is.
@@ -468,6 +486,24 @@ impl User {
                 }
             }
         }
+    }
+
+    /// When the housekeeping tick should next run, if at all: every 100 ms while there are
+    /// retries to make, a final phase to go through or stalls to plan; otherwise, with
+    /// sends awaiting their ack, when the oldest one's ack timeout is up (the only thing a
+    /// tick does for them); with nothing of that, never.
+    fn next_tick(&self, last_tick: Instant) -> Option<Instant> {
+        let periodic = self.finishing
+            || self.spec.stall_offset.is_some()
+            || self.streams.values().any(|f| f.retry_at.is_some())
+            || self.cursors.values().any(|k| k.retry_at.is_some());
+        if periodic {
+            return Some(last_tick + TICK);
+        }
+        self.pending
+            .values()
+            .map(|p| p.first_invoked + self.shared.ack_timeout)
+            .min()
     }
 
     fn queue_offline(&mut self, cmd: Command) {
@@ -555,13 +591,15 @@ impl User {
         let Some(p) = self.pending.get_mut(cmid) else {
             return Ok(());
         };
-        let frame = ClientFrame::Send {
-            conversation_id: self.shared.conversation_ids[p.conversation as usize].clone(),
-            client_msg_id: p.cmid.clone(),
-            body: p.body.clone(),
-        };
+        let text = wire::send_frame(
+            &self.shared.conversation_ids[p.conversation as usize],
+            &p.cmid,
+            &p.body,
+        );
         p.last_written = Some(Instant::now());
-        Self::write(ws, &frame).await
+        ws.send(Message::text(text))
+            .await
+            .map_err(|e| e.to_string())
     }
 
     async fn flush_unsent(&mut self, ws: &mut Ws) -> Result<(), String> {
@@ -944,10 +982,162 @@ impl User {
             .unwrap_or(u32::MAX)
     }
 
+    /// The ack of one of this user's sends.
+    fn on_ack(
+        &mut self,
+        now: Instant,
+        client_msg_id: &str,
+        message_id: String,
+        seq: i64,
+        duplicate: bool,
+    ) {
+        let Some(p) = self.pending.remove(client_msg_id) else {
+            return;
+        };
+        let counters = &self.shared.metrics.counters;
+        counters.sends_acked.fetch_add(1, Ordering::Relaxed);
+        if duplicate {
+            counters
+                .sends_duplicate_acks
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        self.shared
+            .record_latency(names::SEND_ACK, now.saturating_duration_since(p.due), p.due);
+        if let Some(w) = p.last_written {
+            self.shared.record_latency(
+                names::SEND_ACK_UNCORRECTED,
+                now.saturating_duration_since(w),
+                p.due,
+            );
+        }
+        if !duplicate {
+            let shared = &self.shared;
+            shared.metrics.ack_tap.offer(|| AckSample {
+                conversation_id: shared
+                    .conversation_ids
+                    .get(p.conversation as usize)
+                    .cloned()
+                    .unwrap_or_default(),
+                message_id: message_id.clone(),
+                acked: now,
+                in_window: shared.in_window(p.due),
+            });
+        }
+        self.shared.acked(p.conversation, seq);
+        if let Some(cursor) = self.cursors.get_mut(&p.conversation) {
+            cursor.see(seq);
+        }
+        self.record(
+            Kind::Ok,
+            Value::Send {
+                c: p.conversation,
+                m: p.cmid,
+                due: None,
+                size: None,
+                seq: Some(seq),
+                mid: Some(message_id),
+                dup: Some(duplicate),
+                err: None,
+            },
+        );
+    }
+
+    /// A message of one of this user's conversations, live or in a sync's answer.
+    #[allow(clippy::too_many_arguments)]
+    fn on_msg(
+        &mut self,
+        now: Instant,
+        client_msg_id: String,
+        conversation_id: &str,
+        seq: i64,
+        sender_id: &str,
+        body: &str,
+        via: WireVia,
+    ) {
+        let Some(c) = self.shared.conversation_index(conversation_id) else {
+            self.record(
+                Kind::Info,
+                Value::ServerError {
+                    code: "unknown_conversation".into(),
+                    message: conversation_id.to_string(),
+                },
+            );
+            return;
+        };
+        let via = match via {
+            WireVia::Live => Via::Live,
+            WireVia::Sync => Via::Sync,
+        };
+        let counters = &self.shared.metrics.counters;
+        if via == Via::Live {
+            counters.delivered_live.fetch_add(1, Ordering::Relaxed);
+            if let Some(stamp) = body::decode(body) {
+                let due = self.shared.rec.origin() + Duration::from_micros(stamp.due_us);
+                let latency = now.saturating_duration_since(due);
+                self.shared.record_latency(names::DELIVERY, latency, due);
+                let name = if usize::from(stamp.sender_node) == self.node {
+                    names::DELIVERY_SAME_NODE
+                } else {
+                    names::DELIVERY_CROSS_NODE
+                };
+                self.shared.record_latency(name, latency, due);
+            }
+        } else {
+            counters.delivered_sync.fetch_add(1, Ordering::Relaxed);
+            if let Some(cursor) = self.cursors.get_mut(&c) {
+                if let Some((_, _, n)) = cursor.syncing.as_mut() {
+                    *n += 1;
+                }
+            }
+        }
+        if let Some(cursor) = self.cursors.get_mut(&c) {
+            cursor.see(seq);
+        }
+        self.record(
+            Kind::Ok,
+            Value::Deliver {
+                c,
+                s: seq,
+                m: client_msg_id,
+                from: Self::sender_index(sender_id),
+                via,
+            },
+        );
+    }
+
     async fn frame(&mut self, ws: &mut Ws, text: &str) -> Result<(), String> {
         let now = Instant::now();
-        let frame = match ServerFrame::decode(text) {
-            Ok(f) => f,
+        let frame = match wire::decode(text) {
+            Ok(Incoming::Ack {
+                client_msg_id,
+                message_id,
+                seq,
+                duplicate,
+            }) => {
+                self.on_ack(now, &client_msg_id, message_id.into_owned(), seq, duplicate);
+                return Ok(());
+            }
+            Ok(Incoming::Msg {
+                client_msg_id,
+                conversation_id,
+                seq,
+                sender_id,
+                body,
+                via,
+            }) => {
+                self.on_msg(
+                    now,
+                    client_msg_id.into_owned(),
+                    &conversation_id,
+                    seq,
+                    &sender_id,
+                    &body,
+                    via,
+                );
+                return Ok(());
+            }
+            Ok(Incoming::Status) => return Ok(()),
+            Ok(Incoming::Other(f)) => f,
             Err(e) => {
                 self.record(
                     Kind::Info,
@@ -967,59 +1157,7 @@ impl User {
                 seq,
                 duplicate,
                 ..
-            } => {
-                let Some(p) = self.pending.remove(&client_msg_id) else {
-                    return Ok(());
-                };
-                counters.sends_acked.fetch_add(1, Ordering::Relaxed);
-                if duplicate {
-                    counters
-                        .sends_duplicate_acks
-                        .fetch_add(1, Ordering::Relaxed);
-                }
-                self.shared.record_latency(
-                    names::SEND_ACK,
-                    now.saturating_duration_since(p.due),
-                    p.due,
-                );
-                if let Some(w) = p.last_written {
-                    self.shared.record_latency(
-                        names::SEND_ACK_UNCORRECTED,
-                        now.saturating_duration_since(w),
-                        p.due,
-                    );
-                }
-                if !duplicate {
-                    let shared = &self.shared;
-                    shared.metrics.ack_tap.offer(|| AckSample {
-                        conversation_id: shared
-                            .conversation_ids
-                            .get(p.conversation as usize)
-                            .cloned()
-                            .unwrap_or_default(),
-                        message_id: message_id.clone(),
-                        acked: now,
-                        in_window: shared.in_window(p.due),
-                    });
-                }
-                self.shared.acked(p.conversation, seq);
-                if let Some(cursor) = self.cursors.get_mut(&p.conversation) {
-                    cursor.see(seq);
-                }
-                self.record(
-                    Kind::Ok,
-                    Value::Send {
-                        c: p.conversation,
-                        m: client_msg_id,
-                        due: None,
-                        size: None,
-                        seq: Some(seq),
-                        mid: Some(message_id),
-                        dup: Some(duplicate),
-                        err: None,
-                    },
-                );
-            }
+            } => self.on_ack(now, &client_msg_id, message_id, seq, duplicate),
             ServerFrame::Msg {
                 client_msg_id,
                 conversation_id,
@@ -1028,56 +1166,15 @@ impl User {
                 body,
                 via,
                 ..
-            } => {
-                let Some(c) = self.shared.conversation_index(&conversation_id) else {
-                    self.record(
-                        Kind::Info,
-                        Value::ServerError {
-                            code: "unknown_conversation".into(),
-                            message: conversation_id,
-                        },
-                    );
-                    return Ok(());
-                };
-                let via = match via {
-                    WireVia::Live => Via::Live,
-                    WireVia::Sync => Via::Sync,
-                };
-                if via == Via::Live {
-                    counters.delivered_live.fetch_add(1, Ordering::Relaxed);
-                    if let Some(stamp) = body::decode(&body) {
-                        let due = self.shared.rec.origin() + Duration::from_micros(stamp.due_us);
-                        let latency = now.saturating_duration_since(due);
-                        self.shared.record_latency(names::DELIVERY, latency, due);
-                        let name = if usize::from(stamp.sender_node) == self.node {
-                            names::DELIVERY_SAME_NODE
-                        } else {
-                            names::DELIVERY_CROSS_NODE
-                        };
-                        self.shared.record_latency(name, latency, due);
-                    }
-                } else {
-                    counters.delivered_sync.fetch_add(1, Ordering::Relaxed);
-                    if let Some(cursor) = self.cursors.get_mut(&c) {
-                        if let Some((_, _, n)) = cursor.syncing.as_mut() {
-                            *n += 1;
-                        }
-                    }
-                }
-                if let Some(cursor) = self.cursors.get_mut(&c) {
-                    cursor.see(seq);
-                }
-                self.record(
-                    Kind::Ok,
-                    Value::Deliver {
-                        c,
-                        s: seq,
-                        m: client_msg_id,
-                        from: Self::sender_index(&sender_id),
-                        via,
-                    },
-                );
-            }
+            } => self.on_msg(
+                now,
+                client_msg_id,
+                &conversation_id,
+                seq,
+                &sender_id,
+                &body,
+                via,
+            ),
             ServerFrame::SyncDone {
                 conversation_id,
                 last_seq,
@@ -1291,6 +1388,19 @@ impl User {
     }
 }
 
+/// The users' WebSocket settings: tungstenite's defaults but for a 4 KiB read buffer.
+/// The default (128 KiB) is allocated per connection and, in tungstenite 0.29, zeroed up
+/// to its full size before every socket read, including the read that ends each poll
+/// with `WouldBlock`: that memset was over half of squall's CPU during a chat load, and
+/// 128 KiB of each user's memory. A user's frames are a few hundred bytes; a bigger frame
+/// (a sync page) still arrives whole, since the buffer grows to the frame's length.
+fn ws_config() -> WebSocketConfig {
+    WebSocketConfig::default().read_buffer_size(USER_READ_BUFFER)
+}
+
+/// See [`ws_config`].
+const USER_READ_BUFFER: usize = 4 * 1024;
+
 /// A WebSocket connection over a socket with a small receive buffer (a slow consumer's).
 async fn connect_small_buffer(url: &str) -> Result<Ws, String> {
     let authority = url
@@ -1313,9 +1423,12 @@ async fn connect_small_buffer(url: &str) -> Result<Ws, String> {
         .map_err(|e| e.to_string())?;
     let stream = socket.connect(addr).await.map_err(|e| e.to_string())?;
     stream.set_nodelay(true).map_err(|e| e.to_string())?;
-    let (ws, _) =
-        tokio_tungstenite::client_async_with_config(url, MaybeTlsStream::Plain(stream), None)
-            .await
-            .map_err(|e| e.to_string())?;
+    let (ws, _) = tokio_tungstenite::client_async_with_config(
+        url,
+        MaybeTlsStream::Plain(stream),
+        Some(ws_config()),
+    )
+    .await
+    .map_err(|e| e.to_string())?;
     Ok(ws)
 }

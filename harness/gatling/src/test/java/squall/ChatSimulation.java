@@ -12,6 +12,7 @@ import java.nio.file.Path;
 import java.time.Duration;
 import java.util.concurrent.ThreadLocalRandom;
 import java.util.concurrent.atomic.AtomicLong;
+import java.util.concurrent.atomic.AtomicLongArray;
 import java.util.concurrent.atomic.LongAccumulator;
 import java.util.concurrent.atomic.LongAdder;
 
@@ -69,6 +70,17 @@ public class ChatSimulation extends Simulation {
   private static final LongAccumulator FIRST_SEND_MS = new LongAccumulator(Math::min, Long.MAX_VALUE);
   private static final LongAccumulator LAST_ACK_MS = new LongAccumulator(Math::max, 0);
   private static final AtomicLong STARTED_MS = new AtomicLong();
+  /**
+   * Acks per second since STARTED_MS (one slot a second, the last one catching anything
+   * later): the comparison script counts the acks of a steady window, after warm-up, as
+   * it does from squall's per-second series.
+   */
+  private static final AtomicLongArray ACKS_PER_SECOND = new AtomicLongArray(4096);
+
+  private static void countAck(long nowMs) {
+    long second = Math.max(0, (nowMs - STARTED_MS.get()) / 1000);
+    ACKS_PER_SECOND.incrementAndGet((int) Math.min(second, ACKS_PER_SECOND.length() - 1));
+  }
 
   /** A body of exactly messageBytes ASCII bytes (no JSON escaping needed). */
   private static String body(int size) {
@@ -148,7 +160,9 @@ public class ChatSimulation extends Simulation {
                       session -> {
                         if (session.contains("seq")) {
                           ACKED.increment();
-                          LAST_ACK_MS.accumulate(System.currentTimeMillis());
+                          long now = System.currentTimeMillis();
+                          LAST_ACK_MS.accumulate(now);
+                          countAck(now);
                           return session.remove("seq");
                         }
                         NOT_ACKED.increment();
@@ -180,11 +194,22 @@ public class ChatSimulation extends Simulation {
   public void after() {
     long first = FIRST_SEND_MS.get() == Long.MAX_VALUE ? 0 : FIRST_SEND_MS.get();
     long last = LAST_ACK_MS.get();
+    int seconds = 0;
+    for (int i = 0; i < ACKS_PER_SECOND.length(); i++) {
+      if (ACKS_PER_SECOND.get(i) > 0) {
+        seconds = i + 1;
+      }
+    }
+    StringBuilder perSecond = new StringBuilder("[");
+    for (int i = 0; i < seconds; i++) {
+      perSecond.append(i == 0 ? "" : ",").append(ACKS_PER_SECOND.get(i));
+    }
+    perSecond.append("]");
     String json =
         String.format(
             "{\"tool\":\"gatling\",\"users\":%d,\"connected\":%d,\"messages_per_second_target\":%s,"
                 + "\"message_bytes\":%d,\"duration_s\":%d,\"sent\":%d,\"acked\":%d,\"not_acked\":%d,"
-                + "\"started_ms\":%d,\"first_send_ms\":%d,\"last_ack_ms\":%d}",
+                + "\"started_ms\":%d,\"first_send_ms\":%d,\"last_ack_ms\":%d,\"acks_per_second\":%s}",
             users,
             CONNECTED.sum(),
             messagesPerSecond,
@@ -195,7 +220,8 @@ public class ChatSimulation extends Simulation {
             NOT_ACKED.sum(),
             STARTED_MS.get(),
             first,
-            last);
+            last,
+            perSecond);
     System.out.println("squall-gatling result: " + json);
     if (!resultFile.isEmpty()) {
       try {
