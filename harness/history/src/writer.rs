@@ -19,6 +19,8 @@ use crate::{HistoryError, Result};
 
 /// How long records may wait in the queue before the writer takes them.
 const BATCH_EVERY: Duration = Duration::from_millis(25);
+/// Encoded lines handed to gzip at a time (at most; a batch's last lines go when it ends).
+const CHUNK: usize = 64 * 1024;
 /// How often the gzip stream is flushed to the file.
 const FLUSH_EVERY: Duration = Duration::from_secs(1);
 
@@ -188,7 +190,10 @@ fn write_loop(
     };
     let mut records = 0u64;
     let mut bytes = header_bytes;
-    let mut line = Vec::with_capacity(256);
+    // A batch's lines are encoded into one buffer and handed to gzip together: flate2
+    // zeroes its whole 32 KiB output buffer on every `write` it is given, so a write per
+    // line cost more (a memset per record) than compressing the line.
+    let mut lines: Vec<u8> = Vec::with_capacity(CHUNK + 1024);
     let mut batch: Vec<Op> = Vec::new();
     let mut last_flush = Instant::now();
     loop {
@@ -207,14 +212,24 @@ fn write_loop(
             state.closed
         };
         for op in batch.drain(..) {
-            line.clear();
-            // Encoding an Op cannot fail (no maps with non-string keys, no foreign types).
-            if serde_json::to_writer(&mut line, &op).is_ok() {
-                line.push(b'\n');
-                out.write_all(&line).map_err(io_err)?;
+            let start = lines.len();
+            // Encoding an Op cannot fail (no maps with non-string keys, no foreign types);
+            // were it to, its partial line is taken back.
+            if serde_json::to_writer(&mut lines, &op).is_ok() {
+                lines.push(b'\n');
                 records += 1;
-                bytes += line.len() as u64;
+                bytes += (lines.len() - start) as u64;
+            } else {
+                lines.truncate(start);
             }
+            if lines.len() >= CHUNK {
+                out.write_all(&lines).map_err(io_err)?;
+                lines.clear();
+            }
+        }
+        if !lines.is_empty() {
+            out.write_all(&lines).map_err(io_err)?;
+            lines.clear();
         }
         if closed {
             break;

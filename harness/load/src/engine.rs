@@ -144,6 +144,98 @@ pub fn slow_consumers(
     out
 }
 
+/// What the pacer needs besides the schedule.
+struct Pacing {
+    t0: Instant,
+    measure_start: Instant,
+    warmup_zero: bool,
+    senders: Vec<mpsc::UnboundedSender<Command>>,
+    shared: Arc<Shared>,
+    stop: watch::Receiver<bool>,
+}
+
+/// What the pacer did.
+struct Paced {
+    arrivals: u64,
+    /// Chat sends handed to users (see `run`'s drain).
+    chat_dispatched: u64,
+    interrupted: bool,
+}
+
+/// The open-loop pacer: hands each operation of the schedule to its user when it is due,
+/// whatever the system does, and marks the measured window's start in the history.
+async fn pace(scenario: Scenario, population: Population, p: Pacing) -> Paced {
+    let Pacing {
+        t0,
+        measure_start,
+        warmup_zero,
+        senders,
+        shared,
+        mut stop,
+    } = p;
+    let metrics = &shared.metrics;
+    let rec = &shared.rec;
+    let mut arrivals = 0u64;
+    // Counted here, not by the users: a send still in a user's queue when the load ends
+    // has not been invoked yet, and the drain must wait for it too.
+    let mut chat_dispatched = 0u64;
+    let mut interrupted = false;
+    let mut measuring = false;
+    if warmup_zero {
+        metrics.set_measuring(true);
+        rec.record_at(
+            t0,
+            HARNESS,
+            Kind::Info,
+            Value::Phase {
+                name: "load_start".into(),
+            },
+        );
+        measuring = true;
+    }
+    for a in Arrivals::new(&scenario, &population) {
+        let due = t0 + a.due;
+        if !measuring && due >= measure_start {
+            metrics.set_measuring(true);
+            rec.record_at(
+                measure_start,
+                HARNESS,
+                Kind::Info,
+                Value::Phase {
+                    name: "load_start".into(),
+                },
+            );
+            measuring = true;
+        }
+        let now = Instant::now();
+        if due > now + Duration::from_micros(500) {
+            tokio::select! {
+                _ = tokio::time::sleep_until(due.into()) => {}
+                _ = stop.changed() => { interrupted = true; break; }
+            }
+        }
+        let now = Instant::now();
+        shared.record_latency(
+            names::PACER_LATENESS,
+            now.saturating_duration_since(due),
+            due,
+        );
+        if let Some(tx) = senders.get(a.user as usize) {
+            if tx.send(Command::Op { arrival: a, due }).is_ok()
+                && a.kind == squall_scenario::OpKind::Chat
+            {
+                chat_dispatched += 1;
+            }
+        }
+        arrivals += 1;
+    }
+    Paced {
+        arrivals,
+        chat_dispatched,
+        interrupted,
+    }
+}
+
 /// Runs the load of `scenario` against `target`. `stop` turning true (Ctrl-C, a
 /// guardrail) ends the schedule early; what was started is still drained and recorded.
 /// `measure_start_tx` learns when the measured window (after warm-up) begins: the
@@ -326,60 +418,32 @@ pub async fn run(
             stop.clone(),
         )
     };
-    let mut arrivals = 0u64;
-    // Counted here, not by the users: a send still in a user's queue when the load ends
-    // has not been invoked yet, and the drain must wait for it too.
-    let mut chat_dispatched = 0u64;
-    let mut interrupted = false;
-    let mut measuring = false;
-    if load.warmup.is_zero() {
-        metrics.set_measuring(true);
-        rec.record_at(
+    // The pacer runs as a task of its own, on the runtime's worker threads: from the
+    // caller's task (the `main` thread's `block_on` in the CLI) every operation's timer
+    // woke the main thread through a worker and every hand-over woke a worker again,
+    // three threads woken per operation where one will do (a tenth of squall's CPU in a
+    // chat load). Its work is unchanged: each operation goes to its user when it is due.
+    let pacer = tokio::spawn(pace(
+        scenario.clone(),
+        population.clone(),
+        Pacing {
             t0,
-            HARNESS,
-            Kind::Info,
-            Value::Phase {
-                name: "load_start".into(),
-            },
-        );
-        measuring = true;
-    }
-    for a in Arrivals::new(scenario, population) {
-        let due = t0 + a.due;
-        if !measuring && due >= measure_start {
-            metrics.set_measuring(true);
-            rec.record_at(
-                measure_start,
-                HARNESS,
-                Kind::Info,
-                Value::Phase {
-                    name: "load_start".into(),
-                },
-            );
-            measuring = true;
-        }
-        let now = Instant::now();
-        if due > now + Duration::from_micros(500) {
-            tokio::select! {
-                _ = tokio::time::sleep_until(due.into()) => {}
-                _ = stop.changed() => { interrupted = true; break; }
-            }
-        }
-        let now = Instant::now();
-        shared.record_latency(
-            names::PACER_LATENESS,
-            now.saturating_duration_since(due),
-            due,
-        );
-        if let Some(tx) = senders.get(a.user as usize) {
-            if tx.send(Command::Op { arrival: a, due }).is_ok()
-                && a.kind == squall_scenario::OpKind::Chat
-            {
-                chat_dispatched += 1;
-            }
-        }
-        arrivals += 1;
-    }
+            measure_start,
+            warmup_zero: load.warmup.is_zero(),
+            senders: senders.clone(),
+            shared: shared.clone(),
+            stop: stop.clone(),
+        },
+    ));
+    let Paced {
+        arrivals,
+        chat_dispatched,
+        mut interrupted,
+    } = match pacer.await {
+        Ok(paced) => paced,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(e) => return Err(LoadError::Setup(format!("the pacer's task ended: {e}"))),
+    };
     if !interrupted {
         tokio::select! {
             _ = tokio::time::sleep_until(load_end.into()) => {}

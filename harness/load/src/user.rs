@@ -389,18 +389,30 @@ impl User {
             .final_started
             .then(|| Instant::now() + self.shared.finish_timeout);
         let mut stall_at = self.next_stall();
-        // A disabled select branch still builds its future: a time that never comes.
+        // A time that never comes, for a timer that is not armed.
         let never = tokio::time::Instant::now() + Duration::from_secs(86_400 * 365);
+        // The slow consumer's next stall, one timer for the connection, reset when the
+        // stall moves: a disabled select branch still builds its future, and a timer
+        // built and dropped per frame took the runtime's timer lock on every drop.
+        let stall = tokio::time::sleep_until(stall_at.map_or(never, Into::into));
+        tokio::pin!(stall);
+        let mut stall_armed = stall_at;
         loop {
             let want = self.next_tick(last_tick);
             if want != armed {
                 tick.as_mut().reset(want.map_or(never, Into::into));
                 armed = want;
             }
+            if stall_at != stall_armed {
+                stall.as_mut().reset(stall_at.map_or(never, Into::into));
+                stall_armed = stall_at;
+            }
             tokio::select! {
-                _ = tokio::time::sleep_until(stall_at.map_or(never, Into::into)), if stall_at.is_some() && !self.finishing => {
+                _ = &mut stall, if stall_at.is_some() && !self.finishing => {
                     self.stall().await;
                     stall_at = self.next_stall();
+                    // A fired timer stays elapsed until reset: re-armed at the top.
+                    stall_armed = None;
                 }
                 cmd = rx.recv(), if !self.finishing => {
                     let result = match cmd {
@@ -618,9 +630,13 @@ impl User {
         Ok(())
     }
 
+    /// A conversation's id, for a frame that owns it (a chat message's frame borrows it).
+    fn conversation_id(&self, c: u32) -> String {
+        self.shared.conversation_ids[c as usize].clone()
+    }
+
     async fn op(&mut self, ws: &mut Ws, arrival: Arrival, due: Instant) -> Result<(), String> {
         let c = arrival.conversation;
-        let conversation_id = self.shared.conversation_ids[c as usize].clone();
         let counters = &self.shared.metrics.counters;
         match arrival.kind {
             OpKind::Chat => {
@@ -633,7 +649,7 @@ impl User {
                 Self::write(
                     ws,
                     &ClientFrame::Typing {
-                        conversation_id,
+                        conversation_id: self.conversation_id(c),
                         is_typing: true,
                     },
                 )
@@ -647,7 +663,7 @@ impl User {
                     Self::write(
                         ws,
                         &ClientFrame::Read {
-                            conversation_id,
+                            conversation_id: self.conversation_id(c),
                             up_to_seq: up_to,
                         },
                     )
@@ -674,7 +690,7 @@ impl User {
                 Self::write(
                     ws,
                     &ClientFrame::Stream {
-                        conversation_id,
+                        conversation_id: self.conversation_id(c),
                         prompt,
                     },
                 )
