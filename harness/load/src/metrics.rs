@@ -96,10 +96,17 @@ pub struct SecondPoint {
     pub counters: BTreeMap<String, u64>,
 }
 
+/// One latency's histograms, kept together so that a value costs one lookup.
+struct Latency {
+    /// The measured window's (none until a value due inside it).
+    total: Option<Histogram<u64>>,
+    /// The current second's.
+    second: Histogram<u64>,
+}
+
 #[derive(Default)]
 struct Book {
-    total: BTreeMap<String, Histogram<u64>>,
-    second: BTreeMap<String, Histogram<u64>>,
+    latencies: BTreeMap<String, Latency>,
     series: Vec<SecondPoint>,
     last_counters: BTreeMap<String, u64>,
 }
@@ -215,22 +222,22 @@ impl Metrics {
         let Ok(mut book) = self.book.lock() else {
             return;
         };
-        if in_window {
-            if let Some(h) = book.total.get_mut(name) {
-                let _ = h.record(us);
-            } else {
-                let mut h = new_histogram();
-                let _ = h.record(us);
-                book.total.insert(name.to_string(), h);
+        let record = |l: &mut Latency| {
+            if in_window {
+                let _ = l.total.get_or_insert_with(new_histogram).record(us);
             }
+            let _ = l.second.record(us);
+        };
+        if let Some(l) = book.latencies.get_mut(name) {
+            record(l);
+            return;
         }
-        if let Some(h) = book.second.get_mut(name) {
-            let _ = h.record(us);
-        } else {
-            let mut h = new_histogram();
-            let _ = h.record(us);
-            book.second.insert(name.to_string(), h);
-        }
+        let mut l = Latency {
+            total: None,
+            second: new_histogram(),
+        };
+        record(&mut l);
+        book.latencies.insert(name.to_string(), l);
     }
 
     /// Closes the current second: its latencies and counter increases join the series.
@@ -246,12 +253,12 @@ impl Metrics {
             };
         };
         let latency = book
-            .second
+            .latencies
             .iter_mut()
-            .filter(|(_, h)| !h.is_empty())
-            .map(|(k, h)| {
-                let s = second_stat(h);
-                h.reset();
+            .filter(|(_, l)| !l.second.is_empty())
+            .map(|(k, l)| {
+                let s = second_stat(&l.second);
+                l.second.reset();
                 (k.clone(), s)
             })
             .collect();
@@ -284,9 +291,9 @@ impl Metrics {
         self.book
             .lock()
             .map(|b| {
-                b.total
+                b.latencies
                     .iter()
-                    .map(|(k, h)| (k.clone(), summarize(h)))
+                    .filter_map(|(k, l)| Some((k.clone(), summarize(l.total.as_ref()?))))
                     .collect()
             })
             .unwrap_or_default()
@@ -318,7 +325,11 @@ impl Metrics {
             return BTreeMap::new();
         };
         let mut out = BTreeMap::new();
-        for (k, h) in &book.total {
+        for (k, h) in book
+            .latencies
+            .iter()
+            .filter_map(|(k, l)| Some((k, l.total.as_ref()?)))
+        {
             let mut bytes = Vec::new();
             if V2DeflateSerializer::new().serialize(h, &mut bytes).is_ok() {
                 out.insert(
@@ -353,6 +364,11 @@ mod tests {
         assert!((99_000..=100_100).contains(&s.p99_us), "{}", s.p99_us);
         m.counters.sends_acked.fetch_add(2, Ordering::Relaxed);
         assert_eq!(m.roll_second(1).counters["sends_acked"], 2);
+        assert_eq!(m.encoded_histograms().len(), 1);
+        // A latency seen only outside the window is in the series, not in the totals.
+        m.record(names::SYNC, Duration::from_millis(3), false);
+        assert_eq!(m.roll_second(2).latency[names::SYNC].count, 1);
+        assert!(!m.summaries().contains_key(names::SYNC));
         assert_eq!(m.encoded_histograms().len(), 1);
     }
 }

@@ -15,6 +15,7 @@ use futures::{SinkExt, StreamExt};
 use squall_history::{Kind, Value, Via};
 use squall_scenario::OpKind;
 use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::fmt::Write as _;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -539,7 +540,9 @@ impl User {
     /// refused it (recorded as a failure of the harness, not of the system).
     fn invoke_send(&mut self, arrival: Arrival, due: Instant) -> Option<String> {
         let counters = &self.shared.metrics.counters;
-        let cmid = format!("{}-{}", self.spec.index, self.next_msg);
+        // Sized once: `format!` grew it from empty, a reallocation or two per send.
+        let mut cmid = String::with_capacity(24);
+        let _ = write!(cmid, "{}-{}", self.spec.index, self.next_msg);
         self.next_msg += 1;
         let due_us = self.due_us(due);
         self.record(
@@ -1404,18 +1407,20 @@ impl User {
     }
 }
 
-/// The users' WebSocket settings: tungstenite's defaults but for a 4 KiB read buffer.
+/// The users' WebSocket settings: tungstenite's defaults but for a 2 KiB read buffer.
 /// The default (128 KiB) is allocated per connection and, in tungstenite 0.29, zeroed up
 /// to its full size before every socket read, including the read that ends each poll
 /// with `WouldBlock`: that memset was over half of squall's CPU during a chat load, and
-/// 128 KiB of each user's memory. A user's frames are a few hundred bytes; a bigger frame
-/// (a sync page) still arrives whole, since the buffer grows to the frame's length.
+/// 128 KiB of each user's memory (at 4 KiB it was still 2%). A user's frames are a few
+/// hundred bytes and arrive a few at a time (a chat message with 200-byte body is about
+/// 450 bytes); a bigger frame (a sync page) still arrives whole, since the buffer grows
+/// to the frame's length, and a backlog takes a few more reads.
 fn ws_config() -> WebSocketConfig {
     WebSocketConfig::default().read_buffer_size(USER_READ_BUFFER)
 }
 
 /// See [`ws_config`].
-const USER_READ_BUFFER: usize = 4 * 1024;
+const USER_READ_BUFFER: usize = 2 * 1024;
 
 /// A WebSocket connection over a socket with a small receive buffer (a slow consumer's).
 async fn connect_small_buffer(url: &str) -> Result<Ws, String> {
