@@ -120,7 +120,10 @@ fn children(pid: i32) -> Vec<i32> {
     let mut out = Vec::new();
     for task in tasks.flatten() {
         if let Ok(text) = std::fs::read_to_string(task.path().join("children")) {
-            out.extend(text.split_whitespace().filter_map(|c| c.parse::<i32>().ok()));
+            out.extend(
+                text.split_whitespace()
+                    .filter_map(|c| c.parse::<i32>().ok()),
+            );
         }
     }
     out
@@ -429,12 +432,18 @@ chatstream_send_seconds_bucket{le=\"0.1\"} 3\nchatstream_send_seconds_count 9\no
         let direct = tree_ticks_direct(me, &none).expect("this process");
         let from_table = tree_ticks(me, &table, &none);
         // Read a moment apart: this process may have used a few ticks in between.
-        assert!(direct >= from_table && direct <= from_table + 20, "{direct} vs {from_table}");
+        assert!(
+            direct >= from_table && direct <= from_table + 20,
+            "{direct} vs {from_table}"
+        );
         let watched: HashSet<i32> = [pid].into();
         assert!(tree_ticks_direct(me, &watched).is_some());
         assert!(read_proc(me, None, &none).is_some_and(|(_, rss)| rss > 0));
         let _ = child.kill();
         let _ = child.wait();
-        assert!(tree_ticks_direct(pid, &none).is_none(), "a reaped process is gone");
+        assert!(
+            tree_ticks_direct(pid, &none).is_none(),
+            "a reaped process is gone"
+        );
     }
 }
