@@ -20,7 +20,9 @@
 //! Environment: `CHATSTREAM_BENCH_BASE_PORT` (29900), `CHATSTREAM_BENCH_SECS` (60: the new
 //! path's 10,000/s run; the old path's runs 15 s, it cannot keep up), `CHATSTREAM_BENCH_ONLY`
 //! (`on` or `off`: one path only), `CHATSTREAM_BENCH_PERF=<dir>` (records `perf` profiles of
-//! the node and of the whole machine for 20 s in the middle of the new path's 10,000/s run).
+//! the node and of the whole machine for 20 s in the middle of the new path's 10,000/s run),
+//! `CHATSTREAM_BENCH_BASELINE_BIN=<chatstream binary>` (an earlier build, measured on the
+//! new path beside this one, in the same run on the same stack).
 
 use anyhow::{anyhow, Context, Result};
 use chatstream_protocol::auth::{self, Claims};
@@ -79,9 +81,13 @@ impl Drop for NodeProc {
     }
 }
 
-async fn start_node(stack: &Stack, config: &std::path::Path) -> Result<NodeProc> {
+async fn start_node(
+    stack: &Stack,
+    config: &std::path::Path,
+    binary: &std::path::Path,
+) -> Result<NodeProc> {
     let e = stack.endpoints();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_chatstream"))
+    let mut child = Command::new(binary)
         .args([
             "node",
             "--config",
@@ -128,9 +134,18 @@ async fn start_node(stack: &Stack, config: &std::path::Path) -> Result<NodeProc>
 type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
+/// Connects with a 4 KiB read buffer and TCP_NODELAY: tungstenite's default buffer (128
+/// KiB) is zeroed before every read, which would make the load generator, on the same
+/// cores as the node, cost more than the node itself.
 async fn connect(addr: &str, user: &str) -> Result<Ws> {
-    let (mut ws, _) =
-        tokio_tungstenite::connect_async(format!("ws://{addr}/ws?token={}", token(user))).await?;
+    let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+        .read_buffer_size(4 * 1024);
+    let (mut ws, _) = tokio_tungstenite::connect_async_with_config(
+        format!("ws://{addr}/ws?token={}", token(user)),
+        Some(config),
+        true,
+    )
+    .await?;
     ws.next().await.ok_or_else(|| anyhow!("no hello"))??;
     Ok(ws)
 }
@@ -533,6 +548,9 @@ async fn main() -> Result<()> {
     let base = env_num("CHATSTREAM_BENCH_BASE_PORT", 29900) as u16;
     let secs = env_num("CHATSTREAM_BENCH_SECS", 60);
     let only = std::env::var("CHATSTREAM_BENCH_ONLY").ok();
+    let baseline = std::env::var("CHATSTREAM_BENCH_BASELINE_BIN")
+        .ok()
+        .map(PathBuf::from);
     let perf = std::env::var("CHATSTREAM_BENCH_PERF")
         .ok()
         .map(PathBuf::from);
@@ -548,8 +566,16 @@ async fn main() -> Result<()> {
         let pg = sqlx::PgPool::connect(&stack.endpoints().postgres_url).await?;
         let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
         println!("machine: {cores} cores; node, load generator, 3 brokers, PostgreSQL, Redis and Toxiproxy share them");
+        let built = PathBuf::from(env!("CARGO_BIN_EXE_chatstream"));
+        // (label, send_batching, binary): the old path, then the new one, with an earlier
+        // build of the new path beside it when one is given.
+        let mut runs = vec![("off".to_string(), "off", built.clone())];
+        if let Some(bin) = baseline.clone() {
+            runs.push(("on, baseline binary".to_string(), "on", bin));
+        }
+        runs.push(("on".to_string(), "on", built.clone()));
         let mut results = Vec::new();
-        for (run, path) in ["off", "on"].into_iter().enumerate() {
+        for (run, (label, path, binary)) in runs.into_iter().enumerate() {
             if only.as_deref().is_some_and(|o| o != path) {
                 continue;
             }
@@ -559,9 +585,9 @@ async fn main() -> Result<()> {
                 &config,
                 format!("node_id: bench-{path}\nrate_limit_per_s: 1000000\nrate_limit_burst: 1000000\npg_max_connections: 32\nsend_batching: {path}\n"),
             )?;
-            let node = start_node(&stack, &config).await?;
-            println!("send_batching: {path}");
-            if path == "on" {
+            let node = start_node(&stack, &config, &binary).await?;
+            println!("send_batching: {path} ({label}: {})", binary.display());
+            if path == "on" && binary == built {
                 let per_conn_kib = idle_memory(&node, 2000).await?;
                 println!("idle connections: 2000, node RSS per connection {per_conn_kib:.1} KiB");
                 let (frames, wall, cpu) = throughput(&node, 16, 64, 10, ping, false).await?;
@@ -578,9 +604,9 @@ async fn main() -> Result<()> {
                 frames as f64 / cpu.max(0.001)
             );
             let long = if path == "on" { secs } else { secs.min(15) };
-            let tag = format!("{path}{}", std::process::id());
+            let tag = format!("{path}{run}x{}", std::process::id());
             let r100 = open_loop(&node, &pg, &format!("o100-{tag}"), 100, 1_000.0, 20, None).await?;
-            report(path, "100 conns @ 1,000/s", &r100);
+            report(&label, "100 conns @ 1,000/s", &r100);
             let r1000 = open_loop(
                 &node,
                 &pg,
@@ -588,19 +614,19 @@ async fn main() -> Result<()> {
                 1000,
                 10_000.0,
                 long,
-                perf.clone().filter(|_| path == "on"),
+                perf.clone().filter(|_| path == "on" && binary == built),
             )
             .await?;
-            report(path, "1,000 conns @ 10,000/s", &r1000);
-            results.push((path, frames as f64 / wall, r100, r1000));
+            report(&label, "1,000 conns @ 10,000/s", &r1000);
+            results.push((label, frames as f64 / wall, r100, r1000));
             drop(node);
         }
         println!();
-        println!("| send path | closed loop, 16 conns | 100 conns @ 1,000/s: acked/s, p50 / p99 | 1,000 conns @ 10,000/s: acked/s, p50 / p99 / p99.9 | outbox at 10,000/s: published/s, backlog max |");
-        println!("| --- | ---: | ---: | ---: | ---: |");
+        println!("| send path | closed loop, 16 conns | 100 conns @ 1,000/s: acked/s, p50 / p99 | 1,000 conns @ 10,000/s: acked/s, p50 / p99 / p99.9 | node µs CPU per acked message at 10,000/s | outbox at 10,000/s: published/s, backlog max |");
+        println!("| --- | ---: | ---: | ---: | ---: | ---: |");
         for (path, closed, a, b) in &results {
             println!(
-                "| send_batching: {path} | {closed:.0}/s | {:.0}/s, {:.1} / {:.1} ms | {:.0}/s, {:.1} / {:.1} / {:.1} ms | {:.0}/s, {} |",
+                "| send_batching: {path} | {closed:.0}/s | {:.0}/s, {:.1} / {:.1} ms | {:.0}/s, {:.1} / {:.1} / {:.1} ms | {:.0} | {:.0}/s, {} |",
                 a.acked as f64 / a.secs,
                 a.quantile_ms(0.5),
                 a.quantile_ms(0.99),
@@ -608,6 +634,7 @@ async fn main() -> Result<()> {
                 b.quantile_ms(0.5),
                 b.quantile_ms(0.99),
                 b.quantile_ms(0.999),
+                b.node_cpu * 1e6 / b.acked.max(1) as f64,
                 b.published as f64 / b.secs,
                 b.backlog_max
             );

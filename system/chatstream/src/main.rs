@@ -5,6 +5,13 @@
 mod replay_cmd;
 mod workers_cmd;
 
+/// mimalloc instead of glibc malloc: each message is a few short-lived allocations made on
+/// one tokio worker and often freed on another, which glibc's per-thread arenas handle
+/// with `malloc_consolidate` and `unlink_chunk` (a fifth of the node's CPU in
+/// system/docs/perf/send-path.md). Measured by `cargo bench -p chatstream --bench node`.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use anyhow::{Context, Result};
 use chatstream_node::config::{FanoutMode, PublishMode};
 use chatstream_node::NodeConfig;
