@@ -6,7 +6,6 @@ use chatstream_protocol::events::EventBody;
 use chatstream_protocol::frames::Via;
 use chatstream_protocol::{EventEnvelope, ServerFrame};
 use chatstream_store::Membership;
-use std::sync::Arc;
 
 use crate::clock;
 use crate::events::EventContext;
@@ -32,7 +31,7 @@ impl NodeState {
         let except = (env.origin_node == self.cfg.node_id)
             .then_some(env.origin_conn)
             .flatten();
-        let frame: Outbound = Arc::from(env.frame.as_str());
+        let frame = Outbound::from(env.frame);
         let order = env
             .live_order
             .as_ref()

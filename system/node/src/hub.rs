@@ -22,8 +22,9 @@ use crate::metrics as m;
 
 pub type ConnId = u64;
 
-/// An encoded frame, shared by every connection it goes to.
-pub type Outbound = Arc<str>;
+/// An encoded frame, shared by every connection it goes to: the socket's own text type,
+/// so neither queuing nor writing copies it (a clone is a reference count).
+pub type Outbound = axum::extract::ws::Utf8Bytes;
 
 /// Conversations an outlet remembers a live seq for; past this it forgets them all (the
 /// order filter then starts afresh, which at worst lets one stale frame through).
@@ -380,7 +381,7 @@ mod tests {
         let mut a1 = hub.register("t1", "a");
         let mut a2 = hub.register("t1", "a");
         let mut other_tenant = hub.register("t2", "a");
-        let frame: Outbound = Arc::from("x");
+        let frame: Outbound = Outbound::from("x");
         let reached = hub.deliver("t1", &["a".into(), "b".into()], &frame, Some(a1.id), None);
         assert_eq!(reached, vec!["a".to_string()]);
         assert_eq!(a2.rx.recv().await.as_deref(), Some("x"));
@@ -400,7 +401,7 @@ mod tests {
         let mut c = hub.register("t", "u");
         let users = ["u".to_string()];
         for (conv, seq) in [("c1", 2), ("c1", 1), ("c2", 1), ("c1", 3), ("c1", 3)] {
-            let frame: Outbound = Arc::from(format!("{conv}:{seq}"));
+            let frame: Outbound = Outbound::from(format!("{conv}:{seq}"));
             hub.deliver("t", &users, &frame, None, Some((conv, seq)));
         }
         let mut got = Vec::new();
@@ -414,22 +415,22 @@ mod tests {
     async fn a_full_outlet_closes_instead_of_dropping() {
         let hub = Hub::new(10);
         let c = hub.register("t", "u");
-        assert_eq!(c.outlet.push(Arc::from("123456")), Ok(()));
+        assert_eq!(c.outlet.push(Outbound::from("123456")), Ok(()));
         assert_eq!(
-            c.outlet.push(Arc::from("123456")),
+            c.outlet.push(Outbound::from("123456")),
             Err(PushError::Overflow(10))
         );
         assert_eq!(c.outlet.closing().await, SLOW_CONSUMER);
-        assert_eq!(c.outlet.push(Arc::from("1")), Err(PushError::Closed));
+        assert_eq!(c.outlet.push(Outbound::from("1")), Err(PushError::Closed));
     }
 
     #[tokio::test]
     async fn push_wait_waits_for_room_below_half_the_bound() {
         let hub = Hub::new(10);
         let mut c = hub.register("t", "u");
-        c.outlet.push_wait(Arc::from("1234")).await.unwrap();
+        c.outlet.push_wait(Outbound::from("1234")).await.unwrap();
         let outlet = c.outlet.clone();
-        let waiting = tokio::spawn(async move { outlet.push_wait(Arc::from("12")).await });
+        let waiting = tokio::spawn(async move { outlet.push_wait(Outbound::from("12")).await });
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         assert!(!waiting.is_finished(), "4 + 2 bytes is past half of 10");
         let first = c.rx.recv().await.unwrap();

@@ -16,6 +16,10 @@ use crate::close::{CLOSE_IDLE, CLOSE_SHUTDOWN};
 use crate::hub::{CloseReason, Outbound, Outlet};
 use crate::metrics as m;
 
+/// At most this many queued frames, or bytes, are written in one flush.
+const WRITE_BATCH_FRAMES: u64 = 64;
+const WRITE_BATCH_BYTES: usize = 64 * 1024;
+
 /// How long a close frame may take to go out before the socket is just dropped.
 pub(super) const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -69,7 +73,7 @@ async fn write_frames(
             frame = rx.recv() => match frame {
                 Some(text) => {
                     let n = text.len();
-                    Some((Message::Text(Utf8Bytes::from(&*text)), Some(n)))
+                    Some((Message::Text(text), Some(n)))
                 }
                 None => break,
             },
@@ -103,11 +107,26 @@ async fn write_frames(
         let Some((message, frees)) = next else {
             continue;
         };
-        match tokio::time::timeout(stall, sink.send(message)).await {
+        // Frames already queued behind this one go out with it: fed into the socket's
+        // write buffer and flushed once, one write for a group commit's acks instead of
+        // one per frame.
+        let mut bytes = frees.unwrap_or(0);
+        let mut frames = u64::from(frees.is_some());
+        let write = async {
+            sink.feed(message).await?;
+            while frames < WRITE_BATCH_FRAMES && bytes < WRITE_BATCH_BYTES {
+                let Ok(text) = rx.try_recv() else { break };
+                bytes += text.len();
+                frames += 1;
+                sink.feed(Message::Text(text)).await?;
+            }
+            sink.flush().await
+        };
+        match tokio::time::timeout(stall, write).await {
             Ok(Ok(())) => {
-                if let Some(n) = frees {
-                    outlet.written(n);
-                    metrics::counter!(m::FRAMES_OUT).increment(1);
+                if frames > 0 {
+                    outlet.written(bytes);
+                    metrics::counter!(m::FRAMES_OUT).increment(frames);
                 }
             }
             Ok(Err(_)) => return,
