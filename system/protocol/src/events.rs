@@ -243,6 +243,20 @@ impl EventEnvelope {
 
     /// Parses an event, refusing versions this crate does not know.
     pub fn from_slice(bytes: &[u8]) -> Result<Self, EventDecodeError> {
+        // Every envelope a writer of this crate produces takes the one-pass path; anything
+        // it does not take (odd field order, duplicates, newer shapes) is decided by the
+        // general path below, so the answers are the general path's.
+        if let Ok(direct::Direct(e)) = serde_json::from_slice::<direct::Direct>(bytes) {
+            if e.version > EVENT_VERSION {
+                return Err(EventDecodeError::UnknownVersion(u64::from(e.version)));
+            }
+            return Ok(e);
+        }
+        Self::from_slice_general(bytes)
+    }
+
+    /// The general decode: any field order, the version checked before the shape.
+    fn from_slice_general(bytes: &[u8]) -> Result<Self, EventDecodeError> {
         let value: serde_json::Value = serde_json::from_slice(bytes)
             .map_err(|e| EventDecodeError::Undecodable(e.to_string()))?;
         let version = value.get("version").and_then(|v| v.as_u64()).unwrap_or(0);
@@ -250,6 +264,164 @@ impl EventEnvelope {
             return Err(EventDecodeError::UnknownVersion(version));
         }
         serde_json::from_value(value).map_err(|e| EventDecodeError::Undecodable(e.to_string()))
+    }
+}
+
+/// A one-pass decode of the envelope: no intermediate `serde_json::Value` and no buffering
+/// of the flattened body (the derived `Deserialize` buffers every field it does not know
+/// into serde's `Content` to hand to the flattened body). It takes envelopes whose `type`
+/// comes before their `payload`, as [`EventEnvelope::to_json`] writes them, and fails on
+/// anything else; [`EventEnvelope::from_slice`] then falls back to the general path.
+mod direct {
+    use super::*;
+    use serde::de::{self, Deserializer, IgnoredAny, MapAccess, Visitor};
+    use std::fmt;
+
+    #[derive(Deserialize)]
+    #[serde(field_identifier, rename_all = "snake_case")]
+    enum Field {
+        Id,
+        Version,
+        Timestamp,
+        TimestampMs,
+        Tenant,
+        TraceId,
+        SourceNode,
+        ConversationId,
+        SessionId,
+        UserId,
+        MessageId,
+        Replayed,
+        Type,
+        Payload,
+        #[serde(other)]
+        Other,
+    }
+
+    /// [`EventBody`]'s tags, renamed the same way.
+    #[derive(Deserialize, Clone, Copy)]
+    #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+    enum Kind {
+        ChatMessage,
+        SessionStarted,
+        ChunkReceived,
+        StreamCompleted,
+        StreamError,
+        RecoveryAttempt,
+        MessageStatus,
+        Typing,
+        Notification,
+        MembershipChanged,
+    }
+
+    pub(super) struct Direct(pub EventEnvelope);
+
+    impl<'de> Deserialize<'de> for Direct {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            d.deserialize_map(EnvelopeVisitor).map(Direct)
+        }
+    }
+
+    fn once<T, E: de::Error>(slot: &mut Option<T>, v: T, name: &'static str) -> Result<(), E> {
+        if slot.is_some() {
+            return Err(E::duplicate_field(name));
+        }
+        *slot = Some(v);
+        Ok(())
+    }
+
+    struct EnvelopeVisitor;
+
+    impl<'de> Visitor<'de> for EnvelopeVisitor {
+        type Value = EventEnvelope;
+
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("an event envelope")
+        }
+
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<EventEnvelope, A::Error> {
+            let (mut id, mut version, mut timestamp, mut timestamp_ms) = (None, None, None, None);
+            let (mut tenant, mut trace_id, mut source_node) = (None, None, None);
+            let (mut conversation_id, mut session_id, mut user_id, mut message_id) =
+                (None, None, None, None);
+            let (mut replayed, mut kind, mut body) = (None, None::<Kind>, None);
+            while let Some(field) = map.next_key::<Field>()? {
+                match field {
+                    Field::Id => once(&mut id, map.next_value()?, "id")?,
+                    Field::Version => once(&mut version, map.next_value()?, "version")?,
+                    Field::Timestamp => once(&mut timestamp, map.next_value()?, "timestamp")?,
+                    Field::TimestampMs => {
+                        once(&mut timestamp_ms, map.next_value()?, "timestamp_ms")?
+                    }
+                    Field::Tenant => once(&mut tenant, map.next_value()?, "tenant")?,
+                    Field::TraceId => once(&mut trace_id, map.next_value()?, "trace_id")?,
+                    Field::SourceNode => once(&mut source_node, map.next_value()?, "source_node")?,
+                    Field::ConversationId => once(
+                        &mut conversation_id,
+                        map.next_value::<Option<String>>()?,
+                        "conversation_id",
+                    )?,
+                    Field::SessionId => once(
+                        &mut session_id,
+                        map.next_value::<Option<String>>()?,
+                        "session_id",
+                    )?,
+                    Field::UserId => {
+                        once(&mut user_id, map.next_value::<Option<String>>()?, "user_id")?
+                    }
+                    Field::MessageId => once(
+                        &mut message_id,
+                        map.next_value::<Option<String>>()?,
+                        "message_id",
+                    )?,
+                    Field::Replayed => once(&mut replayed, map.next_value()?, "replayed")?,
+                    Field::Type => once(&mut kind, map.next_value()?, "type")?,
+                    Field::Payload => {
+                        // A payload before its type would have to be buffered: leave that
+                        // to the general path.
+                        let k = kind.ok_or_else(|| de::Error::custom("payload before type"))?;
+                        let b = match k {
+                            Kind::ChatMessage => EventBody::ChatMessage(map.next_value()?),
+                            Kind::SessionStarted => EventBody::SessionStarted(map.next_value()?),
+                            Kind::ChunkReceived => EventBody::ChunkReceived(map.next_value()?),
+                            Kind::StreamCompleted => {
+                                EventBody::StreamCompleted(map.next_value()?)
+                            }
+                            Kind::StreamError => EventBody::StreamError(map.next_value()?),
+                            Kind::RecoveryAttempt => {
+                                EventBody::RecoveryAttempt(map.next_value()?)
+                            }
+                            Kind::MessageStatus => EventBody::MessageStatus(map.next_value()?),
+                            Kind::Typing => EventBody::Typing(map.next_value()?),
+                            Kind::Notification => EventBody::Notification(map.next_value()?),
+                            Kind::MembershipChanged => {
+                                EventBody::MembershipChanged(map.next_value()?)
+                            }
+                        };
+                        once(&mut body, b, "payload")?;
+                    }
+                    Field::Other => {
+                        map.next_value::<IgnoredAny>()?;
+                    }
+                }
+            }
+            Ok(EventEnvelope {
+                id: id.ok_or_else(|| de::Error::missing_field("id"))?,
+                version: version.ok_or_else(|| de::Error::missing_field("version"))?,
+                timestamp: timestamp.ok_or_else(|| de::Error::missing_field("timestamp"))?,
+                timestamp_ms: timestamp_ms
+                    .ok_or_else(|| de::Error::missing_field("timestamp_ms"))?,
+                tenant: tenant.ok_or_else(|| de::Error::missing_field("tenant"))?,
+                trace_id: trace_id.ok_or_else(|| de::Error::missing_field("trace_id"))?,
+                source_node: source_node.ok_or_else(|| de::Error::missing_field("source_node"))?,
+                conversation_id: conversation_id.flatten(),
+                session_id: session_id.flatten(),
+                user_id: user_id.flatten(),
+                message_id: message_id.flatten(),
+                replayed: replayed.unwrap_or(false),
+                body: body.ok_or_else(|| de::Error::missing_field("payload"))?,
+            })
+        }
     }
 }
 
@@ -364,11 +536,128 @@ mod tests {
         );
     }
 
+    /// What the one-pass decode gives, or None where it leaves the input to the general path.
+    fn direct(bytes: &[u8]) -> Option<EventEnvelope> {
+        serde_json::from_slice::<direct::Direct>(bytes)
+            .ok()
+            .map(|d| d.0)
+    }
+
+    #[test]
+    fn the_one_pass_decode_agrees_with_the_general_one() {
+        let bodies = [
+            chat(3, "héllo \"quoted\" \\ \u{1F600}".into()),
+            EventBody::SessionStarted(SessionStarted {
+                session_id: "s".into(),
+                message_id: "m".into(),
+                conversation_id: "c".into(),
+                user_id: "u".into(),
+                prompt: "p".into(),
+                prompt_length: 1,
+                planned_chunks: 2,
+            }),
+            EventBody::ChunkReceived(ChunkReceived {
+                session_id: "s".into(),
+                message_id: "m".into(),
+                chunk_index: 0,
+                content_length: 1,
+                latency_ms: 1,
+            }),
+            EventBody::StreamCompleted(StreamCompleted {
+                session_id: "s".into(),
+                message_id: "m".into(),
+                conversation_id: "c".into(),
+                total_chunks: 1,
+                content_length: 1,
+                total_latency_ms: 1,
+                words: 1,
+                tokens_used: 1,
+                response: "r".into(),
+            }),
+            EventBody::StreamError(StreamError {
+                session_id: "s".into(),
+                message_id: "m".into(),
+                conversation_id: "c".into(),
+                error: "e".into(),
+                error_code: "E".into(),
+                chunk_index: 1,
+            }),
+            EventBody::RecoveryAttempt(RecoveryAttempt {
+                session_id: "s".into(),
+                user_id: "u".into(),
+                after_index: 1,
+                success: true,
+                chunks_replayed: 1,
+            }),
+            EventBody::MessageStatus(MessageStatusChanged {
+                message_id: None,
+                conversation_id: "c".into(),
+                seq: 1,
+                user_id: "u".into(),
+                status: crate::frames::MessageStatus::Read,
+            }),
+            EventBody::Typing(TypingChanged {
+                conversation_id: "c".into(),
+                user_id: "u".into(),
+                is_typing: true,
+            }),
+            EventBody::Notification(Notification {
+                id: "n".into(),
+                user_id: "u".into(),
+                title: "t".into(),
+                content: "c".into(),
+                kind: "k".into(),
+                related_entity_id: "r".into(),
+            }),
+            EventBody::MembershipChanged(MembershipChanged {
+                conversation_id: "c".into(),
+                actor_id: "a".into(),
+                added: vec!["x".into()],
+                removed: vec![],
+                created: true,
+            }),
+        ];
+        for body in bodies {
+            let mut e = envelope(body);
+            for replayed in [false, true] {
+                e.replayed = replayed;
+                let json = e.to_json();
+                assert_eq!(direct(json.as_bytes()).as_ref(), Some(&e), "{json}");
+                assert_eq!(EventEnvelope::from_slice_general(json.as_bytes()).unwrap(), e);
+            }
+        }
+        // What the one-pass decode leaves to the general path: a payload before its type
+        // (sorted keys), duplicates, unknown types. Unknown fields it skips, as the
+        // general path does; escaped keys it reads.
+        let e = envelope(chat(1, "x".into()));
+        let sorted = serde_json::to_value(&e).unwrap().to_string();
+        assert!(direct(sorted.as_bytes()).is_none());
+        assert_eq!(EventEnvelope::from_slice(sorted.as_bytes()).unwrap(), e);
+        let json = e.to_json();
+        let dup = json.replacen("{", "{\"tenant\":\"other\",", 1);
+        assert!(direct(dup.as_bytes()).is_none());
+        let extra = json.replacen("{", "{\"extra\":[1,{\"a\":null}],", 1);
+        assert_eq!(direct(extra.as_bytes()).as_ref(), Some(&e));
+        assert_eq!(EventEnvelope::from_slice_general(extra.as_bytes()).unwrap(), e);
+        let escaped = json.replacen("\"tenant\"", "\"\\u0074enant\"", 1);
+        assert_eq!(direct(escaped.as_bytes()).as_ref(), Some(&e));
+        let unknown = json.replacen("CHAT_MESSAGE", "SOMETHING_ELSE", 1);
+        assert!(direct(unknown.as_bytes()).is_none());
+        assert!(EventEnvelope::from_slice(unknown.as_bytes()).is_err());
+        let newer = json.replacen("\"version\":1", "\"version\":2", 1);
+        assert!(matches!(
+            EventEnvelope::from_slice(newer.as_bytes()),
+            Err(EventDecodeError::UnknownVersion(2))
+        ));
+    }
+
     proptest! {
         #[test]
         fn envelopes_round_trip(seq in any::<i64>(), body in ".{0,60}", replayed in any::<bool>()) {
             let mut e = envelope(chat(seq, body));
             e.replayed = replayed;
+            prop_assert_eq!(direct(e.to_json().as_bytes()), Some(e.clone()));
+            prop_assert_eq!(EventEnvelope::from_slice_general(e.to_json().as_bytes()).unwrap(), e.clone());
             prop_assert_eq!(EventEnvelope::from_slice(e.to_json().as_bytes()).unwrap(), e);
         }
     }
