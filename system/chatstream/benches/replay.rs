@@ -103,6 +103,18 @@ fn load_average() -> String {
         .unwrap_or_else(|| "load ?".into())
 }
 
+/// The decode before issue #11's work on it (what `EventEnvelope::from_slice` did): the
+/// whole record into a `serde_json::Value`, then into the envelope.
+fn decode_via_value(bytes: &[u8]) -> Option<EventEnvelope> {
+    let value: serde_json::Value = serde_json::from_slice(bytes).ok()?;
+    if value.get("version").and_then(|v| v.as_u64()).unwrap_or(0) > 1 {
+        return None;
+    }
+    let mut e: EventEnvelope = serde_json::from_value(value).ok()?;
+    e.replayed = true;
+    Some(e)
+}
+
 fn chatstream(args: &[&str]) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_chatstream"));
     c.args(args).env("RUST_LOG", "warn");
@@ -191,66 +203,105 @@ async fn run(stack: &Stack, n: u64, dir: &std::path::Path) -> Result<()> {
 
     // Raw replay: every chat-events record, decoded, from the three brokers; three full
     // replays of the same data, reported with their median (the machine is shared, so one
-    // run says little).
+    // run says little). Beside each, the path before issue #11's work on it: records
+    // copied out of the client, decoded through a `serde_json::Value`.
     let mut rates = Vec::new();
+    let mut before = Vec::new();
     for run in 1..=RUNS {
-        let b = e.kafka_bootstrap.clone();
-        let (count, secs) = tokio::task::spawn_blocking(move || -> Result<(u64, f64)> {
-            let ranges = chatstream_replay::ranges_all(&b, "chat-events")?;
-            let t = Instant::now();
-            let mut decoded = 0u64;
-            chatstream_replay::read(
-                &b,
-                "chat-events",
-                &ranges,
-                Duration::from_secs(600),
-                |r| {
-                    if r.event().is_some() {
-                        decoded += 1;
-                    }
-                },
-                |_, _| {},
-            )?;
-            Ok((decoded, t.elapsed().as_secs_f64()))
-        })
-        .await??;
-        let rate = count as f64 / secs;
-        rates.push(rate);
-        println!(
-            "replay    run {run}: {count} events read and decoded in {secs:.2} s = {rate:.0} events/s ({})",
-            load_average()
-        );
-    }
-    println!("replay    median of {RUNS}: {:.0} events/s", median(&mut rates));
-
-    for projection in ["search", "audit"] {
-        let mut rates = Vec::new();
-        for run in 1..=RUNS {
-            let out = chatstream(&[
-                "replay",
-                "--kafka-bootstrap",
-                &e.kafka_bootstrap,
-                "--postgres-url",
-                &e.postgres_url,
-                "rebuild",
-                projection,
-            ])
-            .output()?;
-            let v: serde_json::Value = serde_json::from_slice(&out.stdout)
-                .with_context(|| String::from_utf8_lossy(&out.stderr).into_owned())?;
-            let rate = v["events_per_s"].as_f64().unwrap_or(0.0);
-            rates.push(rate);
+        for old in [true, false] {
+            let b = e.kafka_bootstrap.clone();
+            let (count, secs) = tokio::task::spawn_blocking(move || -> Result<(u64, f64)> {
+                let ranges = chatstream_replay::ranges_all(&b, "chat-events")?;
+                let t = Instant::now();
+                let mut decoded = 0u64;
+                if old {
+                    chatstream_replay::read(
+                        &b,
+                        "chat-events",
+                        &ranges,
+                        Duration::from_secs(600),
+                        |r| {
+                            if r.payload.as_deref().and_then(decode_via_value).is_some() {
+                                decoded += 1;
+                            }
+                        },
+                        |_, _| {},
+                    )?;
+                } else {
+                    chatstream_replay::read_records(
+                        &b,
+                        "chat-events",
+                        &ranges,
+                        Duration::from_secs(600),
+                        |r| {
+                            if r.event().is_some() {
+                                decoded += 1;
+                            }
+                            std::ops::ControlFlow::Continue(())
+                        },
+                        |_, _| {},
+                    )?;
+                }
+                Ok((decoded, t.elapsed().as_secs_f64()))
+            })
+            .await??;
+            let rate = count as f64 / secs;
+            let what = if old {
+                before.push(rate);
+                "copied, via Value"
+            } else {
+                rates.push(rate);
+                "lent, one pass    "
+            };
             println!(
-                "rebuild   {projection:<9} run {run}: {} events in {:.1} s = {rate:.0} events/s ({})",
-                v["events"],
-                v["seconds"].as_f64().unwrap_or(0.0),
+                "replay    run {run} {what}: {count} events read and decoded in {secs:.2} s = {rate:.0} events/s ({})",
                 load_average()
             );
         }
-        println!(
-            "rebuild   {projection:<9} median of {RUNS}: {:.0} events/s",
-            median(&mut rates)
-        );
+    }
+    println!(
+        "replay    median of {RUNS}: {:.0} events/s (copied, via Value: {:.0} events/s)",
+        median(&mut rates),
+        median(&mut before)
+    );
+
+    // Each rebuild three times with its writers (the default) and with one statement at a
+    // time, side by side.
+    for projection in ["search", "audit"] {
+        let mut rates = std::collections::BTreeMap::<&str, Vec<f64>>::new();
+        for run in 1..=RUNS {
+            for writers in ["1", "3"] {
+                let out = chatstream(&[
+                    "replay",
+                    "--kafka-bootstrap",
+                    &e.kafka_bootstrap,
+                    "--postgres-url",
+                    &e.postgres_url,
+                    "rebuild",
+                    projection,
+                    "--writers",
+                    writers,
+                ])
+                .output()?;
+                let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+                    .with_context(|| String::from_utf8_lossy(&out.stderr).into_owned())?;
+                let rate = v["events_per_s"].as_f64().unwrap_or(0.0);
+                rates.entry(writers).or_default().push(rate);
+                println!(
+                    "rebuild   {projection:<9} run {run} writers {writers}: {} events in {:.1} s = {rate:.0} events/s ({}; digest {})",
+                    v["events"],
+                    v["seconds"].as_f64().unwrap_or(0.0),
+                    load_average(),
+                    v["digest"]
+                );
+            }
+        }
+        for (writers, rates) in &mut rates {
+            println!(
+                "rebuild   {projection:<9} writers {writers} median of {RUNS}: {:.0} events/s",
+                median(rates)
+            );
+        }
     }
     if std::env::var("BENCH_WORKERS").is_ok_and(|v| v == "0") {
         return Ok(());

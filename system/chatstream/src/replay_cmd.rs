@@ -54,7 +54,13 @@ pub enum ReplayCommand {
     },
     /// Rebuild a projection (audit, search or analytics) from scratch from Kafka, as a
     /// replay (events marked replayed), and print its digest.
-    Rebuild { projection: String },
+    Rebuild {
+        projection: String,
+        /// Statements in flight at once for audit and search, each writer owning a share
+        /// of the partitions (1: one at a time); analytics always writes with one.
+        #[arg(long, default_value_t = replay::rebuild::WRITERS)]
+        writers: usize,
+    },
     /// Print a projection's digest (compare a rebuilt one with the live one).
     Digest { projection: String },
     /// Start a new consumer group at the earliest offsets (it then backfills everything).
@@ -205,15 +211,21 @@ pub async fn run_replay(cmd: ReplayCommand, ep: Endpoints) -> Result<()> {
             })
             .await??;
         }
-        ReplayCommand::Rebuild { projection } => {
+        ReplayCommand::Rebuild {
+            projection,
+            writers,
+        } => {
             let store = open_store(&ep.postgres_url).await?;
             let rebuilt =
-                replay::rebuild(&b, store.pool(), &projection, |total| Bar(bar(total))).await?;
+                replay::rebuild_with_writers(&b, store.pool(), &projection, writers, |total| {
+                    Bar(bar(total))
+                })
+                .await?;
             let (n, secs) = (rebuilt.events, rebuilt.seconds);
             let digest = queries::digest(store.pool(), &projection).await?;
             println!(
                 "{}",
-                serde_json::json!({ "projection": projection, "events": n, "seconds": secs, "events_per_s": n as f64 / secs.max(1e-9), "digest": digest })
+                serde_json::json!({ "projection": projection, "writers": writers, "events": n, "seconds": secs, "events_per_s": n as f64 / secs.max(1e-9), "digest": digest })
             );
         }
         ReplayCommand::Digest { projection } => {

@@ -384,13 +384,9 @@ mod direct {
                             Kind::ChatMessage => EventBody::ChatMessage(map.next_value()?),
                             Kind::SessionStarted => EventBody::SessionStarted(map.next_value()?),
                             Kind::ChunkReceived => EventBody::ChunkReceived(map.next_value()?),
-                            Kind::StreamCompleted => {
-                                EventBody::StreamCompleted(map.next_value()?)
-                            }
+                            Kind::StreamCompleted => EventBody::StreamCompleted(map.next_value()?),
                             Kind::StreamError => EventBody::StreamError(map.next_value()?),
-                            Kind::RecoveryAttempt => {
-                                EventBody::RecoveryAttempt(map.next_value()?)
-                            }
+                            Kind::RecoveryAttempt => EventBody::RecoveryAttempt(map.next_value()?),
                             Kind::MessageStatus => EventBody::MessageStatus(map.next_value()?),
                             Kind::Typing => EventBody::Typing(map.next_value()?),
                             Kind::Notification => EventBody::Notification(map.next_value()?),
@@ -623,7 +619,10 @@ mod tests {
                 e.replayed = replayed;
                 let json = e.to_json();
                 assert_eq!(direct(json.as_bytes()).as_ref(), Some(&e), "{json}");
-                assert_eq!(EventEnvelope::from_slice_general(json.as_bytes()).unwrap(), e);
+                assert_eq!(
+                    EventEnvelope::from_slice_general(json.as_bytes()).unwrap(),
+                    e
+                );
             }
         }
         // What the one-pass decode leaves to the general path: a payload before its type
@@ -638,7 +637,10 @@ mod tests {
         assert!(direct(dup.as_bytes()).is_none());
         let extra = json.replacen("{", "{\"extra\":[1,{\"a\":null}],", 1);
         assert_eq!(direct(extra.as_bytes()).as_ref(), Some(&e));
-        assert_eq!(EventEnvelope::from_slice_general(extra.as_bytes()).unwrap(), e);
+        assert_eq!(
+            EventEnvelope::from_slice_general(extra.as_bytes()).unwrap(),
+            e
+        );
         let escaped = json.replacen("\"tenant\"", "\"\\u0074enant\"", 1);
         assert_eq!(direct(escaped.as_bytes()).as_ref(), Some(&e));
         let unknown = json.replacen("CHAT_MESSAGE", "SOMETHING_ELSE", 1);

@@ -22,15 +22,16 @@ pub mod rebuild;
 pub mod time;
 
 pub use groups::{assigned_topics, group_topics, GroupTopicsError};
-pub use rebuild::{rebuild, Progress, RebuildError, Rebuilt};
+pub use rebuild::{rebuild, rebuild_with_writers, Progress, RebuildError, Rebuilt};
 pub use time::{parse_time, TimeError};
 
 use chatstream_protocol::EventEnvelope;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
-use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::message::Message;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use serde::Serialize;
 use std::collections::BTreeMap;
+use std::ops::ControlFlow;
 use std::time::{Duration, Instant};
 
 #[derive(Debug, thiserror::Error)]
@@ -86,12 +87,46 @@ pub struct Replayed {
     pub payload: Option<Vec<u8>>,
 }
 
+/// The event in `payload`, marked as replayed (so side effects are not fired twice).
+fn replayed_event(payload: Option<&[u8]>) -> Option<EventEnvelope> {
+    let mut e = EventEnvelope::from_slice(payload?).ok()?;
+    e.replayed = true;
+    Some(e)
+}
+
+/// A record as the client holds it, borrowed for the duration of one callback of
+/// [`read_records`]: decoding from it copies nothing first.
+#[derive(Debug, Clone, Copy)]
+pub struct Record<'a> {
+    pub partition: i32,
+    pub offset: i64,
+    pub timestamp_ms: Option<i64>,
+    pub key: Option<&'a [u8]>,
+    pub payload: Option<&'a [u8]>,
+}
+
+impl Record<'_> {
+    /// The event, marked as replayed (so side effects are not fired twice).
+    pub fn event(&self) -> Option<EventEnvelope> {
+        replayed_event(self.payload)
+    }
+
+    /// The record with its key and payload copied out.
+    pub fn detach(&self) -> Replayed {
+        Replayed {
+            partition: self.partition,
+            offset: self.offset,
+            timestamp_ms: self.timestamp_ms,
+            key: self.key.map(<[u8]>::to_vec),
+            payload: self.payload.map(<[u8]>::to_vec),
+        }
+    }
+}
+
 impl Replayed {
     /// The event, marked as replayed (so side effects are not fired twice).
     pub fn event(&self) -> Option<EventEnvelope> {
-        let mut e = EventEnvelope::from_slice(self.payload.as_deref()?).ok()?;
-        e.replayed = true;
-        Some(e)
+        replayed_event(self.payload.as_deref())
     }
 
     /// The record as JSON: where it was, when, and its event (null if not JSON).
@@ -117,6 +152,9 @@ fn reader(bootstrap: &str) -> Result<BaseConsumer> {
         .set("fetch.max.bytes", "52428800")
         .set("max.partition.fetch.bytes", "10485760")
         .set("queued.max.messages.kbytes", "262144")
+        // Keep fetching ahead of the caller: a replay reads whole partitions, so the
+        // broker fetches should never wait for the queue to drain to the default 100,000.
+        .set("queued.min.messages", "1000000")
         .create()?)
 }
 
@@ -207,6 +245,29 @@ pub fn read(
     ranges: &[Range],
     deadline: Duration,
     mut each: impl FnMut(Replayed),
+    progress: impl FnMut(u64, u64),
+) -> Result<u64> {
+    read_records(
+        bootstrap,
+        topic,
+        ranges,
+        deadline,
+        |r| {
+            each(r.detach());
+            ControlFlow::Continue(())
+        },
+        progress,
+    )
+}
+
+/// [`read`] with each record lent to `each` rather than copied out, and `each` able to
+/// stop the replay early (`ControlFlow::Break`: the records read so far are counted).
+pub fn read_records(
+    bootstrap: &str,
+    topic: &str,
+    ranges: &[Range],
+    deadline: Duration,
+    mut each: impl FnMut(Record<'_>) -> ControlFlow<()>,
     mut progress: impl FnMut(u64, u64),
 ) -> Result<u64> {
     let total: u64 = ranges.iter().map(|r| r.len() as u64).sum();
@@ -229,18 +290,28 @@ pub fn read(
     let started = Instant::now();
     let mut read = 0u64;
     let mut last_report = Instant::now();
-    while next.iter().any(|(p, o)| *o < ends[p]) {
-        if started.elapsed() > deadline {
-            return Err(ReplayError::Timeout(
-                deadline,
-                format!("at {next:?}, ends {ends:?}"),
-            ));
+    // Partitions with records left to read, kept as `next` moves rather than recounted
+    // for every record.
+    let mut unfinished = next.iter().filter(|(p, o)| **o < ends[p]).count();
+    let timeout = |next: &BTreeMap<i32, i64>| {
+        ReplayError::Timeout(deadline, format!("at {next:?}, ends {ends:?}"))
+    };
+    let mut polls = 0u64;
+    while unfinished > 0 {
+        // The clock is read on every empty poll but only every 1,024 records: per record
+        // it shows at this rate.
+        polls += 1;
+        if polls % 1024 == 0 && started.elapsed() > deadline {
+            return Err(timeout(&next));
         }
         let Some(msg) = c.poll(Duration::from_millis(200)) else {
+            if started.elapsed() > deadline {
+                return Err(timeout(&next));
+            }
             continue;
         };
-        let msg: OwnedMessage = match msg {
-            Ok(m) => m.detach(),
+        let msg = match msg {
+            Ok(m) => m,
             Err(e) => {
                 // Retention deleted records under the reader (auto.offset.reset=error):
                 // name where, rather than the client's bare error code.
@@ -261,31 +332,46 @@ pub fn read(
             }
         };
         let p = msg.partition();
-        let Some(end) = ends.get(&p) else { continue };
-        if msg.offset() >= *end {
+        let Some(&end) = ends.get(&p) else { continue };
+        if msg.offset() >= end {
             // Past the fixed end: this partition is done; stop fetching it.
-            next.insert(p, *end);
+            unfinished = unfinished.saturating_add_signed(advance(&mut next, p, end, end));
             let mut done = TopicPartitionList::new();
             done.add_partition(topic, p);
             let _ = c.pause(&done);
             continue;
         }
-        next.insert(p, msg.offset() + 1);
+        unfinished = unfinished.saturating_add_signed(advance(&mut next, p, msg.offset() + 1, end));
         read += 1;
-        each(Replayed {
+        let flow = each(Record {
             partition: p,
             offset: msg.offset(),
             timestamp_ms: msg.timestamp().to_millis(),
-            key: msg.key().map(<[u8]>::to_vec),
-            payload: msg.payload().map(<[u8]>::to_vec),
+            key: msg.key(),
+            payload: msg.payload(),
         });
-        if last_report.elapsed() > Duration::from_millis(200) {
+        if flow.is_break() {
+            progress(read, total);
+            return Ok(read);
+        }
+        if read % 1024 == 0 && last_report.elapsed() > Duration::from_millis(200) {
             progress(read, total);
             last_report = Instant::now();
         }
     }
     progress(read, total);
     Ok(read)
+}
+
+/// Moves partition `p`'s next offset to `to` (its end being `end`): -1 when that finishes
+/// the partition, +1 when it reopens it, 0 otherwise.
+fn advance(next: &mut BTreeMap<i32, i64>, p: i32, to: i64, end: i64) -> isize {
+    let before = next.insert(p, to).is_some_and(|o| o < end);
+    match (before, to < end) {
+        (true, false) => -1,
+        (false, true) => 1,
+        _ => 0,
+    }
 }
 
 /// Every record of `topic` with a timestamp at or after `since_ms`, up to the end offsets
