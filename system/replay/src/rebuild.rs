@@ -1,8 +1,9 @@
 //! Projection rebuilds: a projection (audit, search or analytics) emptied, with its
 //! processed markers, and filled again from every record of its topics, as a replay
 //! (events marked replayed), thousands of events a statement: audit and search in bulk,
-//! analytics through its live handler's batch path (it aggregates, so it keeps the live
-//! code's sums and markers).
+//! by a few writers at once (each owning a share of the partitions), analytics through its
+//! live handler's batch path with one writer (it aggregates, so it keeps the live code's
+//! sums and markers).
 
 use chatstream_protocol::EventEnvelope;
 use chatstream_workers::bulk;
