@@ -15,14 +15,23 @@
 //! open-loop run the outbox backlog is sampled every second, and the rows stored and published
 //! within the run are counted.
 //!
+//! Memory per connection is measured first, each count on a fresh node: 2,000 and 10,000
+//! authenticated connections, idle (only their `hello` exchanged) and then active (each in
+//! a two-person conversation, having sent two pings and two messages and received the
+//! answers and its peer's messages); RSS growth of the node process over the count. The
+//! bench raises its open-file limit to the hard limit, which the node inherits.
+//!
 //!     cargo bench -p chatstream --bench node
 //!
 //! Environment: `CHATSTREAM_BENCH_BASE_PORT` (29900), `CHATSTREAM_BENCH_SECS` (60: the new
 //! path's 10,000/s run; the old path's runs 15 s, it cannot keep up), `CHATSTREAM_BENCH_ONLY`
-//! (`on` or `off`: one path only), `CHATSTREAM_BENCH_PERF=<dir>` (records `perf` profiles of
-//! the node and of the whole machine for 20 s in the middle of the new path's 10,000/s run),
-//! `CHATSTREAM_BENCH_BASELINE_BIN=<chatstream binary>` (an earlier build, measured on the
-//! new path beside this one, in the same run on the same stack).
+//! (`on` or `off`: one path only, no memory runs; `memory`: the memory runs only),
+//! `CHATSTREAM_BENCH_CONNECTIONS` (10000: the larger memory run),
+//! `CHATSTREAM_BENCH_STACK_DIR=<run dir>` (use a stack already up, from `squall stack up
+//! --run-dir`, and leave it running), `CHATSTREAM_BENCH_PERF=<dir>` (records `perf` profiles
+//! of the node and of the whole machine for 20 s in the middle of the new path's 10,000/s
+//! run), `CHATSTREAM_BENCH_BASELINE_BIN=<chatstream binary>` (an earlier build, measured on
+//! the new path beside this one, in the same run on the same stack).
 
 use anyhow::{anyhow, Context, Result};
 use chatstream_protocol::auth::{self, Claims};
@@ -150,18 +159,148 @@ async fn connect(addr: &str, user: &str) -> Result<Ws> {
     Ok(ws)
 }
 
-async fn idle_memory(node: &NodeProc, n: usize) -> Result<f64> {
-    let pid = node.0.id();
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let before = proc_field(pid, "VmRSS:")?;
-    let mut conns = Vec::with_capacity(n);
-    for i in 0..n {
-        conns.push(connect(&node.1, &format!("idle-{i}")).await?);
+/// Raises this process's open-file limit to its hard limit: the node, spawned from here,
+/// inherits it, and the memory runs hold 10,000 sockets on each side. Returns the limit.
+fn raise_open_files() -> Result<u64> {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    if soft < hard {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
     }
+    Ok(hard)
+}
+
+/// Opens `n` authenticated connections, `parallel` handshakes at a time.
+async fn connect_many(addr: &str, prefix: &str, n: usize, parallel: usize) -> Result<Vec<Ws>> {
+    let results: Vec<Result<Ws>> = futures::stream::iter(0..n)
+        .map(|i| {
+            let addr = addr.to_string();
+            let user = format!("{prefix}-u{i}");
+            async move { connect(&addr, &user).await }
+        })
+        .buffered(parallel)
+        .collect()
+        .await;
+    results.into_iter().collect()
+}
+
+/// Node RSS per connection, KiB: idle, and after each connection has been active.
+struct ConnMemory {
+    idle_kib: f64,
+    active_kib: f64,
+    active_peak_kib: f64,
+}
+
+/// The node's RSS growth per connection, on a node of its own (`node` is fresh: nothing
+/// else has touched its heap). Idle: `n` authenticated connections that have only had
+/// their `hello`. Active: the same connections, each then a member of a two-person
+/// conversation, having sent two pings and two messages (pong and ack back for each, the
+/// peer's two messages delivered live); measured once every connection has its answers,
+/// and as the peak sampled while they were exchanged. Every figure is (RSS − RSS before
+/// the first connection) / `n`.
+async fn connection_memory(node: &NodeProc, prefix: &str, n: usize) -> Result<ConnMemory> {
+    let pid = node.0.id();
+    if n % 2 == 1 {
+        return Err(anyhow!("an even number of connections is needed (pairs)"));
+    }
+    // Conversations first: creating them is HTTP work on the node, not per-connection state.
+    let http = reqwest::Client::new();
+    let made: Vec<Result<()>> = futures::stream::iter(0..n / 2)
+        .map(|p| {
+            let http = http.clone();
+            let addr = node.1.clone();
+            let (a, b) = (
+                format!("{prefix}-u{}", 2 * p),
+                format!("{prefix}-u{}", 2 * p + 1),
+            );
+            async move {
+                let r = http
+                    .post(format!("http://{addr}/api/conversations"))
+                    .bearer_auth(token(&a))
+                    .json(&serde_json::json!({ "id": format!("{prefix}-c{p}"), "members": [a, b] }))
+                    .send()
+                    .await?;
+                if !r.status().is_success() {
+                    return Err(anyhow!("creating a conversation: {}", r.status()));
+                }
+                Ok(())
+            }
+        })
+        .buffer_unordered(16)
+        .collect()
+        .await;
+    made.into_iter().collect::<Result<()>>()?;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let after = proc_field(pid, "VmRSS:")?;
+    let before = proc_field(pid, "VmRSS:")?;
+    let conns = connect_many(&node.1, prefix, n, 32).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let idle = proc_field(pid, "VmRSS:")?;
+
+    let peak = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(idle));
+    let sampling = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let sampler = {
+        let (peak, sampling) = (peak.clone(), sampling.clone());
+        tokio::spawn(async move {
+            while sampling.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Ok(rss) = proc_field(pid, "VmRSS:") {
+                    peak.fetch_max(rss, std::sync::atomic::Ordering::Relaxed);
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+    let prefix_owned = prefix.to_string();
+    let exchanged: Vec<Result<Ws>> = futures::stream::iter(conns.into_iter().enumerate())
+        .map(|(i, mut ws)| {
+            let conv = format!("{prefix_owned}-c{}", i / 2);
+            async move {
+                for k in 0..2u64 {
+                    ws.send(Message::text(ClientFrame::Ping { nonce: Some(k) }.encode()))
+                        .await?;
+                    let frame = ClientFrame::Send {
+                        conversation_id: conv.clone(),
+                        client_msg_id: format!("m{k}"),
+                        body: "a benchmark message of about sixty bytes, typical of chat text"
+                            .into(),
+                    };
+                    ws.send(Message::text(frame.encode())).await?;
+                }
+                let mut answers = 0;
+                while answers < 4 {
+                    let next = tokio::time::timeout(Duration::from_secs(60), ws.next()).await;
+                    let Ok(Some(Ok(msg))) = next else {
+                        return Err(anyhow!("no answer to a ping or a send"));
+                    };
+                    let Message::Text(t) = msg else { continue };
+                    match ServerFrame::decode(&t)? {
+                        ServerFrame::Pong { .. } | ServerFrame::Ack { .. } => answers += 1,
+                        ServerFrame::Error { code, message, .. } => {
+                            return Err(anyhow!("{code:?}: {message}"))
+                        }
+                        _ => {}
+                    }
+                }
+                Ok(ws)
+            }
+        })
+        .buffer_unordered(256)
+        .collect()
+        .await;
+    let conns: Vec<Ws> = exchanged.into_iter().collect::<Result<_>>()?;
+    // The peers' live messages were queued before the last ack of the pair went out; give
+    // the writers a moment to put them on the sockets.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let active = proc_field(pid, "VmRSS:")?;
+    sampling.store(false, std::sync::atomic::Ordering::Relaxed);
+    sampler.await?;
+    let peak = peak.load(std::sync::atomic::Ordering::Relaxed).max(active);
     drop(conns);
-    Ok((after.saturating_sub(before)) as f64 / n as f64)
+    let per = |rss: u64| rss.saturating_sub(before) as f64 / n as f64;
+    Ok(ConnMemory {
+        idle_kib: per(idle),
+        active_kib: per(active),
+        active_peak_kib: per(peak),
+    })
 }
 
 /// `clients` connections each keep `window` frames in flight for `secs` seconds.
@@ -554,19 +693,44 @@ async fn main() -> Result<()> {
     let perf = std::env::var("CHATSTREAM_BENCH_PERF")
         .ok()
         .map(PathBuf::from);
+    let connections = env_num("CHATSTREAM_BENCH_CONNECTIONS", 10_000) as usize;
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
-    // Named by the base port: benches of different port ranges share the target dir.
-    let stack = Stack::up(StackConfig::new(
-        dir.join(format!("bench-stack-{base}")),
-        PortPlan::from_base(base, 3)?,
-    ))
-    .await
-    .context("stack")?;
+    let attached = std::env::var("CHATSTREAM_BENCH_STACK_DIR").ok();
+    let stack = match &attached {
+        Some(run_dir) => Stack::attach(std::path::Path::new(run_dir)).context("attaching")?,
+        // Named by the base port: benches of different port ranges share the target dir.
+        None => Stack::up(StackConfig::new(
+            dir.join(format!("bench-stack-{base}")),
+            PortPlan::from_base(base, 3)?,
+        ))
+        .await
+        .context("stack")?,
+    };
     let result = async {
         let pg = sqlx::PgPool::connect(&stack.endpoints().postgres_url).await?;
         let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
         println!("machine: {cores} cores; node, load generator, 3 brokers, PostgreSQL, Redis and Toxiproxy share them");
         let built = PathBuf::from(env!("CARGO_BIN_EXE_chatstream"));
+        if only.as_deref().is_none_or(|o| o == "memory") {
+            let open_files = raise_open_files()?;
+            let config = dir.join(format!("bench-node-{base}-memory.yaml"));
+            std::fs::write(
+                &config,
+                "node_id: bench-memory\nrate_limit_per_s: 1000000\nrate_limit_burst: 1000000\npg_max_connections: 32\nsend_batching: on\n",
+            )?;
+            // Each count on a fresh node: a heap that already held connections would
+            // reuse their freed memory and understate the next figure.
+            let tag = std::process::id();
+            for n in [2_000, connections] {
+                let node = start_node(&stack, &config, &built).await?;
+                let m = connection_memory(&node, &format!("mem{n}-{tag}"), n).await?;
+                println!(
+                    "connections: {n} (open-file limit {open_files}), node RSS per connection: idle {:.1} KiB, active {:.1} KiB (peak while active {:.1} KiB)",
+                    m.idle_kib, m.active_kib, m.active_peak_kib
+                );
+                drop(node);
+            }
+        }
         // (label, send_batching, binary): the old path, then the new one, with an earlier
         // build of the new path beside it when one is given.
         let mut runs = vec![("off".to_string(), "off", built.clone())];
@@ -588,8 +752,6 @@ async fn main() -> Result<()> {
             let node = start_node(&stack, &config, &binary).await?;
             println!("send_batching: {path} ({label}: {})", binary.display());
             if path == "on" && binary == built {
-                let per_conn_kib = idle_memory(&node, 2000).await?;
-                println!("idle connections: 2000, node RSS per connection {per_conn_kib:.1} KiB");
                 let (frames, wall, cpu) = throughput(&node, 16, 64, 10, ping, false).await?;
                 println!(
                     "ping/pong  {frames} frames in {wall:.1} s = {:.0} frames/s; node CPU {cpu:.1} s = {:.0} frames per CPU-second (per core)",
@@ -621,6 +783,9 @@ async fn main() -> Result<()> {
             results.push((label, frames as f64 / wall, r100, r1000));
             drop(node);
         }
+        if results.is_empty() {
+            return Ok(());
+        }
         println!();
         println!("| send path | closed loop, 16 conns | 100 conns @ 1,000/s: acked/s, p50 / p99 | 1,000 conns @ 10,000/s: acked/s, p50 / p99 / p99.9 | node µs CPU per acked message at 10,000/s | outbox at 10,000/s: published/s, backlog max |");
         println!("| --- | ---: | ---: | ---: | ---: | ---: |");
@@ -642,6 +807,9 @@ async fn main() -> Result<()> {
         Ok::<(), anyhow::Error>(())
     }
     .await;
-    stack.down(false).await?;
+    // A stack attached to is someone else's to stop.
+    if attached.is_none() {
+        stack.down(false).await?;
+    }
     result
 }
