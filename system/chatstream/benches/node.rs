@@ -28,7 +28,9 @@
 //! (`on` or `off`: one path only, no memory runs; `memory`: the memory runs only),
 //! `CHATSTREAM_BENCH_CONNECTIONS` (10000: the larger memory run),
 //! `CHATSTREAM_BENCH_STACK_DIR=<run dir>` (use a stack already up, from `squall stack up
-//! --run-dir`, and leave it running), `CHATSTREAM_BENCH_PERF=<dir>` (records `perf` profiles
+//! --run-dir`, and leave it running), `CHATSTREAM_BENCH_NODE_WRAPPER` (a command the node
+//! runs under, e.g. `heaptrack -o <file>`; the RSS figures are then the wrapper's),
+//! `CHATSTREAM_BENCH_HOLD_SECS` (holds the memory runs' connections after each figure), `CHATSTREAM_BENCH_PERF=<dir>` (records `perf` profiles
 //! of the node and of the whole machine for 20 s in the middle of the new path's 10,000/s
 //! run), `CHATSTREAM_BENCH_BASELINE_BIN=<chatstream binary>` (an earlier build, measured on
 //! the new path beside this one, in the same run on the same stack).
@@ -96,7 +98,17 @@ async fn start_node(
     binary: &std::path::Path,
 ) -> Result<NodeProc> {
     let e = stack.endpoints();
-    let mut child = Command::new(binary)
+    let wrapper = std::env::var("CHATSTREAM_BENCH_NODE_WRAPPER").unwrap_or_default();
+    let mut words = wrapper.split_whitespace();
+    let mut command = match words.next() {
+        Some(program) => {
+            let mut c = Command::new(program);
+            c.args(words).arg(binary);
+            c
+        }
+        None => Command::new(binary),
+    };
+    let mut child = command
         .args([
             "node",
             "--config",
@@ -118,9 +130,19 @@ async fn start_node(
         .stderr(Stdio::null())
         .spawn()?;
     let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
-    let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line)?;
-    let v: serde_json::Value = serde_json::from_str(&line)?;
+    // The node's first JSON line names its address (a wrapper may print lines before it).
+    let mut reader = BufReader::new(stdout);
+    let v: serde_json::Value = loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 {
+            return Err(anyhow!("the node exited before naming its address"));
+        }
+        if let Ok(v) = serde_json::from_str(&line) {
+            break v;
+        }
+    };
+    // Kept read, so neither the node nor a wrapper dies writing to a closed pipe.
+    std::thread::spawn(move || reader.lines().for_each(drop));
     let addr = v["addr"]
         .as_str()
         .ok_or_else(|| anyhow!("no addr"))?
@@ -184,6 +206,17 @@ async fn connect_many(addr: &str, prefix: &str, n: usize, parallel: usize) -> Re
     results.into_iter().collect()
 }
 
+/// With `CHATSTREAM_BENCH_HOLD_SECS`, keeps the connections as they are that long, so the
+/// node's heap can be looked at (e.g. `kill -9` it under `heaptrack`: what is still
+/// allocated is what they hold).
+async fn hold(what: &str, pid: u32) -> Result<()> {
+    if let Ok(secs) = std::env::var("CHATSTREAM_BENCH_HOLD_SECS") {
+        println!("holding the {what} connections {secs} s; node pid {pid}");
+        tokio::time::sleep(Duration::from_secs(secs.parse()?)).await;
+    }
+    Ok(())
+}
+
 /// Node RSS per connection, KiB: idle, and after each connection has been active.
 struct ConnMemory {
     idle_kib: f64,
@@ -235,6 +268,7 @@ async fn connection_memory(node: &NodeProc, prefix: &str, n: usize) -> Result<Co
     let conns = connect_many(&node.1, prefix, n, 32).await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let idle = proc_field(pid, "VmRSS:")?;
+    hold("idle", pid).await?;
 
     let peak = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(idle));
     let sampling = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
@@ -291,6 +325,7 @@ async fn connection_memory(node: &NodeProc, prefix: &str, n: usize) -> Result<Co
     // the writers a moment to put them on the sockets.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let active = proc_field(pid, "VmRSS:")?;
+    hold("active", pid).await?;
     sampling.store(false, std::sync::atomic::Ordering::Relaxed);
     sampler.await?;
     let peak = peak.load(std::sync::atomic::Ordering::Relaxed).max(active);

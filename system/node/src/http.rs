@@ -69,6 +69,9 @@ fn api_error(status: StatusCode, code: &str, message: impl Into<String>) -> Resp
         .into_response()
 }
 
+/// Each WebSocket's read buffer, bytes (see `ws`).
+const READ_BUFFER_BYTES: usize = 1024;
+
 async fn ws(
     State(state): State<Arc<NodeState>>,
     headers: HeaderMap,
@@ -82,7 +85,9 @@ async fn ws(
     upgrade
         .max_message_size(cap)
         .max_frame_size(cap)
-        .read_buffer_size(4 * 1024)
+        // The read buffer is allocated (and zeroed) for every connection, idle or not, and
+        // never shrinks: 1 KiB holds a typical frame in one read; a larger frame grows it.
+        .read_buffer_size(READ_BUFFER_BYTES)
         .write_buffer_size(4 * 1024)
         .on_upgrade(move |socket| conn::serve(state, socket, auth))
 }

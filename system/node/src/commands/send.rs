@@ -228,10 +228,11 @@ impl Client {
     }
 
     /// The completer: answers each send once its batch is written, in read order (so a
-    /// conversation's acks come in seq order).
+    /// conversation's acks come in seq order). It lives as long as the connection, mostly
+    /// waiting: the answer's state is boxed, so it takes room only while a send is answered.
     async fn complete_sends(self: Arc<Self>, mut rx: mpsc::Receiver<PendingSend>) {
         while let Some(pending) = rx.recv().await {
-            self.complete_one(pending).await;
+            Box::pin(self.complete_one(pending)).await;
         }
     }
 

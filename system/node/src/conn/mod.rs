@@ -17,7 +17,9 @@ use axum::extract::ws::{Message, WebSocket};
 use chatstream_protocol::auth::{Claims, TokenError};
 use chatstream_protocol::frames::ErrorCode;
 use chatstream_protocol::ServerFrame;
-use futures::StreamExt;
+use futures::stream::{SplitSink, SplitStream};
+use futures::{SinkExt, StreamExt};
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::oneshot;
@@ -31,16 +33,34 @@ use crate::{clock, presence};
 use limits::{Heard, Offence, RateLimit};
 use writer::{close_message, write_loop, WriterSettings, CLOSE_WRITE_TIMEOUT};
 
-async fn close_with(socket: &mut WebSocket, code: u16, reason: &str) {
-    let _ = tokio::time::timeout(
-        CLOSE_WRITE_TIMEOUT,
-        socket.send(close_message(code, reason)),
-    )
-    .await;
+async fn close_with(sink: &mut Sink, code: u16, reason: &str) {
+    let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, sink.send(close_message(code, reason))).await;
 }
 
+type Sink = SplitSink<WebSocket, Message>;
+
 /// Serves one upgraded connection until it closes.
-pub async fn serve(state: Arc<NodeState>, mut socket: WebSocket, auth: Result<Claims, TokenError>) {
+///
+/// A connection's reader future lives as long as the connection, idle or not, so it is
+/// kept small (see the node README's memory notes): the socket is split before the future
+/// exists (a future keeps room for its arguments all its life), and whatever is awaited
+/// only now and then — a frame's command, a reply, a presence update — is boxed, so its
+/// state takes room only while it runs.
+pub fn serve(
+    state: Arc<NodeState>,
+    socket: WebSocket,
+    auth: Result<Claims, TokenError>,
+) -> impl Future<Output = ()> + Send + 'static {
+    let (sink, stream) = socket.split();
+    read_loop(state, sink, stream, auth)
+}
+
+async fn read_loop(
+    state: Arc<NodeState>,
+    mut sink: Sink,
+    mut stream: SplitStream<WebSocket>,
+    auth: Result<Claims, TokenError>,
+) {
     let claims = match auth {
         Ok(c) => c,
         Err(e) => {
@@ -51,10 +71,10 @@ pub async fn serve(state: Arc<NodeState>, mut socket: WebSocket, auth: Result<Cl
             );
             let _ = tokio::time::timeout(
                 CLOSE_WRITE_TIMEOUT,
-                socket.send(Message::Text(frame.encode().into())),
+                sink.send(Message::Text(frame.encode().into())),
             )
             .await;
-            close_with(&mut socket, CLOSE_UNAUTHORIZED, &e.to_string()).await;
+            close_with(&mut sink, CLOSE_UNAUTHORIZED, &e.to_string()).await;
             return;
         }
     };
@@ -65,16 +85,22 @@ pub async fn serve(state: Arc<NodeState>, mut socket: WebSocket, auth: Result<Cl
         reg.id,
         reg.outlet.clone(),
     ));
-    let (sink, mut stream) = socket.split();
-    conn.reply(ServerFrame::Hello {
+    Box::pin(conn.reply(ServerFrame::Hello {
         node_id: state.cfg.node_id.clone(),
         user_id: conn.claims.sub.clone(),
         tenant: conn.claims.tenant.clone(),
         max_frame_bytes: state.cfg.max_frame_bytes,
         server_time_ms: clock::now_ms(),
-    })
+    }))
     .await;
-    presence::mark(&state, &conn.claims.tenant, &conn.claims.sub, conn.id, true).await;
+    Box::pin(presence::mark(
+        &state,
+        &conn.claims.tenant,
+        &conn.claims.sub,
+        conn.id,
+        true,
+    ))
+    .await;
 
     let (reader_done, reader_done_rx) = oneshot::channel();
     let heard = Arc::new(Heard::new());
@@ -108,11 +134,11 @@ pub async fn serve(state: Arc<NodeState>, mut socket: WebSocket, auth: Result<Cl
         let text = match msg {
             Some(Ok(Message::Text(t))) => t,
             Some(Ok(Message::Binary(_))) => {
-                conn.reply(error_frame(
+                Box::pin(conn.reply(error_frame(
                     ErrorCode::MalformedFrame,
                     "binary frames are not supported; send JSON text frames",
                     None,
-                ))
+                )))
                 .await;
                 continue;
             }
@@ -121,7 +147,7 @@ pub async fn serve(state: Arc<NodeState>, mut socket: WebSocket, auth: Result<Cl
         };
         metrics::counter!(m::FRAMES_IN).increment(1);
         if text.len() > state.cfg.max_frame_bytes {
-            conn.reply(error_frame(
+            Box::pin(conn.reply(error_frame(
                 ErrorCode::FrameTooLarge,
                 format!(
                     "frame of {} bytes exceeds the limit of {} bytes",
@@ -129,7 +155,7 @@ pub async fn serve(state: Arc<NodeState>, mut socket: WebSocket, auth: Result<Cl
                     state.cfg.max_frame_bytes
                 ),
                 None,
-            ))
+            )))
             .await;
             continue;
         }
@@ -143,7 +169,7 @@ pub async fn serve(state: Arc<NodeState>, mut socket: WebSocket, auth: Result<Cl
                 });
                 continue;
             }
-            conn.reply(ServerFrame::Error {
+            Box::pin(conn.reply(ServerFrame::Error {
                 code: ErrorCode::RateLimited,
                 message: format!(
                     "more than {} frames/s (burst {}); slow down",
@@ -151,11 +177,12 @@ pub async fn serve(state: Arc<NodeState>, mut socket: WebSocket, auth: Result<Cl
                 ),
                 ref_id: None,
                 retry_after_ms: Some(wait.as_millis() as u64 + 1),
-            })
+            }))
             .await;
             continue;
         }
-        commands::dispatch(&conn, &text).await;
+        // Boxed: a command's state (a send, a sync) is many times the loop's own.
+        Box::pin(commands::dispatch(&conn, &text)).await;
     }
     // Sends still being stored are answered (and fanned out) by the completer, which
     // ends after them.
@@ -163,13 +190,13 @@ pub async fn serve(state: Arc<NodeState>, mut socket: WebSocket, auth: Result<Cl
     state
         .hub
         .unregister(&conn.claims.tenant, &conn.claims.sub, conn.id);
-    presence::mark(
+    Box::pin(presence::mark(
         &state,
         &conn.claims.tenant,
         &conn.claims.sub,
         conn.id,
         false,
-    )
+    ))
     .await;
     if !writer_done {
         let _ = reader_done.send(());

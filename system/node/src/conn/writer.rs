@@ -39,27 +39,30 @@ pub(super) struct WriterSettings {
     pub(super) heard: Arc<Heard>,
 }
 
+/// Tells the outlet its writer is gone when the writer ends, however it ends.
+struct WriterGone(Arc<Outlet>);
+
+impl Drop for WriterGone {
+    fn drop(&mut self) {
+        self.0.writer_gone();
+    }
+}
+
 /// Drains the outlet into the socket and pings the client until the connection ends. A
 /// frame the socket does not take within `stall` ends the connection (the peer stopped
 /// reading); so does silence past `idle`.
+///
+/// This future lives as long as the connection: its rarely taken ways out (shutdown's
+/// goodbye) are boxed so that they take room only when taken.
 pub(super) async fn write_loop(
-    sink: SplitSink<WebSocket, Message>,
-    rx: mpsc::UnboundedReceiver<Outbound>,
-    outlet: Arc<Outlet>,
-    settings: WriterSettings,
-    reader_done: oneshot::Receiver<()>,
-) {
-    write_frames(sink, rx, &outlet, settings, reader_done).await;
-    outlet.writer_gone();
-}
-
-async fn write_frames(
     mut sink: SplitSink<WebSocket, Message>,
     mut rx: mpsc::UnboundedReceiver<Outbound>,
-    outlet: &Outlet,
+    outlet: Arc<Outlet>,
     mut settings: WriterSettings,
     mut reader_done: oneshot::Receiver<()>,
 ) {
+    let gone = WriterGone(outlet);
+    let outlet = &*gone.0;
     let stall = settings.stall;
     let mut ping = tokio::time::interval_at(
         tokio::time::Instant::now() + settings.ping_every,
@@ -99,7 +102,7 @@ async fn write_frames(
                     sink.send(Message::Text(bye.encode().into())).await?;
                     sink.send(close_message(CLOSE_SHUTDOWN, "node shutting down")).await
                 };
-                let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, goodbye).await;
+                let _ = Box::pin(tokio::time::timeout(CLOSE_WRITE_TIMEOUT, goodbye)).await;
                 return;
             }
             _ = &mut reader_done => break,
