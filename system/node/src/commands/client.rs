@@ -50,8 +50,10 @@ pub struct Client {
     pub(crate) id: ConnId,
     pub(crate) outlet: Arc<Outlet>,
     error_budget: Mutex<ErrorBudget>,
-    /// The completer's queue of batched sends (started with the first one).
-    pub(super) sends: Mutex<Option<mpsc::Sender<PendingSend>>>,
+    /// The completer's queue of batched sends (started with the first one). Boxed: the
+    /// queue allocates a block of 32 slots up front, kept for the connection's life; 32
+    /// pointers instead of 32 sends is 3 KiB less per connection that ever sent.
+    pub(super) sends: Mutex<Option<mpsc::Sender<Box<PendingSend>>>>,
 }
 
 impl Client {

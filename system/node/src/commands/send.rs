@@ -157,7 +157,9 @@ impl Client {
                 place: None,
             });
             let append = batcher.submit(new, hooks).await;
-            return self.queue_send(PendingSend { append, sent }).await;
+            return self
+                .queue_send(Box::new(PendingSend { append, sent }))
+                .await;
         }
         let redis_fanout = state.cfg.fanout_mode == FanoutMode::Redis;
         let mut place: Option<Reservation> = None;
@@ -208,7 +210,7 @@ impl Client {
     /// Hands a batched send to this connection's completer (started with the first send),
     /// which answers sends in the order they were read. Waits while `max_pending_sends`
     /// of them are being stored.
-    async fn queue_send(self: &Arc<Self>, pending: PendingSend) {
+    async fn queue_send(self: &Arc<Self>, pending: Box<PendingSend>) {
         let tx = self.sends.lock().ok().map(|mut sends| {
             sends
                 .get_or_insert_with(|| {
@@ -230,15 +232,16 @@ impl Client {
     /// The completer: answers each send once its batch is written, in read order (so a
     /// conversation's acks come in seq order). It lives as long as the connection, mostly
     /// waiting: the answer's state is boxed, so it takes room only while a send is answered.
-    async fn complete_sends(self: Arc<Self>, mut rx: mpsc::Receiver<PendingSend>) {
+    async fn complete_sends(self: Arc<Self>, mut rx: mpsc::Receiver<Box<PendingSend>>) {
         while let Some(pending) = rx.recv().await {
             Box::pin(self.complete_one(pending)).await;
         }
     }
 
-    async fn complete_one(self: &Arc<Self>, pending: PendingSend) {
-        let appended = pending.append.wait().await;
-        self.finish_send(pending.sent, appended).await;
+    async fn complete_one(self: &Arc<Self>, pending: Box<PendingSend>) {
+        let PendingSend { append, sent } = *pending;
+        let appended = append.wait().await;
+        self.finish_send(sent, appended).await;
     }
 
     /// Lets the completer end once it has answered what is queued (the connection ended).
