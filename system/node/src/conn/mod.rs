@@ -42,10 +42,10 @@ type Sink = SplitSink<WebSocket, Message>;
 /// Serves one upgraded connection until it closes.
 ///
 /// A connection's reader future lives as long as the connection, idle or not, so it is
-/// kept small (see the node README's memory notes): the socket is split before the future
-/// exists (a future keeps room for its arguments all its life), and whatever is awaited
-/// only now and then — a frame's command, a reply, a presence update — is boxed, so its
-/// state takes room only while it runs.
+/// kept small (`system/docs/perf/connection-memory.md`): the socket is split before the
+/// future exists (a future keeps room for its arguments all its life), and whatever is
+/// awaited only now and then — a frame's command, a reply, a presence update — is boxed,
+/// so its state takes room only while it runs.
 pub fn serve(
     state: Arc<NodeState>,
     socket: WebSocket,
