@@ -33,7 +33,7 @@
 //! `CHATSTREAM_BENCH_HOLD_SECS` (holds the memory runs' connections after each figure), `CHATSTREAM_BENCH_PERF=<dir>` (records `perf` profiles
 //! of the node and of the whole machine for 20 s in the middle of the new path's 10,000/s
 //! run), `CHATSTREAM_BENCH_BASELINE_BIN=<chatstream binary>` (an earlier build, measured on
-//! the new path beside this one, in the same run on the same stack).
+//! the new path and in the memory runs beside this one, in the same run on the same stack).
 
 use anyhow::{anyhow, Context, Result};
 use chatstream_protocol::auth::{self, Claims};
@@ -756,14 +756,18 @@ async fn main() -> Result<()> {
             // Each count on a fresh node: a heap that already held connections would
             // reuse their freed memory and understate the next figure.
             let tag = std::process::id();
-            for n in [2_000, connections] {
-                let node = start_node(&stack, &config, &built).await?;
-                let m = connection_memory(&node, &format!("mem{n}-{tag}"), n).await?;
-                println!(
-                    "connections: {n} (open-file limit {open_files}), node RSS per connection: idle {:.1} KiB, active {:.1} KiB (peak while active {:.1} KiB)",
-                    m.idle_kib, m.active_kib, m.active_peak_kib
-                );
-                drop(node);
+            let binaries = std::iter::once(("this build", &built))
+                .chain(baseline.as_ref().map(|b| ("baseline binary", b)));
+            for (k, (label, binary)) in binaries.enumerate() {
+                for n in [2_000, connections] {
+                    let node = start_node(&stack, &config, binary).await?;
+                    let m = connection_memory(&node, &format!("mem{n}-{k}-{tag}"), n).await?;
+                    println!(
+                        "{label}: connections: {n} (open-file limit {open_files}), node RSS per connection: idle {:.1} KiB, active {:.1} KiB (peak while active {:.1} KiB)",
+                        m.idle_kib, m.active_kib, m.active_peak_kib
+                    );
+                    drop(node);
+                }
             }
         }
         // (label, send_batching, binary): the old path, then the new one, with an earlier
