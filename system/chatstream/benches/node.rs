@@ -222,6 +222,8 @@ struct ConnMemory {
     idle_kib: f64,
     active_kib: f64,
     active_peak_kib: f64,
+    /// Frames of the active phase answered with an error instead of a pong or an ack.
+    errors: u64,
 }
 
 /// The node's RSS growth per connection, on a node of its own (`node` is fresh: nothing
@@ -284,7 +286,7 @@ async fn connection_memory(node: &NodeProc, prefix: &str, n: usize) -> Result<Co
         })
     };
     let prefix_owned = prefix.to_string();
-    let exchanged: Vec<Result<Ws>> = futures::stream::iter(conns.into_iter().enumerate())
+    let exchanged: Vec<Result<(Ws, u64)>> = futures::stream::iter(conns.into_iter().enumerate())
         .map(|(i, mut ws)| {
             let conv = format!("{prefix_owned}-c{}", i / 2);
             async move {
@@ -299,7 +301,7 @@ async fn connection_memory(node: &NodeProc, prefix: &str, n: usize) -> Result<Co
                     };
                     ws.send(Message::text(frame.encode())).await?;
                 }
-                let mut answers = 0;
+                let (mut answers, mut errors) = (0, 0u64);
                 while answers < 4 {
                     let next = tokio::time::timeout(Duration::from_secs(60), ws.next()).await;
                     let Ok(Some(Ok(msg))) = next else {
@@ -308,19 +310,28 @@ async fn connection_memory(node: &NodeProc, prefix: &str, n: usize) -> Result<Co
                     let Message::Text(t) = msg else { continue };
                     match ServerFrame::decode(&t)? {
                         ServerFrame::Pong { .. } | ServerFrame::Ack { .. } => answers += 1,
-                        ServerFrame::Error { code, message, .. } => {
-                            return Err(anyhow!("{code:?}: {message}"))
+                        // An error is an answer too (a send refused on a loaded machine,
+                        // `unavailable`): counted and printed, the connection was used.
+                        ServerFrame::Error { .. } => {
+                            answers += 1;
+                            errors += 1;
                         }
                         _ => {}
                     }
                 }
-                Ok(ws)
+                Ok((ws, errors))
             }
         })
-        .buffer_unordered(256)
+        .buffer_unordered(64)
         .collect()
         .await;
-    let conns: Vec<Ws> = exchanged.into_iter().collect::<Result<_>>()?;
+    let mut conns: Vec<Ws> = Vec::with_capacity(n);
+    let mut errors = 0;
+    for r in exchanged {
+        let (ws, e) = r?;
+        conns.push(ws);
+        errors += e;
+    }
     // The peers' live messages were queued before the last ack of the pair went out; give
     // the writers a moment to put them on the sockets.
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -335,6 +346,7 @@ async fn connection_memory(node: &NodeProc, prefix: &str, n: usize) -> Result<Co
         idle_kib: per(idle),
         active_kib: per(active),
         active_peak_kib: per(peak),
+        errors,
     })
 }
 
@@ -763,8 +775,8 @@ async fn main() -> Result<()> {
                     let node = start_node(&stack, &config, binary).await?;
                     let m = connection_memory(&node, &format!("mem{n}-{k}-{tag}"), n).await?;
                     println!(
-                        "{label}: connections: {n} (open-file limit {open_files}), node RSS per connection: idle {:.1} KiB, active {:.1} KiB (peak while active {:.1} KiB)",
-                        m.idle_kib, m.active_kib, m.active_peak_kib
+                        "{label}: connections: {n} (open-file limit {open_files}), node RSS per connection: idle {:.1} KiB, active {:.1} KiB (peak while active {:.1} KiB; {} of {} active frames answered with an error)",
+                        m.idle_kib, m.active_kib, m.active_peak_kib, m.errors, 4 * n
                     );
                     drop(node);
                 }
