@@ -193,6 +193,10 @@ async fn pace(scenario: Scenario, population: Population, p: Pacing) -> Paced {
         );
         measuring = true;
     }
+    // One timer for the whole schedule, reset for each operation: a timer built and
+    // dropped per operation took the runtime's timer lock twice.
+    let timer = tokio::time::sleep_until(t0.into());
+    tokio::pin!(timer);
     for a in Arrivals::new(&scenario, &population) {
         let due = t0 + a.due;
         if !measuring && due >= measure_start {
@@ -209,8 +213,9 @@ async fn pace(scenario: Scenario, population: Population, p: Pacing) -> Paced {
         }
         let now = Instant::now();
         if due > now + Duration::from_micros(500) {
+            timer.as_mut().reset(due.into());
             tokio::select! {
-                _ = tokio::time::sleep_until(due.into()) => {}
+                _ = &mut timer => {}
                 _ = stop.changed() => { interrupted = true; break; }
             }
         }

@@ -8,6 +8,7 @@
 pub mod abuse;
 pub mod body;
 pub mod engine;
+mod fasthash;
 pub mod http;
 pub mod metrics;
 pub mod plan;

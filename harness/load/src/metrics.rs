@@ -111,6 +111,28 @@ struct Book {
     last_counters: BTreeMap<String, u64>,
 }
 
+impl Book {
+    fn record(&mut self, name: &str, latency: Duration, in_window: bool) {
+        let us = (latency.as_micros() as u64).clamp(1, 600_000_000);
+        let record = |l: &mut Latency| {
+            if in_window {
+                let _ = l.total.get_or_insert_with(new_histogram).record(us);
+            }
+            let _ = l.second.record(us);
+        };
+        if let Some(l) = self.latencies.get_mut(name) {
+            record(l);
+            return;
+        }
+        let mut l = Latency {
+            total: None,
+            second: new_histogram(),
+        };
+        record(&mut l);
+        self.latencies.insert(name.to_string(), l);
+    }
+}
+
 /// The run's counters; cheap to bump from any task.
 #[derive(Default)]
 pub struct Counters {
@@ -218,26 +240,20 @@ impl Metrics {
     /// measured window (so a late answer to an in-window send still counts, and warm-up
     /// does not); the per-second series takes every value.
     pub fn record(&self, name: &str, latency: Duration, in_window: bool) {
-        let us = (latency.as_micros() as u64).clamp(1, 600_000_000);
         let Ok(mut book) = self.book.lock() else {
             return;
         };
-        let record = |l: &mut Latency| {
-            if in_window {
-                let _ = l.total.get_or_insert_with(new_histogram).record(us);
-            }
-            let _ = l.second.record(us);
-        };
-        if let Some(l) = book.latencies.get_mut(name) {
-            record(l);
+        book.record(name, latency, in_window);
+    }
+
+    /// Two values at once (an ack's corrected and uncorrected latency, a delivery's and
+    /// its same- or cross-node one): one lock where two were taken per frame.
+    pub fn record_pair(&self, a: (&str, Duration), b: (&str, Duration), in_window: bool) {
+        let Ok(mut book) = self.book.lock() else {
             return;
-        }
-        let mut l = Latency {
-            total: None,
-            second: new_histogram(),
         };
-        record(&mut l);
-        book.latencies.insert(name.to_string(), l);
+        book.record(a.0, a.1, in_window);
+        book.record(b.0, b.1, in_window);
     }
 
     /// Closes the current second: its latencies and counter increases join the series.

@@ -2,11 +2,11 @@
 //! nodes' addresses, the conversation ids and the limits, and the measured window.
 
 use squall_history::Recorder;
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
+use crate::fasthash::FastMap;
 use crate::metrics::Metrics;
 
 pub struct Shared {
@@ -15,7 +15,7 @@ pub struct Shared {
     /// WebSocket base URLs of the nodes (`ws://host:port`), in node order.
     pub nodes: Vec<String>,
     pub conversation_ids: Vec<String>,
-    conversation_lookup: HashMap<String, u32>,
+    conversation_lookup: FastMap<String, u32>,
     pub ack_timeout: Duration,
     pub max_in_flight: usize,
     /// Attempts at the first connection before the user gives up (the run then aborts).
@@ -114,5 +114,10 @@ impl Shared {
 
     pub fn record_latency(&self, name: &str, latency: Duration, due: Instant) {
         self.metrics.record(name, latency, self.in_window(due));
+    }
+
+    /// Two latencies of one operation due at `due`, under one lock of the metrics.
+    pub fn record_latencies(&self, a: (&str, Duration), b: (&str, Duration), due: Instant) {
+        self.metrics.record_pair(a, b, self.in_window(due));
     }
 }
