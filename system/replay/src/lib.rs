@@ -299,9 +299,10 @@ pub fn read_records(
     let mut polls = 0u64;
     while unfinished > 0 {
         // The clock is read on every empty poll but only every 1,024 records: per record
-        // it shows at this rate.
+        // it shows at this rate. The first poll reads it too, so a deadline already
+        // passed (max_wait_ms=0) cuts the replay before any record.
         polls += 1;
-        if polls % 1024 == 0 && started.elapsed() > deadline {
+        if polls % 1024 == 1 && started.elapsed() > deadline {
             return Err(timeout(&next));
         }
         let Some(msg) = c.poll(Duration::from_millis(200)) else {
