@@ -239,32 +239,14 @@ async fn connection_memory(node: &NodeProc, prefix: &str, n: usize) -> Result<Co
         return Err(anyhow!("an even number of connections is needed (pairs)"));
     }
     // Conversations first: creating them is HTTP work on the node, not per-connection state.
-    let http = reqwest::Client::new();
-    let made: Vec<Result<()>> = futures::stream::iter(0..n / 2)
-        .map(|p| {
-            let http = http.clone();
-            let addr = node.1.clone();
-            let (a, b) = (
-                format!("{prefix}-u{}", 2 * p),
-                format!("{prefix}-u{}", 2 * p + 1),
-            );
-            async move {
-                let r = http
-                    .post(format!("http://{addr}/api/conversations"))
-                    .bearer_auth(token(&a))
-                    .json(&serde_json::json!({ "id": format!("{prefix}-c{p}"), "members": [a, b] }))
-                    .send()
-                    .await?;
-                if !r.status().is_success() {
-                    return Err(anyhow!("creating a conversation: {}", r.status()));
-                }
-                Ok(())
-            }
-        })
-        .buffer_unordered(16)
-        .collect()
-        .await;
-    made.into_iter().collect::<Result<()>>()?;
+    create_conversations_of(node, n / 2, |p| {
+        let (a, b) = (
+            format!("{prefix}-u{}", 2 * p),
+            format!("{prefix}-u{}", 2 * p + 1),
+        );
+        (format!("{prefix}-c{p}"), vec![a, b])
+    })
+    .await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let before = proc_field(pid, "VmRSS:")?;
     let conns = connect_many(&node.1, prefix, n, 32).await?;
@@ -492,20 +474,34 @@ async fn drain_outbox(pg: &sqlx::PgPool, within: Duration) -> Result<Duration> {
     Ok(start.elapsed())
 }
 
-/// Creates conversation `conv` with `user` as its only member (idempotent).
+/// Creates conversations `<prefix>-c<i>`, each with `<prefix>-u<i>` as its only member
+/// (idempotent).
 async fn create_conversations(node: &NodeProc, prefix: &str, n: usize) -> Result<()> {
+    create_conversations_of(node, n, |c| {
+        (format!("{prefix}-c{c}"), vec![format!("{prefix}-u{c}")])
+    })
+    .await
+}
+
+/// Creates `n` conversations, the `i`th named and peopled by `spec(i)` (id, members; the
+/// first member creates it), 16 requests at a time.
+async fn create_conversations_of(
+    node: &NodeProc,
+    n: usize,
+    spec: impl Fn(usize) -> (String, Vec<String>),
+) -> Result<()> {
     let http = reqwest::Client::new();
     let addr = node.1.clone();
-    let results: Vec<Result<()>> = futures::stream::iter(0..n)
-        .map(|c| {
+    let results: Vec<Result<()>> = futures::stream::iter((0..n).map(spec))
+        .map(|(id, members)| {
             let http = http.clone();
             let addr = addr.clone();
-            let user = format!("{prefix}-u{c}");
             async move {
+                let creator = members.first().cloned().unwrap_or_default();
                 let r = http
                     .post(format!("http://{addr}/api/conversations"))
-                    .bearer_auth(token(&user))
-                    .json(&serde_json::json!({ "id": format!("{prefix}-c{c}"), "members": [user] }))
+                    .bearer_auth(token(&creator))
+                    .json(&serde_json::json!({ "id": id, "members": members }))
                     .send()
                     .await?;
                 if !r.status().is_success() {
