@@ -265,13 +265,14 @@ async fn run(stack: &Stack, n: u64, dir: &std::path::Path) -> Result<()> {
         median(&mut before)
     );
 
-    // Each rebuild three times with its writers (the default) and with one statement at a
-    // time, side by side.
+    // Each rebuild three times: the bulk load into a shadow table (the default) and the
+    // path before it (emptied and refilled in place with the live workers' statements),
+    // interleaved on the same data, three writers each.
     for projection in ["search", "audit"] {
         let mut rates = std::collections::BTreeMap::<&str, Vec<f64>>::new();
         for run in 1..=RUNS {
-            for writers in ["1", "3"] {
-                let out = chatstream(&[
+            for how in ["bulk into a shadow", "in place"] {
+                let mut args = vec![
                     "replay",
                     "--kafka-bootstrap",
                     &e.kafka_bootstrap,
@@ -279,16 +280,17 @@ async fn run(stack: &Stack, n: u64, dir: &std::path::Path) -> Result<()> {
                     &e.postgres_url,
                     "rebuild",
                     projection,
-                    "--writers",
-                    writers,
-                ])
-                .output()?;
+                ];
+                if how == "in place" {
+                    args.push("--in-place");
+                }
+                let out = chatstream(&args).output()?;
                 let v: serde_json::Value = serde_json::from_slice(&out.stdout)
                     .with_context(|| String::from_utf8_lossy(&out.stderr).into_owned())?;
                 let rate = v["events_per_s"].as_f64().unwrap_or(0.0);
-                rates.entry(writers).or_default().push(rate);
+                rates.entry(how).or_default().push(rate);
                 println!(
-                    "rebuild   {projection:<9} run {run} writers {writers}: {} events in {:.1} s = {rate:.0} events/s ({}; digest {})",
+                    "rebuild   {projection:<9} run {run} {how:<18}: {} events in {:.1} s = {rate:.0} events/s ({}; digest {})",
                     v["events"],
                     v["seconds"].as_f64().unwrap_or(0.0),
                     load_average(),
@@ -296,9 +298,9 @@ async fn run(stack: &Stack, n: u64, dir: &std::path::Path) -> Result<()> {
                 );
             }
         }
-        for (writers, rates) in &mut rates {
+        for (how, rates) in &mut rates {
             println!(
-                "rebuild   {projection:<9} writers {writers} median of {RUNS}: {:.0} events/s",
+                "rebuild   {projection:<9} {how:<18} median of {RUNS}: {:.0} events/s",
                 median(rates)
             );
         }

@@ -56,10 +56,14 @@ pub enum ReplayCommand {
     /// replay (events marked replayed), and print its digest.
     Rebuild {
         projection: String,
-        /// Statements in flight at once for audit and search, each writer owning a share
-        /// of the partitions (1: one at a time); analytics always writes with one.
+        /// Connections writing at once for audit and search, each writer owning a share
+        /// of the partitions (1 to 8); analytics always writes with one.
         #[arg(long, default_value_t = replay::rebuild::WRITERS)]
         writers: usize,
+        /// Audit and search: empty the table and refill it with the live workers'
+        /// statements (the path before the bulk load into a shadow table, to compare).
+        #[arg(long)]
+        in_place: bool,
     },
     /// Print a projection's digest (compare a rebuilt one with the live one).
     Digest { projection: String },
@@ -214,18 +218,19 @@ pub async fn run_replay(cmd: ReplayCommand, ep: Endpoints) -> Result<()> {
         ReplayCommand::Rebuild {
             projection,
             writers,
+            in_place,
         } => {
             let store = open_store(&ep.postgres_url).await?;
-            let rebuilt =
-                replay::rebuild_with_writers(&b, store.pool(), &projection, writers, |total| {
-                    Bar(bar(total))
-                })
-                .await?;
+            let options = replay::rebuild::Options { writers, in_place };
+            let rebuilt = replay::rebuild_with(&b, store.pool(), &projection, options, |total| {
+                Bar(bar(total))
+            })
+            .await?;
             let (n, secs) = (rebuilt.events, rebuilt.seconds);
             let digest = queries::digest(store.pool(), &projection).await?;
             println!(
                 "{}",
-                serde_json::json!({ "projection": projection, "writers": writers, "events": n, "seconds": secs, "events_per_s": n as f64 / secs.max(1e-9), "digest": digest })
+                serde_json::json!({ "projection": projection, "writers": writers, "in_place": in_place, "events": n, "seconds": secs, "events_per_s": n as f64 / secs.max(1e-9), "digest": digest })
             );
         }
         ReplayCommand::Digest { projection } => {

@@ -237,6 +237,23 @@ async fn rebuilt_projections_equal_the_live_ones(stack: &mut Stack) -> Result<()
         )
         .await?;
     }
+    // A body COPY's text format must escape, and a message published again with another
+    // body (the live upsert keeps the last one; the rebuild must too).
+    let conversation = unique("conv");
+    let escaped = chat_event(
+        &conversation,
+        "tab\there, newline\nand \\N, a backslash \\ and \\. alone\r",
+        1_001,
+    );
+    let first = chat_event(&conversation, "first words", 1_002);
+    let mut again = first.clone();
+    again.id = unique("evt");
+    if let EventBody::ChatMessage(m) = &mut again.body {
+        m.body = "second words".into();
+    }
+    for e in [&escaped, &first, &again] {
+        produce(&p, "chat-events", e.key(), e.to_json().as_bytes(), None).await?;
+    }
     let session = unique("s-analytics");
     let done = stream_event(&session, completed(&session, 1_234), false);
     produce(
@@ -306,6 +323,12 @@ async fn rebuilt_projections_equal_the_live_ones(stack: &mut Stack) -> Result<()
             .fetch_one(&pool)
             .await?;
         ensure!(rows > 0, "{projection} is empty: nothing to compare");
+        let indexes = "SELECT string_agg(indexname || ' ' || indexdef, '; ' ORDER BY indexname)
+                       FROM pg_indexes WHERE tablename = $1";
+        let indexes_before: String = sqlx::query_scalar(indexes)
+            .bind(table)
+            .fetch_one(&pool)
+            .await?;
         let e = stack.endpoints();
         let out = Command::new(chatstream_bin())
             .args([
@@ -329,6 +352,23 @@ async fn rebuilt_projections_equal_the_live_ones(stack: &mut Stack) -> Result<()
             v["digest"] == live.as_str(),
             "{projection}: rebuilt digest {} differs from live {live} ({rows} rows)",
             v["digest"]
+        );
+        // The bulk load swaps a shadow table in: same indexes and constraints, no shadow left.
+        let indexes_after: String = sqlx::query_scalar(indexes)
+            .bind(table)
+            .fetch_one(&pool)
+            .await?;
+        ensure!(
+            indexes_after == indexes_before,
+            "{table}'s indexes after the rebuild: {indexes_after}; before: {indexes_before}"
+        );
+        let shadow: Option<String> =
+            sqlx::query_scalar(&format!("SELECT to_regclass('{table}_rebuild')::text"))
+                .fetch_one(&pool)
+                .await?;
+        ensure!(
+            shadow.is_none(),
+            "the shadow {shadow:?} is left after the swap"
         );
         eprintln!(
             "  {projection}: {rows} rows, same digest live and rebuilt ({} events replayed at {:.0}/s)",

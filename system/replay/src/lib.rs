@@ -19,10 +19,11 @@
 pub mod groups;
 pub mod http;
 pub mod rebuild;
+pub mod shadow;
 pub mod time;
 
 pub use groups::{assigned_topics, group_topics, GroupTopicsError};
-pub use rebuild::{rebuild, rebuild_with_writers, Progress, RebuildError, Rebuilt};
+pub use rebuild::{rebuild, rebuild_with, Progress, RebuildError, Rebuilt};
 pub use time::{parse_time, TimeError};
 
 use chatstream_protocol::EventEnvelope;
