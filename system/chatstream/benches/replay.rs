@@ -5,7 +5,9 @@
 //!     cargo bench -p chatstream --bench replay       # CHATSTREAM_BENCH_BASE_PORT=29900, BENCH_EVENTS=200000
 //!
 //! Replay and each rebuild run three times on the same data; the median is reported.
-//! `BENCH_WORKERS=0` stops after the replay and rebuild figures.
+//! `BENCH_WORKERS=0` stops after the replay and rebuild figures, `BENCH_ONLY=produce`
+//! after producing; `CHATSTREAM_BENCH_STACK_DIR=DIR` uses the stack `squall stack up
+//! --run-dir DIR` started, and leaves it running.
 
 use anyhow::{anyhow, Context, Result};
 use chatstream_protocol::events::{ChatMessage, EventBody, SessionStarted, StreamCompleted};
@@ -135,6 +137,12 @@ async fn main() -> Result<()> {
         .and_then(|v| v.parse().ok())
         .unwrap_or(200_000);
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    // A stack started by `squall stack up --run-dir DIR` is used and left running (to
+    // rebuild its data again by hand); otherwise the bench starts and stops its own.
+    if let Ok(kept) = std::env::var("CHATSTREAM_BENCH_STACK_DIR") {
+        let stack = Stack::attach(std::path::Path::new(&kept)).context("attaching the stack")?;
+        return run(&stack, n, &dir).await;
+    }
     let stack = Stack::up(StackConfig::new(
         dir.join("bench-replay-stack"),
         PortPlan::from_base(base, 3)?,
@@ -200,6 +208,9 @@ async fn run(stack: &Stack, n: u64, dir: &std::path::Path) -> Result<()> {
         ]
     });
     produce_all(&p, stream_events).await?;
+    if std::env::var("BENCH_ONLY").is_ok_and(|v| v == "produce") {
+        return Ok(());
+    }
 
     // Raw replay: every chat-events record, decoded, from the three brokers; three full
     // replays of the same data, reported with their median (the machine is shared, so one
@@ -290,9 +301,12 @@ async fn run(stack: &Stack, n: u64, dir: &std::path::Path) -> Result<()> {
                 let rate = v["events_per_s"].as_f64().unwrap_or(0.0);
                 rates.entry(how).or_default().push(rate);
                 println!(
-                    "rebuild   {projection:<9} run {run} {how:<18}: {} events in {:.1} s = {rate:.0} events/s ({}; digest {})",
+                    "rebuild   {projection:<9} run {run} {how:<18}: {} events in {:.1} s (load {:.1}, indexes {:.1}, swap {:.1}) = {rate:.0} events/s ({}; digest {})",
                     v["events"],
                     v["seconds"].as_f64().unwrap_or(0.0),
+                    v["load_s"].as_f64().unwrap_or(0.0),
+                    v["index_s"].as_f64().unwrap_or(0.0),
+                    v["swap_s"].as_f64().unwrap_or(0.0),
                     load_average(),
                     v["digest"]
                 );

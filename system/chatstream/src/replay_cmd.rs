@@ -230,7 +230,12 @@ pub async fn run_replay(cmd: ReplayCommand, ep: Endpoints) -> Result<()> {
             let digest = queries::digest(store.pool(), &projection).await?;
             println!(
                 "{}",
-                serde_json::json!({ "projection": projection, "writers": writers, "in_place": in_place, "events": n, "seconds": secs, "events_per_s": n as f64 / secs.max(1e-9), "digest": digest })
+                serde_json::json!({
+                    "projection": projection, "writers": writers, "in_place": in_place,
+                    "events": n, "seconds": secs, "events_per_s": n as f64 / secs.max(1e-9),
+                    "load_s": rebuilt.load_seconds, "index_s": rebuilt.index_seconds, "swap_s": rebuilt.swap_seconds,
+                    "digest": digest
+                })
             );
         }
         ReplayCommand::Digest { projection } => {

@@ -41,10 +41,16 @@ pub enum RebuildError {
 }
 
 /// How a rebuild went.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default)]
 pub struct Rebuilt {
     pub events: u64,
     pub seconds: f64,
+    /// Seconds spent reading the topics into the table (the shadow for a bulk load).
+    pub load_seconds: f64,
+    /// Seconds building the shadow's indexes (0 in place).
+    pub index_seconds: f64,
+    /// Seconds swapping the shadow in and writing what arrived meanwhile (0 in place).
+    pub swap_seconds: f64,
 }
 
 /// Shows one topic's replay as it goes (the command line draws a progress bar).
@@ -153,7 +159,8 @@ pub async fn rebuild_with<P: Progress>(
     };
     let started = Instant::now();
     let writers = options.writers.clamp(1, MAX_WRITERS);
-    let events = if kind == Projection::Analytics || options.in_place {
+    let mut rebuilt = Rebuilt::default();
+    rebuilt.events = if kind == Projection::Analytics || options.in_place {
         let writers = if kind == Projection::Analytics {
             1
         } else {
@@ -199,7 +206,9 @@ pub async fn rebuild_with<P: Progress>(
             read_to.push((topic, ranges));
         }
         seen.apply_later_bodies(pool, shadow.name()).await?;
+        rebuilt.load_seconds = started.elapsed().as_secs_f64();
         shadow.build_indexes(pool).await?;
+        rebuilt.index_seconds = started.elapsed().as_secs_f64() - rebuilt.load_seconds;
         shadow.swap(pool).await?;
         // Records that arrived after each topic's ends were taken: a live worker may have
         // written them into the table just dropped, so they are written into the new one
@@ -222,12 +231,15 @@ pub async fn rebuild_with<P: Progress>(
                 total += insert_topic(bootstrap, target(topic), tail, writers, &progress).await?;
             }
         }
+        rebuilt.swap_seconds =
+            started.elapsed().as_secs_f64() - rebuilt.load_seconds - rebuilt.index_seconds;
         total
     };
-    Ok(Rebuilt {
-        events,
-        seconds: started.elapsed().as_secs_f64(),
-    })
+    rebuilt.seconds = started.elapsed().as_secs_f64();
+    if rebuilt.load_seconds == 0.0 {
+        rebuilt.load_seconds = rebuilt.seconds;
+    }
+    Ok(rebuilt)
 }
 
 /// Where a topic's batches go.
