@@ -19,6 +19,7 @@ macro_rules! show {
     }};
 }
 
+pub mod alerts;
 mod nemesis;
 mod pipeline;
 mod progress;

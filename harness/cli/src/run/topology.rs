@@ -10,6 +10,8 @@ use nix::sys::signal::Signal;
 use serde::{Deserialize, Serialize};
 use squall_scenario::{Scenario, WorkerKind};
 use squall_stack::process::{self, Launch, ProcessRecord, StopSignal};
+
+use super::alerts::AlertSink;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -148,6 +150,8 @@ pub struct Topology {
     pub node_urls: Vec<String>,
     pub workers_api: Option<String>,
     pub token_secret: String,
+    /// The alerts webhook the started workers post to.
+    pub alerts: Option<AlertSink>,
 }
 
 /// Where the backends are, as the nodes and workers should reach them.
@@ -204,6 +208,7 @@ impl Topology {
                 .collect(),
             workers_api: t.workers_api.clone(),
             token_secret: t.token_secret.clone(),
+            alerts: None,
         }
     }
 
@@ -224,6 +229,7 @@ impl Topology {
             node_urls: Vec::new(),
             workers_api: None,
             token_secret: secret.clone(),
+            alerts: None,
         };
         let result = topo
             .start_all(scenario, binary, backends, ports, run_dir, &logs)
@@ -283,6 +289,11 @@ impl Topology {
         }
         if topology.workers.enabled && !topology.workers.only.is_empty() {
             let w = &topology.workers;
+            if w.only.contains(&WorkerKind::Alerts) {
+                let sink = AlertSink::start(ports.webhook, run_dir).await?;
+                tracing::info!("alerts webhook on http://{}/alerts", sink.addr);
+                self.alerts = Some(sink);
+            }
             let url = format!("http://127.0.0.1:{}", ports.workers);
             let mut args = vec![
                 "workers".to_string(),
@@ -403,5 +414,14 @@ impl Topology {
             }
         });
         futures::future::join_all(stops).await;
+        if let Some(sink) = &self.alerts {
+            let taken = sink.stop();
+            tracing::info!(
+                "alerts webhook took {} alert(s) ({} distinct) → {}",
+                taken.received,
+                taken.distinct,
+                sink.path.display()
+            );
+        }
     }
 }
