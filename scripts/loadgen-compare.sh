@@ -19,7 +19,9 @@
 #   --duration S     LOADGEN_DURATION  seconds of load                          (60)
 #   --members M      LOADGEN_MEMBERS   members per conversation                 (4)
 #   --only TOOL      LOADGEN_ONLY      squall | gatling | both                  (both)
-#   --base-port P    LOADGEN_BASE_PORT the stack's base port; the node is P+101 (31000)
+#   --base-port P    LOADGEN_BASE_PORT the stack's base port; the node is P+101 (31300; the
+#                    stack takes P..P+61 and the node P+101: keep them below the kernel's
+#                    ephemeral range, 32768 and up, where a client socket may already sit)
 #   --steady-skip S  LOADGEN_STEADY_SKIP seconds after the first send left out of the steady
 #                    window (JIT warm-up, connection set-up)                 (10)
 #   --no-build       LOADGEN_NO_BUILD=1  use the binaries in target/release as they are
@@ -27,6 +29,11 @@
 #   --squall-bin F / --chatstream-bin F  (LOADGEN_SQUALL_BIN / LOADGEN_CHATSTREAM_BIN) one binary
 #                    from elsewhere (implies --no-build)
 #   --keep           LOADGEN_KEEP=1      keep the work directory (.squall/loadgen-compare-*)
+#   --squall-b F     LOADGEN_SQUALL_B    an A/B of squall: a second squall binary (or a wrapper
+#                    script that execs one with other options or environment) run against the
+#                    same node, alternating with the first (A B A B ...); the report gives
+#                    each run and the medians' ratio B / A
+#   --rounds N       LOADGEN_ROUNDS      squall runs per binary (alternating with B)  (1)
 #
 # It starts the local stack (`squall stack up`, 3 Kafka brokers, Redis, PostgreSQL,
 # Toxiproxy) and ONE chatstream node (release build, outbox publishing, Redis fan-out,
@@ -53,13 +60,15 @@ BYTES=${LOADGEN_BYTES:-200}
 DURATION=${LOADGEN_DURATION:-60}
 MEMBERS=${LOADGEN_MEMBERS:-4}
 ONLY=${LOADGEN_ONLY:-both}
-BASE_PORT=${LOADGEN_BASE_PORT:-31000}
+BASE_PORT=${LOADGEN_BASE_PORT:-31300}
 STEADY_SKIP=${LOADGEN_STEADY_SKIP:-10}
 NO_BUILD=${LOADGEN_NO_BUILD:-0}
 KEEP=${LOADGEN_KEEP:-0}
 BIN_DIR=${LOADGEN_BIN_DIR:-}
 SQUALL_BIN=${LOADGEN_SQUALL_BIN:-}
 CHATSTREAM_BIN=${LOADGEN_CHATSTREAM_BIN:-}
+SQUALL_B=${LOADGEN_SQUALL_B:-}
+ROUNDS=${LOADGEN_ROUNDS:-1}
 
 usage() { sed -n '2,/^$/p' "$0" | sed 's/^# \{0,1\}//'; }
 while [ $# -gt 0 ]; do
@@ -77,6 +86,8 @@ while [ $# -gt 0 ]; do
     --squall-bin) SQUALL_BIN=$2; shift 2 ;;
     --chatstream-bin) CHATSTREAM_BIN=$2; shift 2 ;;
     --keep) KEEP=1; shift ;;
+    --squall-b) SQUALL_B=$2; shift 2 ;;
+    --rounds) ROUNDS=$2; shift 2 ;;
     -h|--help) usage; exit 0 ;;
     *) echo "loadgen-compare: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
@@ -85,7 +96,7 @@ done
 if [ "$STEADY_SKIP" -ge "$DURATION" ]; then
   echo "loadgen-compare: steady-skip ($STEADY_SKIP) must be shorter than the duration ($DURATION)" >&2; exit 2
 fi
-for v in USERS RATE BYTES DURATION MEMBERS BASE_PORT; do
+for v in USERS RATE BYTES DURATION MEMBERS BASE_PORT ROUNDS; do
   if ! [[ ${!v} =~ ^[0-9]+$ ]] || [ "${!v}" -le 0 ]; then
     echo "loadgen-compare: ${v,,} must be a positive integer, got '${!v}'" >&2; exit 2
   fi
@@ -109,6 +120,11 @@ SQUALL="$BIN_DIR/squall"
 CHATSTREAM="$BIN_DIR/chatstream"
 if [ -n "$SQUALL_BIN" ]; then SQUALL=$(realpath "$SQUALL_BIN"); NO_BUILD=1; fi
 if [ -n "$CHATSTREAM_BIN" ]; then CHATSTREAM=$(realpath "$CHATSTREAM_BIN"); NO_BUILD=1; fi
+if [ -n "$SQUALL_B" ]; then
+  SQUALL_B=$(realpath "$SQUALL_B")
+  [ -x "$SQUALL_B" ] || { echo "loadgen-compare: --squall-b $SQUALL_B is not executable" >&2; exit 2; }
+  [ "$ONLY" = gatling ] && { echo "loadgen-compare: --squall-b needs squall runs (--only squall or both)" >&2; exit 2; }
+fi
 GATLING_DIR="$ROOT/harness/gatling"
 TICKS=$(getconf CLK_TCK)
 mkdir -p "$WORK" "$ROOT/reports"
@@ -215,7 +231,7 @@ measure() {
      "$WORK/$name" "$@") &
   local wrapper=$!
   TOOL_PGID=$wrapper
-  local peak_rss=0 peak_hwm=0 now pids line
+  local peak_rss=0 peak_hwm=0 now pids line c r h
   while kill -0 "$wrapper" 2>/dev/null; do
     mapfile -t pids < <(descendants "$wrapper")
     if [ ${#pids[@]} -gt 0 ]; then
@@ -265,7 +281,8 @@ window_cpu() {
 m() { sed -n "s/^$2=//p" "$WORK/$1.measure"; }
 
 # ---------------------------------------------------------------- the system under test
-log "nproc $(nproc); work directory $WORK"
+LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
+log "nproc $(nproc), load average $LOAD_START; work directory $WORK"
 log "starting the stack (base port $BASE_PORT)"
 STACK_STARTED=1
 if ! "$SQUALL" stack --run-dir "$WORK/stack" up --base-port "$BASE_PORT" --json \
@@ -319,7 +336,8 @@ settle_node() {
 declare -A R # results: R[tool.key]
 
 # ---------------------------------------------------------------- squall
-run_squall() {
+run_squall() { # NAME BINARY: one squall run, measured as NAME
+  local name=$1 bin=$2
   local scenario="$WORK/loadgen.yaml"
   # The shipped scenario with this run's sizes.
   sed -e "s/^  users: .*/  users: $USERS/" \
@@ -341,23 +359,24 @@ postgres_url: "$PG_URL"
 toxiproxy_api: "$TOXI"
 token_secret: "$SECRET"
 EOF
-  SQUALL_CMD=("$SQUALL" run --target "$WORK/target.yaml" --reports-dir "$WORK/squall-runs" "$scenario")
-  log "squall: ${SQUALL_CMD[*]}"
+  local cmd=("$bin" run --target "$WORK/target.yaml" --reports-dir "$WORK/$name-runs" "$scenario")
+  SQUALL_CMDS+=("${cmd[*]}")
+  log "$name: ${cmd[*]}"
   local rc=0
-  measure squall "${SQUALL_CMD[@]}" || rc=$?
+  measure "$name" "${cmd[@]}" || rc=$?
   local run_json
-  run_json=$(ls -1d "$WORK"/squall-runs/*/run.json 2>/dev/null | tail -1 || true)
+  run_json=$(ls -1d "$WORK/$name-runs"/*/run.json 2>/dev/null | tail -1 || true)
   if [ $rc -ge 2 ] || [ -z "$run_json" ]; then
-    tail -30 "$WORK/squall.log" >&2
-    log "squall run failed (exit $rc; log $WORK/squall.log)"
+    tail -30 "$WORK/$name.log" >&2
+    log "$name run failed (exit $rc; log $WORK/$name.log)"
     return 1
   fi
   local dir; dir=$(dirname "$run_json")
-  R[squall.acked]=$(jq '.counters.sends_acked // 0' "$run_json")
-  R[squall.sent]=$(jq '.counters.sends_invoked // 0' "$run_json")
-  R[squall.seconds]=$(jq '(.warmup_s // 0) + .duration_s' "$run_json")
-  R[squall.connected]=$USERS
-  R[squall.run_dir]=$dir
+  R[$name.acked]=$(jq '.counters.sends_acked // 0' "$run_json")
+  R[$name.sent]=$(jq '.counters.sends_invoked // 0' "$run_json")
+  R[$name.seconds]=$(jq '(.warmup_s // 0) + .duration_s' "$run_json")
+  R[$name.connected]=$USERS
+  R[$name.run_dir]=$dir
   # The load window from the history: its origin on the wall clock, then the phases.
   local hist="$dir/history.jsonl.gz" origin t0 t1
   if [ -r "$hist" ]; then
@@ -365,22 +384,22 @@ EOF
     t0=$(zcat "$hist" 2>/dev/null | grep -m1 '"name":"load_start"' | jq -r .t 2>/dev/null || true)
     t1=$(zcat "$hist" 2>/dev/null | grep -m1 '"name":"load_end"' | jq -r .t 2>/dev/null || true)
     if [ -n "$origin" ] && [ -n "$t0" ] && [ -n "$t1" ]; then
-      R[squall.from_ms]=$(( origin + t0 / 1000 ))
-      R[squall.to_ms]=$(( origin + t1 / 1000 ))
+      R[$name.from_ms]=$(( origin + t0 / 1000 ))
+      R[$name.to_ms]=$(( origin + t1 / 1000 ))
       # The steady window: whole seconds of the run's per-second series (second s is
       # [s, s+1) after the origin), from STEADY_SKIP s after the load's start to its end.
       local s0 s1
       s0=$(( (t0 + 999999) / 1000000 + STEADY_SKIP ))
       s1=$(( t1 / 1000000 ))
       if [ -r "$dir/series.json" ] && [ "$s1" -gt "$s0" ]; then
-        R[squall.steady_acks]=$(jq --argjson a "$s0" --argjson b "$s1" \
+        R[$name.steady_acks]=$(jq --argjson a "$s0" --argjson b "$s1" \
           '[.[] | select(.second >= $a and .second < $b) | .counters.sends_acked // 0] | add // 0' "$dir/series.json")
-        R[squall.steady_from_ms]=$(( origin + s0 * 1000 ))
-        R[squall.steady_to_ms]=$(( origin + s1 * 1000 ))
+        R[$name.steady_from_ms]=$(( origin + s0 * 1000 ))
+        R[$name.steady_to_ms]=$(( origin + s1 * 1000 ))
       fi
     fi
   fi
-  finish_tool squall
+  finish_tool "$name"
 }
 
 # ---------------------------------------------------------------- Gatling
@@ -497,9 +516,23 @@ finish_tool() {
 }
 
 FAILED=0
+SQUALL_CMDS=()
+A_RUNS=()
+B_RUNS=()
 if [ "$ONLY" != gatling ]; then
-  run_squall || FAILED=1
-  settle_node
+  # With an A/B, the two binaries take turns (A B A B ...) on the same node, so that a
+  # change in the machine's load falls on both.
+  for (( round = 1; round <= ROUNDS; round++ )); do
+    if [ "$ROUNDS" = 1 ]; then a=squall; b=squall-b; else a=squall-$round; b=squall-b-$round; fi
+    A_RUNS+=("$a")
+    run_squall "$a" "$SQUALL" || FAILED=1
+    settle_node
+    if [ -n "$SQUALL_B" ]; then
+      B_RUNS+=("$b")
+      run_squall "$b" "$SQUALL_B" || FAILED=1
+      settle_node
+    fi
+  done
 fi
 if [ "$ONLY" != squall ]; then
   run_gatling || FAILED=1
@@ -529,6 +562,12 @@ row() { # tool -> a markdown row
       tool, users, target, rate, acked, sent, cpu, per_cpu, wcol, scol, rss / 1024, rss / users
   }'
 }
+median() { # the median of the numbers given (empty ones left out), or nothing
+  printf '%s\n' "$@" | awk 'NF' | sort -g | awk '{ v[++n] = $1 } END {
+    if (n == 0) exit
+    if (n % 2) printf "%.3f", v[(n + 1) / 2]; else printf "%.3f", (v[n / 2] + v[n / 2 + 1]) / 2
+  }'
+}
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a != "" && b != "" && b > 0) printf "%.1f", a / b; else printf "-" }'; }
 per_cpu() { [ -n "${R[$1.acked]:-}" ] && awk -v a="${R[$1.acked]}" -v c="$2" 'BEGIN { if (c > 0) printf "%.3f", a / c }'; }
 steady_per_cpu() { [ -n "${R[$1.steady_acks]:-}" ] && awk -v a="${R[$1.steady_acks]}" -v c="${R[$1.steady_cpu]:-}" 'BEGIN { if (c > 0) printf "%.3f", a / c }'; }
@@ -541,17 +580,40 @@ steady_per_cpu() { [ -n "${R[$1.steady_acks]:-}" ] && awk -v a="${R[$1.steady_ac
   echo "all, $BYTES-byte bodies, $DURATION s; each tool in turn on the same node. Machine: $(nproc) cores"
   echo "($(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1)), $(awk '/MemTotal/ { printf "%.1f GiB", $2 / 1048576 }' /proc/meminfo);"
   echo "the node, the stack and both tools share them. $(java -version 2>&1 | head -1); Gatling 3.14.3."
+  echo "Load average (1, 5, 15 min) at the start: $LOAD_START; at the end: $(cut -d' ' -f1-3 /proc/loadavg)."
   echo
   echo "| tool | users | target msg/s | achieved msg/s (acked) | acked / sent | CPU-s (whole process) | msgs per CPU-s | cores busy during load | msgs per CPU-s during load | steady window s | steady acked msg/s | steady cores busy | **steady msgs per CPU-s** | peak RSS MiB | RSS per user KiB |"
   echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
-  row squall
+  for t in "${A_RUNS[@]}" "${B_RUNS[@]}"; do row "$t"; done
   row gatling
   echo
-  if [ -n "${R[squall.acked]:-}" ] && [ -n "${R[gatling.acked]:-}" ]; then
-    echo "- messages per harness CPU-second, squall / Gatling: **$(ratio "$(steady_per_cpu squall)" "$(steady_per_cpu gatling)")x in the steady window** (goal: >= 5x);" \
-      "$(ratio "$(per_cpu squall "${R[squall.window_cpu]:-}")" "$(per_cpu gatling "${R[gatling.window_cpu]:-}")")x over the whole load window;" \
-      "$(ratio "$(per_cpu squall "${R[squall.cpu]}")" "$(per_cpu gatling "${R[gatling.cpu]}")")x over the whole process"
-    echo "- memory per simulated user, Gatling / squall: **$(ratio "${R[gatling.rss_kb]}" "${R[squall.rss_kb]}")x**"
+  # squall's figures: its one run, or the median of its runs (binary A).
+  sq_steady=; sq_window=; sq_whole=; sq_rss=
+  if [ ${#A_RUNS[@]} -gt 0 ]; then
+    sq_steady=$(median $(for t in "${A_RUNS[@]}"; do steady_per_cpu "$t"; echo; done))
+    sq_window=$(median $(for t in "${A_RUNS[@]}"; do per_cpu "$t" "${R[$t.window_cpu]:-}"; echo; done))
+    sq_whole=$(median $(for t in "${A_RUNS[@]}"; do per_cpu "$t" "${R[$t.cpu]:-}"; echo; done))
+    sq_rss=$(median $(for t in "${A_RUNS[@]}"; do echo "${R[$t.rss_kb]:-}"; done))
+  fi
+  if [ -n "$sq_steady" ] && [ -n "${R[gatling.acked]:-}" ]; then
+    [ ${#A_RUNS[@]} -gt 1 ] && echo "- squall's figures below: the median of its ${#A_RUNS[@]} runs (binary A)"
+    echo "- messages per harness CPU-second, squall / Gatling: **$(ratio "$sq_steady" "$(steady_per_cpu gatling)")x in the steady window** (goal: >= 5x);" \
+      "$(ratio "$sq_window" "$(per_cpu gatling "${R[gatling.window_cpu]:-}")")x over the whole load window;" \
+      "$(ratio "$sq_whole" "$(per_cpu gatling "${R[gatling.cpu]}")")x over the whole process"
+    echo "- memory per simulated user, Gatling / squall: **$(ratio "${R[gatling.rss_kb]}" "$sq_rss")x**"
+  fi
+  if [ ${#B_RUNS[@]} -gt 0 ]; then
+    b_steady=$(median $(for t in "${B_RUNS[@]}"; do steady_per_cpu "$t"; echo; done))
+    pairs=
+    for (( i = 0; i < ${#A_RUNS[@]}; i++ )); do
+      pairs+="${pairs:+, }$(steady_per_cpu "${A_RUNS[$i]}" | cut -d. -f1) / $(steady_per_cpu "${B_RUNS[$i]}" 2>/dev/null | cut -d. -f1)"
+    done
+    echo "- A/B, steady msgs per CPU-s, A / B per round: $pairs; medians A ${sq_steady%.*}, B ${b_steady%.*}:" \
+      "**B / A $(awk -v a="$sq_steady" -v b="$b_steady" 'BEGIN { if (a > 0 && b != "") printf "%.3f", b / a; else printf "-" }')**"
+    echo "- A: ${SQUALL#$ROOT/}; B: ${SQUALL_B#$ROOT/}"
+    if file -b "$SQUALL_B" 2>/dev/null | grep -qi text; then
+      echo "- B is a script:"; echo; echo '```sh'; cat "$SQUALL_B"; echo '```'
+    fi
   fi
   echo
   echo "Steady window (the headline): whole seconds from $STEADY_SKIP s after the tool's first send to the end of its"
@@ -568,8 +630,8 @@ steady_per_cpu() { [ -n "${R[$1.steady_acks]:-}" ] && awk -v a="${R[$1.steady_ac
   echo "Commands:"
   echo
   echo '```sh'
-  echo "scripts/loadgen-compare.sh --users $USERS --rate $RATE --bytes $BYTES --duration $DURATION --members $MEMBERS --steady-skip $STEADY_SKIP --only $ONLY"
-  if [ -n "${SQUALL_CMD:-}" ]; then echo "${SQUALL_CMD[*]/#$ROOT\//}"; fi
+  echo "scripts/loadgen-compare.sh --base-port $BASE_PORT --users $USERS --rate $RATE --bytes $BYTES --duration $DURATION --members $MEMBERS --steady-skip $STEADY_SKIP --only $ONLY${SQUALL_B:+ --squall-b ${SQUALL_B#$ROOT/}} --rounds $ROUNDS"
+  for c in "${SQUALL_CMDS[@]}"; do echo "${c//$ROOT\//}"; done
   if [ -n "${GATLING_CMD:-}" ]; then
     printf '%s ' "${GATLING_CMD[@]}" | sed -e "s|-cp [^ ]*|-cp harness/gatling/target/test-classes:<classpath.txt>|" -e "s|$ROOT/||g"
     echo
@@ -577,8 +639,10 @@ steady_per_cpu() { [ -n "${R[$1.steady_acks]:-}" ] && awk -v a="${R[$1.steady_ac
     echo "mvn -f harness/gatling/pom.xml gatling:test -DbaseUrl=$NODE_URL -Dusers=$USERS -DmessagesPerSecond=$RATE -DmessageBytes=$BYTES -DdurationSeconds=$DURATION -DfeederFile=<users.csv> -Dgatling.data.enableAnalytics=false"
   fi
   echo '```'
-  if [ -n "${R[squall.run_dir]:-}" ] && [ "$KEEP" = 1 ]; then
-    echo; echo "squall run directory: ${R[squall.run_dir]#$ROOT/}"
+  if [ "$KEEP" = 1 ]; then
+    for t in "${A_RUNS[@]}" "${B_RUNS[@]}"; do
+      [ -n "${R[$t.run_dir]:-}" ] && { echo; echo "$t run directory: ${R[$t.run_dir]#$ROOT/}"; }
+    done
   fi
 } >"$REPORT"
 
