@@ -83,6 +83,13 @@ pub struct RunArgs {
     quiet: bool,
 }
 
+impl RunArgs {
+    /// The scenario file.
+    pub fn scenario(&self) -> &Path {
+        &self.scenario
+    }
+}
+
 /// Resolves on SIGINT (Ctrl-C), SIGTERM or SIGHUP, naming it.
 async fn termination_signal() -> &'static str {
     use tokio::signal::unix::{signal, SignalKind};
