@@ -25,8 +25,26 @@ struct SendOut<'a> {
     body: &'a str,
 }
 
-/// The text of a `send` frame.
+/// The text of a `send` frame: written directly when no field needs an escape (squall's
+/// own ids and bodies never do), byte for byte as serde writes it (the tests compare);
+/// otherwise by serde. Serde's string escaping and formatting were a visible share of a
+/// send's cost.
 pub fn send_frame(conversation_id: &str, client_msg_id: &str, body: &str) -> String {
+    let plain = |s: &str| !s.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20);
+    if plain(conversation_id) && plain(client_msg_id) && plain(body) {
+        let mut out =
+            String::with_capacity(64 + conversation_id.len() + client_msg_id.len() + body.len());
+        out.push_str("{\"v\":");
+        out.push_str(itoa::Buffer::new().format(PROTOCOL_VERSION));
+        out.push_str(",\"type\":\"send\",\"conversation_id\":\"");
+        out.push_str(conversation_id);
+        out.push_str("\",\"client_msg_id\":\"");
+        out.push_str(client_msg_id);
+        out.push_str("\",\"body\":\"");
+        out.push_str(body);
+        out.push_str("\"}");
+        return out;
+    }
     let frame = SendOut {
         v: PROTOCOL_VERSION,
         kind: "send",
@@ -343,6 +361,21 @@ fn scan(text: &str) -> Option<Flat<'_>> {
     Some(f)
 }
 
+/// Whether any of the eight bytes of `w` is a quote, a backslash or a control character
+/// (below 0x20), the bytes that end a plain string for [`Scanner::string`]. The classic
+/// word-at-a-time tests: `(x - 0x01..01) & !x & 0x80..80` is non-zero exactly when a byte
+/// of `x` is zero (applied to `w` xor the byte sought), and with `0x20..20` for `0x01..01`
+/// exactly when a byte of `x` is below 0x20.
+fn ends_plain_run(w: u64) -> bool {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let zero_byte = |x: u64| x.wrapping_sub(ONES) & !x & HIGH;
+    let quote = zero_byte(w ^ (ONES * u64::from(b'"')));
+    let backslash = zero_byte(w ^ (ONES * u64::from(b'\\')));
+    let control = w.wrapping_sub(ONES * 0x20) & !w & HIGH;
+    (quote | backslash | control) != 0
+}
+
 /// A cursor over a frame's text for [`scan`]; every method is `None` on anything it does
 /// not take (the frame then goes to serde).
 struct Scanner<'a> {
@@ -372,6 +405,18 @@ impl<'a> Scanner<'a> {
     fn string(&mut self) -> Option<&'a str> {
         self.eat(b'"')?;
         let start = self.at;
+        // Eight bytes at a time up to the word holding the end (or an escape): a byte at
+        // a time, this scan was the costliest function of squall's own in a chat load (a
+        // 200-byte body per `msg` frame, several frames per message). The byte loop below
+        // decides, from the first word that may end the string.
+        while let Some(word) = self.bytes.get(self.at..self.at + 8) {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(word);
+            if ends_plain_run(u64::from_le_bytes(w)) {
+                break;
+            }
+            self.at += 8;
+        }
         loop {
             match self.next()? {
                 b'"' => break,
@@ -652,10 +697,51 @@ mod tests {
     }
 
     #[test]
+    fn the_word_test_finds_exactly_the_bytes_that_end_a_plain_run() {
+        let ends = |b: u8| b == b'"' || b == b'\\' || b < 0x20;
+        // Every byte value at every position of a word of otherwise plain bytes, and
+        // beside another special byte.
+        for fill in [b'a', 0xff, 0x20, 0x7f, b'#', b']'] {
+            for pos in 0..8 {
+                for b in 0..=255u8 {
+                    let mut w = [fill; 8];
+                    w[pos] = b;
+                    assert_eq!(ends_plain_run(u64::from_le_bytes(w)), ends(b), "{w:?}");
+                    w[(pos + 3) % 8] = b'"';
+                    assert!(ends_plain_run(u64::from_le_bytes(w)), "{w:?}");
+                }
+            }
+        }
+        // Strings of every length around the word size, ending at every offset.
+        for len in 0..40 {
+            let body = "x".repeat(len);
+            for end in ["\"", "\\n\"", "\u{1}\""] {
+                let text = format!("\"{body}{end}");
+                let mut s = Scanner {
+                    text: &text,
+                    bytes: text.as_bytes(),
+                    at: 0,
+                };
+                let got = s.string();
+                if end == "\"" {
+                    assert_eq!(got, Some(body.as_str()), "{text:?}");
+                    assert_eq!(s.at, text.len());
+                } else {
+                    assert_eq!(got, None, "{text:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
     fn send_frames_are_the_protocols() {
         for (c, m, b) in [
             ("c1", "3-7", "sq1|1|0|abc"),
             ("t-c\u{e9}", "x\"y", "line\nq\"\\"),
+            ("t-c\u{e9}", "3-7", "\u{7f}\u{2028}<>&'/"),
+            ("c", "m", "tab\there"),
+            ("c", "back\\slash", "b"),
+            ("", "", ""),
         ] {
             let ours = send_frame(c, m, b);
             let theirs = chatstream_protocol::frames::ClientFrame::Send {
