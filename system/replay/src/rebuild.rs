@@ -45,7 +45,8 @@ pub enum RebuildError {
 pub struct Rebuilt {
     pub events: u64,
     pub seconds: f64,
-    /// Seconds spent reading the topics into the table (the shadow for a bulk load).
+    /// Seconds spent reading the topics into the table (the shadow for a bulk load; the
+    /// whole rebuild in place).
     pub load_seconds: f64,
     /// Seconds building the shadow's indexes (0 in place).
     pub index_seconds: f64,
@@ -178,6 +179,7 @@ pub async fn rebuild_with<P: Progress>(
             let ranges = ranges_all(bootstrap, topic)?;
             total += insert_topic(bootstrap, target(topic), ranges, writers, &progress).await?;
         }
+        rebuilt.load_seconds = started.elapsed().as_secs_f64();
         total
     } else {
         let shadow = Shadow::create(pool, kind.table()).await?;
@@ -236,9 +238,6 @@ pub async fn rebuild_with<P: Progress>(
         total
     };
     rebuilt.seconds = started.elapsed().as_secs_f64();
-    if rebuilt.load_seconds == 0.0 {
-        rebuilt.load_seconds = rebuilt.seconds;
-    }
     Ok(rebuilt)
 }
 
