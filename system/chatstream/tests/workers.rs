@@ -329,6 +329,11 @@ async fn rebuilt_projections_equal_the_live_ones(stack: &mut Stack) -> Result<()
             .bind(table)
             .fetch_one(&pool)
             .await?;
+        // The table's storage parameters carry over to the rebuilt one (and the shadow's
+        // autovacuum, off during the load, is back on).
+        sqlx::query(&format!("ALTER TABLE {table} SET (fillfactor = 90)"))
+            .execute(&pool)
+            .await?;
         // A shadow left by a rebuild that died is dropped by the next one.
         sqlx::query(&format!("CREATE TABLE {table}_rebuild (leftover INT)"))
             .execute(&pool)
@@ -373,6 +378,15 @@ async fn rebuilt_projections_equal_the_live_ones(stack: &mut Stack) -> Result<()
         ensure!(
             shadow.is_none(),
             "the shadow {shadow:?} is left after the swap"
+        );
+        let options: Option<Vec<String>> =
+            sqlx::query_scalar("SELECT reloptions FROM pg_class WHERE oid = $1::regclass")
+                .bind(table)
+                .fetch_one(&pool)
+                .await?;
+        ensure!(
+            options.as_deref() == Some(&["fillfactor=90".to_string()][..]),
+            "{table}'s storage parameters after the rebuild: {options:?}; before: [fillfactor=90]"
         );
         eprintln!(
             "  {projection}: {rows} rows, same digest live and rebuilt ({} events replayed at {:.0}/s)",

@@ -205,18 +205,37 @@ pub fn ranges_from_timestamp(bootstrap: &str, topic: &str, from_ms: i64) -> Resu
 
 /// The ranges covering all of `topic` (low to high watermark, as of now).
 pub fn ranges_all(bootstrap: &str, topic: &str) -> Result<Vec<Range>> {
-    let c = reader(bootstrap)?;
-    partitions(&c, topic)?
-        .into_iter()
-        .map(|p| {
-            let (low, high) = c.fetch_watermarks(topic, p, TIMEOUT)?;
-            Ok(Range {
-                partition: p,
-                from: low,
-                to: high,
-            })
+    Offsets::connect(bootstrap)?.ranges_all(topic)
+}
+
+/// One client for offset lookups, kept by a caller that looks up several topics or one
+/// topic more than once: starting a client (connections, first metadata) takes 100-200 ms
+/// on a busy machine, a lookup on a started one a few.
+pub struct Offsets {
+    consumer: BaseConsumer,
+}
+
+impl Offsets {
+    pub fn connect(bootstrap: &str) -> Result<Offsets> {
+        Ok(Offsets {
+            consumer: reader(bootstrap)?,
         })
-        .collect()
+    }
+
+    /// The ranges covering all of `topic` (low to high watermark, as of now).
+    pub fn ranges_all(&self, topic: &str) -> Result<Vec<Range>> {
+        partitions(&self.consumer, topic)?
+            .into_iter()
+            .map(|p| {
+                let (low, high) = self.consumer.fetch_watermarks(topic, p, TIMEOUT)?;
+                Ok(Range {
+                    partition: p,
+                    from: low,
+                    to: high,
+                })
+            })
+            .collect()
+    }
 }
 
 /// The first of `ranges` that starts below its partition's earliest offset (deleted by

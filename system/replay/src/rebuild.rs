@@ -20,7 +20,7 @@ use std::ops::ControlFlow;
 use std::time::{Duration, Instant};
 
 use crate::shadow::Shadow;
-use crate::{ranges_all, read_records, Range, ReplayError};
+use crate::{read_records, Offsets, Range, ReplayError};
 
 /// Events per batch handed from the reader to a writer.
 const BATCH: usize = 5_000;
@@ -159,6 +159,7 @@ pub async fn rebuild_with<P: Progress>(
         group: group.clone(),
     };
     let started = Instant::now();
+    let offsets = Offsets::connect(bootstrap)?;
     let writers = options.writers.clamp(1, MAX_WRITERS);
     let mut rebuilt = Rebuilt::default();
     rebuilt.events = if kind == Projection::Analytics || options.in_place {
@@ -176,7 +177,7 @@ pub async fn rebuild_with<P: Progress>(
             .await?;
         let mut total = 0;
         for topic in &topics {
-            let ranges = ranges_all(bootstrap, topic)?;
+            let ranges = offsets.ranges_all(topic)?;
             total += insert_topic(bootstrap, target(topic), ranges, writers, &progress).await?;
         }
         rebuilt.load_seconds = started.elapsed().as_secs_f64();
@@ -187,7 +188,7 @@ pub async fn rebuild_with<P: Progress>(
         let mut read_to = Vec::with_capacity(topics.len());
         let mut total = 0;
         for topic in &topics {
-            let ranges = ranges_all(bootstrap, topic)?;
+            let ranges = offsets.ranges_all(topic)?;
             let copy = CopyTarget {
                 target: target(topic),
                 shadow: shadow.name().to_string(),
@@ -216,7 +217,7 @@ pub async fn rebuild_with<P: Progress>(
         // written them into the table just dropped, so they are written into the new one
         // as the live workers write them (the rows are idempotent).
         for (topic, before) in read_to {
-            let now = ranges_all(bootstrap, topic)?;
+            let now = offsets.ranges_all(topic)?;
             let tail: Vec<Range> = now
                 .iter()
                 .map(|r| Range {

@@ -37,11 +37,14 @@ pub struct Shadow {
     table: String,
     name: String,
     indexes: Vec<Index>,
+    /// The table's storage parameters (`fillfactor=90`, …), given to the shadow at the swap.
+    options: Vec<String>,
 }
 
 impl Shadow {
     /// Drops a shadow left by a rebuild that died, and creates `table`'s shadow: the same
-    /// columns, defaults, generated columns and checks, no index.
+    /// columns, defaults, generated columns and checks, no index, and autovacuum off until
+    /// the swap (an ANALYZE of a half-loaded shadow would only take CPU from the load).
     pub async fn create(pool: &PgPool, table: &str) -> Result<Shadow, sqlx::Error> {
         let name = format!("{table}_rebuild");
         sqlx::query(&format!("DROP TABLE IF EXISTS {name}"))
@@ -49,9 +52,16 @@ impl Shadow {
             .await?;
         sqlx::query(&format!(
             "CREATE TABLE {name} (LIKE {table} INCLUDING DEFAULTS INCLUDING GENERATED
-                                  INCLUDING CONSTRAINTS INCLUDING STORAGE)"
+                                  INCLUDING CONSTRAINTS INCLUDING STORAGE)
+             WITH (autovacuum_enabled = false)"
         ))
         .execute(pool)
+        .await?;
+        let (options,): (Vec<String>,) = sqlx::query_as(
+            "SELECT coalesce(reloptions, '{}') FROM pg_class WHERE oid = $1::regclass",
+        )
+        .bind(table)
+        .fetch_one(pool)
         .await?;
         let rows: Vec<IndexRow> = sqlx::query_as(
             "SELECT c.relname::text, pg_get_indexdef(i.indexrelid), i.indisunique,
@@ -99,6 +109,7 @@ impl Shadow {
             table: table.to_string(),
             name,
             indexes,
+            options,
         })
     }
 
@@ -109,7 +120,8 @@ impl Shadow {
 
     /// Builds every index of the table on the filled shadow, all at once, one connection
     /// each (a sorted build of a full table costs a fraction of keeping the index up
-    /// row by row).
+    /// row by row), each build on its own backend only: the builds already run side by
+    /// side, and parallel workers for each would only share the same cores.
     pub async fn build_indexes(&self, pool: &PgPool) -> Result<(), sqlx::Error> {
         let builds = self.indexes.iter().map(|index| async move {
             let mut tx = pool.begin().await?;
@@ -118,6 +130,9 @@ impl Shadow {
             ))
             .execute(&mut *tx)
             .await?;
+            sqlx::query("SET LOCAL max_parallel_maintenance_workers = 0")
+                .execute(&mut *tx)
+                .await?;
             sqlx::query(&format!(
                 "CREATE {unique}INDEX {shadow_index} ON {shadow} {how}",
                 unique = if index.unique { "UNIQUE " } else { "" },
@@ -134,12 +149,14 @@ impl Shadow {
     }
 
     /// Replaces the table by the shadow in one transaction: the table dropped, the shadow
-    /// renamed to it, its indexes and constraints given the table's names.
+    /// renamed to it, its indexes and constraints given the table's names, its storage
+    /// parameters the table's (autovacuum back on, unless the table had it off).
     pub async fn swap(self, pool: &PgPool) -> Result<(), sqlx::Error> {
         let Shadow {
             table,
             name,
             indexes,
+            options,
         } = self;
         let mut tx = pool.begin().await?;
         sqlx::query(&format!("DROP TABLE {table}"))
@@ -157,6 +174,14 @@ impl Shadow {
                 None => format!("ALTER INDEX {shadow_index} RENAME TO {}", index.name),
             };
             sqlx::query(&sql).execute(&mut *tx).await?;
+        }
+        sqlx::query(&format!("ALTER TABLE {table} RESET (autovacuum_enabled)"))
+            .execute(&mut *tx)
+            .await?;
+        if !options.is_empty() {
+            sqlx::query(&format!("ALTER TABLE {table} SET ({})", options.join(", ")))
+                .execute(&mut *tx)
+                .await?;
         }
         tx.commit().await
     }
