@@ -5,7 +5,10 @@
 //! connection open then or later, up to the end of the history); members whose
 //! connections had all ended for good before the ack are exempt (counted). Messages are
 //! classified: `lost` (acked, missing at a required recipient; the same as
-//! `acked_but_never_seen`), `recovered` (outcome unknown yet delivered to someone),
+//! `acked_but_never_seen`), `sync_refused` (acked, missing at a required recipient whose
+//! every sync of the conversation started after the ack was refused or left unanswered —
+//! an overloaded system saying "retry later" — so the history cannot tell a loss from a
+//! delivery the run ended before; the verdict is then unknown, not valid), `recovered` (outcome unknown yet delivered to someone),
 //! `unexpected` (delivered but never invoked by anyone), `duplicated` (delivered more than
 //! once to one recipient), plus consistency violations: `seq_mismatch` (a delivery whose
 //! (c, s) disagrees with the ack, or with other deliveries of an unacked message),
@@ -29,6 +32,7 @@ use crate::facts::{anomaly, Facts, MsgId};
 use crate::verdict::{fmt_secs, fmt_t, ppm, Evidence, Example, Timeline, Validity, Verdict};
 
 const LOST: &str = "lost";
+const SYNC_REFUSED: &str = "sync_refused";
 const SEQ_MISMATCH: &str = "seq_mismatch";
 const ACK_CONFLICT: &str = "ack_conflict";
 const UNEXPECTED: &str = "unexpected";
@@ -43,6 +47,7 @@ pub fn delivery(f: &Facts) -> Verdict {
     let mut ev = Evidence::new("delivery");
     ev.kinds(&[
         LOST,
+        SYNC_REFUSED,
         SEQ_MISMATCH,
         ACK_CONFLICT,
         UNEXPECTED,
@@ -293,6 +298,7 @@ pub fn delivery(f: &Facts) -> Verdict {
     }
     let (mut required, mut exempt, mut lost, mut once, mut duplicated) =
         (0u64, 0u64, 0u64, 0u64, 0u64);
+    let mut sync_refused = 0u64;
     let mut lost_msgs: Vec<MsgId> = Vec::new();
     for (c, msgs) in by_conv.iter().enumerate() {
         let c = c as u32;
@@ -317,6 +323,12 @@ pub fn delivery(f: &Facts) -> Verdict {
                 }
                 required += 1;
                 match got.get(&m).copied().unwrap_or(0) {
+                    0 if catch_up_after(f, r, c, ok_t) == CatchUp::Refused => {
+                        sync_refused += 1;
+                        if ev.wants(SYNC_REFUSED) {
+                            ev.example(SYNC_REFUSED, sync_refused_example(f, m, r, c));
+                        }
+                    }
                     0 => {
                         lost += 1;
                         if lost_msgs.last() != Some(&m) {
@@ -351,6 +363,7 @@ pub fn delivery(f: &Facts) -> Verdict {
         ("exempt", exempt),
         ("lost", lost),
         ("acked_but_never_seen", lost),
+        ("sync_refused", sync_refused),
         ("lost_messages", lost_msgs.len() as u64),
         ("delivered_exactly_once", once),
         ("delivered_exactly_once_ppm", ppm(once, required)),
@@ -391,8 +404,8 @@ pub fn delivery(f: &Facts) -> Verdict {
         + store.failed_stored;
     let mut summary = format!(
         "{acked} acked of {invoked} sent (failed {failed}, unknown {unknown}, recovered {recovered}); \
-         {required} required deliveries: lost {lost} ({} messages), duplicated {duplicated}, exactly once {:.4}%; \
-         unexpected {unexpected}, seq_mismatch {seq_mismatch}, exempt {exempt}",
+         {required} required deliveries: lost {lost} ({} messages), not delivered with every sync after the ack refused {sync_refused}, \
+         duplicated {duplicated}, exactly once {:.4}%; unexpected {unexpected}, seq_mismatch {seq_mismatch}, exempt {exempt}",
         lost_msgs.len(),
         ppm(once, required) as f64 / 10_000.0,
     );
@@ -433,10 +446,78 @@ pub fn delivery(f: &Facts) -> Verdict {
             store.unverified, store.unread
         );
         Validity::Unknown
+    } else if sync_refused > 0 {
+        summary = format!(
+            "unknown: {sync_refused} (recipient, message) pairs not delivered, each recipient's every sync after the ack refused or unanswered; {summary}"
+        );
+        Validity::Unknown
     } else {
         Validity::Valid
     };
     ev.verdict(valid, summary)
+}
+
+/// How a recipient's syncs of one conversation went from a time on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CatchUp {
+    /// A sync started then was answered in full: whatever it did not bring was not there.
+    Completed,
+    /// Syncs started then, none answered in full (refused, or cut off or still open when
+    /// the history ends).
+    Refused,
+    /// No sync started then: live delivery was the only way.
+    NotTried,
+}
+
+fn catch_up_after(f: &Facts, r: u32, c: u32, t: u64) -> CatchUp {
+    use squall_history::Kind;
+    let mut pending: Option<u64> = None;
+    let mut refused = false;
+    for s in f.syncs(r, c) {
+        match s.k {
+            Kind::Invoke => pending = Some(s.t),
+            Kind::Ok => {
+                if pending.take().is_some_and(|started| started >= t) {
+                    return CatchUp::Completed;
+                }
+            }
+            Kind::Fail | Kind::Info => {
+                refused |= pending.take().is_some_and(|started| started >= t);
+            }
+        }
+    }
+    refused |= pending.is_some_and(|started| started >= t);
+    if refused {
+        CatchUp::Refused
+    } else {
+        CatchUp::NotTried
+    }
+}
+
+fn sync_refused_example(f: &Facts, m: MsgId, r: u32, c: u32) -> Example {
+    let mut tl = Timeline::new();
+    f.timeline_send(m, &mut tl);
+    let (from, seq, ok_t) = match f.send(m) {
+        Some(s) => (
+            s.invoke_t().or(s.ok_t()).unwrap_or(0),
+            s.seq().unwrap_or(0),
+            s.ok_t().unwrap_or(0),
+        ),
+        None => (0, 0, 0),
+    };
+    f.timeline_connections(r, from, &mut tl);
+    f.timeline_syncs(r, c, from, &mut tl);
+    f.timeline_deliveries_of_msg(m, c, &mut tl);
+    Example {
+        id: f.msg_name(m),
+        what: format!(
+            "acked as seq {seq} in {} at {}, not delivered to {}, whose every sync after the ack was refused or unanswered",
+            f.conv_name(c),
+            fmt_secs(ok_t),
+            f.who(r),
+        ),
+        timeline: tl.finish(),
+    }
 }
 
 /// What the recovery phase's reads say about the store.
@@ -939,5 +1020,60 @@ mod tests {
         assert_eq!(v.valid, Validity::Unknown, "{}", v.summary);
         assert_eq!(v.counts["store_unverified"], 1);
         assert!(v.summary.contains("could not read"), "{}", v.summary);
+    }
+
+    /// u2 misses the message live (dropped after the ack) and reconnects; what its syncs
+    /// after the ack did decides between lost and not judged.
+    fn missed_live_by_u2() -> H {
+        let mut h = base();
+        h.send(10, 0, 0, "0-1").ok(11, 0, 0, "0-1", 1, "a");
+        h.deliver(12, 1, 0, 1, "0-1", 0, Live);
+        h.disconnect(20, 2).connect(30, 2);
+        h
+    }
+
+    #[test]
+    fn a_recipient_whose_every_sync_was_refused_is_unknown_not_lost() {
+        let mut h = missed_live_by_u2();
+        // A sync before the ack answered in full says nothing about the message.
+        h.sync(5, 2, 0, 0).sync_ok(6, 2, 0, 0, 0, 0);
+        h.sync(30, 2, 0, 0)
+            .sync_fail(31, 2, 0, 0, "unavailable: postgres pool timed out")
+            .sync(40, 2, 0, 0);
+        let v = delivery(&h.facts());
+        assert_eq!(v.valid, Validity::Unknown, "{}", v.summary);
+        assert_eq!(v.counts["lost"], 0);
+        assert_eq!(v.counts["sync_refused"], 1);
+        assert!(v.summary.contains("refused or unanswered"), "{}", v.summary);
+        let e = &v.examples[0];
+        assert!(e.what.contains("user u2 (p=2)"), "{}", e.what);
+        assert!(
+            e.timeline.iter().any(|l| l.contains("fail sync c=0")),
+            "{:?}",
+            e.timeline
+        );
+    }
+
+    #[test]
+    fn a_refused_sync_followed_by_one_answered_in_full_is_lost() {
+        let mut h = missed_live_by_u2();
+        h.sync(30, 2, 0, 0)
+            .sync_fail(31, 2, 0, 0, "unavailable")
+            .sync(40, 2, 0, 0)
+            .sync_ok(41, 2, 0, 0, 0, 0);
+        let v = delivery(&h.facts());
+        assert_eq!(v.valid, Validity::Invalid, "{}", v.summary);
+        assert_eq!(v.counts["lost"], 1);
+        assert_eq!(v.counts["sync_refused"], 0);
+    }
+
+    #[test]
+    fn a_recipient_that_never_synced_after_the_ack_is_lost() {
+        let mut h = missed_live_by_u2();
+        h.sync(5, 2, 0, 0).sync_fail(6, 2, 0, 0, "unavailable");
+        let v = delivery(&h.facts());
+        assert_eq!(v.valid, Validity::Invalid, "{}", v.summary);
+        assert_eq!(v.counts["lost"], 1);
+        assert_eq!(v.counts["sync_refused"], 0);
     }
 }

@@ -183,6 +183,21 @@ impl H {
         )
     }
 
+    pub fn sync_fail(&mut self, ms: u64, p: u32, c: u32, after: i64, err: &str) -> &mut H {
+        self.op(
+            ms,
+            p,
+            Kind::Fail,
+            Value::Sync {
+                c,
+                after,
+                last: None,
+                n: None,
+                err: Some(err.into()),
+            },
+        )
+    }
+
     pub fn phase(&mut self, ms: u64, name: &str) -> &mut H {
         self.op(ms, HARNESS, Kind::Info, Value::Phase { name: name.into() })
     }

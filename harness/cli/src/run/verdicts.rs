@@ -268,7 +268,7 @@ fn gate_value(gate: &Gate, record: &RunRecord) -> Result<f64, String> {
         MetricRef::Counter(name) => {
             let delivery = || squall_check::delivery(facts);
             match name.as_str() {
-                "lost" | "unexpected" | "duplicated" | "recovered" => {
+                "lost" | "sync_refused" | "unexpected" | "duplicated" | "recovered" => {
                     let v = delivery();
                     v.counts
                         .get(name.as_str())
