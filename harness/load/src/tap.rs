@@ -15,6 +15,11 @@ pub struct AckSample {
     pub message_id: String,
     /// When the ack arrived: the message and its event are durable from here on.
     pub acked: Instant,
+    /// Where the message's events carry their time, on the node's clock (ms since the
+    /// epoch): from the ack's `ts_ms` less the time from the send's last write to its ack
+    /// (the node cannot have made the events before it read the send), to the ack's
+    /// `ts_ms`, each widened by a second for the clocks' granularity.
+    pub event_ts_ms: std::ops::RangeInclusive<i64>,
     /// Whether the message's send was due inside the measured window.
     pub in_window: bool,
 }
@@ -58,6 +63,7 @@ mod tests {
             conversation_id: "c".into(),
             message_id: id.into(),
             acked: Instant::now(),
+            event_ts_ms: 0..=0,
             in_window: true,
         }
     }

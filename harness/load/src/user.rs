@@ -1024,6 +1024,7 @@ impl User {
         message_id: String,
         seq: i64,
         duplicate: bool,
+        ack_ts_ms: i64,
     ) {
         let Some(p) = self.pending.remove(client_msg_id) else {
             return;
@@ -1057,6 +1058,13 @@ impl User {
                     .unwrap_or_default(),
                 message_id: message_id.clone(),
                 acked: now,
+                event_ts_ms: {
+                    let round_trip = now.saturating_duration_since(p.last_written.unwrap_or(p.due));
+                    let round_trip_ms = i64::try_from(round_trip.as_millis()).unwrap_or(i64::MAX);
+                    ack_ts_ms
+                        .saturating_sub(round_trip_ms)
+                        .saturating_sub(1_000)..=ack_ts_ms.saturating_add(1_000)
+                },
                 in_window: shared.in_window(p.due),
             });
         }
@@ -1152,8 +1160,16 @@ impl User {
                 message_id,
                 seq,
                 duplicate,
+                ts_ms,
             }) => {
-                self.on_ack(now, &client_msg_id, message_id.into_owned(), seq, duplicate);
+                self.on_ack(
+                    now,
+                    &client_msg_id,
+                    message_id.into_owned(),
+                    seq,
+                    duplicate,
+                    ts_ms,
+                );
                 return Ok(());
             }
             Ok(Incoming::Msg {
@@ -1195,8 +1211,9 @@ impl User {
                 message_id,
                 seq,
                 duplicate,
+                ts_ms,
                 ..
-            } => self.on_ack(now, &client_msg_id, message_id, seq, duplicate),
+            } => self.on_ack(now, &client_msg_id, message_id, seq, duplicate, ts_ms),
             ServerFrame::Msg {
                 client_msg_id,
                 conversation_id,

@@ -71,6 +71,7 @@ pub enum Incoming<'a> {
         message_id: Cow<'a, str>,
         seq: i64,
         duplicate: bool,
+        ts_ms: i64,
     },
     Msg {
         client_msg_id: Cow<'a, str>,
@@ -205,6 +206,7 @@ fn hot(f: Flat<'_>) -> Option<Incoming<'_>> {
             message_id: f.message_id?,
             seq: f.seq?,
             duplicate: f.duplicate?,
+            ts_ms: f.ts_ms?,
         }),
         "msg" if present == MSG_FIELDS => Some(Incoming::Msg {
             client_msg_id: f.client_msg_id?,
@@ -490,7 +492,8 @@ mod tests {
                 message_id,
                 seq,
                 duplicate,
-            } => format!("ack {client_msg_id} {message_id} {seq} {duplicate}"),
+                ts_ms,
+            } => format!("ack {client_msg_id} {message_id} {seq} {duplicate} {ts_ms}"),
             Incoming::Msg {
                 client_msg_id,
                 conversation_id,
@@ -505,8 +508,9 @@ mod tests {
                 message_id,
                 seq,
                 duplicate,
+                ts_ms,
                 ..
-            }) => format!("ack {client_msg_id} {message_id} {seq} {duplicate}"),
+            }) => format!("ack {client_msg_id} {message_id} {seq} {duplicate} {ts_ms}"),
             Incoming::Other(ServerFrame::Msg {
                 client_msg_id,
                 conversation_id,

@@ -2882,6 +2882,62 @@ async fn concurrent_sends_with_retries_unbatched(stack: &mut Stack) -> Result<()
     concurrent_sends_with_retries(stack, "off").await
 }
 
+/// The relays of a cluster share the outbox shards: each keeps to its fair share (16 over
+/// the running relays, rounded up), the shards a stopped relay held are taken by the
+/// others, and a relay that starts gets shards given back to it.
+async fn relays_share_the_outbox_shards(stack: &mut Stack) -> Result<()> {
+    use chatstream_store::{RelayClaim, Store, OUTBOX_SHARDS};
+    let store = Store::connect_lazy(&stack.endpoints().postgres_url, 2)?;
+    store.migrate().await?;
+    let held = |claims: &[&RelayClaim]| -> Result<Vec<usize>> {
+        let mut all: Vec<i32> = claims.iter().flat_map(|c| c.owned().to_vec()).collect();
+        let total = all.len();
+        all.sort_unstable();
+        all.dedup();
+        ensure!(all.len() == total, "a shard is held twice: {all:?}");
+        Ok(claims.iter().map(|c| c.owned().len()).collect())
+    };
+    let (mut a, mut b, mut c) = (
+        RelayClaim::new(&store),
+        RelayClaim::new(&store),
+        RelayClaim::new(&store),
+    );
+    // The first relay alone takes every shard.
+    a.claim().await?;
+    ensure!(
+        held(&[&a])? == [OUTBOX_SHARDS as usize],
+        "alone: {:?}",
+        a.owned()
+    );
+    // Two more start: the first gives back what is over its share (at its next claim),
+    // the others take it.
+    b.claim().await?;
+    c.claim().await?;
+    for _ in 0..2 {
+        for claim in [&mut a, &mut b, &mut c] {
+            claim.claim().await?;
+        }
+    }
+    let shares = held(&[&a, &b, &c])?;
+    ensure!(
+        shares.iter().sum::<usize>() == OUTBOX_SHARDS as usize
+            && shares.iter().all(|n| (4..=6).contains(n)),
+        "three relays hold {shares:?}"
+    );
+    // One stops: the other two take its shards.
+    c.release().await;
+    for _ in 0..2 {
+        for claim in [&mut a, &mut b] {
+            claim.claim().await?;
+        }
+    }
+    let shares = held(&[&a, &b])?;
+    ensure!(shares == [8, 8], "two relays hold {shares:?}");
+    a.release().await;
+    b.release().await;
+    Ok(())
+}
+
 fn main() {
     let shared = SharedStack::new(
         "CHATSTREAM_TEST_BASE_PORT",
@@ -2923,6 +2979,11 @@ fn main() {
             shared,
             "node::relay_killed_mid_batch_is_taken_over_in_key_order",
             relay_killed_mid_batch_is_taken_over_in_key_order
+        ),
+        stack_test!(
+            shared,
+            "node::relays_share_the_outbox_shards",
+            relays_share_the_outbox_shards
         ),
         stack_test!(
             shared,

@@ -1272,6 +1272,57 @@ async fn lag_counts_only_the_topics_the_group_consumes(stack: &mut Stack) -> Res
     Ok(())
 }
 
+/// Search ranks the newest matches of a word, however many messages hold it: a word in
+/// every message is answered from the newest `SEARCH_CANDIDATES` (not by ranking the
+/// whole table), and a rare word is still found in old messages.
+async fn search_ranks_the_newest_matches(stack: &mut Stack) -> Result<()> {
+    use chatstream_workers::queries::{search, SEARCH_CANDIDATES};
+    let store = chatstream_store::Store::connect_lazy(&stack.endpoints().postgres_url, 2)?;
+    store.migrate().await?;
+    let pool = store.pool();
+    let tenant = unique("search-tenant");
+    let n = SEARCH_CANDIDATES + 500;
+    // The oldest 500 say the common word three times (the best rank), the newest once; the
+    // very oldest also holds a rare word.
+    sqlx::query(
+        "INSERT INTO search_messages (message_id, tenant, conversation_id, sender_id, seq, body, created_at_ms)
+         SELECT $1 || i, $1, 'c', 'u', i, CASE WHEN i <= 500 THEN 'chatter chatter chatter' ELSE 'chatter' END
+                || CASE WHEN i = 1 THEN ' zyzzyva' ELSE '' END, i
+         FROM generate_series(1, $2::bigint) AS i",
+    )
+    .bind(&tenant)
+    .bind(n)
+    .execute(pool)
+    .await?;
+    sqlx::query("ANALYZE search_messages").execute(pool).await?;
+    let hits = search(pool, &tenant, "chatter", 10).await?;
+    ensure!(
+        hits.len() == 10,
+        "{} hits for a word in every message",
+        hits.len()
+    );
+    ensure!(
+        hits.iter().all(|h| h.seq > 500),
+        "the best-ranked hits come from outside the newest {SEARCH_CANDIDATES} matches: {:?}",
+        hits.iter().map(|h| h.seq).collect::<Vec<_>>()
+    );
+    ensure!(
+        hits[0].seq == n && hits.windows(2).all(|w| w[0].seq > w[1].seq),
+        "equal ranks are not newest first: {:?}",
+        hits.iter().map(|h| h.seq).collect::<Vec<_>>()
+    );
+    let rare = search(pool, &tenant, "zyzzyva", 10).await?;
+    ensure!(
+        rare.len() == 1 && rare[0].seq == 1,
+        "the rare word's one old message: {rare:?}"
+    );
+    sqlx::query("DELETE FROM search_messages WHERE tenant = $1")
+        .bind(&tenant)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
 // ---------------------------------------------------------------------------------------
 
 fn main() {
@@ -1300,6 +1351,11 @@ fn main() {
             shared,
             "workers::rebuilt_projections_equal_the_live_ones",
             rebuilt_projections_equal_the_live_ones
+        ),
+        stack_test!(
+            shared,
+            "workers::search_ranks_the_newest_matches",
+            search_ranks_the_newest_matches
         ),
         stack_test!(
             shared,

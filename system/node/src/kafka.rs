@@ -156,12 +156,12 @@ async fn publish_batch(
     }
 }
 
-/// The outbox relay: claims free shards (session locks on a PostgreSQL connection of its
-/// own, see `RelayClaim`), then in each pass reads the pending rows of every shard it holds
+/// The outbox relay: claims its fair share of the shards (session locks on a PostgreSQL
+/// connection of its own, see `RelayClaim`), then in each pass reads the pending rows of every shard it holds
 /// in one statement, publishes them all at once on the idempotent producer (in id order:
 /// per-key order holds) with no transaction open and no pooled connection held, and marks
-/// them in one statement. Free shards (a dead relay's) are looked for at most every
-/// `CLAIM_EVERY`. A failure gives every shard up (another relay may reach Kafka) and backs
+/// them in one statement. The share is kept (free shards of a dead relay taken, extra ones
+/// given back when relays start) at most every `CLAIM_EVERY`. A failure gives every shard up (another relay may reach Kafka) and backs
 /// off. Idles until poked or 100 ms pass.
 pub async fn run_relay(
     store: Store,
@@ -186,9 +186,9 @@ pub async fn run_relay(
             continue;
         }
         let pass = async {
-            if claim.owned().len() < OUTBOX_SHARDS as usize
-                && claimed_at.is_none_or(|at| at.elapsed() >= CLAIM_EVERY)
-            {
+            // Between passes (what the last one read is settled): the share is kept, free
+            // shards (a dead relay's) taken, extra ones given back to new relays.
+            if claimed_at.is_none_or(|at| at.elapsed() >= CLAIM_EVERY) {
                 claimed_at = Some(tokio::time::Instant::now());
                 claim.claim().await.map_err(|e| e.to_string())?;
             }

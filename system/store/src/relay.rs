@@ -2,7 +2,12 @@
 //!
 //! A relay claims free shards with session advisory locks (the same lock ids the
 //! transaction-scoped claim of [`crate::Store::relay_shard`] uses, so the two exclude each
-//! other) on a connection that is not the node's pool. It then reads the pending rows of
+//! other) on a connection that is not the node's pool. Every running relay also holds a
+//! shared lock on one registry key, so each can count the relays and keep to its fair
+//! share of the shards (16 over the relays, rounded up): it gives back what it holds beyond
+//! that and takes free shards up to it, so the relays of a cluster publish side by side
+//! (the first relay to start used to take every shard and publish alone, and fell behind
+//! under load while the others idled). It then reads the pending rows of
 //! every shard it holds in one statement, publishes them with no transaction open, and
 //! marks them in one statement. So a relay waiting on Kafka (slow, or cut off) holds no
 //! pooled connection and no transaction: the send path keeps the whole pool. Its shards stay
@@ -32,11 +37,20 @@ async fn bounded<T>(f: impl Future<Output = Result<T, sqlx::Error>>) -> Result<T
     }
 }
 
+/// The registry key (a two-part advisory key: class, 0) every running relay holds shared.
+const RELAYS_CLASS: i32 = 0x5157_4c52; // "SQLR"
+
 /// A relay's connection and the shards it holds on it.
 pub struct RelayClaim {
     options: PgConnectOptions,
     conn: Option<PgConnection>,
     owned: Vec<i32>,
+}
+
+/// The shards one of `relays` relays holds at most.
+pub fn fair_share(relays: i64) -> usize {
+    let relays = usize::try_from(relays.max(1)).unwrap_or(1);
+    (OUTBOX_SHARDS as usize).div_ceil(relays)
 }
 
 impl RelayClaim {
@@ -57,7 +71,14 @@ impl RelayClaim {
     async fn conn(&mut self) -> Result<&mut PgConnection> {
         if self.conn.is_none() {
             self.owned.clear();
-            self.conn = Some(bounded(PgConnection::connect_with(&self.options)).await?);
+            let mut conn = bounded(PgConnection::connect_with(&self.options)).await?;
+            bounded(
+                sqlx::query("SELECT pg_advisory_lock_shared($1, 0)")
+                    .bind(RELAYS_CLASS)
+                    .execute(&mut conn),
+            )
+            .await?;
+            self.conn = Some(conn);
         }
         match self.conn.as_mut() {
             Some(c) => Ok(c),
@@ -65,27 +86,71 @@ impl RelayClaim {
         }
     }
 
-    /// Tries to take every shard not held yet (free ones: a live relay elsewhere keeps its
-    /// own). Returns the shards held now.
+    /// Keeps this relay to its fair share of the shards: counts the running relays, gives
+    /// back the shards it holds beyond its share (call it between passes, when what it
+    /// read is settled) and tries to take free ones up to it (a live relay elsewhere keeps
+    /// its own). Returns the shards held now.
     pub async fn claim(&mut self) -> Result<&[i32]> {
-        let free: Vec<i32> = (0..OUTBOX_SHARDS)
-            .filter(|s| !self.owned.contains(s))
-            .collect();
-        if !free.is_empty() {
-            let conn = self.conn().await?;
-            let taken: Vec<i32> = bounded(
-                sqlx::query_scalar(
-                    "SELECT s FROM UNNEST($1::int[]) AS s WHERE pg_try_advisory_lock($2 + s)",
-                )
-                .bind(&free)
-                .bind(ADVISORY_BASE)
-                .fetch_all(conn),
+        self.conn().await?;
+        let RelayClaim {
+            conn: Some(conn),
+            owned,
+            ..
+        } = self
+        else {
+            return Err(StoreError::Unavailable("relay connection missing".into()));
+        };
+        let relays: i64 = bounded(
+            sqlx::query_scalar(
+                "SELECT count(*) FROM pg_locks
+                 WHERE locktype = 'advisory' AND granted AND mode = 'ShareLock'
+                   AND classid = $1::int::oid AND objid = 0 AND objsubid = 2
+                   AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+            )
+            .bind(RELAYS_CLASS)
+            .fetch_one(&mut *conn),
+        )
+        .await?;
+        let share = fair_share(relays);
+        if owned.len() > share {
+            let extra = owned.split_off(share);
+            bounded(
+                sqlx::query("SELECT pg_advisory_unlock($2 + s) FROM UNNEST($1::int[]) AS s")
+                    .bind(&extra)
+                    .bind(ADVISORY_BASE)
+                    .execute(&mut *conn),
             )
             .await?;
-            self.owned.extend(taken);
-            self.owned.sort_unstable();
+            tracing::debug!(
+                ?extra,
+                relays,
+                "outbox shards given back to the other relays"
+            );
+        } else if owned.len() < share {
+            // Tried in an order of their own per relay, so relays starting together do not
+            // all go for the same shards; one at a time, so none is locked beyond the share.
+            let mut free: Vec<i32> = (0..OUTBOX_SHARDS).filter(|s| !owned.contains(s)).collect();
+            let start = std::process::id() as usize % free.len().max(1);
+            free.rotate_left(start);
+            let mut taken = Vec::new();
+            for shard in free {
+                if owned.len() + taken.len() >= share {
+                    break;
+                }
+                let got: bool = bounded(
+                    sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+                        .bind(ADVISORY_BASE + i64::from(shard))
+                        .fetch_one(&mut *conn),
+                )
+                .await?;
+                if got {
+                    taken.push(shard);
+                }
+            }
+            owned.extend(taken);
+            owned.sort_unstable();
         }
-        Ok(&self.owned)
+        Ok(owned)
     }
 
     /// The oldest pending events of the shards held (at most `per_shard` of each), in id

@@ -608,6 +608,13 @@ async fn run_instance<H: Handler>(
         .set("session.timeout.ms", "10000")
         .set("max.poll.interval.ms", "300000")
         .set("socket.nagle.disable", "true")
+        // A fetch is answered once 64 KiB are there or after 50 ms, not as soon as one
+        // record is: with the default (1 byte) every produce request woke every consumer of
+        // its partitions, so the brokers answered hundreds of tiny fetches a second per
+        // worker and the workers wrote as many small batches. 50 ms is what a record may
+        // now wait in a quiet topic.
+        .set("fetch.min.bytes", "65536")
+        .set("fetch.wait.max.ms", "50")
         .create_with_context(context)
         .map_err(|e| format!("creating consumer for {worker}: {e}"))?;
     let topics = handler.topics();

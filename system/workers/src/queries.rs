@@ -103,8 +103,14 @@ pub struct SearchHit {
     pub rank: f32,
 }
 
+/// Matches a search ranks at most: the newest this many of a tenant, so a word in every
+/// message costs as much as a rare one (ranking every match of a common word read and
+/// ranked the whole table).
+pub const SEARCH_CANDIDATES: i64 = 1_000;
+
 /// Full-text search over chat messages of a tenant (`websearch_to_tsquery` syntax:
-/// words, "phrases", -exclusions, OR).
+/// words, "phrases", -exclusions, OR): the best-ranked of its newest
+/// [`SEARCH_CANDIDATES`] matches, newest first among equal ranks.
 pub async fn search(
     pool: &PgPool,
     tenant: &str,
@@ -113,13 +119,21 @@ pub async fn search(
 ) -> Result<Vec<SearchHit>, sqlx::Error> {
     sqlx::query_as::<_, (String, String, String, i64, String, f32)>(
         "SELECT message_id, conversation_id, sender_id, seq, body, ts_rank(document, q) AS rank
-         FROM search_messages, websearch_to_tsquery('simple', $2) AS q
-         WHERE tenant = $1 AND document @@ q
+         FROM (SELECT message_id, conversation_id, sender_id, seq, body, document, created_at_ms
+               FROM search_messages
+               WHERE tenant = $1 AND document @@ websearch_to_tsquery('simple', $2)
+               ORDER BY created_at_ms DESC
+               LIMIT $4) AS recent,
+              websearch_to_tsquery('simple', $2) AS q
          ORDER BY rank DESC, created_at_ms DESC LIMIT $3",
     )
+    // Planned with the query's words each time (not a cached generic plan): a common
+    // word walks back from the newest message, a rare one goes through the GIN index.
+    .persistent(false)
     .bind(tenant)
     .bind(query)
     .bind(limit)
+    .bind(SEARCH_CANDIDATES)
     .fetch_all(pool)
     .await
     .map(|rows| {

@@ -2,8 +2,12 @@
 //! second, through the load's ack tap) and polls PostgreSQL until each one's audit row
 //! is visible, recording ack → visible as `pipeline_audit`. It measures the whole
 //! event path a user does not wait for: outbox relay, Kafka, the audit worker, its
-//! commit. One query a poll asks for every sample still pending, so the probe's own
-//! load on the database stays at a few queries a second however far the pipeline lags.
+//! commit. One query a poll asks for every sample still pending, each looked up by its
+//! conversation and the few milliseconds its events can carry (the audit table's
+//! conversation index), and polls come less often as the wait grows (a twentieth of the
+//! oldest wait): the probe's own load on the database stays small however far the
+//! pipeline lags — it once scanned every audit row of each pending conversation a
+//! hundred times a second, which made a lagging pipeline lag more.
 
 use squall_load::metrics::names;
 use squall_load::tap::AckSample;
@@ -20,8 +24,20 @@ const MAX_PENDING: usize = 1000;
 /// A sample not visible by then is counted as unseen, not as a latency.
 const GIVE_UP_AFTER: Duration = Duration::from_secs(60);
 /// Time between two polls of the pending samples (the latency's resolution, plus the
-/// query's own time).
+/// query's own time) while they are fresh; then a twentieth of the oldest one's wait,
+/// at most [`POLL_AT_MOST_EVERY`] (a resolution of 5 % of what is measured).
 const POLL_EVERY: Duration = Duration::from_millis(10);
+const POLL_AT_MOST_EVERY: Duration = Duration::from_millis(500);
+
+/// The pause before the next poll of `pending`.
+fn poll_pause(pending: &[AckSample]) -> Duration {
+    let oldest = pending
+        .iter()
+        .map(|s| s.acked.elapsed())
+        .max()
+        .unwrap_or_default();
+    (oldest / 20).clamp(POLL_EVERY, POLL_AT_MOST_EVERY)
+}
 
 pub struct Probe {
     task: tokio::task::JoinHandle<()>,
@@ -58,8 +74,8 @@ async fn sample_loop(
     let mut pending: Vec<AckSample> = Vec::new();
     let mut ask = tokio::time::interval(Duration::from_secs(1) / SAMPLES_PER_S);
     ask.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    let mut poll = tokio::time::interval(POLL_EVERY);
-    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let poll = tokio::time::sleep(POLL_EVERY);
+    tokio::pin!(poll);
     let mut stopping = false;
     loop {
         tokio::select! {
@@ -71,7 +87,7 @@ async fn sample_loop(
                     counters.pipeline_skipped.fetch_add(1, Ordering::Relaxed);
                 }
             }
-            _ = poll.tick(), if !pending.is_empty() => {
+            _ = &mut poll, if !pending.is_empty() => {
                 let visible = match visible_among(&pool, &pending).await {
                     Ok(v) => v,
                     // PostgreSQL may be the fault under test; keep asking until the deadline.
@@ -93,6 +109,8 @@ async fn sample_loop(
                         true
                     }
                 });
+                poll.as_mut()
+                    .reset(tokio::time::Instant::now() + poll_pause(&pending));
             }
             _ = stopped.changed(), if !stopping => stopping = true,
         }
@@ -109,13 +127,20 @@ async fn visible_among(
 ) -> Result<std::collections::HashSet<String>, sqlx::Error> {
     let conversations: Vec<&str> = pending.iter().map(|s| s.conversation_id.as_str()).collect();
     let messages: Vec<&str> = pending.iter().map(|s| s.message_id.as_str()).collect();
+    let from: Vec<i64> = pending.iter().map(|s| *s.event_ts_ms.start()).collect();
+    let to: Vec<i64> = pending.iter().map(|s| *s.event_ts_ms.end()).collect();
     let rows: Vec<String> = sqlx::query_scalar(
         "SELECT a.message_id FROM audit_logs a
-         JOIN unnest($1::text[], $2::text[]) AS p(conversation_id, message_id)
-           ON a.conversation_id = p.conversation_id AND a.message_id = p.message_id",
+         JOIN unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[])
+              AS p(conversation_id, message_id, from_ms, to_ms)
+           ON a.conversation_id = p.conversation_id
+          AND a.ts_ms BETWEEN p.from_ms AND p.to_ms
+          AND a.message_id = p.message_id",
     )
     .bind(&conversations)
     .bind(&messages)
+    .bind(&from)
+    .bind(&to)
     .fetch_all(pool)
     .await?;
     Ok(rows.into_iter().collect())
