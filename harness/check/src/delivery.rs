@@ -494,7 +494,10 @@ fn catch_up_after(f: &Facts, r: u32, c: u32, t: u64) -> CatchUp {
     }
 }
 
-fn sync_refused_example(f: &Facts, m: MsgId, r: u32, c: u32) -> Example {
+/// The timeline of acked message `m` as recipient `r` of conversation `c` lived it (its
+/// send, `r`'s connections and syncs from then on, the message's deliveries), with its
+/// seq and ack time.
+fn undelivered_timeline(f: &Facts, m: MsgId, r: u32, c: u32) -> (Timeline, i64, u64) {
     let mut tl = Timeline::new();
     f.timeline_send(m, &mut tl);
     let (from, seq, ok_t) = match f.send(m) {
@@ -508,6 +511,11 @@ fn sync_refused_example(f: &Facts, m: MsgId, r: u32, c: u32) -> Example {
     f.timeline_connections(r, from, &mut tl);
     f.timeline_syncs(r, c, from, &mut tl);
     f.timeline_deliveries_of_msg(m, c, &mut tl);
+    (tl, seq, ok_t)
+}
+
+fn sync_refused_example(f: &Facts, m: MsgId, r: u32, c: u32) -> Example {
+    let (tl, seq, ok_t) = undelivered_timeline(f, m, r, c);
     Example {
         id: f.msg_name(m),
         what: format!(
@@ -665,19 +673,7 @@ fn store_level(f: &Facts, by_conv: &[Vec<MsgId>], ev: &mut Evidence) -> Store {
 }
 
 fn lost_example(f: &Facts, m: MsgId, r: u32, c: u32) -> Example {
-    let mut tl = Timeline::new();
-    f.timeline_send(m, &mut tl);
-    let (from, seq, ok_t) = match f.send(m) {
-        Some(s) => (
-            s.invoke_t().or(s.ok_t()).unwrap_or(0),
-            s.seq().unwrap_or(0),
-            s.ok_t().unwrap_or(0),
-        ),
-        None => (0, 0, 0),
-    };
-    f.timeline_connections(r, from, &mut tl);
-    f.timeline_syncs(r, c, from, &mut tl);
-    f.timeline_deliveries_of_msg(m, c, &mut tl);
+    let (mut tl, seq, ok_t) = undelivered_timeline(f, m, r, c);
     f.timeline_recovery(c, Some(m), &mut tl);
     let stored = f.recovery_msgs(c).iter().any(|x| x.m == m);
     let synced_after = f
