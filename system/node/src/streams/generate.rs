@@ -6,6 +6,7 @@ use chatstream_protocol::events::{self as ev, EventBody};
 use chatstream_protocol::frames::StreamOutcome;
 use chatstream_protocol::ServerFrame;
 use futures::future::BoxFuture;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -36,6 +37,47 @@ end
 redis.call('PUBLISH', ARGV[5], ARGV[2])
 return 1
 ";
+
+/// Renews the lease for its holder (or takes it again if it ran out with nobody taking
+/// it, as a cache write does). KEYS: lease. ARGV: token, lease_ms.
+const RENEW_SCRIPT: &str = r"
+local holder = redis.call('GET', KEYS[1])
+if holder and holder ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+";
+
+/// Runs `work` (a store that waits on PostgreSQL) while renewing this generator's lease
+/// every third of it: a wait longer than the lease must not hand a live stream to a
+/// follower's node. Under overload in `steady`, STREAM_COMPLETED's store outlasted the
+/// 2 s lease again and again: a follower took the session over, the new generator's store
+/// outlasted it in turn, and each fenced generator stopped before writing the end (one
+/// session was taken over 65 times in three minutes).
+async fn holding_lease<T>(state: &NodeState, s: &Session, work: impl Future<Output = T>) -> T {
+    let mut renew = tokio::time::interval(Duration::from_millis(lease_ms(&s.cfg) / 3));
+    renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The first tick is immediate; the lease was just written.
+    renew.tick().await;
+    tokio::pin!(work);
+    loop {
+        tokio::select! {
+            out = &mut work => return out,
+            _ = renew.tick() => {
+                let mut cmd = redis::cmd("EVAL");
+                cmd.arg(RENEW_SCRIPT)
+                    .arg(1)
+                    .arg(lease_key(s.id()))
+                    .arg(&s.token)
+                    .arg(lease_ms(&s.cfg));
+                // Not renewed (fenced, or Redis away): the next cache write says what to do.
+                let _ = state
+                    .redis
+                    .run(|mut conn| async move { cmd.query_async::<i64>(&mut conn).await })
+                    .await;
+            }
+        }
+    }
+}
 
 /// What a cache write did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -146,7 +188,7 @@ pub(super) async fn generate(
                     chunk_index: index,
                 }),
             );
-            state.events.emit_confirmed(e).await;
+            holding_lease(&state, &s, state.events.emit_confirmed(e)).await;
             let end = CacheItem::End {
                 outcome: StreamOutcome::Failed,
                 total: index,
@@ -194,7 +236,7 @@ pub(super) async fn generate(
             }),
         );
         last = Instant::now();
-        state.events.emit(e).await;
+        holding_lease(&state, &s, state.events.emit(e)).await;
     }
     let words = s.plan.chunks as usize * s.cfg.words_per_chunk;
     let e = state.events.envelope_with_id(
@@ -213,7 +255,7 @@ pub(super) async fn generate(
         }),
     );
     // Stored before any client can see the end.
-    state.events.emit_confirmed(e).await;
+    holding_lease(&state, &s, state.events.emit_confirmed(e)).await;
     let end = CacheItem::End {
         outcome: StreamOutcome::Completed,
         total: s.plan.chunks,
