@@ -157,11 +157,12 @@ async fn publish_batch(
 }
 
 /// The outbox relay: claims its fair share of the shards (session locks on a PostgreSQL
-/// connection of its own, see `RelayClaim`), then in each pass reads the pending rows of every shard it holds
-/// in one statement, publishes them all at once on the idempotent producer (in id order:
-/// per-key order holds) with no transaction open and no pooled connection held, and marks
-/// them in one statement. The share is kept (free shards of a dead relay taken, extra ones
-/// given back when relays start) at most every `CLAIM_EVERY`. A failure gives every shard up (another relay may reach Kafka) and backs
+/// connection of its own, see `RelayClaim`), then in each pass reads the pending rows of
+/// every shard it holds in one statement, publishes them all at once on the idempotent
+/// producer (in id order: per-key order holds) with no transaction open and no pooled
+/// connection held, and marks them in one statement. The share is kept (free shards of a
+/// dead relay taken, extra ones given back when relays start) at most every
+/// `CLAIM_EVERY`. A failure gives every shard up (another relay may reach Kafka) and backs
 /// off. Idles until poked or 100 ms pass.
 pub async fn run_relay(
     store: Store,

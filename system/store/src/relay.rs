@@ -48,7 +48,7 @@ pub struct RelayClaim {
 }
 
 /// The shards one of `relays` relays holds at most.
-pub fn fair_share(relays: i64) -> usize {
+fn fair_share(relays: i64) -> usize {
     let relays = usize::try_from(relays.max(1)).unwrap_or(1);
     (OUTBOX_SHARDS as usize).div_ceil(relays)
 }
