@@ -10,10 +10,16 @@
 //! - through the batch writer, waiting until the batch holding it has committed
 //!   (`emit_confirmed`: stream ends, recovery attempts, notifications), in queue order
 //!   with the fast-path events before them;
-//! - through the batch writer without waiting (`emit`, `emit_nowait`: CHUNK_RECEIVED and
-//!   DELIVERED, the high-volume events). These are the only ones a `kill -9` can lose: what
-//!   was queued in the last batch window (20 ms, longer while PostgreSQL is slow). SIGTERM
-//!   loses none: `flush` writes the queue out before the node exits.
+//! - through the batch writer without waiting (`emit`: CHUNK_RECEIVED, the high-volume
+//!   stream events).
+//!
+//! DELIVERED receipts (`emit_nowait`), the most numerous events and no state change of
+//! PostgreSQL, skip the outbox: they are published directly (`direct`), and only those
+//! Kafka does not take are written to the outbox, through the batch writer.
+//! CHUNK_RECEIVED and DELIVERED are the only events a `kill -9` can lose: what was queued in
+//! the last batch window (20 ms, longer while PostgreSQL is slow) or held by the direct
+//! producer (its 20 ms linger, longer while brokers are away). SIGTERM loses none: `flush`
+//! waits for the direct producer and writes the queue out before the node exits.
 
 use chatstream_protocol::events::EventBody;
 use chatstream_protocol::{EventEnvelope, EVENT_VERSION};
@@ -26,6 +32,7 @@ use tokio::task::JoinHandle;
 
 use crate::clock;
 use crate::config::PublishMode;
+use crate::direct::DirectPublisher;
 use crate::kafka::AsyncPublisher;
 use crate::log_limit::LogLimiter;
 use crate::metrics as m;
@@ -82,6 +89,8 @@ pub struct EventSink {
     store: Store,
     /// Async mode's producer (typing events use it in outbox mode too); none in mode `none`.
     async_publisher: Option<AsyncPublisher>,
+    /// Outbox mode's producer for DELIVERED receipts.
+    direct: Option<DirectPublisher>,
     batch: mpsc::Sender<Queued>,
     relay_poke: Arc<Notify>,
     dropped_log: LogLimiter,
@@ -93,20 +102,24 @@ pub struct EventSink {
 }
 
 impl EventSink {
-    /// Starts the batcher that writes outbox rows for events outside a message transaction.
+    /// Starts the batcher that writes outbox rows for events outside a message transaction
+    /// (and the rows `direct` hands back, which arrive on `direct_refused`).
     pub fn new(
         mode: PublishMode,
         node_id: String,
         store: Store,
         async_publisher: Option<AsyncPublisher>,
+        direct: Option<(DirectPublisher, mpsc::UnboundedReceiver<OutboxRow>)>,
         relay_poke: Arc<Notify>,
     ) -> Arc<Self> {
         let (tx, rx) = mpsc::channel(BATCH_QUEUE);
         let (closing, closing_rx) = watch::channel(false);
+        let (direct, direct_refused) = direct.unzip();
         let writer = (mode == PublishMode::Outbox).then(|| {
             tokio::spawn(batch_writer(
                 store.clone(),
                 rx,
+                direct_refused,
                 relay_poke.clone(),
                 closing_rx,
             ))
@@ -116,6 +129,7 @@ impl EventSink {
             node_id,
             store,
             async_publisher,
+            direct,
             batch: tx,
             relay_poke,
             dropped_log: LogLimiter::new(Duration::from_secs(5)),
@@ -201,13 +215,21 @@ impl EventSink {
         }
     }
 
-    /// Like `emit` but never waits: with the batch queue full the event is dropped, counted
-    /// and logged. For callers that must not stall (the fan-out subscriber).
+    /// Never waits, for callers that must not stall (the fan-out subscriber): in outbox
+    /// mode published directly, or (refused by the producer) queued for the outbox; with
+    /// the batch queue full as well the event is dropped, counted and logged.
     pub fn emit_nowait(&self, e: EventEnvelope) {
         match self.mode {
             PublishMode::Async => self.send_async(&e),
             PublishMode::Outbox => {
-                if let Err(err) = self.batch.try_send((self.outbox_row(&e), None)) {
+                let mut row = self.outbox_row(&e);
+                if let Some(direct) = &self.direct {
+                    match direct.send(row) {
+                        None => return,
+                        Some(refused) => row = refused,
+                    }
+                }
+                if let Err(err) = self.batch.try_send((row, None)) {
                     let reason = match err {
                         mpsc::error::TrySendError::Full(_) => "queue_full",
                         mpsc::error::TrySendError::Closed(_) => "shut_down",
@@ -291,6 +313,12 @@ impl EventSink {
     /// after the work that emits events has finished). Waits at most `timeout` (the queue
     /// cannot be written while PostgreSQL is away). Later events are written one by one.
     pub async fn flush(&self, timeout: Duration) -> bool {
+        // First the direct producer: what it cannot deliver joins the queue written below.
+        if let Some(direct) = &self.direct {
+            if !direct.flush(timeout).await {
+                tracing::warn!("direct producer not flushed; its unsent events go to the outbox");
+            }
+        }
         let _ = self.closing.send(true);
         let writer = self.writer.lock().ok().and_then(|mut w| w.take());
         let done = match writer {
@@ -303,10 +331,12 @@ impl EventSink {
 }
 
 /// Writes queued rows in batches (every 20 ms or 500 rows; at once when someone waits for
-/// a row); retries while PostgreSQL is down. On `closing` it writes what is queued and stops.
+/// a row); retries while PostgreSQL is down. Rows the direct producer hands back come in on
+/// `direct_refused`. On `closing` it writes what is queued and stops.
 async fn batch_writer(
     store: Store,
     mut rx: mpsc::Receiver<Queued>,
+    mut direct_refused: Option<mpsc::UnboundedReceiver<OutboxRow>>,
     poke: Arc<Notify>,
     mut closing: watch::Receiver<bool>,
 ) {
@@ -317,6 +347,10 @@ async fn batch_writer(
         if stopping {
             // Everything still queued, in batches, then stop.
             while rows.len() < BATCH_ROWS {
+                if let Some(row) = direct_refused.as_mut().and_then(|r| r.try_recv().ok()) {
+                    rows.push(row);
+                    continue;
+                }
                 match rx.try_recv() {
                     Ok((row, waiter)) => {
                         rows.push(row);
@@ -331,6 +365,7 @@ async fn batch_writer(
         } else {
             let first = tokio::select! {
                 first = rx.recv() => first,
+                Some(row) = recv_refused(&mut direct_refused) => Some((row, None)),
                 _ = closing.wait_for(|c| *c) => { stopping = true; continue; }
             };
             let Some((row, waiter)) = first else { return };
@@ -372,6 +407,16 @@ async fn batch_writer(
             let _ = w.send(());
         }
         poke.notify_one();
+    }
+}
+
+/// The next row the direct producer handed back; pending forever without a producer.
+async fn recv_refused(
+    refused: &mut Option<mpsc::UnboundedReceiver<OutboxRow>>,
+) -> Option<OutboxRow> {
+    match refused {
+        Some(r) => r.recv().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -10,7 +10,7 @@
 //!   `commands` (one module per client frame), `streams` (stream sessions);
 //! - the node's work: `delivery` (fan-out to local connections), `presence`, `health`;
 //! - `state`: the shared `NodeState` every part above is handed;
-//! - leaf parts: `config`, `hub`, `fanout`, `events`, `kafka`, `redis_link`,
+//! - leaf parts: `config`, `hub`, `fanout`, `events`, `direct`, `kafka`, `redis_link`,
 //!   `generator`, `inflight`, `close`, `clock`, `metrics`, `log_limit`, `sabotage`.
 
 pub mod clock;
@@ -19,6 +19,7 @@ pub mod commands;
 pub mod config;
 pub mod conn;
 pub mod delivery;
+pub mod direct;
 pub mod events;
 pub mod fanout;
 pub mod generator;

@@ -16,6 +16,7 @@ use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 
 use crate::config::{FanoutMode, NodeConfig, PublishMode};
+use crate::direct::DirectPublisher;
 use crate::events::EventSink;
 use crate::fanout;
 use crate::generator::Generator;
@@ -101,6 +102,18 @@ fn start(
             Some(AsyncPublisher::new(&cfg.kafka_bootstrap)?)
         }
     };
+    // Outbox mode's one reliable producer: the relay's, and DELIVERED receipts' (direct).
+    let reliable = match cfg.publish_mode {
+        PublishMode::Outbox => Some(kafka::reliable_producer(&cfg.kafka_bootstrap)?),
+        PublishMode::Async | PublishMode::None => None,
+    };
+    let direct = reliable.clone().map(|producer| {
+        let (to_outbox, refused) = tokio::sync::mpsc::unbounded_channel();
+        (
+            DirectPublisher::start(producer, &cfg.node_id, to_outbox),
+            refused,
+        )
+    });
     let relay_poke = Arc::new(Notify::new());
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let events = EventSink::new(
@@ -108,6 +121,7 @@ fn start(
         cfg.node_id.clone(),
         store.clone(),
         async_publisher.clone(),
+        direct,
         relay_poke.clone(),
     );
     let link = RedisLink::new(client.clone());
@@ -149,8 +163,7 @@ fn start(
     if state.cfg.fanout_mode == FanoutMode::Kafka {
         spawn_kafka_fanout(&state, shutdown_rx.clone());
     }
-    let relay = if state.cfg.publish_mode == PublishMode::Outbox && state.cfg.outbox_relay {
-        let producer = kafka::reliable_producer(&state.cfg.kafka_bootstrap)?;
+    let relay = if let Some(producer) = reliable.filter(|_| state.cfg.outbox_relay) {
         let healthy = state.health.relay.clone();
         healthy.store(true, Ordering::Relaxed);
         let task = tokio::spawn(kafka::run_relay(

@@ -1,8 +1,28 @@
 //! Rate-limited logging: a warning that can fire on every message (a fan-out failure, a
 //! full queue) is logged at most once per interval; the metrics count every occurrence.
+//! And `warn_if_slow`: a wait that should be short says so once when it is not.
 
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
+
+/// Awaits `fut`; when it is still pending after `after`, logs one warning (`what`) and goes
+/// on waiting. For the waits a stuck connection would hide behind (a command holding the
+/// read loop, a reply waiting for room, a send's append unanswered).
+pub async fn warn_if_slow<F: Future>(
+    fut: F,
+    after: Duration,
+    what: impl FnOnce() -> String,
+) -> F::Output {
+    tokio::pin!(fut);
+    match tokio::time::timeout(after, &mut fut).await {
+        Ok(out) => out,
+        Err(_) => {
+            tracing::warn!(after = ?after, "still waiting: {}", what());
+            fut.await
+        }
+    }
+}
 
 pub struct LogLimiter {
     every_ms: u64,

@@ -31,6 +31,9 @@ pub const RATE_LIMIT_DISCONNECTS: &str = "chatstream_rate_limit_disconnects_tota
 pub const ERROR_FRAMES_SUPPRESSED: &str = "chatstream_error_frames_suppressed_total";
 /// Events dropped before the outbox because its batch queue was full, by `reason`.
 pub const EVENTS_DROPPED: &str = "chatstream_events_dropped_total";
+/// Directly published events (DELIVERED) written to the outbox instead, by `reason`:
+/// refused (the producer's queue was full) or unacknowledged (within the delivery timeout).
+pub const DIRECT_TO_OUTBOX: &str = "chatstream_events_direct_to_outbox_total";
 /// Accepted TCP sockets, by whether TCP_NODELAY is set on them (read back with getsockopt).
 pub const ACCEPTED_SOCKETS: &str = "chatstream_accepted_sockets_total";
 pub const OUTBOX_PUBLISHED: &str = "chatstream_outbox_published_total";

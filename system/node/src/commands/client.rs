@@ -13,8 +13,14 @@ use tokio::sync::mpsc;
 use super::send::PendingSend;
 use crate::events::EventContext;
 use crate::hub::{ConnId, Outbound, Outlet};
+use crate::log_limit::warn_if_slow;
 use crate::metrics as m;
 use crate::state::NodeState;
+
+/// A reply or a queued send waiting this long is reported (once each).
+pub(super) const SLOW_WAIT: Duration = Duration::from_secs(5);
+/// Past the append batch's own bound (10 s a try): an append this late is reported.
+pub(super) const SLOW_APPEND: Duration = Duration::from_secs(60);
 
 /// Error frames written in the current one-second window.
 struct ErrorBudget {
@@ -79,7 +85,20 @@ impl Client {
             metrics::counter!(m::ERROR_FRAMES_SUPPRESSED).increment(1);
             return;
         }
-        if let Err(e) = self.outlet.push_wait(Outbound::from(frame.encode())).await {
+        let queued = warn_if_slow(
+            self.outlet.push_wait(Outbound::from(frame.encode())),
+            SLOW_WAIT,
+            || {
+                format!(
+                    "a reply to connection {} of {} waits for room ({} bytes unsent)",
+                    self.id,
+                    self.claims.sub,
+                    self.outlet.queued_bytes()
+                )
+            },
+        )
+        .await;
+        if let Err(e) = queued {
             tracing::debug!(conn = self.id, error = %e, "reply not queued");
         }
     }

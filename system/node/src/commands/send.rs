@@ -13,11 +13,12 @@ use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::mpsc;
 
-use super::client::{error_frame, store_error, Client};
+use super::client::{error_frame, store_error, Client, SLOW_APPEND, SLOW_WAIT};
 use crate::clock;
 use crate::config::{FanoutMode, PublishMode};
 use crate::events::{new_id, new_trace_id, EventContext};
 use crate::fanout::Reservation;
+use crate::log_limit::warn_if_slow;
 use crate::metrics as m;
 
 const MAX_ID_LEN: usize = 128;
@@ -224,7 +225,14 @@ impl Client {
         let Some(tx) = tx else {
             return self.complete_one(pending).await;
         };
-        if let Err(mpsc::error::SendError(pending)) = tx.send(pending).await {
+        let queued = warn_if_slow(tx.send(pending), SLOW_WAIT, || {
+            format!(
+                "connection {} of {} waits to queue a send behind {} unanswered ones",
+                self.id, self.claims.sub, self.state.cfg.max_pending_sends
+            )
+        })
+        .await;
+        if let Err(mpsc::error::SendError(pending)) = queued {
             self.complete_one(pending).await;
         }
     }
@@ -240,7 +248,13 @@ impl Client {
 
     async fn complete_one(self: &Arc<Self>, pending: Box<PendingSend>) {
         let PendingSend { append, sent } = *pending;
-        let appended = append.wait().await;
+        let appended = warn_if_slow(append.wait(), SLOW_APPEND, || {
+            format!(
+                "a send of connection {} of {} to {} is not answered by its append batch",
+                self.id, self.claims.sub, sent.conversation_id
+            )
+        })
+        .await;
         self.finish_send(sent, appended).await;
     }
 

@@ -27,11 +27,15 @@ use tokio::sync::oneshot;
 use crate::close::{CLOSE_RATE_LIMIT, CLOSE_UNAUTHORIZED};
 use crate::commands::{self, error_frame, Client};
 use crate::hub::CloseReason;
+use crate::log_limit::warn_if_slow;
 use crate::metrics as m;
 use crate::state::NodeState;
 use crate::{clock, presence};
 use limits::{Heard, Offence, RateLimit};
 use writer::{close_message, write_loop, WriterSettings, CLOSE_WRITE_TIMEOUT};
+
+/// A frame holding the read loop this long is reported (sends normally hand over at once).
+const SLOW_DISPATCH: Duration = Duration::from_secs(10);
 
 async fn close_with(sink: &mut Sink, code: u16, reason: &str) {
     let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, sink.send(close_message(code, reason))).await;
@@ -182,7 +186,17 @@ async fn read_loop(
             continue;
         }
         // Boxed: a command's state (a send, a sync) is many times the loop's own.
-        Box::pin(commands::dispatch(&conn, &text)).await;
+        warn_if_slow(
+            Box::pin(commands::dispatch(&conn, &text)),
+            SLOW_DISPATCH,
+            || {
+                format!(
+                    "connection {} of {} is held by one frame; it reads nothing meanwhile",
+                    conn.id, conn.claims.sub
+                )
+            },
+        )
+        .await;
     }
     // Sends still being stored are answered (and fanned out) by the completer, which
     // ends after them.

@@ -267,7 +267,13 @@ pub async fn resume(
             chunks_replayed: replayed,
         }),
     );
-    state.events.emit_confirmed(e).await;
+    // Stored beside the answer, not before it: the client is not kept waiting behind the
+    // batch writer's queue (under load it held a refused resume's error for a minute).
+    // Counted as node work, so a draining node commits it before it exits.
+    let sink = state.clone();
+    state
+        .work
+        .spawn(async move { sink.events.emit_confirmed(e).await });
     if success {
         Ok(())
     } else {
