@@ -125,6 +125,35 @@ fn lag_samples(record: &RunRecord) -> Vec<(u64, BTreeMap<String, f64>)> {
         .collect()
 }
 
+/// The node metric that counts events a node discarded before Kafka or the outbox.
+const EVENTS_DROPPED: &str = "chatstream_events_dropped_total";
+
+/// Events the nodes dropped over the run, from their scraped counters: each node's
+/// increases summed (a counter that falls was restarted with its process, and counts again
+/// from zero). None when no node was ever scraped; a node that never dropped has no sample
+/// of the counter at all, which counts as 0.
+fn events_dropped(signals: &[SignalPoint]) -> Option<f64> {
+    let mut last: BTreeMap<&str, f64> = BTreeMap::new();
+    let mut total = 0.0;
+    let mut scraped = false;
+    for point in signals {
+        for (process, metrics) in &point.metrics {
+            if !process.starts_with("node") {
+                continue;
+            }
+            scraped = true;
+            let now: f64 = metrics
+                .iter()
+                .filter(|(k, _)| k.starts_with(EVENTS_DROPPED))
+                .map(|(_, v)| v)
+                .sum();
+            let before = last.insert(process, now).unwrap_or(0.0);
+            total += if now >= before { now - before } else { now };
+        }
+    }
+    scraped.then_some(total)
+}
+
 fn last_fault_end(facts: &Facts) -> Option<u64> {
     facts.faults().iter().filter_map(|f| f.end).max()
 }
@@ -278,6 +307,10 @@ fn gate_value(gate: &Gate, record: &RunRecord) -> Result<f64, String> {
                             v.summary
                         ))
                 }
+                "events_dropped" => events_dropped(&record.signals).ok_or(
+                    "no node's metrics were scraped in this run (is a node's /metrics reachable?)"
+                        .to_string(),
+                ),
                 "error_rate" => {
                     let invoked = counter("sends_invoked")
                         .filter(|n| *n > 0)
@@ -423,4 +456,52 @@ pub fn render(verdicts: &[Verdict]) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn point(t: f64, nodes: &[(&str, Option<f64>)]) -> SignalPoint {
+        let metrics = nodes
+            .iter()
+            .map(|(node, dropped)| {
+                let mut m = BTreeMap::from([("chatstream_connections".to_string(), 3.0)]);
+                if let Some(d) = dropped {
+                    m.insert(format!("{EVENTS_DROPPED}{{reason=\"queue_full\"}}"), *d);
+                }
+                (node.to_string(), m)
+            })
+            .collect();
+        SignalPoint {
+            t,
+            processes: BTreeMap::new(),
+            metrics,
+            lag: BTreeMap::new(),
+            redis: BTreeMap::new(),
+            kafka_under_replicated: None,
+            unreachable: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn events_dropped_sums_each_nodes_increases_across_restarts() {
+        let signals = [
+            point(1.0, &[("node-1", None), ("node-2", Some(5.0))]),
+            point(2.0, &[("node-1", Some(10.0)), ("node-2", Some(7.0))]),
+            // node-1 restarted: its counter starts again from zero.
+            point(3.0, &[("node-1", Some(4.0)), ("node-2", Some(7.0))]),
+        ];
+        assert_eq!(events_dropped(&signals), Some(10.0 + 4.0 + 7.0));
+    }
+
+    #[test]
+    fn events_dropped_is_zero_when_no_node_dropped_and_unknown_when_none_was_scraped() {
+        let quiet = [
+            point(1.0, &[("node-1", None)]),
+            point(2.0, &[("node-1", None)]),
+        ];
+        assert_eq!(events_dropped(&quiet), Some(0.0));
+        assert_eq!(events_dropped(&[point(1.0, &[])]), None);
+    }
 }
