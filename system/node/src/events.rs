@@ -17,8 +17,9 @@
 //! PostgreSQL, skip the outbox: they are published directly (`direct`), and only those
 //! Kafka does not take are written to the outbox, through the batch writer.
 //! CHUNK_RECEIVED and DELIVERED are the only events a `kill -9` can lose: what was queued in
-//! the last batch window (20 ms, longer while PostgreSQL is slow) or held by the direct
-//! producer (its 20 ms linger, longer while brokers are away). SIGTERM loses none: `flush`
+//! the last batch window (20 ms, longer while PostgreSQL is slow) or queued for the direct
+//! producer or held by it (its 20 ms batch window and 2 ms linger, longer while brokers
+//! are away). SIGTERM loses none: `flush`
 //! waits for the direct producer and writes the queue out before the node exits.
 
 use chatstream_protocol::events::EventBody;
