@@ -322,6 +322,32 @@ impl Metrics {
             .unwrap_or_default()
     }
 
+    /// Each counter over the last `seconds` points of the series, per second: increases
+    /// averaged (the roller can run late on a starved machine and put two seconds' counts
+    /// in one point and none in the next), gauges as last seen.
+    pub fn recent_rates(&self, seconds: usize) -> BTreeMap<String, f64> {
+        let Ok(book) = self.book.lock() else {
+            return BTreeMap::new();
+        };
+        let recent: Vec<&SecondPoint> = book.series.iter().rev().take(seconds.max(1)).collect();
+        let mut rates: BTreeMap<String, f64> = BTreeMap::new();
+        for p in &recent {
+            for (k, v) in &p.counters {
+                if !GAUGES.contains(&k.as_str()) {
+                    *rates.entry(k.clone()).or_default() += *v as f64 / recent.len() as f64;
+                }
+            }
+        }
+        if let Some(last) = recent.first() {
+            for g in GAUGES {
+                if let Some(v) = last.counters.get(*g) {
+                    rates.insert((*g).to_string(), *v as f64);
+                }
+            }
+        }
+        rates
+    }
+
     /// The p99 of one latency over the last `seconds` of the series (for live progress).
     pub fn recent_p99(&self, name: &str, seconds: usize) -> Option<u64> {
         let book = self.book.lock().ok()?;
@@ -361,6 +387,23 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn recent_rates_average_increases_and_keep_gauges_as_last_seen() {
+        let m = Metrics::default();
+        // A late roller: one second's point holds two seconds' sends, the next none.
+        m.counters.sends_acked.fetch_add(20, Ordering::Relaxed);
+        m.counters.connected.fetch_add(5, Ordering::Relaxed);
+        m.roll_second(0);
+        m.counters.connected.fetch_add(2, Ordering::Relaxed);
+        m.roll_second(1);
+        let r = m.recent_rates(5);
+        assert_eq!(r["sends_acked"], 10.0);
+        assert_eq!(r["connected"], 7.0);
+        // Only the last `seconds` points count.
+        m.roll_second(2);
+        assert_eq!(m.recent_rates(2)["sends_acked"], 0.0);
+    }
 
     #[test]
     fn warm_up_stays_out_of_the_totals_but_not_out_of_the_series() {

@@ -606,6 +606,7 @@ impl DockerStack {
         let toxiproxy = label(
             toxiproxy_image
                 .with_cmd(toxiproxy_cmd(&plan))
+                .with_env_var(stores::TOXIPROXY_ENV[0].0, stores::TOXIPROXY_ENV[0].1)
                 .with_network(stack)
                 .with_container_name(container_name(stack, "toxiproxy")),
         );
@@ -934,6 +935,9 @@ mod tests {
         assert_eq!(strings(&s["postgres"]["command"]), postgres_cmd(&plan));
         let toxi = strings(&s["toxiproxy"]["command"]);
         assert_eq!(toxi[..4], toxiproxy_cmd(&plan)[..]);
+        for (key, value) in stores::TOXIPROXY_ENV {
+            assert_eq!(text(&s["toxiproxy"]["environment"][*key]), *value);
+        }
         assert_eq!(
             text(&s["postgres"]["environment"]["POSTGRES_DB"]),
             stores::DATABASE

@@ -304,6 +304,7 @@ pub fn launch_broker(tools: &Tools, run_dir: &Path, id: u8) -> Result<ProcessRec
         log: files.log.clone(),
         cwd: Some(&files.dir),
         user: None,
+        env: &[],
         stop_signal: StopSignal::Term,
     })
 }

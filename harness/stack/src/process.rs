@@ -54,6 +54,8 @@ pub struct Launch<'a> {
     pub cwd: Option<&'a Path>,
     /// Run as this (uid, gid) instead of the caller (PostgreSQL refuses root).
     pub user: Option<(u32, u32)>,
+    /// Set in the process's environment, beside what it inherits.
+    pub env: &'a [(&'a str, &'a str)],
     pub stop_signal: StopSignal,
 }
 
@@ -74,6 +76,7 @@ pub fn spawn(launch: Launch<'_>) -> Result<ProcessRecord> {
         // Its own group: a Ctrl-C meant for squall does not reach the servers, and the
         // servers outlive `squall stack up` until `squall stack down` stops them.
         .process_group(0);
+    cmd.envs(launch.env.iter().copied());
     if let Some(cwd) = launch.cwd {
         cmd.current_dir(cwd);
     }

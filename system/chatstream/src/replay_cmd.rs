@@ -220,7 +220,7 @@ pub async fn run_replay(cmd: ReplayCommand, ep: Endpoints) -> Result<()> {
             writers,
             in_place,
         } => {
-            let store = open_store(&ep.postgres_url).await?;
+            let store = open_store(&ep.postgres_url, "chatstream-replay").await?;
             let options = replay::rebuild::Options { writers, in_place };
             let rebuilt = replay::rebuild_with(&b, store.pool(), &projection, options, |total| {
                 Bar(bar(total))
@@ -239,7 +239,7 @@ pub async fn run_replay(cmd: ReplayCommand, ep: Endpoints) -> Result<()> {
             );
         }
         ReplayCommand::Digest { projection } => {
-            let store = open_store(&ep.postgres_url).await?;
+            let store = open_store(&ep.postgres_url, "chatstream-replay").await?;
             println!("{}", queries::digest(store.pool(), &projection).await?);
         }
         ReplayCommand::Backfill { group, topics } => {
@@ -302,7 +302,7 @@ pub async fn run_lag(group: String, topics: Vec<String>, ep: Endpoints) -> Resul
 }
 
 pub async fn run_audit(cmd: AuditCommand, ep: Endpoints) -> Result<()> {
-    let store = open_store(&ep.postgres_url).await?;
+    let store = open_store(&ep.postgres_url, "chatstream-replay").await?;
     let pool = store.pool();
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
@@ -332,7 +332,7 @@ pub async fn run_audit(cmd: AuditCommand, ep: Endpoints) -> Result<()> {
 }
 
 pub async fn run_search(tenant: String, query: String, limit: i64, ep: Endpoints) -> Result<()> {
-    let store = open_store(&ep.postgres_url).await?;
+    let store = open_store(&ep.postgres_url, "chatstream-replay").await?;
     let hits = queries::search(store.pool(), &tenant, &query, limit).await?;
     println!("{}", serde_json::to_string_pretty(&hits)?);
     Ok(())

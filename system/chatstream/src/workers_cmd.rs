@@ -118,9 +118,10 @@ impl WorkersArgs {
     }
 }
 
-/// Opens the store, waiting (bounded) for PostgreSQL, and migrates it.
-pub async fn open_store(url: &str) -> Result<Store> {
-    let store = Store::connect_lazy(url, 16).context("postgres URL")?;
+/// Opens the store, waiting (bounded) for PostgreSQL, and migrates it; `name` is its
+/// connections' `application_name`.
+pub async fn open_store(url: &str, name: &str) -> Result<Store> {
+    let store = Store::connect_lazy(url, 16, name).context("postgres URL")?;
     let mut waited = Duration::ZERO;
     loop {
         match store.migrate().await {
@@ -234,7 +235,7 @@ pub async fn run(
             );
         }
     }
-    let store = open_store(&args.postgres_url).await?;
+    let store = open_store(&args.postgres_url, "chatstream-workers").await?;
     let pool = store.pool().clone();
     let (tx, rx) = watch::channel(false);
     let watch = Arc::new(PartitionWatch::new(args.stuck_after));

@@ -941,6 +941,39 @@ async fn postgres_outage_gives_unavailable_and_recovers(stack: &mut Stack) -> Re
     Ok(())
 }
 
+/// A pooled connection PostgreSQL closed while it sat idle is noticed at acquire (the pool
+/// pings connections idle for `PING_IF_IDLE_FOR`, not busy ones) and replaced: the send
+/// that acquires it is stored and acknowledged, not refused.
+async fn idle_pooled_connections_postgres_closed_are_replaced(stack: &mut Stack) -> Result<()> {
+    let n1 = Node::start(stack, "pool-1", &[]).await?;
+    let conv = unique("conv");
+    create_conversation(&n1, "alice", &conv, &["alice"]).await?;
+    let mut alice = Client::connect(&n1, "alice").await?;
+    for i in 0..3 {
+        alice.send_msg(&conv, &format!("warm-{i}"), "warm").await?;
+    }
+    let admin = pg(stack).await?;
+    let terminated: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
+    )
+    .bind(&n1.id)
+    .fetch_all(&admin)
+    .await?;
+    ensure!(
+        !terminated.is_empty() && terminated.iter().all(|t| *t),
+        "the node's pooled connections were not all terminated: {terminated:?}"
+    );
+    // Longer than PING_IF_IDLE_FOR: every dead connection still pooled has sat idle since
+    // (one a background task used meanwhile failed and was dropped).
+    tokio::time::sleep(chatstream_store::PING_IF_IDLE_FOR + Duration::from_millis(500)).await;
+    let (seq, _) = alice
+        .send_msg(&conv, "after-terminate", "stored")
+        .await
+        .context("the first send after PostgreSQL closed the node's idle connections")?;
+    ensure!(seq == 4, "seq after the terminated connections is {seq}");
+    Ok(())
+}
+
 async fn sigterm_drains_connections(stack: &mut Stack) -> Result<()> {
     let mut n1 = Node::start(stack, "drain-1", &[]).await?;
     let mut c = Client::connect(&n1, "alice").await?;
@@ -2887,7 +2920,7 @@ async fn concurrent_sends_with_retries_unbatched(stack: &mut Stack) -> Result<()
 /// others, and a relay that starts gets shards given back to it.
 async fn relays_share_the_outbox_shards(stack: &mut Stack) -> Result<()> {
     use chatstream_store::{RelayClaim, Store, OUTBOX_SHARDS};
-    let store = Store::connect_lazy(&stack.endpoints().postgres_url, 2)?;
+    let store = Store::connect_lazy(&stack.endpoints().postgres_url, 2, "chatstream-test")?;
     store.migrate().await?;
     let held = |claims: &[&RelayClaim]| -> Result<Vec<usize>> {
         let mut all: Vec<i32> = claims.iter().flat_map(|c| c.owned().to_vec()).collect();
@@ -2974,6 +3007,11 @@ fn main() {
             shared,
             "node::bad_tokens_close_with_a_reason",
             bad_tokens_close_with_a_reason
+        ),
+        stack_test!(
+            shared,
+            "node::idle_pooled_connections_postgres_closed_are_replaced",
+            idle_pooled_connections_postgres_closed_are_replaced
         ),
         stack_test!(
             shared,

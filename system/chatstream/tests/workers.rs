@@ -1277,7 +1277,11 @@ async fn lag_counts_only_the_topics_the_group_consumes(stack: &mut Stack) -> Res
 /// whole table), and a rare word is still found in old messages.
 async fn search_ranks_the_newest_matches(stack: &mut Stack) -> Result<()> {
     use chatstream_workers::queries::{search, SEARCH_CANDIDATES};
-    let store = chatstream_store::Store::connect_lazy(&stack.endpoints().postgres_url, 2)?;
+    let store = chatstream_store::Store::connect_lazy(
+        &stack.endpoints().postgres_url,
+        2,
+        "chatstream-test",
+    )?;
     store.migrate().await?;
     let pool = store.pool();
     let tenant = unique("search-tenant");

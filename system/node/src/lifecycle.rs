@@ -86,7 +86,7 @@ fn start(
 ) -> Result<(Started, watch::Sender<bool>), NodeError> {
     cfg.validate()?;
     crate::sabotage::install(&cfg.sabotage);
-    let mut store = Store::connect_lazy(&cfg.postgres_url, cfg.pg_max_connections)?;
+    let mut store = Store::connect_lazy(&cfg.postgres_url, cfg.pg_max_connections, &cfg.node_id)?;
     if let Some(settings) = cfg.batch_settings() {
         // Group commit of sends (the send command submits to it when it is there).
         store = store.with_batched_appends(settings);

@@ -19,8 +19,9 @@ pub use outbox::{
     shard_of, OutboxRow, PendingEvent, Refusal, RejectedEvent, Relayed, OUTBOX_SHARDS,
 };
 
-use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::Row;
+use std::str::FromStr;
 use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
@@ -201,17 +202,41 @@ async fn members_in(
     Ok(members)
 }
 
+/// How long a pooled connection may sit unused before its next acquire checks it first.
+pub const PING_IF_IDLE_FOR: Duration = Duration::from_secs(1);
+
 const MESSAGE_COLUMNS: &str =
     "id, conversation_id, seq, sender_id, client_msg_id, body, trace_id, created_at_ms";
 
 impl Store {
     /// A lazily connecting pool: a node starts (and reports not ready) while PostgreSQL is
     /// down, and recovers by itself when it returns.
-    pub fn connect_lazy(url: &str, max_connections: u32) -> Result<Store> {
+    ///
+    /// A connection is pinged on acquire only when it sat idle in the pool for a while
+    /// ([`PING_IF_IDLE_FOR`]): sqlx pings every connection as it is released already, so a
+    /// busy connection's acquire ping was a second round trip per use for nothing — and
+    /// worse, under overload the acquire timeout (3 s) fell mid-ping and sqlx then closed
+    /// the connection, so an overloaded node lost its connections and every later acquire
+    /// had to open a new one (PostgreSQL forks a backend each time): `steady` on a busy
+    /// machine collapsed to no acknowledgement at all with ~150 new connections a second.
+    /// `application_name` names its connections in `pg_stat_activity`.
+    pub fn connect_lazy(url: &str, max_connections: u32, application_name: &str) -> Result<Store> {
+        let options = PgConnectOptions::from_str(url)?.application_name(application_name);
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(Duration::from_secs(3))
-            .connect_lazy(url)?;
+            .test_before_acquire(false)
+            .before_acquire(|conn, meta| {
+                Box::pin(async move {
+                    if meta.idle_for >= PING_IF_IDLE_FOR {
+                        // A dead link (PostgreSQL restarted, a proxy cut it) is dropped here
+                        // and the acquire goes on to another connection or a new one.
+                        sqlx::Connection::ping(conn).await?;
+                    }
+                    Ok(true)
+                })
+            })
+            .connect_lazy_with(options);
         Ok(Store {
             pool,
             appends: None,

@@ -1,6 +1,6 @@
-//! What a person watching a run sees: a live line each second (elapsed, sent/s,
-//! delivered/s, current p99s, errors, consumer lag, connections) drawn with indicatif on
-//! a terminal, a plain log line every 10 s elsewhere, nothing with `--quiet`; and the
+//! What a person watching a run sees: a live line each second (elapsed, then over the
+//! last 5 s sent/s, delivered/s, p99s and errors; consumer lag, connections) drawn with
+//! indicatif on a terminal, a plain log line every 10 s elsewhere, nothing with `--quiet`; and the
 //! final summary table, also written as `run.json` with the histograms and series.
 
 use anyhow::{Context, Result};
@@ -28,11 +28,16 @@ fn ms(us: u64) -> String {
     format!("{:.1}", us as f64 / 1000.0)
 }
 
-fn line(p: &SecondPoint, signals: &SignalPoint, metrics: &Metrics) -> String {
-    let c = |k: &str| p.counters.get(k).copied().unwrap_or(0);
+/// Rates and p99s over the last few seconds: one second's point alone swings between
+/// nothing and double when the machine is starved (see `Metrics::recent_rates`).
+const RECENT_S: usize = 5;
+
+fn line(signals: &SignalPoint, metrics: &Metrics) -> String {
+    let rates = metrics.recent_rates(RECENT_S);
+    let c = |k: &str| rates.get(k).copied().unwrap_or(0.0).round() as u64;
     let p99 = |k: &str| {
         metrics
-            .recent_p99(k, 5)
+            .recent_p99(k, RECENT_S)
             .map(ms)
             .unwrap_or_else(|| "-".into())
     };
@@ -81,7 +86,7 @@ impl Display {
                     continue;
                 };
                 let sig = signals.lock().map(|s| s.clone()).unwrap_or_default();
-                let text = line(&p, &sig, &metrics);
+                let text = line(&sig, &metrics);
                 if p.counters.get("sends_invoked").copied().unwrap_or(0) > 0 || measured > 0 {
                     measured += 1;
                     shown.set_position(measured.min(total));

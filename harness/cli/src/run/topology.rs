@@ -103,6 +103,7 @@ impl OwnedProcess {
             log,
             cwd: None,
             user: None,
+            env: &[],
             stop_signal: StopSignal::Term,
         })
         .with_context(|| format!("starting {name}"))?;
