@@ -141,6 +141,8 @@ pub struct Counters {
     pub sends_duplicate_acks: AtomicU64,
     pub sends_failed: AtomicU64,
     pub sends_unknown: AtomicU64,
+    /// Acks that came after their send's ack timeout (counted unknown before that).
+    pub sends_acked_late: AtomicU64,
     pub sends_dropped_in_flight_limit: AtomicU64,
     pub delivered_live: AtomicU64,
     pub delivered_sync: AtomicU64,
@@ -172,12 +174,13 @@ pub struct Counters {
 
 impl Counters {
     pub fn snapshot(&self) -> BTreeMap<String, u64> {
-        let pairs: [(&str, &AtomicU64); 29] = [
+        let pairs: [(&str, &AtomicU64); 30] = [
             ("sends_invoked", &self.sends_invoked),
             ("sends_acked", &self.sends_acked),
             ("sends_duplicate_acks", &self.sends_duplicate_acks),
             ("sends_failed", &self.sends_failed),
             ("sends_unknown", &self.sends_unknown),
+            ("sends_acked_late", &self.sends_acked_late),
             (
                 "sends_dropped_in_flight_limit",
                 &self.sends_dropped_in_flight_limit,

@@ -66,6 +66,9 @@ pub struct UserSpec {
 /// The receive buffer of a slow consumer's socket: small, so that frames it does not read
 /// back up at the node (whose bound then closes the connection) instead of in the kernel.
 const SLOW_RECV_BUFFER: u32 = 32 * 1024;
+/// Sends given up at their ack timeout that a user still recognises when their ack comes.
+const TIMED_OUT_KEPT: usize = 4096;
+
 /// Refused resumes (`unavailable`) retried per stream session before giving up.
 const RESUME_RETRIES: u32 = 5;
 /// Pause before retrying a refused resume.
@@ -148,6 +151,10 @@ pub struct User {
     shared: Arc<Shared>,
     node: usize,
     pending: FastMap<String, PendingSend>,
+    /// Sends given up as unknown at their ack timeout, by client_msg_id: their
+    /// conversation, so that an ack arriving later is still heard (oldest forgotten first).
+    timed_out: FastMap<String, u32>,
+    timed_out_order: VecDeque<String>,
     unsent: VecDeque<String>,
     cursors: HashMap<u32, Cursor>,
     stream_requests: VecDeque<(u32, Instant)>,
@@ -174,6 +181,8 @@ impl User {
             spec,
             shared,
             pending: FastMap::default(),
+            timed_out: FastMap::default(),
+            timed_out_order: VecDeque::new(),
             unsent: VecDeque::new(),
             cursors,
             stream_requests: VecDeque::new(),
@@ -967,9 +976,56 @@ impl User {
             .collect();
         for cmid in expired {
             if let Some(p) = self.pending.remove(&cmid) {
+                if self.timed_out_order.len() >= TIMED_OUT_KEPT {
+                    if let Some(oldest) = self.timed_out_order.pop_front() {
+                        self.timed_out.remove(&oldest);
+                    }
+                }
+                self.timed_out.insert(p.cmid.clone(), p.conversation);
+                self.timed_out_order.push_back(p.cmid.clone());
                 self.unknown_outcome(p, "no ack within the ack timeout");
             }
         }
+    }
+
+    /// An ack for a send already given up as unknown: the node did store it, so it is
+    /// recorded as the send's ok (the checkers then know the seq is this user's own and
+    /// owe its delivery to the members) and moves the cursor, without a latency sample
+    /// (the live `send_ack` histogram counted it as unknown; the history keeps its time).
+    fn on_late_ack(
+        &mut self,
+        now: Instant,
+        client_msg_id: &str,
+        message_id: String,
+        seq: i64,
+        duplicate: bool,
+    ) {
+        let Some(conversation) = self.timed_out.remove(client_msg_id) else {
+            return;
+        };
+        self.shared
+            .metrics
+            .counters
+            .sends_acked_late
+            .fetch_add(1, Ordering::Relaxed);
+        self.shared.acked(conversation, seq);
+        if let Some(cursor) = self.cursors.get_mut(&conversation) {
+            cursor.see(seq);
+        }
+        self.record_at(
+            now,
+            Kind::Ok,
+            Value::Send {
+                c: conversation,
+                m: client_msg_id.to_string(),
+                due: None,
+                size: None,
+                seq: Some(seq),
+                mid: Some(message_id),
+                dup: Some(duplicate),
+                err: None,
+            },
+        );
     }
 
     fn unknown_outcome(&self, p: PendingSend, why: &str) {
@@ -1027,7 +1083,7 @@ impl User {
         ack_ts_ms: i64,
     ) {
         let Some(p) = self.pending.remove(client_msg_id) else {
-            return;
+            return self.on_late_ack(now, client_msg_id, message_id, seq, duplicate);
         };
         let counters = &self.shared.metrics.counters;
         counters.sends_acked.fetch_add(1, Ordering::Relaxed);

@@ -41,19 +41,29 @@ impl NodeState {
     }
 }
 
-async fn check_kafka(bootstrap: String) -> bool {
+/// The Kafka health check's client, kept for the node's life: a new client per check
+/// (every 3 s) cost each broker a connection, an API-version exchange and a metadata
+/// request, and the node a set of librdkafka threads, every time.
+type KafkaProbe = Arc<rdkafka::consumer::BaseConsumer>;
+
+fn kafka_probe(bootstrap: &str) -> Option<KafkaProbe> {
+    rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("socket.timeout.ms", "2000")
+        // Back within a second of the brokers' return (librdkafka's default backs off to 10 s).
+        .set("reconnect.backoff.max.ms", "1000")
+        .create()
+        .map_err(|e| tracing::warn!(error = %e, "cannot create the Kafka health probe"))
+        .ok()
+        .map(Arc::new)
+}
+
+async fn check_kafka(probe: KafkaProbe) -> bool {
     tokio::task::spawn_blocking(move || {
-        use rdkafka::consumer::{BaseConsumer, Consumer};
-        let c: Result<BaseConsumer, _> = rdkafka::ClientConfig::new()
-            .set("bootstrap.servers", &bootstrap)
-            .set("socket.timeout.ms", "2000")
-            .create();
-        c.ok()
-            .and_then(|c| {
-                c.fetch_metadata(Some("chat-events"), Duration::from_secs(2))
-                    .ok()
-            })
-            .is_some_and(|md| !md.brokers().is_empty())
+        use rdkafka::consumer::Consumer;
+        probe
+            .fetch_metadata(Some("chat-events"), Duration::from_secs(2))
+            .is_ok_and(|md| !md.brokers().is_empty())
     })
     .await
     .unwrap_or(false)
@@ -63,6 +73,7 @@ async fn check_kafka(bootstrap: String) -> bool {
 /// once PostgreSQL answers. Redis is watched by its link's prober and the subscriber.
 pub(crate) async fn run_health(state: Arc<NodeState>, mut shutdown: watch::Receiver<bool>) {
     let mut tick = 0u64;
+    let mut probe: Option<KafkaProbe> = None;
     loop {
         let h = &state.health;
         let pg = state.store.ping().await.is_ok();
@@ -78,10 +89,14 @@ pub(crate) async fn run_health(state: Arc<NodeState>, mut shutdown: watch::Recei
         }
         if tick % 3 == 0 {
             if state.needs_kafka() {
-                h.kafka.store(
-                    check_kafka(state.cfg.kafka_bootstrap.clone()).await,
-                    Ordering::Relaxed,
-                );
+                if probe.is_none() {
+                    probe = kafka_probe(&state.cfg.kafka_bootstrap);
+                }
+                let ok = match &probe {
+                    Some(p) => check_kafka(p.clone()).await,
+                    None => false,
+                };
+                h.kafka.store(ok, Ordering::Relaxed);
             }
             if pg && state.cfg.publish_mode == PublishMode::Outbox {
                 if let Ok(n) = state.store.outbox_backlog().await {
