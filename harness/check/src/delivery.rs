@@ -298,7 +298,7 @@ pub fn delivery(f: &Facts) -> Verdict {
     }
     let (mut required, mut exempt, mut lost, mut once, mut duplicated) =
         (0u64, 0u64, 0u64, 0u64, 0u64);
-    let mut sync_refused = 0u64;
+    let (mut sync_refused, mut late_unsynced) = (0u64, 0u64);
     let mut lost_msgs: Vec<MsgId> = Vec::new();
     for (c, msgs) in by_conv.iter().enumerate() {
         let c = c as u32;
@@ -321,8 +321,18 @@ pub fn delivery(f: &Facts) -> Verdict {
                     exempt += 1;
                     continue;
                 }
+                let times = got.get(&m).copied().unwrap_or(0);
+                // Acked only after its ack timeout (an info before the ok) and after the
+                // recipient's last sync began: only a live frame could still bring it, and
+                // the run may end first (the final resync waits for the sends that are
+                // answered in time, not for these). Judged at the store, not here.
+                if times == 0 && s.infos() > 0 && catch_up_after(f, r, c, ok_t) == CatchUp::NotTried
+                {
+                    late_unsynced += 1;
+                    continue;
+                }
                 required += 1;
-                match got.get(&m).copied().unwrap_or(0) {
+                match times {
                     0 if catch_up_after(f, r, c, ok_t) == CatchUp::Refused => {
                         sync_refused += 1;
                         if ev.wants(SYNC_REFUSED) {
@@ -361,6 +371,7 @@ pub fn delivery(f: &Facts) -> Verdict {
         ("recovered", recovered),
         ("required_deliveries", required),
         ("exempt", exempt),
+        ("acked_late_after_last_sync", late_unsynced),
         ("lost", lost),
         ("acked_but_never_seen", lost),
         ("sync_refused", sync_refused),
@@ -405,7 +416,8 @@ pub fn delivery(f: &Facts) -> Verdict {
     let mut summary = format!(
         "{acked} acked of {invoked} sent (failed {failed}, unknown {unknown}, recovered {recovered}); \
          {required} required deliveries: lost {lost} ({} messages), not delivered with every sync after the ack refused {sync_refused}, \
-         duplicated {duplicated}, exactly once {:.4}%; unexpected {unexpected}, seq_mismatch {seq_mismatch}, exempt {exempt}",
+         duplicated {duplicated}, exactly once {:.4}%; unexpected {unexpected}, seq_mismatch {seq_mismatch}, exempt {exempt} \
+         (+{late_unsynced} acked after their timeout and the recipient's last sync)",
         lost_msgs.len(),
         ppm(once, required) as f64 / 10_000.0,
     );
@@ -757,6 +769,34 @@ mod tests {
         let v = delivery(&h.facts());
         assert_eq!(v.valid, Validity::Valid, "{}", v.summary);
         assert_eq!(v.counts["exempt"], 1);
+    }
+
+    #[test]
+    fn a_late_ack_after_the_recipients_last_sync_is_not_owed_but_one_before_a_sync_is() {
+        let mut h = base();
+        // Both recipients' last syncs begin before the late ack of 0-1: neither is owed it
+        // (only a live frame could still bring it); u1 gets it anyway.
+        h.sync(20, 1, 0, 0).sync_ok(21, 1, 0, 0, 0, 0);
+        h.sync(20, 2, 0, 0).sync_ok(21, 2, 0, 0, 0, 0);
+        h.send(10, 0, 0, "0-1")
+            .info(15, 0, 0, "0-1")
+            .ok(30, 0, 0, "0-1", 1, "a");
+        h.deliver(31, 1, 0, 1, "0-1", 0, Live);
+        let v = delivery(&h.facts());
+        assert_eq!(v.valid, Validity::Valid, "{}", v.summary);
+        assert_eq!(v.counts["acked_late_after_last_sync"], 1);
+        assert_eq!(v.counts["required_deliveries"], 1);
+        // A late ack followed by a sync that does not bring it: lost.
+        h.sync(40, 2, 0, 0).sync_ok(41, 2, 0, 0, 0, 0);
+        let v = delivery(&h.facts());
+        assert_eq!(v.valid, Validity::Invalid, "{}", v.summary);
+        assert_eq!(v.counts["lost"], 1);
+        // An ack in time with no sync after it is owed all the same (live was the way).
+        let mut h = base();
+        h.send(10, 0, 0, "0-1").ok(11, 0, 0, "0-1", 1, "a");
+        h.deliver(12, 1, 0, 1, "0-1", 0, Live);
+        let v = delivery(&h.facts());
+        assert_eq!(v.counts["lost"], 1, "{}", v.summary);
     }
 
     #[test]
