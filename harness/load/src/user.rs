@@ -78,6 +78,15 @@ const TICK: Duration = Duration::from_millis(100);
 /// Pause before asking again for a sync the node refused.
 const SYNC_RETRY_AFTER: Duration = Duration::from_secs(1);
 
+/// An ack of one of this user's sends, as the history records it.
+struct Acked {
+    conversation: u32,
+    cmid: String,
+    message_id: String,
+    seq: i64,
+    duplicate: bool,
+}
+
 struct PendingSend {
     conversation: u32,
     cmid: String,
@@ -1008,21 +1017,34 @@ impl User {
             .counters
             .sends_acked_late
             .fetch_add(1, Ordering::Relaxed);
-        self.shared.acked(conversation, seq);
-        if let Some(cursor) = self.cursors.get_mut(&conversation) {
-            cursor.see(seq);
+        let acked = Acked {
+            conversation,
+            cmid: client_msg_id.to_string(),
+            message_id,
+            seq,
+            duplicate,
+        };
+        self.heard_ack(now, acked);
+    }
+
+    /// What every ack of this user's sends does, in time or late: the conversation's
+    /// highest acked seq and the cursor move, and the history gets the send's ok.
+    fn heard_ack(&mut self, now: Instant, a: Acked) {
+        self.shared.acked(a.conversation, a.seq);
+        if let Some(cursor) = self.cursors.get_mut(&a.conversation) {
+            cursor.see(a.seq);
         }
         self.record_at(
             now,
             Kind::Ok,
             Value::Send {
-                c: conversation,
-                m: client_msg_id.to_string(),
+                c: a.conversation,
+                m: a.cmid,
                 due: None,
                 size: None,
-                seq: Some(seq),
-                mid: Some(message_id),
-                dup: Some(duplicate),
+                seq: Some(a.seq),
+                mid: Some(a.message_id),
+                dup: Some(a.duplicate),
                 err: None,
             },
         );
@@ -1124,24 +1146,14 @@ impl User {
                 in_window: shared.in_window(p.due),
             });
         }
-        self.shared.acked(p.conversation, seq);
-        if let Some(cursor) = self.cursors.get_mut(&p.conversation) {
-            cursor.see(seq);
-        }
-        self.record_at(
-            now,
-            Kind::Ok,
-            Value::Send {
-                c: p.conversation,
-                m: p.cmid,
-                due: None,
-                size: None,
-                seq: Some(seq),
-                mid: Some(message_id),
-                dup: Some(duplicate),
-                err: None,
-            },
-        );
+        let acked = Acked {
+            conversation: p.conversation,
+            cmid: p.cmid,
+            message_id,
+            seq,
+            duplicate,
+        };
+        self.heard_ack(now, acked);
     }
 
     /// A message of one of this user's conversations, live or in a sync's answer.
