@@ -603,10 +603,12 @@ impl DockerStack {
         let toxiproxy_image = toxiproxy_image
             .with_exposed_port(plan.redis_proxy.tcp())
             .with_exposed_port(plan.postgres_proxy.tcp());
+        let toxiproxy = stores::TOXIPROXY_ENV.iter().fold(
+            toxiproxy_image.with_cmd(toxiproxy_cmd(&plan)),
+            |image, (key, value)| image.with_env_var(*key, *value),
+        );
         let toxiproxy = label(
-            toxiproxy_image
-                .with_cmd(toxiproxy_cmd(&plan))
-                .with_env_var(stores::TOXIPROXY_ENV[0].0, stores::TOXIPROXY_ENV[0].1)
+            toxiproxy
                 .with_network(stack)
                 .with_container_name(container_name(stack, "toxiproxy")),
         );
