@@ -10,6 +10,7 @@ pub mod kafka;
 pub mod kafka_wire;
 pub mod links;
 pub mod plan;
+pub mod proc_cpu;
 pub mod process;
 pub mod stack;
 pub mod state;

@@ -39,7 +39,7 @@ use anyhow::{anyhow, Context, Result};
 use chatstream_protocol::auth::{self, Claims};
 use chatstream_protocol::{ClientFrame, ServerFrame};
 use futures::{SinkExt, StreamExt};
-use squall_stack::{PortPlan, Stack, StackConfig};
+use squall_stack::{proc_cpu, PortPlan, Stack, StackConfig};
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -427,6 +427,8 @@ struct OpenLoop {
     drain: Duration,
     /// PostgreSQL commits during the run (every client of the database).
     commits: i64,
+    /// CPU seconds each part of the machine used during the run (see [`CpuBudget`]).
+    cpu: Vec<(String, f64)>,
 }
 
 impl OpenLoop {
@@ -516,18 +518,90 @@ async fn create_conversations_of(
     results.into_iter().collect()
 }
 
+/// The processes an open-loop run keeps busy, by part: the node, the load generator (this
+/// bench), and the stack's servers by kind (`kafka-0`..`kafka-2` as one), each read as its
+/// whole process tree; then the rest of the machine (its busy time less the parts'), so
+/// the figures say how far the two cores were from being enough.
+struct CpuBudget {
+    parts: Vec<(String, Vec<i32>)>,
+}
+
+impl CpuBudget {
+    fn of(stack: &Stack, node_pid: u32) -> CpuBudget {
+        let mut parts: Vec<(String, Vec<i32>)> = vec![
+            ("node".into(), vec![node_pid as i32]),
+            ("load generator".into(), vec![std::process::id() as i32]),
+        ];
+        for p in &stack.state().processes {
+            let kind = p
+                .name
+                .trim_end_matches(|c: char| c.is_ascii_digit() || c == '-');
+            match parts.iter_mut().find(|(k, _)| k == kind) {
+                Some((_, pids)) => pids.push(p.pid),
+                None => parts.push((kind.to_string(), vec![p.pid])),
+            }
+        }
+        CpuBudget { parts }
+    }
+
+    /// CPU seconds used so far by each part, then by the whole machine.
+    fn read(&self) -> (Vec<f64>, f64) {
+        let roots: std::collections::HashSet<i32> = self
+            .parts
+            .iter()
+            .flat_map(|(_, p)| p.iter().copied())
+            .collect();
+        let parts = self
+            .parts
+            .iter()
+            .map(|(_, pids)| {
+                pids.iter()
+                    .filter_map(|p| proc_cpu::tree_cpu_seconds(*p, &roots))
+                    .sum()
+            })
+            .collect();
+        (parts, proc_cpu::machine_busy_seconds().unwrap_or(0.0))
+    }
+
+    /// What each part used between `before` and now, the rest of the machine last.
+    fn since(&self, before: &(Vec<f64>, f64)) -> Vec<(String, f64)> {
+        let (now, busy) = self.read();
+        let mut used: Vec<(String, f64)> = self
+            .parts
+            .iter()
+            .zip(now.iter().zip(&before.0))
+            .map(|((name, _), (b, a))| (name.clone(), (b - a).max(0.0)))
+            .collect();
+        let ours: f64 = used.iter().map(|(_, s)| s).sum();
+        used.push((
+            "rest of the machine".into(),
+            (busy - before.1 - ours).max(0.0),
+        ));
+        used
+    }
+}
+
+/// What an open-loop run runs against: the node, the database it stores in, and the
+/// processes whose CPU is counted.
+struct RunOn<'a> {
+    node: &'a NodeProc,
+    pg: &'a sqlx::PgPool,
+    budget: CpuBudget,
+}
+
 /// `connections` connections (each the only member of its conversation) send `rate`
 /// messages/s in all for `secs`, each on a fixed schedule whatever the node does; send→ack
 /// is counted from the intended send time. `perf` records profiles half-way through.
 async fn open_loop(
-    node: &NodeProc,
-    pg: &sqlx::PgPool,
+    on: &RunOn<'_>,
     prefix: &str,
     connections: usize,
     rate: f64,
     secs: u64,
     perf: Option<PathBuf>,
 ) -> Result<OpenLoop> {
+    let RunOn { node, pg, budget } = on;
+    let pg: &sqlx::PgPool = pg;
     create_conversations(node, prefix, connections).await?;
     let mut sockets = Vec::with_capacity(connections);
     for c in 0..connections {
@@ -539,6 +613,7 @@ async fn open_loop(
     let run = Duration::from_secs(secs);
     let grace = Duration::from_secs(5);
     let cpu0 = cpu_seconds(pid)?;
+    let budget0 = budget.read();
     let commits0 = commits(pg).await?;
     let wall0 = now_ms();
     let t0 = tokio::time::Instant::now() + Duration::from_millis(200);
@@ -632,6 +707,7 @@ async fn open_loop(
     }
     let backlog_max = sampler.await?;
     let node_cpu = cpu_seconds(pid)? - cpu0;
+    let cpu = budget.since(&budget0);
     let commits = commits(pg).await? - commits0;
     let wall1 = wall0 + 200 + run.as_millis() as i64;
     let backlog_end = outbox_backlog(pg).await?;
@@ -664,6 +740,7 @@ async fn open_loop(
         backlog_end,
         drain,
         commits,
+        cpu,
     })
 }
 
@@ -814,11 +891,23 @@ async fn main() -> Result<()> {
             );
             let long = if path == "on" { secs } else { secs.min(15) };
             let tag = format!("{path}{run}x{}", std::process::id());
-            let r100 = open_loop(&node, &pg, &format!("o100-{tag}"), 100, 1_000.0, 20, None).await?;
+            let on = RunOn {
+                node: &node,
+                pg: &pg,
+                budget: CpuBudget::of(&stack, node.0.id()),
+            };
+            let r100 = open_loop(
+                &on,
+                &format!("o100-{tag}"),
+                100,
+                1_000.0,
+                20,
+                None,
+            )
+            .await?;
             report(&label, "100 conns @ 1,000/s", &r100);
             let r1000 = open_loop(
-                &node,
-                &pg,
+                &on,
                 &format!("o1000-{tag}"),
                 1000,
                 10_000.0,
@@ -849,6 +938,30 @@ async fn main() -> Result<()> {
                 b.node_cpu * 1e6 / b.acked.max(1) as f64,
                 b.published as f64 / b.secs,
                 b.backlog_max
+            );
+        }
+        for (path, _, a, b) in &results {
+            println!();
+            println!("CPU by part, send_batching: {path} ({cores} cores): CPU µs per acknowledged message, and cores busy");
+            println!("| part | 100 conns @ 1,000/s: µs per msg, cores | 1,000 conns @ 10,000/s offered: µs per msg, cores | cores 10,000 msgs/s would take at that cost |");
+            println!("| --- | ---: | ---: | ---: |");
+            let per_msg = |r: &OpenLoop, s: f64| s * 1e6 / r.acked.max(1) as f64;
+            let mut totals = [0.0f64; 4];
+            for ((part, sa), (_, sb)) in a.cpu.iter().zip(&b.cpu) {
+                let row = [per_msg(a, *sa), sa / a.secs, per_msg(b, *sb), sb / b.secs];
+                if part != "rest of the machine" {
+                    for (t, v) in totals.iter_mut().zip(row) {
+                        *t += v;
+                    }
+                }
+                println!(
+                    "| {part} | {:.0}, {:.2} | {:.0}, {:.2} | {:.2} |",
+                    row[0], row[1], row[2], row[3], row[2] * 1e-2
+                );
+            }
+            println!(
+                "| **all parts** | {:.0}, {:.2} | {:.0}, {:.2} | **{:.2}** |",
+                totals[0], totals[1], totals[2], totals[3], totals[2] * 1e-2
             );
         }
         Ok::<(), anyhow::Error>(())

@@ -7,6 +7,9 @@
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::ClientConfig;
 use serde::{Deserialize, Serialize};
+use squall_stack::proc_cpu::{
+    children_files, process_table, ticks_per_second, tree_ticks, tree_ticks_direct,
+};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Write;
 use std::path::Path;
@@ -58,94 +61,6 @@ pub struct SignalPoint {
     /// Sources that did not answer this second.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub unreachable: Vec<String>,
-}
-
-fn ticks_per_second() -> f64 {
-    // sysconf(_SC_CLK_TCK) is 100 on every Linux this runs on.
-    100.0
-}
-
-/// (ppid, utime + stime in ticks) from `/proc/<pid>/stat`.
-fn read_stat(pid: i32) -> Option<(i32, u64)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let fields: Vec<&str> = rest.split(' ').collect();
-    let ppid: i32 = fields.get(1)?.parse().ok()?;
-    let utime: u64 = fields.get(11)?.parse().ok()?;
-    let stime: u64 = fields.get(12)?.parse().ok()?;
-    Some((ppid, utime + stime))
-}
-
-/// Every process's parent and CPU ticks, read once per sample.
-fn process_table() -> HashMap<i32, (i32, u64)> {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return HashMap::new();
-    };
-    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
-        .filter_map(|pid| Some((pid, read_stat(pid)?)))
-        .collect()
-}
-
-/// CPU ticks of `pid` and of its living descendants that are not watched themselves:
-/// PostgreSQL does its work in backends forked per connection, so its postmaster alone
-/// would read as idle. (Descendants that exited between two samples are not counted.)
-fn tree_ticks(pid: i32, table: &HashMap<i32, (i32, u64)>, watched: &HashSet<i32>) -> u64 {
-    let mut total = 0;
-    let mut stack = vec![pid];
-    while let Some(p) = stack.pop() {
-        if let Some((_, ticks)) = table.get(&p) {
-            total += ticks;
-        }
-        stack.extend(
-            table
-                .iter()
-                .filter(|(child, (ppid, _))| *ppid == p && !watched.contains(child))
-                .map(|(child, _)| *child),
-        );
-    }
-    total
-}
-
-/// Whether the kernel lists each task's children (`/proc/<pid>/task/<tid>/children`,
-/// CONFIG_PROC_CHILDREN): then a process tree is read on its own, not the whole table.
-fn children_files() -> bool {
-    Path::new("/proc/thread-self/children").exists()
-}
-
-/// The children of `pid`, from the children files of its tasks (empty when it is gone).
-fn children(pid: i32) -> Vec<i32> {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return Vec::new();
-    };
-    let mut out = Vec::new();
-    for task in tasks.flatten() {
-        if let Ok(text) = std::fs::read_to_string(task.path().join("children")) {
-            out.extend(
-                text.split_whitespace()
-                    .filter_map(|c| c.parse::<i32>().ok()),
-            );
-        }
-    }
-    out
-}
-
-/// What `tree_ticks` counts (`pid` and its living descendants that are not watched
-/// themselves), reading only that tree's files; None when `pid` is gone. Reading every
-/// process's stat each second, as `process_table` does, was about a fifteenth of
-/// squall's own CPU during a chat load on a machine running a hundred processes.
-fn tree_ticks_direct(pid: i32, watched: &HashSet<i32>) -> Option<u64> {
-    let (_, mut total) = read_stat(pid)?;
-    let mut stack = children(pid);
-    while let Some(p) = stack.pop() {
-        if watched.contains(&p) {
-            continue;
-        }
-        if let Some((_, ticks)) = read_stat(p) {
-            total += ticks;
-            stack.extend(children(p));
-        }
-    }
-    Some(total)
 }
 
 /// CPU ticks of the process tree (see `tree_ticks`; from `table` when given, else read
@@ -416,34 +331,12 @@ chatstream_send_seconds_bucket{le=\"0.1\"} 3\nchatstream_send_seconds_count 9\no
     }
 
     #[test]
-    fn a_process_tree_read_directly_is_the_tree_the_table_gives() {
-        if !children_files() {
-            return; // a kernel without children files: the table is used anyway
-        }
+    fn a_watched_process_reads_its_tree_and_rss() {
         let me = std::process::id() as i32;
-        let mut child = std::process::Command::new("sleep")
-            .arg("5")
-            .spawn()
-            .expect("sleep runs");
-        let pid = child.id() as i32;
-        assert!(children(me).contains(&pid), "{:?}", children(me));
         let none = HashSet::new();
-        let table = process_table();
-        let direct = tree_ticks_direct(me, &none).expect("this process");
-        let from_table = tree_ticks(me, &table, &none);
-        // Read a moment apart: this process may have used a few ticks in between.
-        assert!(
-            direct >= from_table && direct <= from_table + 20,
-            "{direct} vs {from_table}"
-        );
-        let watched: HashSet<i32> = [pid].into();
-        assert!(tree_ticks_direct(me, &watched).is_some());
         assert!(read_proc(me, None, &none).is_some_and(|(_, rss)| rss > 0));
-        let _ = child.kill();
-        let _ = child.wait();
-        assert!(
-            tree_ticks_direct(pid, &none).is_none(),
-            "a reaped process is gone"
-        );
+        let table = process_table();
+        assert!(read_proc(me, Some(&table), &none).is_some());
+        assert!(read_proc(i32::MAX, Some(&table), &none).is_none());
     }
 }
