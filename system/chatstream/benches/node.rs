@@ -27,6 +27,8 @@
 //! path's 10,000/s run; the old path's runs 15 s, it cannot keep up), `CHATSTREAM_BENCH_ONLY`
 //! (`on` or `off`: one path only, no memory runs; `memory`: the memory runs only),
 //! `CHATSTREAM_BENCH_CONNECTIONS` (10000: the larger memory run),
+//! `CHATSTREAM_BENCH_NODE_CONFIG` (more node settings for the send-path runs, YAML lines
+//! separated by `\n`),
 //! `CHATSTREAM_BENCH_STACK_DIR=<run dir>` (use a stack already up, from `squall stack up
 //! --run-dir`, and leave it running), `CHATSTREAM_BENCH_NODE_WRAPPER` (a command the node
 //! runs under, e.g. `heaptrack -o <file>`; the RSS figures are then the wrapper's),
@@ -814,6 +816,10 @@ async fn main() -> Result<()> {
         .ok()
         .map(PathBuf::from);
     let connections = env_num("CHATSTREAM_BENCH_CONNECTIONS", 10_000) as usize;
+    // More node settings for the send-path runs, as YAML lines (`append_batchers: 1\n…`).
+    let extra_config = std::env::var("CHATSTREAM_BENCH_NODE_CONFIG")
+        .map(|c| c.replace("\\n", "\n") + "\n")
+        .unwrap_or_default();
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
     let attached = std::env::var("CHATSTREAM_BENCH_STACK_DIR").ok();
     let stack = match &attached {
@@ -871,7 +877,7 @@ async fn main() -> Result<()> {
             let config = dir.join(format!("bench-node-{base}-{path}.yaml"));
             std::fs::write(
                 &config,
-                format!("node_id: bench-{path}\nrate_limit_per_s: 1000000\nrate_limit_burst: 1000000\npg_max_connections: 32\nsend_batching: {path}\n"),
+                format!("node_id: bench-{path}\nrate_limit_per_s: 1000000\nrate_limit_burst: 1000000\npg_max_connections: 32\nsend_batching: {path}\n{extra_config}"),
             )?;
             let node = start_node(&stack, &config, &binary).await?;
             println!("send_batching: {path} ({label}: {})", binary.display());

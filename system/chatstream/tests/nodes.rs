@@ -246,6 +246,25 @@ async fn bad_input_gets_error_frames_and_the_connection_stays(stack: &mut Stack)
         wait.is_some_and(|w| w > 0),
         "rate_limited without retry_after_ms"
     );
+    // A refused send names itself: the client knows that one was not stored.
+    for i in 0..50 {
+        c.send(&ClientFrame::Send {
+            conversation_id: conv.clone(),
+            client_msg_id: format!("flooded-{i}"),
+            body: "refused or stored".into(),
+        })
+        .await?;
+    }
+    c.until(|f| match f {
+        ServerFrame::Error {
+            code: ErrorCode::RateLimited,
+            ref_id: Some(r),
+            ..
+        } if r.starts_with("flooded-") => Some(()),
+        _ => None,
+    })
+    .await
+    .context("no rate_limited error named the send it refused")?;
     tokio::time::sleep(Duration::from_secs(3)).await;
     c.still_serves().await?;
     c.send(&ClientFrame::Sync {

@@ -163,12 +163,13 @@ async fn publish_batch(
 /// connection held, and marks them in one statement. The share is kept (free shards of a
 /// dead relay taken, extra ones given back when relays start) at most every
 /// `CLAIM_EVERY`. A failure gives every shard up (another relay may reach Kafka) and backs
-/// off. Idles until poked or 100 ms pass.
+/// off. Idles until poked or 100 ms pass; a pass that did not fill its batch is followed
+/// no sooner than `pace.pass_every` after it started.
 pub async fn run_relay(
     store: Store,
     migrated: Arc<AtomicBool>,
     producer: FutureProducer,
-    batch: i64,
+    pace: RelayPace,
     poke: Arc<Notify>,
     healthy: Arc<AtomicBool>,
     mut shutdown: watch::Receiver<bool>,
@@ -186,6 +187,7 @@ pub async fn run_relay(
             tokio::time::sleep(Duration::from_millis(200)).await;
             continue;
         }
+        let started = tokio::time::Instant::now();
         let pass = async {
             // Between passes (what the last one read is settled): the share is kept, free
             // shards (a dead relay's) taken, extra ones given back to new relays.
@@ -193,7 +195,7 @@ pub async fn run_relay(
                 claimed_at = Some(tokio::time::Instant::now());
                 claim.claim().await.map_err(|e| e.to_string())?;
             }
-            let events = claim.pending(batch).await.map_err(|e| e.to_string())?;
+            let events = claim.pending(pace.batch).await.map_err(|e| e.to_string())?;
             if events.is_empty() {
                 return Ok::<usize, String>(0);
             }
@@ -229,6 +231,11 @@ pub async fn run_relay(
                     tokio::select! {
                         _ = poke.notified() => {}
                         _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                        _ = shutdown.changed() => {}
+                    }
+                } else if (published as i64) < pace.batch {
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(started + pace.pass_every) => {}
                         _ = shutdown.changed() => {}
                     }
                 }
@@ -286,6 +293,15 @@ pub async fn drain_outbox(
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
+}
+
+/// How a relay paces its passes.
+#[derive(Debug, Clone, Copy)]
+pub struct RelayPace {
+    /// Rows read per pass at most.
+    pub batch: i64,
+    /// Least time between the starts of two passes when the first did not fill its batch.
+    pub pass_every: Duration,
 }
 
 /// The fan-out consumer's context. On assignment every partition starts at its end as of

@@ -170,7 +170,10 @@ fn start(
             state.store.clone(),
             state.health.migrated.clone(),
             producer.clone(),
-            state.cfg.relay_batch,
+            kafka::RelayPace {
+                batch: state.cfg.relay_batch,
+                pass_every: Duration::from_millis(state.cfg.relay_pass_every_ms),
+            },
             relay_poke,
             healthy,
             shutdown_rx,

@@ -229,6 +229,16 @@ impl ClientFrame {
         encode(self)
     }
 
+    /// What an error answering this frame names in `ref_id`, so the client can tell which
+    /// request failed: a send's `client_msg_id`, a resume's session id.
+    pub fn ref_id(&self) -> Option<&str> {
+        match self {
+            ClientFrame::Send { client_msg_id, .. } => Some(client_msg_id),
+            ClientFrame::Resume { session_id, .. } => Some(session_id),
+            _ => None,
+        }
+    }
+
     /// The first text field holding a NUL character, if any. Nodes refuse such frames
     /// with `invalid_argument`: PostgreSQL TEXT and JSONB (the store, the audit trail)
     /// cannot hold NUL, so accepting one would fail later, downstream, or not at all.

@@ -26,11 +26,7 @@ pub async fn dispatch(client: &Arc<Client>, text: &str) {
         Ok(frame) => match frame.nul_field() {
             None => client.clone().handle(frame).await,
             Some(field) => {
-                let ref_id = match &frame {
-                    ClientFrame::Send { client_msg_id, .. } => Some(client_msg_id.clone()),
-                    ClientFrame::Resume { session_id, .. } => Some(session_id.clone()),
-                    _ => None,
-                };
+                let ref_id = frame.ref_id().map(str::to_string);
                 client
                     .reply(error_frame(
                         ErrorCode::InvalidArgument,

@@ -16,7 +16,7 @@ mod writer;
 use axum::extract::ws::{Message, WebSocket};
 use chatstream_protocol::auth::{Claims, TokenError};
 use chatstream_protocol::frames::ErrorCode;
-use chatstream_protocol::ServerFrame;
+use chatstream_protocol::{ClientFrame, ServerFrame};
 use futures::stream::{SplitSink, SplitStream};
 use futures::{SinkExt, StreamExt};
 use std::future::Future;
@@ -173,13 +173,18 @@ async fn read_loop(
                 });
                 continue;
             }
+            // Decoded only to name the refused request: a client that cannot tell which
+            // send was refused waits out its ack timeout not knowing whether it was stored.
+            let ref_id = ClientFrame::decode(&text)
+                .ok()
+                .and_then(|f| f.ref_id().map(str::to_string));
             Box::pin(conn.reply(ServerFrame::Error {
                 code: ErrorCode::RateLimited,
                 message: format!(
                     "more than {} frames/s (burst {}); slow down",
                     state.cfg.rate_limit_per_s, state.cfg.rate_limit_burst
                 ),
-                ref_id: None,
+                ref_id,
                 retry_after_ms: Some(wait.as_millis() as u64 + 1),
             }))
             .await;
