@@ -62,7 +62,11 @@ pub struct WorkersArgs {
     /// run of one partition's records that arrived together); 1 handles them one by one.
     #[arg(long, default_value_t = chatstream_workers::consumer::DEFAULT_MAX_BATCH)]
     pub max_batch: usize,
-    /// How often handled offsets are committed (also on revoke and on shutdown).
+    /// How often handled offsets are committed (also on revoke and on shutdown). The
+    /// group's lag is counted from the committed offsets, so it is at least the events of
+    /// one interval; at 100 ms the commits queued up at the coordinator in `steady`, the
+    /// committed offsets fell tens of thousands behind what was handled, and heartbeats
+    /// waiting behind them ended a consumer's session.
     #[arg(long, default_value_t = 500)]
     pub commit_interval_ms: u64,
     /// Test sabotage: exit right after handling this many events, before committing.

@@ -96,6 +96,11 @@ pub struct NodeConfig {
     /// at a core at 1,000 messages/s; waiting lets each pass carry more. A pass that
     /// fills its batch is followed at once, and a relay idle for longer starts at once.
     pub relay_pass_every_ms: u64,
+    /// The reliable producer's `linger.ms` (outbox mode: the relay's and DELIVERED's
+    /// producer). The relay and the direct path hand it records in batches already; what
+    /// the linger costs is librdkafka's broker threads waking to serve their partitions
+    /// every linger interval while records are queued.
+    pub kafka_linger_ms: u64,
     pub sync_limit: i64,
     pub pg_max_connections: u32,
     /// `on`: sends from every connection are grouped into one transaction per batch (group
@@ -156,6 +161,7 @@ impl Default for NodeConfig {
             outbox_relay: true,
             relay_batch: 500,
             relay_pass_every_ms: 10,
+            kafka_linger_ms: 20,
             sync_limit: 500,
             pg_max_connections: 16,
             send_batching: Switch::On,
@@ -286,6 +292,13 @@ impl NodeConfig {
                 self.append_linger_us
             ));
         }
+        if self.relay_batch < 1 || self.relay_pass_every_ms > 1_000 || self.kafka_linger_ms > 1_000
+        {
+            problems.push(format!(
+                "relay_batch ({}) must be positive, relay_pass_every_ms ({}) and kafka_linger_ms ({}) at most 1000",
+                self.relay_batch, self.relay_pass_every_ms, self.kafka_linger_ms
+            ));
+        }
         if self.stream.chunks < 1 || self.stream.words_per_chunk == 0 {
             problems.push("stream.chunks and stream.words_per_chunk must be positive".to_string());
         }
@@ -365,5 +378,11 @@ mod tests {
             err.contains("max_frame_bytes") && err.contains("error_rate"),
             "{err}"
         );
+        let relay = NodeConfig {
+            relay_pass_every_ms: 5_000,
+            ..NodeConfig::default()
+        };
+        let err = relay.validate().unwrap_err().to_string();
+        assert!(err.contains("relay_pass_every_ms (5000)"), "{err}");
     }
 }

@@ -18,7 +18,7 @@
 //! Kafka does not take are written to the outbox, through the batch writer.
 //! CHUNK_RECEIVED and DELIVERED are the only events a `kill -9` can lose: what was queued in
 //! the last batch window (20 ms, longer while PostgreSQL is slow) or queued for the direct
-//! producer or held by it (its 20 ms batch window and 2 ms linger, longer while brokers
+//! producer or held by it (its 20 ms batch window and `kafka_linger_ms`, longer while brokers
 //! are away). SIGTERM loses none: `flush`
 //! waits for the direct producer and writes the queue out before the node exits.
 

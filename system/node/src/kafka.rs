@@ -26,8 +26,9 @@ use crate::metrics as m;
 #[error("kafka: {0}")]
 pub struct KafkaError(pub String);
 
-/// The idempotent producer (acks=all) the relay uses.
-pub fn reliable_producer(bootstrap: &str) -> Result<FutureProducer, KafkaError> {
+/// The idempotent producer (acks=all) the relay uses; `linger` is how long it holds
+/// records to fill a request.
+pub fn reliable_producer(bootstrap: &str, linger: Duration) -> Result<FutureProducer, KafkaError> {
     ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .set("enable.idempotence", "true")
@@ -35,7 +36,7 @@ pub fn reliable_producer(bootstrap: &str) -> Result<FutureProducer, KafkaError> 
         // The Java client's partitioner: replay (and any Java consumer) can find a key's
         // partition without scanning.
         .set("partitioner", "murmur2_random")
-        .set("linger.ms", "2")
+        .set("linger.ms", linger.as_millis().to_string())
         .set("socket.nagle.disable", "true")
         .set("message.timeout.ms", "30000")
         .create()

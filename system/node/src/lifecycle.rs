@@ -104,7 +104,10 @@ fn start(
     };
     // Outbox mode's one reliable producer: the relay's, and DELIVERED receipts' (direct).
     let reliable = match cfg.publish_mode {
-        PublishMode::Outbox => Some(kafka::reliable_producer(&cfg.kafka_bootstrap)?),
+        PublishMode::Outbox => Some(kafka::reliable_producer(
+            &cfg.kafka_bootstrap,
+            Duration::from_millis(cfg.kafka_linger_ms),
+        )?),
         PublishMode::Async | PublishMode::None => None,
     };
     let direct = reliable.clone().map(|producer| {

@@ -549,11 +549,14 @@ fn admitted_runs(
     runs
 }
 
-/// Hands `run` (one partition, in order) to the handler's batch path. False when any
-/// event in it does not decode or the batch failed: nothing of it took effect, and the
-/// caller handles the events one by one.
-async fn try_batch<H: Handler>(handler: &H, run: &[OwnedMessage]) -> bool {
-    let mut events = Vec::with_capacity(run.len());
+/// Hands `run` (each partition's events in order) to the handler's batch path. False when
+/// any event in it does not decode or the batch failed: nothing of it took effect, and the
+/// caller handles the events another way.
+async fn try_batch<'a, H: Handler>(
+    handler: &H,
+    run: impl IntoIterator<Item = &'a OwnedMessage>,
+) -> bool {
+    let mut events = Vec::new();
     for msg in run {
         let Some(Ok(event)) = msg.payload().map(EventEnvelope::from_slice) else {
             return false;
@@ -575,7 +578,7 @@ async fn try_batch<H: Handler>(handler: &H, run: &[OwnedMessage]) -> bool {
         }
         Err(e) => {
             metrics::counter!("chatstream_worker_batch_fallbacks_total", "worker" => worker.clone()).increment(1);
-            tracing::debug!(%worker, events = run.len(), error = %e, "batch failed; handling its events one by one");
+            tracing::debug!(%worker, events = events.len(), error = %e, "batch failed; handling its events another way");
             false
         }
     }
@@ -787,7 +790,22 @@ async fn run_instance<H: Handler>(
                     }
                     continue;
                 }
-                for (key, run) in admitted_runs(&mut parts, &ops, &worker, polled) {
+                let runs = admitted_runs(&mut parts, &ops, &worker, polled);
+                // Every partition's run in one batch first: a poll then costs one statement,
+                // not one per partition, one after another. Only if it fails does each run
+                // go alone (and, failing again, event by event).
+                if H::BATCHES
+                    && runs.len() > 1
+                    && try_batch(handler.as_ref(), runs.iter().flat_map(|(_, run)| run)).await
+                {
+                    for (key, run) in &runs {
+                        for msg in run {
+                            handled_here(key.clone(), msg.offset() + 1);
+                        }
+                    }
+                    continue;
+                }
+                for (key, run) in runs {
                     if H::BATCHES && run.len() > 1 && try_batch(handler.as_ref(), &run).await {
                         for msg in &run {
                             handled_here(key.clone(), msg.offset() + 1);
