@@ -77,9 +77,11 @@ impl Client {
 
     /// Queues a frame for this connection, waiting for room when the client reads slowly
     /// (backpressure on its own requests); nothing is dropped, except error frames past
-    /// the per-second cap, which are counted.
+    /// the per-second cap, which are counted. An error naming its request (`ref_id`: a
+    /// send's, a resume's) is never dropped: it is that request's only answer, one for one,
+    /// and a client left without it cannot tell whether its message was stored.
     pub async fn reply(&self, frame: ServerFrame) {
-        if matches!(frame, ServerFrame::Error { .. })
+        if matches!(frame, ServerFrame::Error { ref_id: None, .. })
             && !self.error_budget.lock().is_ok_and(|mut b| b.take())
         {
             metrics::counter!(m::ERROR_FRAMES_SUPPRESSED).increment(1);

@@ -1,7 +1,8 @@
 //! One WebSocket connection: authenticate, register with the hub, then read frames
 //! (size check, rate limit) and hand each to the commands while a writer task drains the
 //! connection's outlet and pings the client. Every problem with a frame is answered with
-//! an `error` frame (at most `max_error_frames_per_s` a second) and the connection stays
+//! an `error` frame (at most `max_error_frames_per_s` a second, past that only those naming
+//! a send or resume, each the only answer to its request) and the connection stays
 //! open; the node closes it only for a bad token (4401), a frame past the hard cap (1009),
 //! a slow consumer (4408), silence past the idle timeout (4409), a rate limit exceeded
 //! for seconds on end (1008), shutdown (1012), or a socket that takes nothing for the
