@@ -70,6 +70,9 @@ pub struct NodeSettings {
     pub outbox_relay: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub relay_batch: Option<i64>,
+    /// The node's producers' `linger.ms`: how long they hold records to fill a request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kafka_linger_ms: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sync_limit: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -152,6 +152,13 @@ impl Rules {
                 "a positive number of bytes",
             );
         }
+        if let Some(linger) = node.kafka_linger_ms.filter(|ms| *ms > 1_000) {
+            self.add(
+                "topology.node.kafka_linger_ms",
+                format!("{linger} is more than 1000"),
+                "a number of milliseconds from 0 to 1000",
+            );
+        }
         if node.write_stall_timeout_ms == Some(0) {
             self.add(
                 "topology.node.write_stall_timeout_ms",

@@ -435,6 +435,12 @@ fn node_settings_follow_the_node_rules() {
         ">= 1",
     );
     assert_problem(
+        &with("topology:\n  node: { kafka_linger_ms: 5000 }\n"),
+        "topology.node.kafka_linger_ms",
+        "kafka_linger_ms",
+        "0 to 1000",
+    );
+    assert_problem(
         &with("topology:\n  node: { sync_limit: -5 }\n"),
         "topology.node.sync_limit",
         "sync_limit",

@@ -96,8 +96,8 @@ pub struct NodeConfig {
     /// at a core at 1,000 messages/s; waiting lets each pass carry more. A pass that
     /// fills its batch is followed at once, and a relay idle for longer starts at once.
     pub relay_pass_every_ms: u64,
-    /// The reliable producer's `linger.ms` (outbox mode: the relay's and DELIVERED's
-    /// producer). The relay and the direct path hand it records in batches already; what
+    /// The producers' `linger.ms`: the reliable one (outbox mode: the relay's and
+    /// DELIVERED's) and async mode's (typing events in every mode). The relay and the direct path hand it records in batches already; what
     /// the linger costs is librdkafka's broker threads waking to serve their partitions
     /// every linger interval while records are queued.
     pub kafka_linger_ms: u64,

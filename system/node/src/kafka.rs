@@ -44,19 +44,20 @@ pub fn reliable_producer(bootstrap: &str, linger: Duration) -> Result<FutureProd
 }
 
 /// Async mode's producer, as the seeds use it: `send()` and move on (acks=1, no retries
-/// beyond the client's own, errors only counted).
+/// beyond the client's own, errors only counted). Its linger is the node's
+/// `kafka_linger_ms`, as the reliable producer's; what it holds when the node dies is lost.
 #[derive(Clone)]
 pub struct AsyncPublisher {
     producer: FutureProducer,
 }
 
 impl AsyncPublisher {
-    pub fn new(bootstrap: &str) -> Result<Self, KafkaError> {
+    pub fn new(bootstrap: &str, linger: Duration) -> Result<Self, KafkaError> {
         let producer = ClientConfig::new()
             .set("bootstrap.servers", bootstrap)
             .set("acks", "1")
             .set("partitioner", "murmur2_random")
-            .set("linger.ms", "5")
+            .set("linger.ms", linger.as_millis().to_string())
             .set("socket.nagle.disable", "true")
             .set("message.timeout.ms", "10000")
             .create()

@@ -98,9 +98,10 @@ fn start(
     // Mode `none` creates no producer at all; typing events use it in the other modes.
     let async_publisher = match cfg.publish_mode {
         PublishMode::None => None,
-        PublishMode::Outbox | PublishMode::Async => {
-            Some(AsyncPublisher::new(&cfg.kafka_bootstrap)?)
-        }
+        PublishMode::Outbox | PublishMode::Async => Some(AsyncPublisher::new(
+            &cfg.kafka_bootstrap,
+            Duration::from_millis(cfg.kafka_linger_ms),
+        )?),
     };
     // Outbox mode's one reliable producer: the relay's, and DELIVERED receipts' (direct).
     let reliable = match cfg.publish_mode {
