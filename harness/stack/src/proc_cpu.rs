@@ -5,6 +5,7 @@
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
+/// Clock ticks per second, the unit of `/proc`'s CPU times.
 pub fn ticks_per_second() -> f64 {
     // sysconf(_SC_CLK_TCK) is 100 on every Linux this runs on.
     100.0

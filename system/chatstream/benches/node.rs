@@ -78,11 +78,8 @@ fn proc_field(pid: u32, key: &str) -> Result<u64> {
 
 /// CPU seconds (user + system) the process has used.
 fn cpu_seconds(pid: u32) -> Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let rest = &stat[stat.rfind(')').ok_or_else(|| anyhow!("bad stat"))? + 2..];
-    let f: Vec<&str> = rest.split(' ').collect();
-    let ticks: u64 = f[11].parse::<u64>()? + f[12].parse::<u64>()?;
-    Ok(ticks as f64 / 100.0)
+    let (_, ticks) = proc_cpu::read_stat(pid as i32).ok_or_else(|| anyhow!("no process {pid}"))?;
+    Ok(ticks as f64 / proc_cpu::ticks_per_second())
 }
 
 struct NodeProc(Child, String);

@@ -97,9 +97,9 @@ pub struct NodeConfig {
     /// fills its batch is followed at once, and a relay idle for longer starts at once.
     pub relay_pass_every_ms: u64,
     /// The producers' `linger.ms`: the reliable one (outbox mode: the relay's and
-    /// DELIVERED's) and async mode's (typing events in every mode). The relay and the direct path hand it records in batches already; what
-    /// the linger costs is librdkafka's broker threads waking to serve their partitions
-    /// every linger interval while records are queued.
+    /// DELIVERED's) and async mode's (typing events in every mode). Records reach them in
+    /// batches already; a short linger costs librdkafka's broker threads waking to serve
+    /// their partitions every interval while records are queued.
     pub kafka_linger_ms: u64,
     pub sync_limit: i64,
     pub pg_max_connections: u32,
@@ -200,6 +200,11 @@ pub enum ConfigError {
 }
 
 impl NodeConfig {
+    /// The producers' linger (`kafka_linger_ms`).
+    pub fn kafka_linger(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.kafka_linger_ms)
+    }
+
     /// The append batchers' settings; none when `send_batching` is off. The batchers get
     /// at most half the pool (at least one): the rest of the node needs connections too.
     pub fn batch_settings(&self) -> Option<chatstream_store::BatchSettings> {

@@ -100,14 +100,14 @@ fn start(
         PublishMode::None => None,
         PublishMode::Outbox | PublishMode::Async => Some(AsyncPublisher::new(
             &cfg.kafka_bootstrap,
-            Duration::from_millis(cfg.kafka_linger_ms),
+            cfg.kafka_linger(),
         )?),
     };
     // Outbox mode's one reliable producer: the relay's, and DELIVERED receipts' (direct).
     let reliable = match cfg.publish_mode {
         PublishMode::Outbox => Some(kafka::reliable_producer(
             &cfg.kafka_bootstrap,
-            Duration::from_millis(cfg.kafka_linger_ms),
+            cfg.kafka_linger(),
         )?),
         PublishMode::Async | PublishMode::None => None,
     };
