@@ -2,15 +2,15 @@
 //! PostgreSQL (DELIVERED receipts): there is no transaction for them to join, and writing
 //! each to the outbox only to read it back, publish it and mark it cost PostgreSQL more than
 //! the rest of the send path (in `steady` the batch queue stayed full and dropped half of
-//! them). They go to Kafka on the relay's idempotent acks=all producer instead, so they land
-//! in the partitions the relay would use; a record Kafka does not take — refused at once
-//! (the producer's queue full) or not acknowledged within the delivery timeout (brokers
-//! away) — is handed back to be written to the outbox, so the relay publishes it later. A
+//! them). They go to Kafka on an idempotent acks=all producer of their own, configured as
+//! the relay's (the same partitioner: they land in the partitions the relay would use); a
+//! record Kafka does not take — refused at once (the producer's queue full) or not
+//! acknowledged within the delivery timeout (brokers away) — is handed back to be written to the outbox, so the relay publishes it later. A
 //! `kill -9` loses what was still queued here or held by the producer (one batch window,
 //! longer while brokers are away), as the outbox's batch queue did.
 //!
-//! Records are handed to the producer in batches (every 20 ms or 500 records), as the relay
-//! hands its own. Measured in `steady` (README): publishing them costs the nodes about 0.1
+//! Records are handed to the producer in batches (every 20 ms or 500 records, one batch
+//! awaited at a time), as the relay hands its own. Measured in `steady` (README): publishing them costs the nodes about 0.1
 //! core each more than dropping half of them did, and PostgreSQL 0.16 core less.
 
 use chatstream_store::OutboxRow;
@@ -20,17 +20,28 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::util::Timeout;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
 use crate::inflight::InFlight;
 use crate::metrics as m;
 
 /// Records waiting to be handed to the producer; past this they go to the outbox.
 const QUEUE: usize = 10_000;
-/// Records per batch.
+/// Records a batch gathers before it is handed over without waiting out its window.
 const BATCH: usize = 500;
+/// Records one batch takes at most: what queued while the batches before it were awaited.
+const MAX_BATCH: usize = 5_000;
 /// How long a batch gathers records.
 const WINDOW: Duration = Duration::from_millis(20);
+/// Batches handed to the producer and not yet acknowledged: one. librdkafka's idempotent
+/// producer (2.12) sends a partition no new request while five or more of its *messages*
+/// are in flight, and a partition in that state with a ready batch keeps its broker thread
+/// in `poll` with no timeout until the answer comes. With a batch every 20 ms and produce
+/// round trips of 120-150 ms on a busy machine, the nodes in `steady` spent two thirds of
+/// their CPU spinning so (200,000 `poll` calls a second per node). One batch at a time, on
+/// a producer of its own (the relay's keeps one pass in flight too), never leaves a ready
+/// batch behind an unanswered one; what queues meanwhile goes in the next batch.
+const BATCHES_IN_FLIGHT: usize = 1;
 
 enum Command {
     Publish(OutboxRow),
@@ -62,6 +73,7 @@ impl DirectPublisher {
             node_id: node_id.into(),
             to_outbox,
             awaiting: awaiting.clone(),
+            in_flight: Arc::new(Semaphore::new(BATCHES_IN_FLIGHT)),
         };
         tokio::spawn(batcher.run(rx));
         DirectPublisher {
@@ -108,6 +120,7 @@ struct Batcher {
     node_id: Arc<str>,
     to_outbox: mpsc::UnboundedSender<OutboxRow>,
     awaiting: InFlight,
+    in_flight: Arc<Semaphore>,
 }
 
 impl Batcher {
@@ -127,15 +140,27 @@ impl Batcher {
                     Ok(None) | Err(_) => break,
                 }
             }
-            self.publish(std::mem::take(&mut rows));
+            let Ok(permit) = self.in_flight.clone().acquire_owned().await else {
+                return;
+            };
+            // What queued while the earlier batches were awaited goes in this one.
+            while handover.is_none() && rows.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(Command::Publish(row)) => rows.push(row),
+                    Ok(Command::Handover(done)) => handover = Some(done),
+                    Err(_) => break,
+                }
+            }
+            self.publish(std::mem::take(&mut rows), permit);
             if let Some(done) = handover {
                 let _ = done.send(());
             }
         }
     }
 
-    /// Hands `rows` to the producer and leaves a task awaiting their acknowledgements.
-    fn publish(&self, rows: Vec<OutboxRow>) {
+    /// Hands `rows` to the producer and leaves a task awaiting their acknowledgements,
+    /// holding `permit` until they are all answered.
+    fn publish(&self, rows: Vec<OutboxRow>, permit: OwnedSemaphorePermit) {
         if rows.is_empty() {
             return;
         }
@@ -157,6 +182,7 @@ impl Batcher {
         let node_id = self.node_id.clone();
         let to_outbox = self.to_outbox.clone();
         self.awaiting.spawn(async move {
+            let _permit = permit;
             let (origins, deliveries): (Vec<_>, Vec<_>) = sent
                 .into_iter()
                 .map(|(id, at, delivery)| ((id, at), delivery))

@@ -103,7 +103,9 @@ fn start(
             cfg.kafka_linger(),
         )?),
     };
-    // Outbox mode's one reliable producer: the relay's, and DELIVERED receipts' (direct).
+    // Outbox mode's reliable producers: the relay's, and DELIVERED receipts' (direct). Each
+    // keeps one batch in flight; sharing one producer let the two overlap on a partition,
+    // which the idempotent producer serves by spinning (see `direct`).
     let reliable = match cfg.publish_mode {
         PublishMode::Outbox => Some(kafka::reliable_producer(
             &cfg.kafka_bootstrap,
@@ -111,13 +113,17 @@ fn start(
         )?),
         PublishMode::Async | PublishMode::None => None,
     };
-    let direct = reliable.clone().map(|producer| {
-        let (to_outbox, refused) = tokio::sync::mpsc::unbounded_channel();
-        (
-            DirectPublisher::start(producer, &cfg.node_id, to_outbox),
-            refused,
-        )
-    });
+    let direct = match cfg.publish_mode {
+        PublishMode::Outbox => {
+            let producer = kafka::reliable_producer(&cfg.kafka_bootstrap, cfg.kafka_linger())?;
+            let (to_outbox, refused) = tokio::sync::mpsc::unbounded_channel();
+            Some((
+                DirectPublisher::start(producer, &cfg.node_id, to_outbox),
+                refused,
+            ))
+        }
+        PublishMode::Async | PublishMode::None => None,
+    };
     let relay_poke = Arc::new(Notify::new());
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let events = EventSink::new(

@@ -1,8 +1,8 @@
 //! The at-least-once consumer loop every worker runs on.
 //!
 //! - Offsets are committed by hand, only past events that were handled (or dead-lettered):
-//!   every 500 ms asynchronously, and synchronously when partitions are revoked and on
-//!   shutdown.
+//!   on each poll and every `commit_interval` (100 ms), one commit at a time (see
+//!   `TickCommits`), and when partitions are revoked and on shutdown.
 //! - A transient failure pauses only that partition and retries the event with capped
 //!   exponential backoff (1 s, 2 s, ... 30 s) while the loop keeps polling, so the
 //!   consumer never stalls into a rebalance; on success the partition is sought to the
@@ -191,7 +191,7 @@ impl WorkerConfig {
             group: None,
             concurrency: 1,
             max_batch: DEFAULT_MAX_BATCH,
-            commit_interval: Duration::from_millis(500),
+            commit_interval: Duration::from_millis(100),
             first_backoff: Duration::from_secs(1),
             max_backoff: Duration::from_secs(30),
             crash_after: None,
@@ -381,12 +381,11 @@ pub async fn run_worker<H: Handler>(
     first_error.map_or(Ok(()), Err)
 }
 
-fn commit_handled(
-    consumer: &StreamConsumer<WorkerContext>,
+/// The handled offsets not committed yet.
+fn uncommitted(
     progress: &Mutex<Progress>,
-    committed: &mut HashMap<PartitionKey, i64>,
-    mode: CommitMode,
-) {
+    committed: &HashMap<PartitionKey, i64>,
+) -> TopicPartitionList {
     let mut tpl = TopicPartitionList::new();
     if let Ok(p) = progress.lock() {
         for ((topic, partition), next) in &p.handled {
@@ -395,18 +394,83 @@ fn commit_handled(
             }
         }
     }
+    tpl
+}
+
+/// Records what a commit that succeeded carried.
+fn note_committed(committed: &mut HashMap<PartitionKey, i64>, tpl: &TopicPartitionList) {
+    for e in tpl.elements() {
+        if let Offset::Offset(o) = e.offset() {
+            committed.insert((e.topic().to_string(), e.partition()), o);
+        }
+    }
+}
+
+fn commit_handled(
+    consumer: &StreamConsumer<WorkerContext>,
+    progress: &Mutex<Progress>,
+    committed: &mut HashMap<PartitionKey, i64>,
+    mode: CommitMode,
+) {
+    let tpl = uncommitted(progress, committed);
     if tpl.count() == 0 {
         return;
     }
     match consumer.commit(&tpl, mode) {
-        Ok(()) => {
-            for e in tpl.elements() {
-                if let Offset::Offset(o) = e.offset() {
-                    committed.insert((e.topic().to_string(), e.partition()), o);
-                }
-            }
-        }
+        Ok(()) => note_committed(committed, &tpl),
         Err(e) => tracing::warn!(error = %e, "offset commit failed; will retry"),
+    }
+}
+
+/// The handled offsets' commits, at each tick and on each poll: synchronous, each on a
+/// blocking thread, one at a time. Asked while one is unanswered, it sends nothing; the
+/// next carries everything handled since.
+/// Asynchronous commits sent every 100 ms regardless queued up at a busy coordinator (the
+/// committed offsets fell tens of thousands behind what was handled, and the heartbeats
+/// waiting behind them ended a consumer's session); one at a time, and recorded only once
+/// answered, they keep pace with what the coordinator can take, and a failed one is simply
+/// carried by the next.
+#[derive(Default)]
+struct TickCommits {
+    unanswered:
+        Option<tokio::task::JoinHandle<(TopicPartitionList, rdkafka::error::KafkaResult<()>)>>,
+}
+
+impl TickCommits {
+    async fn tick(
+        &mut self,
+        consumer: &Arc<StreamConsumer<WorkerContext>>,
+        progress: &Mutex<Progress>,
+        committed: &mut HashMap<PartitionKey, i64>,
+    ) {
+        if self.unanswered.as_ref().is_some_and(|h| !h.is_finished()) {
+            return;
+        }
+        self.settle(committed).await;
+        let tpl = uncommitted(progress, committed);
+        if tpl.count() == 0 {
+            return;
+        }
+        let consumer = consumer.clone();
+        self.unanswered = Some(tokio::task::spawn_blocking(move || {
+            let result = consumer.commit(&tpl, CommitMode::Sync);
+            (tpl, result)
+        }));
+    }
+
+    /// Waits for the unanswered commit (if any) and records what it carried. Before a
+    /// final commit: an older one landing after it would move the offsets back.
+    async fn settle(&mut self, committed: &mut HashMap<PartitionKey, i64>) {
+        let Some(handle) = self.unanswered.take() else {
+            return;
+        };
+        match handle.await {
+            Ok((tpl, Ok(()))) => note_committed(committed, &tpl),
+            Ok((_, Err(e))) => {
+                tracing::warn!(error = %e, "offset commit failed; the next one carries its offsets")
+            }
+            Err(e) => tracing::warn!(error = %e, "offset commit task ended abnormally"),
+        }
     }
 }
 
@@ -627,7 +691,9 @@ async fn run_instance<H: Handler>(
         .map_err(|e| format!("subscribing {worker} to {topics:?}: {e}"))?;
     tracing::info!(%worker, %group, instance, ?topics, "worker consuming");
 
+    let consumer = Arc::new(consumer);
     let mut committed: HashMap<PartitionKey, i64> = HashMap::new();
+    let mut tick_commits = TickCommits::default();
     let mut parts = Partitions::default();
     let ops = PartitionOps {
         consumer: &consumer,
@@ -699,7 +765,7 @@ async fn run_instance<H: Handler>(
                     commit_handled(&consumer, &progress, &mut committed, CommitMode::Sync);
                     handle_deferred(handler.as_ref(), &producer, &mut deferred, &count_handled).await;
                 } else {
-                    commit_handled(&consumer, &progress, &mut committed, CommitMode::Async);
+                    tick_commits.tick(&consumer, &progress, &mut committed).await;
                 }
             }
             _ = seek_tick.tick(), if !parts.seeks.is_empty() => {
@@ -772,6 +838,10 @@ async fn run_instance<H: Handler>(
                 }
                 // A rebalance may have run inside recv(): forget what it took away first.
                 drain_revoked(&mut parts, &mut committed);
+                if !unsafe_mode {
+                    // What the polls before this one handled, without waiting for the tick.
+                    tick_commits.tick(&consumer, &progress, &mut committed).await;
+                }
                 if unsafe_mode {
                     for msg in polled {
                         let key = (msg.topic().to_string(), msg.partition());
@@ -849,6 +919,7 @@ async fn run_instance<H: Handler>(
     if unsafe_mode {
         handle_deferred(handler.as_ref(), &producer, &mut deferred, &count_handled).await;
     }
+    tick_commits.settle(&mut committed).await;
     commit_handled(&consumer, &progress, &mut committed, CommitMode::Sync);
     tracing::info!(%worker, instance, "worker stopped; handled offsets committed");
     Ok(())
