@@ -671,6 +671,10 @@ macro_rules! shipped {
 
 shipped!(smoke, "scenarios/smoke.yaml");
 shipped!(node_kill, "scenarios/chaos/node-kill.yaml");
+shipped!(
+    kill_inside_kafka_cut,
+    "scenarios/chaos/kill-inside-kafka-cut.yaml"
+);
 shipped!(broker_kill, "scenarios/chaos/broker-kill.yaml");
 shipped!(bad_input, "scenarios/chaos/bad-input.yaml");
 shipped!(redis_outage, "scenarios/chaos/redis-outage.yaml");
@@ -718,6 +722,11 @@ fn main() {
         ),
         stack_test!(shared, "scenario::smoke", smoke),
         stack_test!(shared, "chaos::node_kill", node_kill),
+        stack_test!(
+            shared,
+            "chaos::kill_inside_kafka_cut",
+            kill_inside_kafka_cut
+        ),
         stack_test!(shared, "chaos::broker_kill", broker_kill),
         stack_test!(shared, "chaos::bad_input", bad_input),
         stack_test!(shared, "chaos::redis_outage", redis_outage),

@@ -1,7 +1,7 @@
 //! The at-least-once consumer loop every worker runs on.
 //!
 //! - Offsets are committed by hand, only past events that were handled (or dead-lettered):
-//!   on each poll and every `commit_interval` (100 ms), one commit at a time (see
+//!   every `commit_interval` (100 ms; on a poll or at the tick), one commit at a time (see
 //!   `TickCommits`), and when partitions are revoked and on shutdown.
 //! - A transient failure pauses only that partition and retries the event with capped
 //!   exponential backoff (1 s, 2 s, ... 30 s) while the loop keeps polling, so the
@@ -422,21 +422,45 @@ fn commit_handled(
     }
 }
 
-/// The handled offsets' commits, at each tick and on each poll: synchronous, each on a
-/// blocking thread, one at a time. Asked while one is unanswered, it sends nothing; the
+/// The handled offsets' commits, at each tick and on a poll once the interval has passed:
+/// synchronous, each on a blocking thread, one at a time. Asked while one is unanswered, it sends nothing; the
 /// next carries everything handled since.
 /// Asynchronous commits sent every 100 ms regardless queued up at a busy coordinator (the
 /// committed offsets fell tens of thousands behind what was handled, and the heartbeats
 /// waiting behind them ended a consumer's session); one at a time, and recorded only once
 /// answered, they keep pace with what the coordinator can take, and a failed one is simply
 /// carried by the next.
-#[derive(Default)]
 struct TickCommits {
+    /// Labels the commit metrics.
+    worker: String,
     unanswered:
         Option<tokio::task::JoinHandle<(TopicPartitionList, rdkafka::error::KafkaResult<()>)>>,
+    last_sent: Option<Instant>,
 }
 
 impl TickCommits {
+    fn new(worker: &str) -> Self {
+        TickCommits {
+            worker: worker.to_string(),
+            unanswered: None,
+            last_sent: None,
+        }
+    }
+
+    /// On a poll: commits only once `interval` has passed since the last commit was sent
+    /// (a long interval still means few commits), without waiting for the tick.
+    async fn on_poll(
+        &mut self,
+        interval: Duration,
+        consumer: &Arc<StreamConsumer<WorkerContext>>,
+        progress: &Mutex<Progress>,
+        committed: &mut HashMap<PartitionKey, i64>,
+    ) {
+        if self.last_sent.is_none_or(|at| at.elapsed() >= interval) {
+            self.tick(consumer, progress, committed).await;
+        }
+    }
+
     async fn tick(
         &mut self,
         consumer: &Arc<StreamConsumer<WorkerContext>>,
@@ -452,8 +476,16 @@ impl TickCommits {
             return;
         }
         let consumer = consumer.clone();
+        self.last_sent = Some(Instant::now());
+        let worker = self.worker.clone();
         self.unanswered = Some(tokio::task::spawn_blocking(move || {
+            let asked = Instant::now();
             let result = consumer.commit(&tpl, CommitMode::Sync);
+            // Their ratio is the coordinator's mean answer time.
+            metrics::counter!("chatstream_worker_commits_total", "worker" => worker.clone())
+                .increment(1);
+            metrics::counter!("chatstream_worker_commit_wait_ms_total", "worker" => worker)
+                .increment(asked.elapsed().as_millis() as u64);
             (tpl, result)
         }));
     }
@@ -693,7 +725,7 @@ async fn run_instance<H: Handler>(
 
     let consumer = Arc::new(consumer);
     let mut committed: HashMap<PartitionKey, i64> = HashMap::new();
-    let mut tick_commits = TickCommits::default();
+    let mut tick_commits = TickCommits::new(&worker);
     let mut parts = Partitions::default();
     let ops = PartitionOps {
         consumer: &consumer,
@@ -840,7 +872,7 @@ async fn run_instance<H: Handler>(
                 drain_revoked(&mut parts, &mut committed);
                 if !unsafe_mode {
                     // What the polls before this one handled, without waiting for the tick.
-                    tick_commits.tick(&consumer, &progress, &mut committed).await;
+                    tick_commits.on_poll(config.commit_interval, &consumer, &progress, &mut committed).await;
                 }
                 if unsafe_mode {
                     for msg in polled {

@@ -2,7 +2,9 @@
 //! the warm-up; repeats and seeded random times included), each recorded in the history
 //! with its real start and end, and heals every one of them — restarts what it killed,
 //! resumes what it paused, restores every link — at its end, at the end of the load, and
-//! when the run is interrupted. It never looks at the load; the load never looks at it.
+//! when the run is interrupted. Heals run alongside what follows them, so faults may
+//! overlap and depend on each other (a node killed inside a Kafka cut is ready again once
+//! the cut heals). It never looks at the load; the load never looks at it.
 
 use anyhow::{bail, Context, Result};
 use nix::sys::signal::Signal;
@@ -16,7 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{watch, Mutex};
 
-use super::topology::{OwnedProcess, Topology};
+use super::topology::{wait_ready_of, OwnedProcess, Topology};
 
 /// One occurrence of one fault.
 #[derive(Debug, Clone)]
@@ -394,21 +396,31 @@ impl Targets {
     async fn heal(&self, undo: Undo) -> Result<()> {
         match undo {
             Undo::Restart(procs, workers) => {
-                let mut topo = self.topology.lock().await;
-                for i in procs {
-                    let p = if workers {
-                        topo.workers.as_mut()
-                    } else {
-                        topo.nodes.get_mut(i)
-                    };
-                    if let Some(p) = p {
-                        if !p.alive() {
-                            p.restart()?;
+                // Restarted under the lock; their readiness awaited without it, so other
+                // faults start and heal meanwhile (a node restarted inside a Kafka cut is
+                // ready only once the cut's own heal has run).
+                let restarted = {
+                    let mut topo = self.topology.lock().await;
+                    for &i in &procs {
+                        let p = if workers {
+                            topo.workers.as_mut()
+                        } else {
+                            topo.nodes.get_mut(i)
+                        };
+                        if let Some(p) = p {
+                            if !p.alive() {
+                                p.restart()?;
+                            }
+                            self.mark_down(&p.record.name, false);
                         }
-                        self.mark_down(&p.record.name, false);
                     }
-                }
-                topo.wait_ready(Duration::from_secs(90)).await?;
+                    if workers {
+                        topo.readiness_of(&[], true)
+                    } else {
+                        topo.readiness_of(&procs, false)
+                    }
+                };
+                wait_ready_of(restarted, Duration::from_secs(90)).await?;
             }
             Undo::Resume(procs, workers) => {
                 let topo = self.topology.lock().await;
@@ -454,9 +466,9 @@ impl Targets {
 
 /// Heals one fault and records its real end (ok), or the failure to heal it (fail).
 async fn heal_and_record(
-    targets: &Targets,
-    rec: &Recorder,
-    p: &Planned,
+    targets: Arc<Targets>,
+    rec: Recorder,
+    p: Planned,
     target: String,
     undo: Undo,
 ) -> Result<()> {
@@ -478,9 +490,65 @@ async fn heal_and_record(
     healed
 }
 
+/// Heals under way: each runs as a task of its own, so a heal that waits (a restarted
+/// process's readiness) holds back neither later faults nor the heals they depend on.
+#[derive(Default)]
+struct Heals {
+    running: tokio::task::JoinSet<Result<()>>,
+}
+
+impl Heals {
+    fn start(
+        &mut self,
+        targets: &Arc<Targets>,
+        rec: &Recorder,
+        p: &Planned,
+        target: String,
+        undo: Undo,
+    ) {
+        self.running.spawn(heal_and_record(
+            targets.clone(),
+            rec.clone(),
+            p.clone(),
+            target,
+            undo,
+        ));
+    }
+
+    /// The first failure among the heals that have ended.
+    fn failed(&mut self) -> Option<anyhow::Error> {
+        while let Some(done) = self.running.try_join_next() {
+            if let Some(e) = outcome(done) {
+                return Some(e);
+            }
+        }
+        None
+    }
+
+    /// Waits for every heal; the first failure.
+    async fn finish(&mut self) -> Option<anyhow::Error> {
+        let mut first = None;
+        while let Some(done) = self.running.join_next().await {
+            if let Some(e) = outcome(done) {
+                first.get_or_insert(e);
+            }
+        }
+        first
+    }
+}
+
+fn outcome(done: Result<Result<()>, tokio::task::JoinError>) -> Option<anyhow::Error> {
+    match done {
+        Ok(Ok(())) => None,
+        Ok(Err(e)) => Some(e),
+        Err(e) => Some(anyhow::anyhow!("a heal task ended abnormally: {e}")),
+    }
+}
+
 /// Runs the fault plan from `measure_start` until every fault has ended, or until `stop`
-/// turns true (then heals at once). A fault that cannot be healed is a guardrail: the
-/// error is returned (the run is then aborted and exits 2).
+/// turns true (then heals at once). Heals run concurrently with what comes after them
+/// (see [`Heals`]). A fault that cannot be healed is a guardrail: the error is returned
+/// (the run is then aborted and exits 2).
 pub async fn run(
     planned: Vec<Planned>,
     targets: Arc<Targets>,
@@ -496,6 +564,7 @@ pub async fn run(
     }
     events.sort_by_key(|(t, start, i)| (*t, *start, *i));
     let mut active: Vec<Option<(String, Undo)>> = (0..planned.len()).map(|_| None).collect();
+    let mut heals = Heals::default();
     let mut result = Ok(());
     for (at, is_start, i) in events {
         let when = measure_start + at;
@@ -504,6 +573,10 @@ pub async fn run(
             _ = stop.changed() => true,
         };
         if stopped || *stop.borrow() {
+            break;
+        }
+        if let Some(e) = heals.failed() {
+            result = Err(e.context("healing a fault"));
             break;
         }
         let p = &planned[i];
@@ -551,20 +624,19 @@ pub async fn run(
                 }
             }
         } else if let Some((target, undo)) = active[i].take() {
-            if let Err(e) = heal_and_record(&targets, &rec, p, target, undo).await {
-                result = Err(e.context("healing a fault"));
-                break;
-            }
+            heals.start(&targets, &rec, p, target, undo);
         }
     }
-    // Whatever happened, nothing stays broken.
+    // Whatever happened, nothing stays broken: the faults still in force heal together
+    // (one may need another's heal), and every heal is awaited.
     for (i, slot) in active.iter_mut().enumerate() {
         if let Some((target, undo)) = slot.take() {
-            if let Err(e) = heal_and_record(&targets, &rec, &planned[i], target, undo).await {
-                if result.is_ok() {
-                    result = Err(e.context("healing a fault at the end"));
-                }
-            }
+            heals.start(&targets, &rec, &planned[i], target, undo);
+        }
+    }
+    if let Some(e) = heals.finish().await {
+        if result.is_ok() {
+            result = Err(e.context("healing a fault"));
         }
     }
     result

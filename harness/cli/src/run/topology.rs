@@ -344,58 +344,24 @@ impl Topology {
 
     /// Waits for every node's `/readyz` (200) and the workers' `/healthz`.
     pub async fn wait_ready(&self, timeout: Duration) -> Result<()> {
-        let client = reqwest::Client::builder()
-            .timeout(Duration::from_secs(2))
-            .build()?;
-        let deadline = Instant::now() + timeout;
-        let mut waiting: Vec<(&OwnedProcess, String)> = self
-            .nodes
+        let all: Vec<usize> = (0..self.nodes.len()).collect();
+        wait_ready_of(self.readiness_of(&all, self.workers.is_some()), timeout).await
+    }
+
+    /// What [`wait_ready_of`] polls for the nodes `nodes` (and the workers): each process's
+    /// record and its readiness URL, so the wait needs no lock on the topology.
+    pub fn readiness_of(&self, nodes: &[usize], workers: bool) -> Vec<(ProcessRecord, String)> {
+        nodes
             .iter()
-            .map(|n| (n, format!("{}/readyz", n.url)))
+            .filter_map(|&i| self.nodes.get(i))
+            .map(|n| (n.record.clone(), format!("{}/readyz", n.url)))
             .chain(
                 self.workers
                     .iter()
-                    .map(|w| (w, format!("{}/healthz", w.url))),
+                    .filter(|_| workers)
+                    .map(|w| (w.record.clone(), format!("{}/healthz", w.url))),
             )
-            .collect();
-        let mut last = String::new();
-        while !waiting.is_empty() {
-            let mut still = Vec::new();
-            for (p, url) in waiting {
-                if !p.alive() {
-                    bail!(
-                        "{} exited during start; its log ({}) ends:\n{}",
-                        p.record.name,
-                        p.record.log.display(),
-                        process::log_tail(&p.record.log, 15)
-                    );
-                }
-                match client.get(&url).send().await {
-                    Ok(r) if r.status().is_success() => {}
-                    Ok(r) => {
-                        last = format!(
-                            "{url}: {} {}",
-                            r.status(),
-                            r.text().await.unwrap_or_default()
-                        );
-                        still.push((p, url));
-                    }
-                    Err(e) => {
-                        last = format!("{url}: {e}");
-                        still.push((p, url));
-                    }
-                }
-            }
-            waiting = still;
-            if waiting.is_empty() {
-                break;
-            }
-            if Instant::now() >= deadline {
-                bail!("not ready within {timeout:?}: {last}");
-            }
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
-        Ok(())
+            .collect()
     }
 
     /// Every process this run owns (nodes, then workers).
@@ -425,4 +391,52 @@ impl Topology {
             );
         }
     }
+}
+
+/// Waits until every process of `waiting` answers its readiness URL with 200; fails at once
+/// when one of them exits, and after `timeout` naming the last answer that was not ready.
+pub async fn wait_ready_of(waiting: Vec<(ProcessRecord, String)>, timeout: Duration) -> Result<()> {
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .build()?;
+    let deadline = Instant::now() + timeout;
+    let mut waiting = waiting;
+    let mut last = String::new();
+    while !waiting.is_empty() {
+        let mut still = Vec::new();
+        for (record, url) in waiting {
+            if !process::is_alive(&record) {
+                bail!(
+                    "{} exited during start; its log ({}) ends:\n{}",
+                    record.name,
+                    record.log.display(),
+                    process::log_tail(&record.log, 15)
+                );
+            }
+            match client.get(&url).send().await {
+                Ok(r) if r.status().is_success() => {}
+                Ok(r) => {
+                    last = format!(
+                        "{url}: {} {}",
+                        r.status(),
+                        r.text().await.unwrap_or_default()
+                    );
+                    still.push((record, url));
+                }
+                Err(e) => {
+                    last = format!("{url}: {e}");
+                    still.push((record, url));
+                }
+            }
+        }
+        waiting = still;
+        if waiting.is_empty() {
+            break;
+        }
+        if Instant::now() >= deadline {
+            bail!("not ready within {timeout:?}: {last}");
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    Ok(())
 }
