@@ -5,13 +5,15 @@
 //! them). They go to Kafka on an idempotent acks=all producer of their own, configured as
 //! the relay's (the same partitioner: they land in the partitions the relay would use); a
 //! record Kafka does not take — refused at once (the producer's queue full) or not
-//! acknowledged within the delivery timeout (brokers away) — is handed back to be written to the outbox, so the relay publishes it later. A
-//! `kill -9` loses what was still queued here or held by the producer (one batch window,
-//! longer while brokers are away), as the outbox's batch queue did.
+//! acknowledged within the delivery timeout (brokers away) — is handed back to be written
+//! to the outbox, so the relay publishes it later. A `kill -9` loses what was still queued
+//! here or held by the producer (one batch window, longer while brokers are away), as the
+//! outbox's batch queue did.
 //!
 //! Records are handed to the producer in batches (every 20 ms or 500 records, one batch
-//! awaited at a time), as the relay hands its own. Measured in `steady` (README): publishing them costs the nodes about 0.1
-//! core each more than dropping half of them did, and PostgreSQL 0.16 core less.
+//! awaited at a time), as the relay hands its own. Measured in `steady` (README):
+//! publishing them costs the nodes about 0.1 core each more than dropping half of them
+//! did, and PostgreSQL 0.16 core less.
 
 use chatstream_store::OutboxRow;
 use futures::future::join_all;
