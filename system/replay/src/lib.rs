@@ -518,34 +518,50 @@ fn committed_with_retry(c: &BaseConsumer, tpl: TopicPartitionList) -> Result<Top
     }
 }
 
+/// The group's lag on `topics`, partition by partition: its committed offsets, then every
+/// partition's end in one batched ListOffsets per broker (as `kafka-consumer-groups`
+/// does), not one round trip per partition — the workers ask for their groups every 5 s,
+/// the audit group has 30 partitions, and what is produced while the ends are read counts
+/// as lag.
 pub fn lag(bootstrap: &str, group: &str, topics: &[String]) -> Result<Vec<PartitionLag>> {
     let c: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .set("group.id", group)
         .set("enable.auto.commit", "false")
         .create()?;
-    let mut out = Vec::new();
+    let mut asked = TopicPartitionList::new();
+    let mut ends_asked = TopicPartitionList::new();
     for topic in topics {
-        let mut tpl = TopicPartitionList::new();
-        let parts = partitions(&c, topic)?;
-        for p in &parts {
-            tpl.add_partition(topic, *p);
+        for p in partitions(&c, topic)? {
+            asked.add_partition(topic, p);
+            // ListOffsets with the "latest" timestamp: each partition's high watermark.
+            ends_asked.add_partition_offset(topic, p, Offset::End)?;
         }
-        let committed = committed_with_retry(&c, tpl)?;
-        for e in committed.elements() {
-            let (low, high) = c.fetch_watermarks(topic, e.partition(), TIMEOUT)?;
-            let committed = match e.offset() {
-                Offset::Offset(o) => Some(o),
-                _ => None,
-            };
-            out.push(PartitionLag {
-                topic: topic.clone(),
-                partition: e.partition(),
-                committed,
-                end: high,
-                lag: high - committed.unwrap_or(low),
-            });
-        }
+    }
+    let committed = committed_with_retry(&c, asked)?;
+    let ends = c.offsets_for_times(ends_asked, TIMEOUT)?;
+    let mut out = Vec::new();
+    for e in committed.elements() {
+        let (topic, partition) = (e.topic(), e.partition());
+        let end = match ends.find_partition(topic, partition).map(|x| x.offset()) {
+            Some(Offset::Offset(o)) => o,
+            _ => c.fetch_watermarks(topic, partition, TIMEOUT)?.1,
+        };
+        let committed = match e.offset() {
+            Offset::Offset(o) => Some(o),
+            _ => None,
+        };
+        let from = match committed {
+            Some(o) => o,
+            None => c.fetch_watermarks(topic, partition, TIMEOUT)?.0,
+        };
+        out.push(PartitionLag {
+            topic: topic.to_string(),
+            partition,
+            committed,
+            end,
+            lag: end - from,
+        });
     }
     Ok(out)
 }
