@@ -423,13 +423,11 @@ fn commit_handled(
 }
 
 /// The handled offsets' commits, at each tick and on a poll once the interval has passed:
-/// synchronous, each on a blocking thread, one at a time. Asked while one is unanswered, it sends nothing; the
-/// next carries everything handled since.
-/// Asynchronous commits sent every 100 ms regardless queued up at a busy coordinator (the
-/// committed offsets fell tens of thousands behind what was handled, and the heartbeats
-/// waiting behind them ended a consumer's session); one at a time, and recorded only once
-/// answered, they keep pace with what the coordinator can take, and a failed one is simply
-/// carried by the next.
+/// synchronous, each on a blocking thread, one at a time. Asked while one is unanswered,
+/// it sends nothing; the next carries everything handled since. (Asynchronous commits sent
+/// every 100 ms regardless queued up at a busy coordinator: the committed offsets fell tens
+/// of thousands behind what was handled, and the heartbeats waiting behind them ended a
+/// consumer's session.) Recorded only once answered, so a failed one is carried by the next.
 struct TickCommits {
     /// Labels the commit metrics.
     worker: String,

@@ -414,11 +414,7 @@ impl Targets {
                             self.mark_down(&p.record.name, false);
                         }
                     }
-                    if workers {
-                        topo.readiness_of(&[], true)
-                    } else {
-                        topo.readiness_of(&procs, false)
-                    }
+                    topo.readiness_of(if workers { &[] } else { &procs }, workers)
                 };
                 wait_ready_of(restarted, Duration::from_secs(90)).await?;
             }
