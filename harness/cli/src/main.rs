@@ -26,8 +26,8 @@ use std::process::ExitCode;
     version,
     about = "Load and chaos harness for event-driven chat systems",
     long_about = "Squall starts a real local stack (three KRaft Kafka brokers, Redis, PostgreSQL and \
-Toxiproxy, every link through its own proxy), drives load at it, injects faults and checks \
-what survived.\n\nInstall the servers first with scripts/install-deps.sh."
+Toxiproxy, every link through its own proxy, or direct links for measuring the system alone), \
+drives load at it, injects faults and checks what survived.\n\nInstall the servers first with scripts/install-deps.sh."
 )]
 struct Cli {
     /// Log format on stderr.

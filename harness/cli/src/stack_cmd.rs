@@ -3,6 +3,7 @@
 
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
+use squall_stack::links::LinkMode;
 use squall_stack::plan::{DEFAULT_BASE_PORT, DEFAULT_BROKERS};
 use squall_stack::{PortPlan, Stack, StackConfig, StackStatus};
 use std::path::{Path, PathBuf};
@@ -70,9 +71,20 @@ struct UpArgs {
     /// Seconds each server may take to pass its health check.
     #[arg(long, default_value_t = 120)]
     start_timeout: u64,
+    /// `proxied`: every link through its own Toxiproxy proxy (faults can cut it).
+    /// `direct`: no Toxiproxy, clients and brokers reach the servers themselves (for
+    /// measuring the system alone; link faults are refused).
+    #[arg(long, value_enum, default_value_t = LinksArg::Proxied)]
+    links: LinksArg,
     /// Print the endpoints as JSON.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LinksArg {
+    Proxied,
+    Direct,
 }
 
 fn absolute(path: &Path) -> Result<PathBuf> {
@@ -95,6 +107,10 @@ pub async fn run(args: StackArgs) -> Result<ExitCode> {
             let mut config = StackConfig::new(&run_dir, plan);
             config.partitions = up.partitions;
             config.start_timeout = Duration::from_secs(up.start_timeout);
+            config.links = match up.links {
+                LinksArg::Proxied => LinkMode::Proxied,
+                LinksArg::Direct => LinkMode::Direct,
+            };
             let started = std::time::Instant::now();
             let stack = Stack::up(config).await.context("starting the stack")?;
             let endpoints = stack.endpoints();
@@ -109,7 +125,12 @@ pub async fn run(args: StackArgs) -> Result<ExitCode> {
                 println!("  kafka bootstrap  {}", endpoints.kafka_bootstrap);
                 println!("  redis            {}", endpoints.redis_url);
                 println!("  postgres         {}", endpoints.postgres_url);
-                println!("  toxiproxy api    {}", endpoints.toxiproxy_api);
+                match stack.link_mode() {
+                    LinkMode::Proxied => {
+                        println!("  toxiproxy api    {}", endpoints.toxiproxy_api)
+                    }
+                    LinkMode::Direct => println!("  links            direct (no Toxiproxy)"),
+                }
                 println!(
                     "  kafka {} (cluster {}), {} links",
                     stack.state().kafka_version,
@@ -237,7 +258,10 @@ fn print_status(s: &StackStatus) {
         ),
         Err(e) => println!("  FAIL postgres   {e}"),
     }
-    println!("links:");
+    match s.link_mode {
+        LinkMode::Proxied => println!("links:"),
+        LinkMode::Direct => println!("links: direct (no proxies, none can be cut)"),
+    }
     if let Some(e) = &s.links_error {
         println!("  FAIL toxiproxy does not answer: {e}");
     }

@@ -181,6 +181,27 @@ pub enum FaultKind {
 }
 
 impl FaultKind {
+    /// Whether the fault works on a link's proxy (cut, black hole, toxic) rather than on a
+    /// process: impossible with `topology.stack.links: direct`.
+    pub fn needs_proxies(self) -> bool {
+        match self {
+            FaultKind::KillNode
+            | FaultKind::TermNode
+            | FaultKind::PauseNode
+            | FaultKind::KillWorkers
+            | FaultKind::TermWorkers
+            | FaultKind::PauseWorkers
+            | FaultKind::KillBroker => false,
+            FaultKind::IsolateBroker
+            | FaultKind::PartitionOneWay
+            | FaultKind::IsolateController
+            | FaultKind::CutKafka
+            | FaultKind::RedisDown
+            | FaultKind::PostgresDown
+            | FaultKind::Toxic => true,
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             FaultKind::KillNode => "kill_node",

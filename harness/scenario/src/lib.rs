@@ -34,8 +34,8 @@ pub use load::{Abuse, AbuseKind, Conversations, Load, Mix, OpKind, Placement, Sl
 pub use rate::{Phase, Rate};
 pub use scenario::Scenario;
 pub use topology::{
-    FanoutMode, NodeSettings, PublishMode, StackOptions, StreamSettings, Topology, WorkerKind,
-    Workers,
+    FanoutMode, Links, NodeSettings, PublishMode, StackOptions, StreamSettings, Topology,
+    WorkerKind, Workers,
 };
 pub use validate::{BROKERS, MAX_MESSAGE_BYTES, MAX_NODES, MAX_USERS};
 

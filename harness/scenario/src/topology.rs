@@ -37,6 +37,18 @@ pub struct StackOptions {
     /// How long the whole stack may take to become ready.
     #[serde(with = "crate::duration")]
     pub start_timeout: Duration,
+    /// `proxied` (every link through Toxiproxy, so faults can cut or slow it) or `direct`
+    /// (no proxies: the system measured without their cost; only process faults).
+    pub links: Links,
+}
+
+/// How the stack's links are wired (see `squall_stack::links::LinkMode`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Links {
+    #[default]
+    Proxied,
+    Direct,
 }
 
 impl Default for StackOptions {
@@ -44,6 +56,7 @@ impl Default for StackOptions {
         StackOptions {
             partitions: 6,
             start_timeout: Duration::from_secs(120),
+            links: Links::Proxied,
         }
     }
 }

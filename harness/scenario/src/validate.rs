@@ -14,7 +14,7 @@ use crate::gate::MetricRef;
 use crate::load::{Load, SlowConsumers};
 use crate::rate::Rate;
 use crate::scenario::Scenario;
-use crate::topology::{NodeSettings, Topology, Workers};
+use crate::topology::{Links, NodeSettings, Topology, Workers};
 
 pub const MAX_NAME_LENGTH: usize = 64;
 pub const MAX_NODES: u32 = 16;
@@ -546,6 +546,17 @@ impl Rules {
 
     fn fault(&mut self, scenario: &Scenario, path: &str, fault: &Fault) {
         let nodes = scenario.topology.nodes;
+        let kind = fault.action.kind();
+        if scenario.topology.stack.links == Links::Direct && kind.needs_proxies() {
+            self.add(
+                format!("{path}.kind"),
+                format!(
+                    "`{}` cuts or degrades a link, but `topology.stack.links: direct` runs without proxies",
+                    kind.name()
+                ),
+                "`links: proxied` (the default), or only process faults (kill_*, term_*, pause_*)",
+            );
+        }
         match &fault.action {
             FaultAction::KillNode { node }
             | FaultAction::TermNode { node }

@@ -354,6 +354,13 @@ fn topology_sizes_are_bounded() {
         "positive",
     );
     assert_problem(
+        &with("topology:\n  stack: { links: direct }\nfaults:\n  - { kind: kill_node, node: 1, at: 5s, duration: 2s }\n  - { kind: cut_kafka, at: 8s, duration: 2s }\n"),
+        "faults[1].kind",
+        "kind: cut_kafka",
+        "runs without proxies",
+    );
+    parse(&with("topology:\n  stack: { links: direct }\nfaults:\n  - { kind: kill_broker, broker: 2, at: 5s, duration: 2s }\n"));
+    assert_problem(
         &with("topology:\n  workers: { concurrency: 33 }\n"),
         "topology.workers.concurrency",
         "concurrency",

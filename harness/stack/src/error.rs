@@ -61,6 +61,9 @@ pub enum StackError {
         source: std::io::Error,
     },
 
+    #[error("{what}: the stack in {run_dir} has direct links (no proxies), so no link can be cut or degraded; start it with proxied links (the default; `links: proxied` in a scenario)")]
+    DirectLinks { what: String, run_dir: PathBuf },
+
     #[error("toxiproxy at {endpoint}: {message}")]
     Toxiproxy { endpoint: String, message: String },
 

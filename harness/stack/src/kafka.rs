@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use crate::error::{Result, StackError};
 use crate::links::{
-    controller_host, peer_proxy_ip, replication_host, CONTROLLER_CLASS, REPLICATION_CLASS,
+    controller_host, peer_proxy_ip, replication_host, LinkMode, CONTROLLER_CLASS, REPLICATION_CLASS,
 };
 use crate::plan::{PortPlan, LOOPBACK};
 use crate::process::{self, Launch, ProcessRecord, StopSignal};
@@ -50,13 +50,15 @@ impl BrokerFiles {
 
 /// server.properties for broker `id`: combined broker+controller (KRaft) with three
 /// listeners: CLIENT (behind its client proxy), INTERNAL (replication) and CONTROLLER,
-/// the last two reached by peers through the per-pair proxies.
+/// the last two reached by peers through the per-pair proxies. With direct links the
+/// broker advertises its own client listener (and [`hosts_file`] maps peers to it).
 pub fn server_properties(
     plan: &PortPlan,
     id: u8,
     data_dir: &Path,
     partitions: i32,
     overrides: Option<&BTreeMap<String, String>>,
+    links: LinkMode,
 ) -> Result<String> {
     let me = plan.broker(id)?;
     let voters = (1..=plan.broker_count())
@@ -89,7 +91,7 @@ pub fn server_properties(
             // 127.0.0.1 directly, around the proxies, and a partition would not cut it.
             format!(
                 "CLIENT://{LOOPBACK}:{},INTERNAL://{}:{},CONTROLLER://{}:{}",
-                me.client_proxy,
+                PortPlan::broker_client_port(me, links),
                 replication_host(id),
                 me.replication,
                 controller_host(id),
@@ -146,12 +148,12 @@ pub fn server_properties(
 
 /// The hosts file broker `id` resolves names from (`-Djdk.net.hosts.file`): its own names
 /// point at 127.0.0.1, each peer's names at the proxy of the pair (id → peer).
-pub fn hosts_file(plan: &PortPlan, id: u8, machine_host_name: &str) -> String {
+pub fn hosts_file(plan: &PortPlan, id: u8, machine_host_name: &str, links: LinkMode) -> String {
     let mut out = format!(
         "# Broker {id}'s view of the network, written by squall.\n{LOOPBACK} localhost {machine_host_name}\n"
     );
     for peer in 1..=plan.broker_count() {
-        let (repl, ctrl) = if peer == id {
+        let (repl, ctrl) = if peer == id || links == LinkMode::Direct {
             (LOOPBACK, LOOPBACK)
         } else {
             (
@@ -228,16 +230,29 @@ fn jvm_args(tools: &Tools, files: &BrokerFiles, run_dir: &Path) -> Vec<String> {
     ]
 }
 
+/// What every broker of one stack is configured with.
+pub struct ClusterSetup<'a> {
+    pub cluster_id: &'a str,
+    pub partitions: i32,
+    pub overrides: &'a BrokerOverrides,
+    pub links: LinkMode,
+}
+
 /// Writes broker `id`'s files and formats its storage (once, on first start).
 pub async fn prepare_broker(
     tools: &Tools,
     plan: &PortPlan,
     run_dir: &Path,
     id: u8,
-    cluster_id: &str,
-    partitions: i32,
-    overrides: Option<&BTreeMap<String, String>>,
+    setup: &ClusterSetup<'_>,
 ) -> Result<BrokerFiles> {
+    let ClusterSetup {
+        cluster_id,
+        partitions,
+        links,
+        ..
+    } = *setup;
+    let overrides = setup.overrides.get(&id);
     let files = BrokerFiles::new(run_dir, id);
     let data = files.dir.join("data");
     std::fs::create_dir_all(&data)
@@ -252,9 +267,9 @@ pub async fn prepare_broker(
     };
     write(
         &files.properties,
-        server_properties(plan, id, &data, partitions, overrides)?,
+        server_properties(plan, id, &data, partitions, overrides, links)?,
     )?;
-    write(&files.hosts, hosts_file(plan, id, &host_name))?;
+    write(&files.hosts, hosts_file(plan, id, &host_name, links))?;
     write(&files.log4j, LOG4J2.to_string())?;
     if !data.join("meta.properties").exists() {
         let mut args = jvm_args(tools, &files, run_dir);
@@ -523,7 +538,7 @@ mod tests {
 
     #[test]
     fn properties_wire_listeners_through_the_plan() {
-        let p = server_properties(&plan(), 2, Path::new("/d"), 6, None).unwrap();
+        let p = server_properties(&plan(), 2, Path::new("/d"), 6, None, LinkMode::Proxied).unwrap();
         assert!(p.contains("node.id=2\n"));
         assert!(p.contains(
             "controller.quorum.voters=1@kafka-1.controller.squall:30041,2@kafka-2.controller.squall:30042,3@kafka-3.controller.squall:30043\n"
@@ -538,18 +553,30 @@ mod tests {
     #[test]
     fn overrides_win() {
         let o: BTreeMap<String, String> = [("num.partitions".to_string(), "12".to_string())].into();
-        let p = server_properties(&plan(), 1, Path::new("/d"), 6, Some(&o)).unwrap();
+        let p =
+            server_properties(&plan(), 1, Path::new("/d"), 6, Some(&o), LinkMode::Proxied).unwrap();
         assert!(p.contains("num.partitions=12\n"));
         assert!(!p.contains("num.partitions=6\n"));
     }
 
     #[test]
     fn each_broker_sees_peers_through_its_own_proxies() {
-        let h = hosts_file(&plan(), 1, "box");
+        let h = hosts_file(&plan(), 1, "box", LinkMode::Proxied);
         assert!(h.contains("127.0.0.1 localhost box\n"));
         assert!(h.contains("127.0.0.1 kafka-1.replication.squall\n"));
         assert!(h.contains("127.10.1.2 kafka-2.replication.squall\n"));
         assert!(h.contains("127.20.1.3 kafka-3.controller.squall\n"));
+    }
+
+    #[test]
+    fn direct_links_bypass_every_proxy() {
+        let p = server_properties(&plan(), 2, Path::new("/d"), 6, None, LinkMode::Direct).unwrap();
+        assert!(p.contains("advertised.listeners=CLIENT://127.0.0.1:30022,INTERNAL://kafka-2.replication.squall:30032,CONTROLLER://kafka-2.controller.squall:30042\n"));
+        let h = hosts_file(&plan(), 1, "box", LinkMode::Direct);
+        assert!(h.contains("127.0.0.1 kafka-2.replication.squall\n"));
+        assert!(h.contains("127.0.0.1 kafka-3.controller.squall\n"));
+        assert!(!h.contains("127.10."), "{h}");
+        assert!(!h.contains("127.20."), "{h}");
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! squall-stack: provisions Squall's real local stack on 127.0.0.1 (three Kafka brokers in
 //! one KRaft quorum, Redis, PostgreSQL, Toxiproxy), with every link through a Toxiproxy
-//! proxy of its own so that any link can be cut or degraded alone; reads its health; and
-//! stops exactly what it started.
+//! proxy of its own so that any link can be cut or degraded alone (or, for measuring the
+//! system alone, with direct links and no Toxiproxy); reads its health; and stops exactly
+//! what it started.
 
 #[cfg(feature = "docker")]
 pub mod docker;

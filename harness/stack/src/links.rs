@@ -7,6 +7,33 @@ use std::net::Ipv4Addr;
 
 use crate::plan::{PortPlan, LOOPBACK};
 
+/// How the stack's clients and brokers reach each other.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LinkMode {
+    /// Every link through its own Toxiproxy proxy, so that any can be cut or degraded.
+    #[default]
+    Proxied,
+    /// Straight to the servers, no Toxiproxy: for measuring the system without the
+    /// proxies' cost (about a tenth of two cores in `steady`); links cannot be faulted.
+    Direct,
+}
+
+impl LinkMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            LinkMode::Proxied => "proxied",
+            LinkMode::Direct => "direct",
+        }
+    }
+}
+
+impl fmt::Display for LinkMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// What a link carries, and between whom.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]

@@ -18,13 +18,16 @@
 //! Broker j reaches its peer i through host names (`kafka-i.replication.squall`,
 //! `kafka-i.controller.squall`) that only broker j's own hosts file (`-Djdk.net.hosts.file`)
 //! maps to 127.10.j.i / 127.20.j.i, so every direction between two brokers is a proxy of
-//! its own and can be cut alone.
+//! its own and can be cut alone. A stack with direct links (`LinkMode::Direct`) binds no
+//! proxy: clients are told the brokers' own client listeners, and each hosts file maps the
+//! peers' names to 127.0.0.1.
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 
 use crate::error::{Result, StackError};
+use crate::links::LinkMode;
 
 pub const DEFAULT_BASE_PORT: u16 = 29000;
 pub const DEFAULT_BROKERS: u8 = 3;
@@ -111,24 +114,49 @@ impl PortPlan {
 
     /// The bootstrap list clients use: every broker's client proxy.
     pub fn kafka_bootstrap(&self) -> String {
-        self.brokers
-            .iter()
-            .map(|b| format!("{LOOPBACK}:{}", b.client_proxy))
-            .collect::<Vec<_>>()
-            .join(",")
+        self.kafka_bootstrap_via(LinkMode::Proxied)
     }
 
     /// Redis URL through its proxy.
     pub fn redis_url(&self) -> String {
-        format!("redis://{LOOPBACK}:{}/", self.redis_proxy)
+        self.redis_url_via(LinkMode::Proxied)
     }
 
     /// PostgreSQL URL through its proxy.
     pub fn postgres_url(&self, database: &str) -> String {
-        format!(
-            "postgres://postgres@{LOOPBACK}:{}/{database}",
-            self.postgres_proxy
-        )
+        self.postgres_url_via(database, LinkMode::Proxied)
+    }
+
+    /// The port clients reach broker `b` at: its proxy, or its own listener.
+    pub fn broker_client_port(b: &BrokerPorts, mode: LinkMode) -> u16 {
+        match mode {
+            LinkMode::Proxied => b.client_proxy,
+            LinkMode::Direct => b.client,
+        }
+    }
+
+    pub fn kafka_bootstrap_via(&self, mode: LinkMode) -> String {
+        self.brokers
+            .iter()
+            .map(|b| format!("{LOOPBACK}:{}", Self::broker_client_port(b, mode)))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    pub fn redis_url_via(&self, mode: LinkMode) -> String {
+        let port = match mode {
+            LinkMode::Proxied => self.redis_proxy,
+            LinkMode::Direct => self.redis,
+        };
+        format!("redis://{LOOPBACK}:{port}/")
+    }
+
+    pub fn postgres_url_via(&self, database: &str, mode: LinkMode) -> String {
+        let port = match mode {
+            LinkMode::Proxied => self.postgres_proxy,
+            LinkMode::Direct => self.postgres,
+        };
+        format!("postgres://postgres@{LOOPBACK}:{port}/{database}")
     }
 
     /// Every address something in the stack binds, servers and proxies alike.

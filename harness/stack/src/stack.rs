@@ -11,7 +11,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::error::{Result, StackError};
 use crate::kafka::{self, BrokerOverrides, ClusterView};
-use crate::links::{self, Link};
+use crate::links::{self, Link, LinkMode};
 use crate::plan::{PortPlan, LOOPBACK};
 use crate::process::{self, ProcessRecord};
 use crate::state::{state_path, StackState, STATE_VERSION};
@@ -33,6 +33,8 @@ pub struct StackConfig {
     pub start_timeout: Duration,
     /// server.properties overrides per broker id (tuning, or sabotage in tests).
     pub broker_overrides: BrokerOverrides,
+    /// Proxied (every link a Toxiproxy proxy) or direct (no Toxiproxy at all).
+    pub links: LinkMode,
 }
 
 impl StackConfig {
@@ -43,11 +45,13 @@ impl StackConfig {
             partitions: topics::DEFAULT_PARTITIONS,
             start_timeout: Duration::from_secs(120),
             broker_overrides: BTreeMap::new(),
+            links: LinkMode::Proxied,
         }
     }
 }
 
-/// Where clients connect (always through the proxies).
+/// Where clients connect: through the proxies, or straight to the servers with direct
+/// links.
 #[derive(Debug, Clone, Serialize)]
 pub struct Endpoints {
     pub kafka_bootstrap: String,
@@ -79,7 +83,8 @@ pub struct StackStatus {
     pub run_dir: PathBuf,
     pub endpoints: Endpoints,
     pub processes: Vec<ProcessStatus>,
-    /// Empty with `links_error` set when Toxiproxy does not answer.
+    pub link_mode: LinkMode,
+    /// Empty with `links_error` set when Toxiproxy does not answer (and with direct links).
     pub links: Vec<LinkStatus>,
     pub links_error: Option<String>,
     /// Broker ids in the cluster's metadata, or why it could not be read.
@@ -239,7 +244,11 @@ impl Stack {
             kafka_version: tools.kafka_version.clone(),
             started_at_ms: unix_ms(),
             processes: Vec::new(),
-            links: links::all_links(&config.plan),
+            link_mode: config.links,
+            links: match config.links {
+                LinkMode::Proxied => links::all_links(&config.plan),
+                LinkMode::Direct => Vec::new(),
+            },
         };
         let toxiproxy = ToxiproxyClient::new(&format!("{LOOPBACK}:{}", config.plan.toxiproxy_api))?;
         let mut stack = Stack { state, toxiproxy };
@@ -267,38 +276,43 @@ impl Stack {
         let run_dir = config.run_dir.clone();
         let timeout = config.start_timeout;
 
-        let toxi = stores::launch_toxiproxy(tools, &plan, &run_dir)?;
-        self.record(toxi.clone())?;
-        let client = self.toxiproxy.clone();
-        wait_healthy(
-            "toxiproxy",
-            timeout,
-            &toxi.log,
-            std::slice::from_ref(&toxi),
-            || {
-                let c = client.clone();
-                async move { c.version().await.map(|_| ()) }
-            },
-        )
-        .await?;
-        self.toxiproxy.populate(&self.state.links).await?;
+        let mode = self.state.link_mode;
+        // What the stores' health checks depend on besides the store itself.
+        let mut proxy = Vec::new();
+        if mode == LinkMode::Proxied {
+            let toxi = stores::launch_toxiproxy(tools, &plan, &run_dir)?;
+            self.record(toxi.clone())?;
+            let client = self.toxiproxy.clone();
+            wait_healthy(
+                "toxiproxy",
+                timeout,
+                &toxi.log,
+                std::slice::from_ref(&toxi),
+                || {
+                    let c = client.clone();
+                    async move { c.version().await.map(|_| ()) }
+                },
+            )
+            .await?;
+            self.toxiproxy.populate(&self.state.links).await?;
+            proxy.push(toxi);
+        }
 
         let redis = stores::launch_redis(tools, &plan, &run_dir)?;
         self.record(redis.clone())?;
         let postgres = stores::launch_postgres(tools, &plan, &run_dir).await?;
         self.record(postgres.clone())?;
 
-        let prepared = join_all((1..=plan.broker_count()).map(|id| {
-            kafka::prepare_broker(
-                tools,
-                &plan,
-                &run_dir,
-                id,
-                &self.state.cluster_id,
-                config.partitions,
-                config.broker_overrides.get(&id),
-            )
-        }))
+        let setup = kafka::ClusterSetup {
+            cluster_id: &self.state.cluster_id,
+            partitions: config.partitions,
+            overrides: &config.broker_overrides,
+            links: mode,
+        };
+        let prepared = join_all(
+            (1..=plan.broker_count())
+                .map(|id| kafka::prepare_broker(tools, &plan, &run_dir, id, &setup)),
+        )
         .await;
         for p in prepared {
             p?;
@@ -310,24 +324,25 @@ impl Stack {
             brokers.push(b);
         }
 
-        let redis_url = plan.redis_url();
+        let redis_url = plan.redis_url_via(mode);
         wait_healthy(
             "redis",
             timeout,
             &redis.log,
-            &[toxi.clone(), redis.clone()],
+            &[proxy.clone(), vec![redis.clone()]].concat(),
             || stores::redis_ping(&redis_url, Duration::from_secs(2)),
         )
         .await?;
+        let postgres_url = plan.postgres_url_via("postgres", mode);
         wait_healthy(
             "postgres",
             timeout,
             &postgres.log,
-            &[toxi.clone(), postgres.clone()],
-            || stores::postgres_ready(&plan, Duration::from_secs(5)),
+            &[proxy, vec![postgres.clone()]].concat(),
+            || stores::postgres_ready(&postgres_url, Duration::from_secs(5)),
         )
         .await?;
-        let bootstrap = plan.kafka_bootstrap();
+        let bootstrap = plan.kafka_bootstrap_via(mode);
         let expected = plan.broker_count() as usize;
         wait_healthy("kafka", timeout, &brokers[0].log, &brokers, || {
             let bootstrap = bootstrap.clone();
@@ -377,21 +392,46 @@ impl Stack {
         &self.toxiproxy
     }
 
-    /// Each broker's client address (through its proxy), one per entry.
+    pub fn link_mode(&self) -> LinkMode {
+        self.state.link_mode
+    }
+
+    /// Each broker's client address (through its proxy unless links are direct), one per
+    /// entry.
     pub fn broker_addresses(&self) -> Vec<String> {
         self.state
             .plan
             .brokers
             .iter()
-            .map(|b| format!("{LOOPBACK}:{}", b.client_proxy))
+            .map(|b| {
+                format!(
+                    "{LOOPBACK}:{}",
+                    PortPlan::broker_client_port(b, self.link_mode())
+                )
+            })
             .collect()
+    }
+
+    fn kafka_bootstrap(&self) -> String {
+        self.state.plan.kafka_bootstrap_via(self.link_mode())
+    }
+
+    /// Fails unless links are proxied: a fault on a link that has no proxy would do nothing.
+    fn proxied(&self, what: &str) -> Result<()> {
+        match self.link_mode() {
+            LinkMode::Proxied => Ok(()),
+            LinkMode::Direct => Err(StackError::DirectLinks {
+                what: what.to_string(),
+                run_dir: self.state.run_dir.clone(),
+            }),
+        }
     }
 
     /// Creates `specs` (replication 3, the stack's partition count) and waits until every
     /// broker reports them ready.
     pub async fn create_topics(&self, specs: &[topics::TopicSpec]) -> Result<()> {
         let partitions = self.state.partitions;
-        kafka::create_topics(&self.state.plan.kafka_bootstrap(), specs, partitions).await?;
+        kafka::create_topics(&self.kafka_bootstrap(), specs, partitions).await?;
         let names: Vec<String> = specs.iter().map(|s| s.name.clone()).collect();
         kafka::wait_topics_ready(
             &self.broker_addresses(),
@@ -403,11 +443,11 @@ impl Stack {
     }
 
     pub fn endpoints(&self) -> Endpoints {
-        let plan = &self.state.plan;
+        let (plan, mode) = (&self.state.plan, self.link_mode());
         Endpoints {
-            kafka_bootstrap: plan.kafka_bootstrap(),
-            redis_url: plan.redis_url(),
-            postgres_url: plan.postgres_url(stores::DATABASE),
+            kafka_bootstrap: plan.kafka_bootstrap_via(mode),
+            redis_url: plan.redis_url_via(mode),
+            postgres_url: plan.postgres_url_via(stores::DATABASE, mode),
             toxiproxy_api: format!("http://{LOOPBACK}:{}", plan.toxiproxy_api),
         }
     }
@@ -425,25 +465,32 @@ impl Stack {
                 log: p.log.clone(),
             })
             .collect();
-        let (links, links_error) = match self.toxiproxy.proxies().await {
-            Ok(proxies) => (self.link_statuses(&proxies), None),
-            Err(e) => (Vec::new(), Some(e.to_string())),
+        let (links, links_error) = match self.link_mode() {
+            LinkMode::Direct => (Vec::new(), None),
+            LinkMode::Proxied => match self.toxiproxy.proxies().await {
+                Ok(proxies) => (self.link_statuses(&proxies), None),
+                Err(e) => (Vec::new(), Some(e.to_string())),
+            },
         };
-        let plan = &self.state.plan;
-        let kafka_brokers = kafka::cluster_view(plan.kafka_bootstrap(), Duration::from_secs(5))
+        let (plan, mode) = (&self.state.plan, self.link_mode());
+        let kafka_brokers = kafka::cluster_view(self.kafka_bootstrap(), Duration::from_secs(5))
             .await
             .map(|v| v.brokers)
             .map_err(|e| e.to_string());
-        let redis = stores::redis_ping(&plan.redis_url(), Duration::from_secs(3))
+        let redis = stores::redis_ping(&plan.redis_url_via(mode), Duration::from_secs(3))
             .await
             .map_err(|e| e.to_string());
-        let postgres = stores::postgres_ready(plan, Duration::from_secs(5))
-            .await
-            .map_err(|e| e.to_string());
+        let postgres = stores::postgres_ready(
+            &plan.postgres_url_via("postgres", mode),
+            Duration::from_secs(5),
+        )
+        .await
+        .map_err(|e| e.to_string());
         StackStatus {
             run_dir: self.state.run_dir.clone(),
             endpoints: self.endpoints(),
             processes,
+            link_mode: self.link_mode(),
             links,
             links_error,
             kafka_brokers,
@@ -573,7 +620,7 @@ impl Stack {
         let tools = Tools::locate()?;
         let record = kafka::launch_broker(&tools, &self.state.run_dir, id)?;
         self.record(record.clone())?;
-        let bootstrap = self.state.plan.kafka_bootstrap();
+        let bootstrap = self.kafka_bootstrap();
         wait_healthy(
             &name,
             timeout,
@@ -603,7 +650,10 @@ impl Stack {
     pub async fn cluster_view_from(&self, id: u8) -> Result<ClusterView> {
         let ports = self.state.plan.broker(id)?;
         crate::kafka_wire::metadata_from(
-            &format!("{LOOPBACK}:{}", ports.client_proxy),
+            &format!(
+                "{LOOPBACK}:{}",
+                PortPlan::broker_client_port(ports, self.link_mode())
+            ),
             i32::from(id),
             Duration::from_secs(5),
         )
@@ -630,11 +680,13 @@ impl Stack {
 
     /// Cuts a link: its proxy closes its connections and refuses new ones.
     pub async fn cut(&self, link: &str) -> Result<()> {
+        self.proxied(&format!("cutting {link}"))?;
         self.link(link)?;
         self.toxiproxy.set_enabled(link, false).await
     }
 
     pub async fn restore(&self, link: &str) -> Result<()> {
+        self.proxied(&format!("restoring {link}"))?;
         self.link(link)?;
         self.toxiproxy.set_enabled(link, true).await
     }
@@ -642,6 +694,7 @@ impl Stack {
     /// Cuts broker `id` off from every peer, in both directions (replication and
     /// controller traffic). Clients still reach it. Returns the links cut.
     pub async fn isolate_broker(&self, id: u8) -> Result<Vec<String>> {
+        self.proxied(&format!("isolating kafka-{id}"))?;
         self.state.plan.broker(id)?;
         let cut = links::isolation_links(&self.state.plan, id);
         for l in &cut {
@@ -652,6 +705,7 @@ impl Stack {
 
     /// Cuts the traffic broker `from` sends to broker `to`, leaving the other direction up.
     pub async fn partition_one_way(&self, from: u8, to: u8) -> Result<Vec<String>> {
+        self.proxied(&format!("cutting kafka-{from} -> kafka-{to}"))?;
         self.state.plan.broker(from)?;
         self.state.plan.broker(to)?;
         let cut = links::one_way_links(&self.state.plan, from, to);
@@ -661,8 +715,11 @@ impl Stack {
         Ok(cut.into_iter().map(|l| l.name).collect())
     }
 
-    /// Restores every link and removes every toxic.
+    /// Restores every link and removes every toxic (nothing to do with direct links).
     pub async fn heal(&self) -> Result<()> {
-        self.toxiproxy.reset().await
+        match self.link_mode() {
+            LinkMode::Proxied => self.toxiproxy.reset().await,
+            LinkMode::Direct => Ok(()),
+        }
     }
 }

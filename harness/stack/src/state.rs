@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
 use crate::error::{Result, StackError};
-use crate::links::Link;
+use crate::links::{Link, LinkMode};
 use crate::plan::PortPlan;
 use crate::process::ProcessRecord;
 
@@ -23,6 +23,10 @@ pub struct StackState {
     /// Unix milliseconds.
     pub started_at_ms: u128,
     pub processes: Vec<ProcessRecord>,
+    /// Absent in state files written before direct links existed: proxied.
+    #[serde(default)]
+    pub link_mode: LinkMode,
+    /// The proxies (none with direct links).
     pub links: Vec<Link>,
 }
 

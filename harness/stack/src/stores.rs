@@ -160,12 +160,12 @@ pub async fn launch_postgres(
     })
 }
 
-/// `SELECT 1` through the PostgreSQL proxy, then creates the chatstream database if absent.
-pub async fn postgres_ready(plan: &PortPlan, timeout: Duration) -> Result<()> {
-    let url = plan.postgres_url("postgres");
+/// `SELECT 1` at `url` (the `postgres` database), then creates the chatstream database if
+/// absent.
+pub async fn postgres_ready(url: &str, timeout: Duration) -> Result<()> {
     let fail = |e: String| StackError::Command(format!("postgres at {url}: {e}"));
     let check = async {
-        let mut conn = sqlx::PgConnection::connect(&url)
+        let mut conn = sqlx::PgConnection::connect(url)
             .await
             .map_err(|e| fail(e.to_string()))?;
         let one: i32 = sqlx::query_scalar("SELECT 1")

@@ -3,7 +3,7 @@
 //! time) and stopped by pid at the end. Each test undoes what it disturbed.
 //!
 //! Ports: SQUALL_TEST_BASE_PORT (default 29400) for the shared stack, +200 for stacks that
-//! tests start (and must fail to start) themselves. The harness is squall_stack::testing.
+//! tests start (and must fail to start) themselves, one at a time. The harness is squall_stack::testing.
 
 use anyhow::{bail, ensure, Context, Result};
 use futures::stream::{FuturesUnordered, StreamExt};
@@ -15,6 +15,7 @@ use rdkafka::util::Timeout;
 use rdkafka::{Offset, TopicPartitionList};
 use sqlx::Connection;
 use squall_stack::kafka::{self, ClusterView};
+use squall_stack::links::LinkMode;
 use squall_stack::stores;
 use squall_stack::testing::{eventually, SharedStack};
 use squall_stack::topics::TopicSpec;
@@ -829,10 +830,84 @@ async fn broker_dying_during_start_leaves_nothing(base: u16) -> Result<()> {
     all_ports_free(&plan)
 }
 
+/// A stack with direct links: no Toxiproxy process and no proxies, every broker telling
+/// clients its own client listener, records produced with acks=all (so replication works
+/// peer to peer) and read back, a link fault refused by name, nothing left after `down`.
+async fn direct_links_bypass_toxiproxy(base: u16) -> Result<()> {
+    let plan = PortPlan::from_base(base, 3)?;
+    let mut config = StackConfig::new(run_dir("direct-links"), plan.clone());
+    config.links = LinkMode::Direct;
+    let stack = Stack::up(config).await?;
+    let checks = async {
+        let names: Vec<&str> = stack
+            .state()
+            .processes
+            .iter()
+            .map(|p| p.name.as_str())
+            .collect();
+        ensure!(
+            !names.contains(&"toxiproxy"),
+            "toxiproxy started: {names:?}"
+        );
+        ensure!(stack.state().links.is_empty(), "proxies recorded");
+        let bootstrap = stack.endpoints().kafka_bootstrap;
+        ensure!(
+            bootstrap == plan.kafka_bootstrap_via(LinkMode::Direct),
+            "{bootstrap}"
+        );
+        let metadata_bootstrap = bootstrap.clone();
+        let advertised: BTreeSet<u16> = tokio::task::spawn_blocking(move || -> Result<_> {
+            let consumer: BaseConsumer = ClientConfig::new()
+                .set("bootstrap.servers", &metadata_bootstrap)
+                .create()?;
+            let md = consumer.fetch_metadata(None, Duration::from_secs(10))?;
+            Ok(md.brokers().iter().map(|b| b.port() as u16).collect())
+        })
+        .await??;
+        let own: BTreeSet<u16> = plan.brokers.iter().map(|b| b.client).collect();
+        ensure!(
+            advertised == own,
+            "brokers advertise {advertised:?}, their listeners are {own:?}"
+        );
+        let topic = new_topic(&stack, "direct").await?;
+        let (acked, failed) =
+            produce_keys(&bootstrap, &topic, "direct", 2_000, || async { Ok(()) }).await?;
+        ensure!(
+            acked.len() == 2_000,
+            "{failed} of 2000 records not acknowledged"
+        );
+        let counts = read_all_keys(&bootstrap, &topic).await?;
+        ensure!(
+            counts.len() == 2_000,
+            "read back {} of 2000 keys",
+            counts.len()
+        );
+        let refused = stack.cut("redis").await;
+        ensure!(
+            matches!(refused, Err(StackError::DirectLinks { .. })),
+            "cutting a link of a direct stack: {refused:?}"
+        );
+        eprintln!(
+            "  refused as it must be: {}",
+            refused.err().map(|e| e.to_string()).unwrap_or_default()
+        );
+        Ok(())
+    }
+    .await;
+    stack.down(false).await?;
+    checks?;
+    all_ports_free(&plan)
+}
+
 fn main() {
     let shared = SharedStack::new("SQUALL_TEST_BASE_PORT", 29400, run_dir("shared-stack"));
     let trials = vec![
         alone_test!(shared, "start::taken_port_is_named", taken_port_is_named),
+        alone_test!(
+            shared,
+            "links::direct_links_bypass_toxiproxy",
+            direct_links_bypass_toxiproxy
+        ),
         alone_test!(
             shared,
             "start::broker_dying_during_start_leaves_nothing",

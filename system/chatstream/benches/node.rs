@@ -30,7 +30,9 @@
 //! `CHATSTREAM_BENCH_NODE_CONFIG` (more node settings for the send-path runs, YAML lines
 //! separated by `\n`),
 //! `CHATSTREAM_BENCH_STACK_DIR=<run dir>` (use a stack already up, from `squall stack up
-//! --run-dir`, and leave it running), `CHATSTREAM_BENCH_NODE_WRAPPER` (a command the node
+//! --run-dir`, and leave it running; its links as it was started with),
+//! `CHATSTREAM_BENCH_LINKS=direct` (the stack this bench starts has no Toxiproxy: the
+//! system measured without the proxies' cost; default `proxied`), `CHATSTREAM_BENCH_NODE_WRAPPER` (a command the node
 //! runs under, e.g. `heaptrack -o <file>`; the RSS figures are then the wrapper's),
 //! `CHATSTREAM_BENCH_HOLD_SECS` (holds the memory runs' connections after each figure), `CHATSTREAM_BENCH_PERF=<dir>` (records `perf` profiles
 //! of the node and of the whole machine for 20 s in the middle of the new path's 10,000/s
@@ -41,6 +43,7 @@ use anyhow::{anyhow, Context, Result};
 use chatstream_protocol::auth::{self, Claims};
 use chatstream_protocol::{ClientFrame, ServerFrame};
 use futures::{SinkExt, StreamExt};
+use squall_stack::links::LinkMode;
 use squall_stack::{proc_cpu, PortPlan, Stack, StackConfig};
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
@@ -822,17 +825,24 @@ async fn main() -> Result<()> {
     let stack = match &attached {
         Some(run_dir) => Stack::attach(std::path::Path::new(run_dir)).context("attaching")?,
         // Named by the base port: benches of different port ranges share the target dir.
-        None => Stack::up(StackConfig::new(
-            dir.join(format!("bench-stack-{base}")),
-            PortPlan::from_base(base, 3)?,
-        ))
-        .await
-        .context("stack")?,
+        None => {
+            let mut config = StackConfig::new(
+                dir.join(format!("bench-stack-{base}")),
+                PortPlan::from_base(base, 3)?,
+            );
+            if std::env::var("CHATSTREAM_BENCH_LINKS").is_ok_and(|l| l == "direct") {
+                config.links = LinkMode::Direct;
+            }
+            Stack::up(config).await.context("stack")?
+        }
     };
     let result = async {
         let pg = sqlx::PgPool::connect(&stack.endpoints().postgres_url).await?;
         let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-        println!("machine: {cores} cores; node, load generator, 3 brokers, PostgreSQL, Redis and Toxiproxy share them");
+        match stack.link_mode() {
+            LinkMode::Proxied => println!("machine: {cores} cores; node, load generator, 3 brokers, PostgreSQL, Redis and Toxiproxy share them; every link through its proxy"),
+            LinkMode::Direct => println!("machine: {cores} cores; node, load generator, 3 brokers, PostgreSQL and Redis share them; direct links (no Toxiproxy)"),
+        }
         let built = PathBuf::from(env!("CARGO_BIN_EXE_chatstream"));
         if only.as_deref().is_none_or(|o| o == "memory") {
             let open_files = raise_open_files()?;

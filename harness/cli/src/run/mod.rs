@@ -34,7 +34,8 @@ use anyhow::{Context, Result};
 use clap::Args;
 use squall_history::{ConversationInfo, Header, UserInfo, Writer, FORMAT, VERSION};
 use squall_load::{Metrics, Population, Target};
-use squall_scenario::Scenario;
+use squall_scenario::{Links, Scenario};
+use squall_stack::links::LinkMode;
 use squall_stack::plan::{DEFAULT_BASE_PORT, DEFAULT_BROKERS};
 use squall_stack::toxiproxy::ToxiproxyClient;
 use squall_stack::{PortPlan, Stack, StackConfig};
@@ -248,8 +249,20 @@ pub async fn run(args: RunArgs) -> Result<ExitCode> {
     } else if let Some(dir) = &args.stack_dir {
         let s = Stack::attach(dir)
             .with_context(|| format!("attaching to the stack in {}", dir.display()))?;
+        if s.link_mode() == LinkMode::Direct {
+            if let Some(p) = planned.iter().find(|p| p.action.kind().needs_proxies()) {
+                anyhow::bail!(
+                    "fault {} cuts or degrades a link, but the stack in {} has direct links (no proxies); start one with proxied links (`squall stack up` without --links direct)",
+                    p.action.kind().name(),
+                    dir.display()
+                );
+            }
+        }
         StackUse::Reused(Arc::new(Mutex::new(s)))
     } else if docker {
+        if scenario.topology.stack.links == Links::Direct {
+            anyhow::bail!("`topology.stack.links: direct` is for the local stack; the docker topology always has its proxies");
+        }
         let started = Instant::now();
         let stack = DockerStack::start(&scenario).await?;
         tracing::info!(
@@ -262,6 +275,10 @@ pub async fn run(args: RunArgs) -> Result<ExitCode> {
         let mut config = StackConfig::new(run_dir.join("stack"), plan);
         config.partitions = scenario.topology.stack.partitions;
         config.start_timeout = scenario.topology.stack.start_timeout;
+        config.links = match scenario.topology.stack.links {
+            Links::Proxied => LinkMode::Proxied,
+            Links::Direct => LinkMode::Direct,
+        };
         let started = Instant::now();
         let stack = Stack::up(config)
             .await
