@@ -81,6 +81,12 @@ pub struct WorkersArgs {
     /// a kill -9 loses up to `--commit-interval-ms` of events (committed, never handled).
     #[arg(long, hide = true)]
     pub unsafe_commit_before_handle: bool,
+    /// SABOTAGE (off by default, never for production): every consumer commits its
+    /// handled offsets once, after its first events, and never again (not even when it
+    /// stops): nothing is lost, but the committed offsets stand still, so every group's
+    /// lag grows with every event and a restart would redeliver all of it.
+    #[arg(long, hide = true)]
+    pub unsafe_stall_commits: bool,
     /// SABOTAGE (off by default, never for production): the search indexer keeps no
     /// processed marker and appends a message's text to its row on every delivery instead
     /// of upserting it, so a redelivery changes the index (a rebuild differs from it).
@@ -202,6 +208,7 @@ fn spawn<H: Handler>(
     config.max_batch = args.max_batch.max(1);
     config.crash_after = args.crash_after;
     config.unsafe_commit_before_handle = args.unsafe_commit_before_handle;
+    config.unsafe_stall_commits = args.unsafe_stall_commits;
     config.commit_interval = Duration::from_millis(args.commit_interval_ms.max(10));
     let entry = (args.group(handler.name()), handler.topics());
     (
@@ -233,6 +240,7 @@ pub async fn run(
             "--unsafe-search-no-idempotency",
         ),
         (args.unsafe_no_dedupe, "--unsafe-no-dedupe"),
+        (args.unsafe_stall_commits, "--unsafe-stall-commits"),
     ] {
         if on {
             tracing::warn!(

@@ -1274,9 +1274,10 @@ async fn lag_counts_only_the_topics_the_group_consumes(stack: &mut Stack) -> Res
 
 /// Search ranks the newest matches of a word, however many messages hold it: a word in
 /// every message is answered from the newest `SEARCH_CANDIDATES` (not by ranking the
-/// whole table), and a rare word is still found in old messages.
+/// whole table), by the first step (no index, so no plan from stale statistics), and a
+/// rare word is still found in old messages, by the second.
 async fn search_ranks_the_newest_matches(stack: &mut Stack) -> Result<()> {
-    use chatstream_workers::queries::{search, SEARCH_CANDIDATES};
+    use chatstream_workers::queries::{search, search_recent, SEARCH_CANDIDATES};
     let store = chatstream_store::Store::connect_lazy(
         &stack.endpoints().postgres_url,
         2,
@@ -1315,10 +1316,18 @@ async fn search_ranks_the_newest_matches(stack: &mut Stack) -> Result<()> {
         "equal ranks are not newest first: {:?}",
         hits.iter().map(|h| h.seq).collect::<Vec<_>>()
     );
+    ensure!(
+        search_recent(pool, &tenant, "chatter", 10).await?.as_ref() == Some(&hits),
+        "a word in every message was not answered by the walk from the newest"
+    );
     let rare = search(pool, &tenant, "zyzzyva", 10).await?;
     ensure!(
         rare.len() == 1 && rare[0].seq == 1,
         "the rare word's one old message: {rare:?}"
+    );
+    ensure!(
+        search_recent(pool, &tenant, "zyzzyva", 10).await?.is_none(),
+        "a rare word was answered without the index"
     );
     sqlx::query("DELETE FROM search_messages WHERE tenant = $1")
         .bind(&tenant)

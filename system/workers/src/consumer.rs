@@ -171,6 +171,9 @@ pub struct WorkerConfig {
     /// commit. A kill -9 loses the events of up to one `commit_interval`: their offsets are
     /// committed, their effects never happened, and no redelivery brings them back.
     pub unsafe_commit_before_handle: bool,
+    /// SABOTAGE, never for production: one commit after the first events handled, then
+    /// none (not at shutdown either); the lag grows with every event.
+    pub unsafe_stall_commits: bool,
     /// Tries of an event the backend refuses for good ([`HandleError::Permanent`]) before
     /// it is dead-lettered (at least 1).
     pub permanent_error_tries: u32,
@@ -196,6 +199,7 @@ impl WorkerConfig {
             max_backoff: Duration::from_secs(30),
             crash_after: None,
             unsafe_commit_before_handle: false,
+            unsafe_stall_commits: false,
             permanent_error_tries: 3,
             watch: None,
             test_fail_partition_ops: 0,
@@ -217,6 +221,8 @@ struct Progress {
 struct WorkerContext {
     progress: Arc<Mutex<Progress>>,
     worker: String,
+    /// Sabotage: no commit on revoke either.
+    stall_commits: bool,
 }
 
 impl ClientContext for WorkerContext {}
@@ -236,7 +242,7 @@ impl ConsumerContext for WorkerContext {
                 }
                 p.revoked.insert(key);
             }
-            if commit.count() > 0 {
+            if commit.count() > 0 && !self.stall_commits {
                 match consumer.commit(&commit, CommitMode::Sync) {
                     Ok(()) => {
                         tracing::info!(worker = %self.worker, partitions = commit.count(), "committed handled offsets before revoke")
@@ -434,14 +440,23 @@ struct TickCommits {
     unanswered:
         Option<tokio::task::JoinHandle<(TopicPartitionList, rdkafka::error::KafkaResult<()>)>>,
     last_sent: Option<Instant>,
+    /// Sabotage: nothing is sent after the first commit.
+    stalled: bool,
 }
 
 impl TickCommits {
-    fn new(worker: &str) -> Self {
+    fn new(worker: &str, stalled: bool) -> Self {
+        if stalled {
+            tracing::warn!(
+                worker,
+                "SABOTAGE --unsafe-stall-commits: offsets are committed once, then never again"
+            );
+        }
         TickCommits {
             worker: worker.to_string(),
             unanswered: None,
             last_sent: None,
+            stalled,
         }
     }
 
@@ -465,7 +480,9 @@ impl TickCommits {
         progress: &Mutex<Progress>,
         committed: &mut HashMap<PartitionKey, i64>,
     ) {
-        if self.unanswered.as_ref().is_some_and(|h| !h.is_finished()) {
+        if self.unanswered.as_ref().is_some_and(|h| !h.is_finished())
+            || (self.stalled && self.last_sent.is_some())
+        {
             return;
         }
         self.settle(committed).await;
@@ -700,6 +717,7 @@ async fn run_instance<H: Handler>(
     let context = WorkerContext {
         progress: progress.clone(),
         worker: worker.clone(),
+        stall_commits: config.unsafe_stall_commits,
     };
     let consumer: StreamConsumer<WorkerContext> = ClientConfig::new()
         .set("bootstrap.servers", &config.bootstrap)
@@ -728,7 +746,7 @@ async fn run_instance<H: Handler>(
 
     let consumer = Arc::new(consumer);
     let mut committed: HashMap<PartitionKey, i64> = HashMap::new();
-    let mut tick_commits = TickCommits::new(&worker);
+    let mut tick_commits = TickCommits::new(&worker, config.unsafe_stall_commits);
     let mut parts = Partitions::default();
     let ops = PartitionOps {
         consumer: &consumer,
@@ -957,7 +975,9 @@ async fn run_instance<H: Handler>(
         handle_deferred(handler.as_ref(), &producer, &mut deferred, &count_handled).await;
     }
     tick_commits.settle(&mut committed).await;
-    commit_handled(&consumer, &progress, &mut committed, CommitMode::Sync);
+    if !config.unsafe_stall_commits {
+        commit_handled(&consumer, &progress, &mut committed, CommitMode::Sync);
+    }
     tracing::info!(%worker, instance, "worker stopped; handled offsets committed");
     Ok(())
 }
