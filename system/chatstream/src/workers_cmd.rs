@@ -5,6 +5,7 @@
 //! committing what was handled.
 
 use anyhow::{bail, Context, Result};
+use chatstream_replay::LagReader;
 use chatstream_store::Store;
 use chatstream_workers::api::{self, Api};
 use chatstream_workers::handlers::{
@@ -15,6 +16,7 @@ use chatstream_workers::retention::{run_retention, RetentionPolicy};
 use chatstream_workers::{run_worker, Handler, WorkerConfig};
 use clap::Args;
 use metrics_exporter_prometheus::PrometheusHandle;
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -148,7 +150,8 @@ pub async fn open_store(url: &str, name: &str) -> Result<Store> {
 }
 
 /// Publishes consumer lag per group and partition as gauges every `interval`, feeds the
-/// stuck-partition watch with it, and publishes which partitions are stuck.
+/// stuck-partition watch with it, and publishes which partitions are stuck. One
+/// [`LagReader`] per group, kept while it reads (a new one after a failure).
 async fn report_lag(
     bootstrap: String,
     groups: Vec<(String, Vec<String>)>,
@@ -156,11 +159,21 @@ async fn report_lag(
     interval: Duration,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let mut readers: HashMap<String, Arc<LagReader>> = HashMap::new();
     loop {
         for (group, topics) in &groups {
+            let reader = readers.remove(group);
             let (b, g, t) = (bootstrap.clone(), group.clone(), topics.clone());
-            match tokio::task::spawn_blocking(move || chatstream_replay::lag(&b, &g, &t)).await {
-                Ok(Ok(lags)) => {
+            let read = tokio::task::spawn_blocking(move || {
+                let reader = match reader {
+                    Some(r) => r,
+                    None => Arc::new(LagReader::new(&b, &g, &t)?),
+                };
+                reader.read().map(|lags| (reader, lags))
+            });
+            match read.await {
+                Ok(Ok((reader, lags))) => {
+                    readers.insert(group.clone(), reader);
                     let now = std::time::Instant::now();
                     for l in lags {
                         watch.observe_lag(group, &l.topic, l.partition, l.committed, l.lag, now);
