@@ -253,7 +253,11 @@ impl Hub {
         }
     }
 
-    pub fn register(&self, tenant: &str, user: &str) -> Registration {
+    /// A new connection of `user`, its `first` frame (the `hello`) already queued: once it
+    /// is listed here, deliveries from other tasks reach it at once, and a live message
+    /// could otherwise go out before the `hello` (the nodes test
+    /// `retried_send_is_stored_once` saw one, a fan-out of a retried send).
+    pub fn register(&self, tenant: &str, user: &str, first: Option<Outbound>) -> Registration {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
         let (tx, rx) = mpsc::unbounded_channel();
         let outlet = Arc::new(Outlet {
@@ -268,6 +272,11 @@ impl Hub {
             sabotage_live: AtomicU64::new(0),
             sabotage_held: Mutex::new(None),
         });
+        if let Some(frame) = first {
+            // An empty outlet: only a frame larger than the whole bound is refused, and
+            // then the connection is closing anyway.
+            let _ = outlet.push(frame);
+        }
         if let Ok(mut tenants) = self.tenants.write() {
             tenants
                 .entry(tenant.to_string())
@@ -378,9 +387,9 @@ mod tests {
     #[tokio::test]
     async fn delivers_to_every_connection_of_the_tenant_but_the_excepted_one() {
         let hub = Hub::new(1 << 20);
-        let mut a1 = hub.register("t1", "a");
-        let mut a2 = hub.register("t1", "a");
-        let mut other_tenant = hub.register("t2", "a");
+        let mut a1 = hub.register("t1", "a", None);
+        let mut a2 = hub.register("t1", "a", None);
+        let mut other_tenant = hub.register("t2", "a", None);
         let frame: Outbound = Outbound::from("x");
         let reached = hub.deliver("t1", &["a".into(), "b".into()], &frame, Some(a1.id), None);
         assert_eq!(reached, vec!["a".to_string()]);
@@ -396,9 +405,18 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_first_frame_goes_before_any_delivery() {
+        let hub = Hub::new(1 << 20);
+        let mut c = hub.register("t", "u", Some(Outbound::from("hello")));
+        hub.deliver("t", &["u".to_string()], &Outbound::from("x"), None, None);
+        assert_eq!(c.rx.recv().await.as_deref(), Some("hello"));
+        assert_eq!(c.rx.recv().await.as_deref(), Some("x"));
+    }
+
+    #[tokio::test]
     async fn live_frames_keep_seq_order_per_conversation() {
         let hub = Hub::new(1 << 20);
-        let mut c = hub.register("t", "u");
+        let mut c = hub.register("t", "u", None);
         let users = ["u".to_string()];
         for (conv, seq) in [("c1", 2), ("c1", 1), ("c2", 1), ("c1", 3), ("c1", 3)] {
             let frame: Outbound = Outbound::from(format!("{conv}:{seq}"));
@@ -414,7 +432,7 @@ mod tests {
     #[tokio::test]
     async fn a_full_outlet_closes_instead_of_dropping() {
         let hub = Hub::new(10);
-        let c = hub.register("t", "u");
+        let c = hub.register("t", "u", None);
         assert_eq!(c.outlet.push(Outbound::from("123456")), Ok(()));
         assert_eq!(
             c.outlet.push(Outbound::from("123456")),
@@ -427,7 +445,7 @@ mod tests {
     #[tokio::test]
     async fn push_wait_waits_for_room_below_half_the_bound() {
         let hub = Hub::new(10);
-        let mut c = hub.register("t", "u");
+        let mut c = hub.register("t", "u", None);
         c.outlet.push_wait(Outbound::from("1234")).await.unwrap();
         let outlet = c.outlet.clone();
         let waiting = tokio::spawn(async move { outlet.push_wait(Outbound::from("12")).await });

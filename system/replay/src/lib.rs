@@ -518,6 +518,15 @@ fn committed_with_retry(c: &BaseConsumer, tpl: TopicPartitionList) -> Result<Top
     }
 }
 
+/// A client in `group`'s name that reads and commits its offsets; it never subscribes.
+fn group_client(bootstrap: &str, group: &str) -> Result<BaseConsumer> {
+    Ok(ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .create()?)
+}
+
 /// The group's lag on `topics`, partition by partition, read once (see [`LagReader`] for
 /// reading it again and again).
 pub fn lag(bootstrap: &str, group: &str, topics: &[String]) -> Result<Vec<PartitionLag>> {
@@ -539,11 +548,7 @@ pub struct LagReader {
 
 impl LagReader {
     pub fn new(bootstrap: &str, group: &str, topics: &[String]) -> Result<Self> {
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", bootstrap)
-            .set("group.id", group)
-            .set("enable.auto.commit", "false")
-            .create()?;
+        let consumer = group_client(bootstrap, group)?;
         let mut committed_asked = TopicPartitionList::new();
         let mut ends_asked = TopicPartitionList::new();
         for topic in topics {
@@ -631,11 +636,7 @@ pub fn reset_group(
             members,
         });
     }
-    let c: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("group.id", group)
-        .set("enable.auto.commit", "false")
-        .create()?;
+    let c = group_client(bootstrap, group)?;
     let mut tpl = TopicPartitionList::new();
     let mut out = Vec::new();
     for topic in topics {

@@ -146,28 +146,19 @@ pub async fn search_recent(
     query: &str,
     limit: i64,
 ) -> Result<Option<Vec<SearchHit>>, sqlx::Error> {
-    // `candidates` (a window over the candidates, before the ranking's LIMIT) tells how
-    // many matches the walk found.
-    let recent: Vec<HitRow> = sqlx::query_as(
-        "SELECT message_id, conversation_id, sender_id, seq, body, ts_rank(document, q) AS rank,
-                count(*) OVER () AS candidates
-         FROM (SELECT message_id, conversation_id, sender_id, seq, body, document, created_at_ms
-               FROM (SELECT message_id, conversation_id, sender_id, seq, body, document, created_at_ms
-                     FROM search_messages WHERE tenant = $1
-                     ORDER BY created_at_ms DESC LIMIT $5) AS newest
-               WHERE document @@ websearch_to_tsquery('simple', $2)
-               ORDER BY created_at_ms DESC
-               LIMIT $4) AS matches,
-              websearch_to_tsquery('simple', $2) AS q
-         ORDER BY rank DESC, created_at_ms DESC LIMIT $3",
-    )
-    .bind(tenant)
-    .bind(query)
-    .bind(limit)
-    .bind(SEARCH_CANDIDATES)
-    .bind(SEARCH_RECENT_WINDOW)
-    .fetch_all(pool)
-    .await?;
+    let sql = ranked(
+        "(SELECT tenant, message_id, conversation_id, sender_id, seq, body, document, created_at_ms
+          FROM search_messages WHERE tenant = $1
+          ORDER BY created_at_ms DESC LIMIT $5) AS newest",
+    );
+    let recent: Vec<HitRow> = sqlx::query_as(&sql)
+        .bind(tenant)
+        .bind(query)
+        .bind(limit)
+        .bind(SEARCH_CANDIDATES)
+        .bind(SEARCH_RECENT_WINDOW)
+        .fetch_all(pool)
+        .await?;
     Ok(recent
         .first()
         .is_some_and(|r| r.6 >= SEARCH_CANDIDATES)
@@ -181,26 +172,34 @@ async fn search_indexed(
     query: &str,
     limit: i64,
 ) -> Result<Vec<SearchHit>, sqlx::Error> {
-    let rows: Vec<HitRow> = sqlx::query_as(
+    let sql = ranked("search_messages");
+    let rows: Vec<HitRow> = sqlx::query_as(&sql)
+        // Planned with the query's words each time (not a cached generic plan).
+        .persistent(false)
+        .bind(tenant)
+        .bind(query)
+        .bind(limit)
+        .bind(SEARCH_CANDIDATES)
+        .fetch_all(pool)
+        .await?;
+    Ok(hits(rows))
+}
+
+/// Both steps' statement: the newest [`SEARCH_CANDIDATES`] (`$4`) matches of `$2` among
+/// the rows of tenant `$1` in `source`, ranked, the best `$3`; `candidates` (counted
+/// before the ranking's LIMIT) says how many matches there were.
+fn ranked(source: &str) -> String {
+    format!(
         "SELECT message_id, conversation_id, sender_id, seq, body, ts_rank(document, q) AS rank,
-                0::bigint
+                count(*) OVER () AS candidates
          FROM (SELECT message_id, conversation_id, sender_id, seq, body, document, created_at_ms
-               FROM search_messages
+               FROM {source}
                WHERE tenant = $1 AND document @@ websearch_to_tsquery('simple', $2)
                ORDER BY created_at_ms DESC
-               LIMIT $4) AS recent,
+               LIMIT $4) AS matches,
               websearch_to_tsquery('simple', $2) AS q
-         ORDER BY rank DESC, created_at_ms DESC LIMIT $3",
+         ORDER BY rank DESC, created_at_ms DESC LIMIT $3"
     )
-    // Planned with the query's words each time (not a cached generic plan).
-    .persistent(false)
-    .bind(tenant)
-    .bind(query)
-    .bind(limit)
-    .bind(SEARCH_CANDIDATES)
-    .fetch_all(pool)
-    .await?;
-    Ok(hits(rows))
 }
 
 fn hits(rows: Vec<HitRow>) -> Vec<SearchHit> {

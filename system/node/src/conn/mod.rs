@@ -27,7 +27,7 @@ use tokio::sync::oneshot;
 
 use crate::close::{CLOSE_RATE_LIMIT, CLOSE_UNAUTHORIZED};
 use crate::commands::{self, error_frame, Client};
-use crate::hub::CloseReason;
+use crate::hub::{CloseReason, Outbound};
 use crate::log_limit::warn_if_slow;
 use crate::metrics as m;
 use crate::state::NodeState;
@@ -83,21 +83,25 @@ async fn read_loop(
             return;
         }
     };
-    let reg = state.hub.register(&claims.tenant, &claims.sub);
+    let hello = ServerFrame::Hello {
+        node_id: state.cfg.node_id.clone(),
+        user_id: claims.sub.clone(),
+        tenant: claims.tenant.clone(),
+        max_frame_bytes: state.cfg.max_frame_bytes,
+        server_time_ms: clock::now_ms(),
+    };
+    // Queued before the connection can be delivered to: `hello` is always the first frame.
+    let reg = state.hub.register(
+        &claims.tenant,
+        &claims.sub,
+        Some(Outbound::from(hello.encode())),
+    );
     let conn = Arc::new(Client::new(
         state.clone(),
         claims,
         reg.id,
         reg.outlet.clone(),
     ));
-    Box::pin(conn.reply(ServerFrame::Hello {
-        node_id: state.cfg.node_id.clone(),
-        user_id: conn.claims.sub.clone(),
-        tenant: conn.claims.tenant.clone(),
-        max_frame_bytes: state.cfg.max_frame_bytes,
-        server_time_ms: clock::now_ms(),
-    }))
-    .await;
     Box::pin(presence::mark(
         &state,
         &conn.claims.tenant,
