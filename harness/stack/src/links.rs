@@ -19,21 +19,6 @@ pub enum LinkMode {
     Direct,
 }
 
-impl LinkMode {
-    pub fn name(self) -> &'static str {
-        match self {
-            LinkMode::Proxied => "proxied",
-            LinkMode::Direct => "direct",
-        }
-    }
-}
-
-impl fmt::Display for LinkMode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
 /// What a link carries, and between whom.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
