@@ -70,7 +70,7 @@ pub struct WorkersArgs {
     /// (at most 10 s): sent every 100 ms regardless, they queued up at a busy coordinator,
     /// the committed offsets fell tens of thousands behind what was handled, and
     /// heartbeats waiting behind them ended a consumer's session.
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = chatstream_workers::consumer::DEFAULT_COMMIT_INTERVAL_MS)]
     pub commit_interval_ms: u64,
     /// Test sabotage: exit right after handling this many events, before committing.
     #[arg(long, hide = true)]
