@@ -134,8 +134,7 @@ impl WorkersArgs {
 /// Opens the store, waiting (bounded) for PostgreSQL, and migrates it; `name` is its
 /// connections' `application_name`.
 pub async fn open_store(url: &str, name: &str) -> Result<Store> {
-    let store = Store::connect_lazy(url, 16, name, chatstream_store::Plans::Auto)
-        .context("postgres URL")?;
+    let store = Store::connect_lazy(url, 16, name).context("postgres URL")?;
     let mut waited = Duration::ZERO;
     loop {
         match store.migrate().await {

@@ -2939,12 +2939,7 @@ async fn concurrent_sends_with_retries_unbatched(stack: &mut Stack) -> Result<()
 /// others, and a relay that starts gets shards given back to it.
 async fn relays_share_the_outbox_shards(stack: &mut Stack) -> Result<()> {
     use chatstream_store::{RelayClaim, Store, OUTBOX_SHARDS};
-    let store = Store::connect_lazy(
-        &stack.endpoints().postgres_url,
-        2,
-        "chatstream-test",
-        chatstream_store::Plans::Auto,
-    )?;
+    let store = Store::connect_lazy(&stack.endpoints().postgres_url, 2, "chatstream-test")?;
     store.migrate().await?;
     let held = |claims: &[&RelayClaim]| -> Result<Vec<usize>> {
         let mut all: Vec<i32> = claims.iter().flat_map(|c| c.owned().to_vec()).collect();

@@ -1282,7 +1282,6 @@ async fn search_ranks_the_newest_matches(stack: &mut Stack) -> Result<()> {
         &stack.endpoints().postgres_url,
         2,
         "chatstream-test",
-        chatstream_store::Plans::Auto,
     )?;
     store.migrate().await?;
     let pool = store.pool();

@@ -86,13 +86,7 @@ fn start(
 ) -> Result<(Started, watch::Sender<bool>), NodeError> {
     cfg.validate()?;
     crate::sabotage::install(&cfg.sabotage);
-    let mut store = Store::connect_lazy(
-        &cfg.postgres_url,
-        cfg.pg_max_connections,
-        &cfg.node_id,
-        // Every statement of the node is a key lookup or an UNNEST of arrays.
-        chatstream_store::Plans::Generic,
-    )?;
+    let mut store = Store::connect_lazy(&cfg.postgres_url, cfg.pg_max_connections, &cfg.node_id)?;
     if let Some(settings) = cfg.batch_settings() {
         // Group commit of sends (the send command submits to it when it is there).
         store = store.with_batched_appends(settings);

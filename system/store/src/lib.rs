@@ -208,22 +208,6 @@ pub const PING_IF_IDLE_FOR: Duration = Duration::from_secs(1);
 const MESSAGE_COLUMNS: &str =
     "id, conversation_id, seq, sender_id, client_msg_id, body, trace_id, created_at_ms";
 
-/// How PostgreSQL plans a pool's prepared statements.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Plans {
-    /// PostgreSQL's default: a plan made for each execution's values, until a generic
-    /// one looks as cheap. Right where the values decide the plan (search words whose
-    /// frequency decides between a walk and an index).
-    Auto,
-    /// One generic plan per prepared statement (`plan_cache_mode=force_generic_plan`): for
-    /// statements whose best plan does not depend on their values — key lookups and
-    /// `UNNEST` of bound arrays. PostgreSQL keeps choosing custom plans for those (it
-    /// costs an array parameter as 10 rows, a one-element one less), so a one-message
-    /// group commit planned its insert anew every time: 0.23 ms for the statement
-    /// against 0.12 ms with its generic plan (psql `EXECUTE`, 12 runs each).
-    Generic,
-}
-
 impl Store {
     /// A lazily connecting pool: a node starts (and reports not ready) while PostgreSQL is
     /// down, and recovers by itself when it returns.
@@ -235,18 +219,9 @@ impl Store {
     /// the connection, so an overloaded node lost its connections and every later acquire
     /// had to open a new one (PostgreSQL forks a backend each time): `steady` on a busy
     /// machine collapsed to no acknowledgement at all with ~150 new connections a second.
-    /// `application_name` names its connections in `pg_stat_activity`; `plans` says how
-    /// PostgreSQL plans their prepared statements.
-    pub fn connect_lazy(
-        url: &str,
-        max_connections: u32,
-        application_name: &str,
-        plans: Plans,
-    ) -> Result<Store> {
-        let mut options = PgConnectOptions::from_str(url)?.application_name(application_name);
-        if plans == Plans::Generic {
-            options = options.options([("plan_cache_mode", "force_generic_plan")]);
-        }
+    /// `application_name` names its connections in `pg_stat_activity`.
+    pub fn connect_lazy(url: &str, max_connections: u32, application_name: &str) -> Result<Store> {
+        let options = PgConnectOptions::from_str(url)?.application_name(application_name);
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(Duration::from_secs(3))
