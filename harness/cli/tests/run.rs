@@ -510,6 +510,32 @@ async fn a_bad_scenario_is_refused_before_anything_starts(_base: u16) -> Result<
     Ok(())
 }
 
+/// A run whose stack cannot start (a planned port is taken) says which port and leaves no
+/// run directory behind: one holding only the scenario's copy would read as a run.
+async fn a_stack_that_cannot_start_leaves_no_run(base: u16) -> Result<()> {
+    let reports = reports_dir("no-stack");
+    // The plan's first port (the Toxiproxy API) held by someone else.
+    let holder = std::net::TcpListener::bind(("127.0.0.1", base))?;
+    let out = Command::new(squall())
+        .args(["run", "--base-port", &base.to_string(), "--reports-dir"])
+        .arg(&reports)
+        .arg(fixture("tiny.yaml"))
+        .output()?;
+    drop(holder);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(!out.status.success(), "the run succeeded: {stderr}");
+    ensure!(
+        stderr.contains("did not start") && stderr.contains(&format!("127.0.0.1:{base}")),
+        "the error does not say the stack did not start and which port: {stderr}"
+    );
+    let left: Vec<_> = match std::fs::read_dir(&reports) {
+        Ok(dir) => dir.flatten().map(|e| e.path()).collect(),
+        Err(_) => Vec::new(),
+    };
+    ensure!(left.is_empty(), "left behind: {left:?}");
+    Ok(())
+}
+
 /// A real chaos run's report.html, opened from disk in headless Chromium with the
 /// network off: the page must render its charts (coloured lines drawn, not just a file).
 async fn report_html_renders_offline_in_chromium(stack: &mut Stack) -> Result<()> {
@@ -694,6 +720,11 @@ fn main() {
             shared,
             "run::a_bad_scenario_is_refused_before_anything_starts",
             a_bad_scenario_is_refused_before_anything_starts
+        ),
+        alone_test!(
+            shared,
+            "run::a_stack_that_cannot_start_leaves_no_run",
+            a_stack_that_cannot_start_leaves_no_run
         ),
         stack_test!(
             shared,

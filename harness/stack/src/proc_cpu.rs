@@ -34,13 +34,23 @@ pub fn process_table() -> HashMap<i32, (i32, u64)> {
 
 /// CPU ticks of `pid` and of its living descendants that are not watched themselves:
 /// PostgreSQL does its work in backends forked per connection, so its postmaster alone
-/// would read as idle. (Descendants that exited between two samples are not counted.)
+/// would read as idle. (Descendants that exited between two samples are not counted:
+/// compare two readings with [`tree_ticks_between`], not by their sums.)
 pub fn tree_ticks(pid: i32, table: &HashMap<i32, (i32, u64)>, watched: &HashSet<i32>) -> u64 {
-    let mut total = 0;
+    tree_ticks_by_pid(pid, table, watched).values().sum()
+}
+
+/// What [`tree_ticks`] sums, process by process.
+pub fn tree_ticks_by_pid(
+    pid: i32,
+    table: &HashMap<i32, (i32, u64)>,
+    watched: &HashSet<i32>,
+) -> HashMap<i32, u64> {
+    let mut by_pid = HashMap::new();
     let mut stack = vec![pid];
     while let Some(p) = stack.pop() {
         if let Some((_, ticks)) = table.get(&p) {
-            total += ticks;
+            by_pid.insert(p, *ticks);
         }
         stack.extend(
             table
@@ -49,7 +59,19 @@ pub fn tree_ticks(pid: i32, table: &HashMap<i32, (i32, u64)>, watched: &HashSet<
                 .map(|(child, _)| *child),
         );
     }
-    total
+    by_pid
+}
+
+/// CPU ticks a process tree used between two readings taken process by process: what
+/// each process that is in both added, plus all of each process born since. A process
+/// that exited in between takes only its last fraction of a second with it; the
+/// difference of the two sums would lose its whole life (PostgreSQL's backends end with
+/// their connections, and a second of PostgreSQL then read as 0.0 cores, three or four
+/// times per `steady` run).
+pub fn tree_ticks_between(before: &HashMap<i32, u64>, now: &HashMap<i32, u64>) -> u64 {
+    now.iter()
+        .map(|(pid, ticks)| ticks.saturating_sub(before.get(pid).copied().unwrap_or(0)))
+        .sum()
 }
 
 /// Whether the kernel lists each task's children (`/proc/<pid>/task/<tid>/children`,
@@ -80,18 +102,24 @@ pub fn children(pid: i32) -> Vec<i32> {
 /// process's stat each second, as `process_table` does, was about a fifteenth of
 /// squall's own CPU during a chat load on a machine running a hundred processes.
 pub fn tree_ticks_direct(pid: i32, watched: &HashSet<i32>) -> Option<u64> {
-    let (_, mut total) = read_stat(pid)?;
+    Some(tree_ticks_direct_by_pid(pid, watched)?.values().sum())
+}
+
+/// What [`tree_ticks_direct`] sums, process by process.
+pub fn tree_ticks_direct_by_pid(pid: i32, watched: &HashSet<i32>) -> Option<HashMap<i32, u64>> {
+    let (_, ticks) = read_stat(pid)?;
+    let mut by_pid = HashMap::from([(pid, ticks)]);
     let mut stack = children(pid);
     while let Some(p) = stack.pop() {
         if watched.contains(&p) {
             continue;
         }
         if let Some((_, ticks)) = read_stat(p) {
-            total += ticks;
+            by_pid.insert(p, ticks);
             stack.extend(children(p));
         }
     }
-    Some(total)
+    Some(by_pid)
 }
 
 /// CPU seconds of `pid`'s tree (`pid` and its living descendants not in `watched`), read
@@ -161,6 +189,19 @@ mod tests {
             tree_ticks_direct(pid, &none).is_none(),
             "a reaped process is gone"
         );
+    }
+
+    #[test]
+    fn a_tree_keeps_what_its_exited_processes_used() {
+        // The postmaster (1) used 5 ticks, backend 2 used 40 and exited, backend 3 used
+        // 10, backend 4 was born and used 7.
+        let before = HashMap::from([(1, 100), (2, 500), (3, 50)]);
+        let now = HashMap::from([(1, 105), (3, 60), (4, 7)]);
+        assert_eq!(tree_ticks_between(&before, &now), 5 + 10 + 7);
+        // The sums' difference would read the tree as idle (and worse).
+        let sum = |m: &HashMap<i32, u64>| m.values().sum::<u64>();
+        assert!(sum(&now) < sum(&before));
+        assert_eq!(tree_ticks_between(&now, &now), 0);
     }
 
     #[test]

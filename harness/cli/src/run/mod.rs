@@ -244,7 +244,8 @@ pub async fn run(args: RunArgs) -> Result<ExitCode> {
     tracing::info!(run_dir = %run_dir.display(), "run {}", scenario.name);
 
     // The stack first: its start cannot be abandoned half-way, so Ctrl-C is looked at after.
-    let stack = if target_file.is_some() {
+    let stack = async {
+        Ok(if target_file.is_some() {
         StackUse::None
     } else if let Some(dir) = &args.stack_dir {
         let s = Stack::attach(dir)
@@ -285,6 +286,26 @@ pub async fn run(args: RunArgs) -> Result<ExitCode> {
             .context("starting the local stack")?;
         tracing::info!("stack up in {:.1} s", started.elapsed().as_secs_f64());
         StackUse::Owned(Arc::new(Mutex::new(stack)))
+        })
+    }
+    .await;
+    let stack: StackUse = match stack {
+        Ok(stack) => stack,
+        Err(e) => {
+            // Nothing ran: a directory holding only the scenario's copy would read as a run.
+            let removed = std::fs::remove_dir_all(&run_dir).is_ok();
+            return Err(e.context(if removed {
+                format!(
+                    "no run: the stack did not start (run directory {} removed)",
+                    run_dir.display()
+                )
+            } else {
+                format!(
+                    "no run: the stack did not start (run directory {} left as it is)",
+                    run_dir.display()
+                )
+            }));
+        }
     };
     let result = if *stop_rx.borrow() {
         Err(anyhow::anyhow!("interrupted while the stack started"))

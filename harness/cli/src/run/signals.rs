@@ -8,7 +8,8 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::ClientConfig;
 use serde::{Deserialize, Serialize};
 use squall_stack::proc_cpu::{
-    children_files, process_table, ticks_per_second, tree_ticks, tree_ticks_direct,
+    children_files, process_table, ticks_per_second, tree_ticks_between, tree_ticks_by_pid,
+    tree_ticks_direct_by_pid,
 };
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Write;
@@ -63,20 +64,20 @@ pub struct SignalPoint {
     pub unreachable: Vec<String>,
 }
 
-/// CPU ticks of the process tree (see `tree_ticks`; from `table` when given, else read
-/// directly), and the process's own RSS in bytes (backends share PostgreSQL's buffers:
-/// summing their RSS would count them again).
+/// CPU ticks of the process tree, process by process (see `tree_ticks`; from `table`
+/// when given, else read directly), and the process's own RSS in bytes (backends share
+/// PostgreSQL's buffers: summing their RSS would count them again).
 fn read_proc(
     pid: i32,
     table: Option<&HashMap<i32, (i32, u64)>>,
     watched: &HashSet<i32>,
-) -> Option<(u64, u64)> {
+) -> Option<(HashMap<i32, u64>, u64)> {
     let ticks = match table {
         Some(table) => {
             table.get(&pid)?;
-            tree_ticks(pid, table, watched)
+            tree_ticks_by_pid(pid, table, watched)
         }
-        None => tree_ticks_direct(pid, watched)?,
+        None => tree_ticks_direct_by_pid(pid, watched)?,
     };
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let rss_kb: u64 = status
@@ -209,7 +210,7 @@ impl Sampler {
                 pid: std::process::id() as i32,
             };
             let direct = children_files();
-            let mut previous: BTreeMap<String, (u64, Instant)> = BTreeMap::new();
+            let mut previous: BTreeMap<String, (HashMap<i32, u64>, Instant)> = BTreeMap::new();
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             let mut kafka_every = 0u32;
             let mut last_urp = None;
@@ -239,7 +240,7 @@ impl Sampler {
                         let cpu = previous
                             .get(&w.name)
                             .map(|(t0, at)| {
-                                (ticks.saturating_sub(*t0)) as f64
+                                tree_ticks_between(t0, &ticks) as f64
                                     / ticks_per_second()
                                     / now.duration_since(*at).as_secs_f64().max(0.001)
                             })
