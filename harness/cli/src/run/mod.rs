@@ -195,6 +195,60 @@ impl Abort {
     }
 }
 
+/// The stack the run drives: none (`--target`), one started elsewhere (`--stack-dir`), the
+/// docker topology, or a local stack started in the run directory.
+async fn start_stack(
+    args: &RunArgs,
+    scenario: &Scenario,
+    planned: &[nemesis::Planned],
+    targeted: bool,
+    run_dir: &Path,
+) -> Result<StackUse> {
+    let docker = args.provider == Provider::Docker;
+    Ok(if targeted {
+        StackUse::None
+    } else if let Some(dir) = &args.stack_dir {
+        let s = Stack::attach(dir)
+            .with_context(|| format!("attaching to the stack in {}", dir.display()))?;
+        if s.link_mode() == LinkMode::Direct {
+            if let Some(p) = planned.iter().find(|p| p.action.kind().needs_proxies()) {
+                anyhow::bail!(
+                    "fault {} cuts or degrades a link, but the stack in {} has direct links (no proxies); start one with proxied links (`squall stack up` without --links direct)",
+                    p.action.kind().name(),
+                    dir.display()
+                );
+            }
+        }
+        StackUse::Reused(Arc::new(Mutex::new(s)))
+    } else if docker {
+        if scenario.topology.stack.links == Links::Direct {
+            anyhow::bail!("`topology.stack.links: direct` is for the local stack; the docker topology always has its proxies");
+        }
+        let started = Instant::now();
+        let stack = DockerStack::start(scenario).await?;
+        tracing::info!(
+            "docker stack up in {:.1} s",
+            started.elapsed().as_secs_f64()
+        );
+        StackUse::Docker(stack)
+    } else {
+        let plan = PortPlan::from_base(args.base_port, DEFAULT_BROKERS)?;
+        let mut config = StackConfig::new(run_dir.join("stack"), plan);
+        config.partitions = scenario.topology.stack.partitions;
+        config.start_timeout = scenario.topology.stack.start_timeout;
+        config.links = match scenario.topology.stack.links {
+            Links::Proxied => LinkMode::Proxied,
+            Links::Direct => LinkMode::Direct,
+        };
+        let started = Instant::now();
+        let stack = Stack::up(config)
+            .await
+            .context("starting the local stack")?;
+        tracing::info!("stack up in {:.1} s", started.elapsed().as_secs_f64());
+        StackUse::Owned(Arc::new(Mutex::new(stack)))
+    })
+}
+
 pub async fn run(args: RunArgs) -> Result<ExitCode> {
     let scenario = match squall_scenario::load_file(&args.scenario) {
         Ok(s) => s,
@@ -244,67 +298,20 @@ pub async fn run(args: RunArgs) -> Result<ExitCode> {
     tracing::info!(run_dir = %run_dir.display(), "run {}", scenario.name);
 
     // The stack first: its start cannot be abandoned half-way, so Ctrl-C is looked at after.
-    let stack = async {
-        Ok(if target_file.is_some() {
-        StackUse::None
-    } else if let Some(dir) = &args.stack_dir {
-        let s = Stack::attach(dir)
-            .with_context(|| format!("attaching to the stack in {}", dir.display()))?;
-        if s.link_mode() == LinkMode::Direct {
-            if let Some(p) = planned.iter().find(|p| p.action.kind().needs_proxies()) {
-                anyhow::bail!(
-                    "fault {} cuts or degrades a link, but the stack in {} has direct links (no proxies); start one with proxied links (`squall stack up` without --links direct)",
-                    p.action.kind().name(),
-                    dir.display()
-                );
-            }
-        }
-        StackUse::Reused(Arc::new(Mutex::new(s)))
-    } else if docker {
-        if scenario.topology.stack.links == Links::Direct {
-            anyhow::bail!("`topology.stack.links: direct` is for the local stack; the docker topology always has its proxies");
-        }
-        let started = Instant::now();
-        let stack = DockerStack::start(&scenario).await?;
-        tracing::info!(
-            "docker stack up in {:.1} s",
-            started.elapsed().as_secs_f64()
-        );
-        StackUse::Docker(stack)
-    } else {
-        let plan = PortPlan::from_base(args.base_port, DEFAULT_BROKERS)?;
-        let mut config = StackConfig::new(run_dir.join("stack"), plan);
-        config.partitions = scenario.topology.stack.partitions;
-        config.start_timeout = scenario.topology.stack.start_timeout;
-        config.links = match scenario.topology.stack.links {
-            Links::Proxied => LinkMode::Proxied,
-            Links::Direct => LinkMode::Direct,
-        };
-        let started = Instant::now();
-        let stack = Stack::up(config)
-            .await
-            .context("starting the local stack")?;
-        tracing::info!("stack up in {:.1} s", started.elapsed().as_secs_f64());
-        StackUse::Owned(Arc::new(Mutex::new(stack)))
-        })
-    }
-    .await;
-    let stack: StackUse = match stack {
+    let stack = match start_stack(&args, &scenario, &planned, target_file.is_some(), &run_dir).await
+    {
         Ok(stack) => stack,
         Err(e) => {
             // Nothing ran: a directory holding only the scenario's copy would read as a run.
-            let removed = std::fs::remove_dir_all(&run_dir).is_ok();
-            return Err(e.context(if removed {
-                format!(
-                    "no run: the stack did not start (run directory {} removed)",
-                    run_dir.display()
-                )
+            let fate = if std::fs::remove_dir_all(&run_dir).is_ok() {
+                "removed"
             } else {
-                format!(
-                    "no run: the stack did not start (run directory {} left as it is)",
-                    run_dir.display()
-                )
-            }));
+                "left as it is"
+            };
+            return Err(e.context(format!(
+                "no run: the stack did not start (run directory {} {fate})",
+                run_dir.display()
+            )));
         }
     };
     let result = if *stop_rx.borrow() {
