@@ -447,6 +447,8 @@ struct TickCommits {
     unanswered:
         Option<tokio::task::JoinHandle<(TopicPartitionList, rdkafka::error::KafkaResult<()>)>>,
     last_sent: Option<Instant>,
+    /// When the consumer started: the first commit waits the interval from here too.
+    started: Instant,
     /// Sabotage: nothing is sent after the first commit.
     stalled: bool,
 }
@@ -463,12 +465,15 @@ impl TickCommits {
             worker: worker.to_string(),
             unanswered: None,
             last_sent: None,
+            started: Instant::now(),
             stalled,
         }
     }
 
-    /// On a poll: commits only once `interval` has passed since the last commit was sent
-    /// (a long interval still means few commits), without waiting for the tick.
+    /// On a poll: commits only once `interval` has passed since the last commit was sent,
+    /// or since the consumer started (a long interval still means few commits, the first
+    /// one included: a first poll used to commit at once, so a worker told not to commit
+    /// for ten minutes committed its first poll anyway), without waiting for the tick.
     async fn on_poll(
         &mut self,
         interval: Duration,
@@ -476,7 +481,7 @@ impl TickCommits {
         progress: &Mutex<Progress>,
         committed: &mut HashMap<PartitionKey, i64>,
     ) {
-        if self.last_sent.is_none_or(|at| at.elapsed() >= interval) {
+        if self.last_sent.unwrap_or(self.started).elapsed() >= interval {
             self.tick(consumer, progress, committed).await;
         }
     }
