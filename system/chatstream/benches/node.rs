@@ -12,8 +12,9 @@
 //! 1,000 messages/s in all, and 1,000 connections at 10,000/s. Each open-loop connection is
 //! the only member of its conversation (1,000 conversations), so what is measured is the send
 //! path (store, outbox, relay to Kafka, ack), not live fan-out to other members. During each
-//! open-loop run the outbox backlog is sampled every second, and the rows stored and published
-//! within the run are counted.
+//! open-loop run the outbox backlog is sampled every second, and the messages stored and the
+//! events the relay published (the node's `chatstream_outbox_published_total`) within the
+//! run are counted.
 //!
 //! Memory per connection is measured first, each count on a fresh node: 2,000 and 10,000
 //! authenticated connections, idle (only their `hello` exchanged) and then active (each in
@@ -37,7 +38,10 @@
 //! `CHATSTREAM_BENCH_HOLD_SECS` (holds the memory runs' connections after each figure), `CHATSTREAM_BENCH_PERF=<dir>` (records `perf` profiles
 //! of the node and of the whole machine for 20 s in the middle of the new path's 10,000/s
 //! run), `CHATSTREAM_BENCH_BASELINE_BIN=<chatstream binary>` (an earlier build, measured on
-//! the new path and in the memory runs beside this one, in the same run on the same stack).
+//! the new path and in the memory runs beside this one, in the same run on the same stack,
+//! on a database of its own that it migrates itself, so a schema change compares too),
+//! `CHATSTREAM_BENCH_NODE_LOG` (the nodes' `RUST_LOG`, default `warn`; each node's log goes
+//! to `bench-node-<port>-<path>.log` beside its config under the target's tmp dir).
 
 use anyhow::{anyhow, Context, Result};
 use chatstream_protocol::auth::{self, Claims};
@@ -98,6 +102,7 @@ async fn start_node(
     stack: &Stack,
     config: &std::path::Path,
     binary: &std::path::Path,
+    postgres_url: &str,
 ) -> Result<NodeProc> {
     let e = stack.endpoints();
     let wrapper = std::env::var("CHATSTREAM_BENCH_NODE_WRAPPER").unwrap_or_default();
@@ -120,16 +125,20 @@ async fn start_node(
         ])
         .args([
             "--postgres-url",
-            &e.postgres_url,
+            postgres_url,
             "--redis-url",
             &e.redis_url,
             "--kafka-bootstrap",
             &e.kafka_bootstrap,
         ])
         .args(["--token-secret", SECRET])
-        .env("RUST_LOG", "warn")
+        .env(
+            "RUST_LOG",
+            std::env::var("CHATSTREAM_BENCH_NODE_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        // Its warnings, for when a run goes wrong (one file per config, the latest node's).
+        .stderr(std::fs::File::create(config.with_extension("log"))?)
         .spawn()?;
     let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
     // The node's first JSON line names its address (a wrapper may print lines before it).
@@ -420,7 +429,7 @@ struct OpenLoop {
     /// send→ack, from each send's intended time, µs, sorted.
     latencies: Vec<u64>,
     node_cpu: f64,
-    /// Outbox rows of CHAT_MESSAGE events created / published within the run.
+    /// Messages stored within the run, and events the node's relay published within it.
     stored: i64,
     published: i64,
     backlog_max: i64,
@@ -458,12 +467,48 @@ async fn commits(pg: &sqlx::PgPool) -> Result<i64> {
     .await?)
 }
 
+/// Outbox rows still to be published.
 async fn outbox_backlog(pg: &sqlx::PgPool) -> Result<i64> {
     Ok(
         sqlx::query_scalar("SELECT count(*) FROM outbox WHERE published_at_ms IS NULL")
             .fetch_one(pg)
             .await?,
     )
+}
+
+/// A fresh database `name` beside the one `url` names (dropped first if it exists): its
+/// URL and a pool on it.
+async fn database_of_its_own(
+    pg: &sqlx::PgPool,
+    url: &str,
+    name: &str,
+) -> Result<(String, sqlx::PgPool)> {
+    sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        .execute(pg)
+        .await?;
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(pg)
+        .await?;
+    let (server, _) = url
+        .rsplit_once('/')
+        .ok_or_else(|| anyhow!("no database in {url}"))?;
+    let url = format!("{server}/{name}");
+    let pool = sqlx::PgPool::connect(&url).await?;
+    Ok((url, pool))
+}
+
+/// Events the node's relay has published since it started (its own counter).
+async fn outbox_published(addr: &str) -> Result<i64> {
+    let text = reqwest::get(format!("http://{addr}/metrics"))
+        .await?
+        .text()
+        .await?;
+    let name = "chatstream_outbox_published_total";
+    Ok(text
+        .lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as i64)
 }
 
 /// Waits until the outbox is empty (at most `within`); how long that took.
@@ -617,9 +662,18 @@ async fn open_loop(
     let cpu0 = cpu_seconds(pid)?;
     let budget0 = budget.read();
     let commits0 = commits(pg).await?;
+    let published0 = outbox_published(&node.1).await?;
     let wall0 = now_ms();
     let t0 = tokio::time::Instant::now() + Duration::from_millis(200);
     let end = t0 + run;
+    // What the relay published by the end of the sends, by its own counter.
+    let published_at_end = {
+        let addr = node.1.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep_until(end).await;
+            outbox_published(&addr).await
+        })
+    };
     let mut tasks = Vec::with_capacity(connections);
     for (c, ws) in sockets.into_iter().enumerate() {
         let prefix = prefix.to_string();
@@ -713,13 +767,15 @@ async fn open_loop(
     let commits = commits(pg).await? - commits0;
     let wall1 = wall0 + 200 + run.as_millis() as i64;
     let backlog_end = outbox_backlog(pg).await?;
-    let (stored, published): (i64, i64) = sqlx::query_as(
-        "SELECT count(*) FILTER (WHERE created_at_ms BETWEEN $1 AND $2),
-                count(*) FILTER (WHERE published_at_ms BETWEEN $1 AND $2)
-         FROM outbox WHERE topic = 'chat-events'",
+    let published = published_at_end.await?? - published0;
+    let conversations: Vec<String> = (0..connections).map(|c| format!("{prefix}-c{c}")).collect();
+    let stored: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM messages
+         WHERE conversation_id = ANY($3) AND created_at_ms BETWEEN $1 AND $2",
     )
     .bind(wall0)
     .bind(wall1)
+    .bind(&conversations)
     .fetch_one(pg)
     .await?;
     let drain = drain_outbox(pg, Duration::from_secs(120)).await?;
@@ -837,7 +893,18 @@ async fn main() -> Result<()> {
         }
     };
     let result = async {
-        let pg = sqlx::PgPool::connect(&stack.endpoints().postgres_url).await?;
+        let postgres_url = stack.endpoints().postgres_url;
+        let pg = sqlx::PgPool::connect(&postgres_url).await?;
+        // A baseline build runs on a database of its own, migrated by itself: a schema
+        // change of this build would otherwise be applied under the old code too (or break
+        // it), and the two builds' tables would grow into each other's runs.
+        let baseline_pg = match &baseline {
+            Some(_) => {
+                let name = "chatstream_bench_baseline";
+                Some(database_of_its_own(&pg, &postgres_url, name).await?)
+            }
+            None => None,
+        };
         let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
         match stack.link_mode() {
             LinkMode::Proxied => println!("machine: {cores} cores; node, load generator, 3 brokers, PostgreSQL, Redis and Toxiproxy share them; every link through its proxy"),
@@ -857,8 +924,12 @@ async fn main() -> Result<()> {
             let binaries = std::iter::once(("this build", &built))
                 .chain(baseline.as_ref().map(|b| ("baseline binary", b)));
             for (k, (label, binary)) in binaries.enumerate() {
+                let url = match (k, &baseline_pg) {
+                    (1, Some((url, _))) => url,
+                    _ => &postgres_url,
+                };
                 for n in [2_000, connections] {
-                    let node = start_node(&stack, &config, binary).await?;
+                    let node = start_node(&stack, &config, binary, url).await?;
                     let m = connection_memory(&node, &format!("mem{n}-{k}-{tag}"), n).await?;
                     println!(
                         "{label}: connections: {n} (open-file limit {open_files}), node RSS per connection: idle {:.1} KiB, active {:.1} KiB (peak while active {:.1} KiB; {} of {} active frames answered with an error)",
@@ -870,13 +941,17 @@ async fn main() -> Result<()> {
         }
         // (label, send_batching, binary): the old path, then the new one, with an earlier
         // build of the new path beside it when one is given.
-        let mut runs = vec![("off".to_string(), "off", built.clone())];
-        if let Some(bin) = baseline.clone() {
-            runs.push(("on, baseline binary".to_string(), "on", bin));
+        let mut runs = vec![("off".to_string(), "off", built.clone(), None)];
+        if let (Some(bin), Some(db)) = (baseline.clone(), baseline_pg.as_ref()) {
+            runs.push(("on, baseline binary".to_string(), "on", bin, Some(db)));
         }
-        runs.push(("on".to_string(), "on", built.clone()));
+        runs.push(("on".to_string(), "on", built.clone(), None));
         let mut results = Vec::new();
-        for (run, (label, path, binary)) in runs.into_iter().enumerate() {
+        for (run, (label, path, binary, db)) in runs.into_iter().enumerate() {
+            let (url, pg) = match db {
+                Some((url, pool)) => (url, pool),
+                None => (&postgres_url, &pg),
+            };
             if only.as_deref().is_some_and(|o| o != path) {
                 continue;
             }
@@ -886,7 +961,7 @@ async fn main() -> Result<()> {
                 &config,
                 format!("node_id: bench-{path}\nrate_limit_per_s: 1000000\nrate_limit_burst: 1000000\npg_max_connections: 32\nsend_batching: {path}\n{extra_config}"),
             )?;
-            let node = start_node(&stack, &config, &binary).await?;
+            let node = start_node(&stack, &config, &binary, url).await?;
             println!("send_batching: {path} ({label}: {})", binary.display());
             if path == "on" && binary == built {
                 let (frames, wall, cpu) = throughput(&node, 16, 64, 10, ping, false).await?;
@@ -906,7 +981,7 @@ async fn main() -> Result<()> {
             let tag = format!("{path}{run}x{}", std::process::id());
             let on = RunOn {
                 node: &node,
-                pg: &pg,
+                pg,
                 budget: CpuBudget::of(&stack, node.0.id()),
             };
             let r100 = open_loop(
