@@ -29,7 +29,9 @@
 //! (`on` or `off`: one path only, no memory runs; `memory`: the memory runs only),
 //! `CHATSTREAM_BENCH_CONNECTIONS` (10000: the larger memory run),
 //! `CHATSTREAM_BENCH_NODE_CONFIG` (more node settings for the send-path runs, YAML lines
-//! separated by `\n`),
+//! separated by `\n`), `CHATSTREAM_BENCH_BASELINE_NODE_CONFIG` (the same for the baseline
+//! binary's run instead: with a copy of this build as the baseline, two settings side by
+//! side),
 //! `CHATSTREAM_BENCH_STACK_DIR=<run dir>` (use a stack already up, from `squall stack up
 //! --run-dir`, and leave it running; its links as it was started with),
 //! `CHATSTREAM_BENCH_LINKS=direct` (the stack this bench starts has no Toxiproxy: the
@@ -41,7 +43,7 @@
 //! the new path and in the memory runs beside this one, in the same run on the same stack,
 //! on a database of its own that it migrates itself, so a schema change compares too),
 //! `CHATSTREAM_BENCH_NODE_LOG` (the nodes' `RUST_LOG`, default `warn`; each node's log goes
-//! to `bench-node-<port>-<path>.log` beside its config under the target's tmp dir).
+//! to `bench-node-<port>-<path><run>.log` beside its config under the target's tmp dir).
 
 use anyhow::{anyhow, Context, Result};
 use chatstream_protocol::auth::{self, Claims};
@@ -876,6 +878,9 @@ async fn main() -> Result<()> {
     let extra_config = std::env::var("CHATSTREAM_BENCH_NODE_CONFIG")
         .map(|c| c.replace("\\n", "\n") + "\n")
         .unwrap_or_default();
+    let baseline_config = std::env::var("CHATSTREAM_BENCH_BASELINE_NODE_CONFIG")
+        .map(|c| c.replace("\\n", "\n") + "\n")
+        .unwrap_or_else(|_| extra_config.clone());
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
     let attached = std::env::var("CHATSTREAM_BENCH_STACK_DIR").ok();
     let stack = match &attached {
@@ -956,10 +961,11 @@ async fn main() -> Result<()> {
                 continue;
             }
             RUN.store(run, std::sync::atomic::Ordering::Relaxed);
-            let config = dir.join(format!("bench-node-{base}-{path}.yaml"));
+            let config = dir.join(format!("bench-node-{base}-{path}{run}.yaml"));
+            let extra = if db.is_some() { &baseline_config } else { &extra_config };
             std::fs::write(
                 &config,
-                format!("node_id: bench-{path}\nrate_limit_per_s: 1000000\nrate_limit_burst: 1000000\npg_max_connections: 32\nsend_batching: {path}\n{extra_config}"),
+                format!("node_id: bench-{path}\nrate_limit_per_s: 1000000\nrate_limit_burst: 1000000\npg_max_connections: 32\nsend_batching: {path}\n{extra}"),
             )?;
             let node = start_node(&stack, &config, &binary, url).await?;
             println!("send_batching: {path} ({label}: {})", binary.display());

@@ -79,7 +79,7 @@ pub struct BatchSettings {
 impl Default for BatchSettings {
     fn default() -> Self {
         BatchSettings {
-            batchers: 4,
+            batchers: 2,
             max_batch: 256,
             linger: Duration::from_millis(1),
             queue: 4096,
