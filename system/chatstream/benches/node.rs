@@ -875,12 +875,14 @@ async fn main() -> Result<()> {
         .map(PathBuf::from);
     let connections = env_num("CHATSTREAM_BENCH_CONNECTIONS", 10_000) as usize;
     // More node settings for the send-path runs, as YAML lines (`append_batchers: 1\n…`).
-    let extra_config = std::env::var("CHATSTREAM_BENCH_NODE_CONFIG")
-        .map(|c| c.replace("\\n", "\n") + "\n")
-        .unwrap_or_default();
-    let baseline_config = std::env::var("CHATSTREAM_BENCH_BASELINE_NODE_CONFIG")
-        .map(|c| c.replace("\\n", "\n") + "\n")
-        .unwrap_or_else(|_| extra_config.clone());
+    let yaml_lines = |var: &str| {
+        std::env::var(var)
+            .ok()
+            .map(|c| c.replace("\\n", "\n") + "\n")
+    };
+    let extra_config = yaml_lines("CHATSTREAM_BENCH_NODE_CONFIG").unwrap_or_default();
+    let baseline_config =
+        yaml_lines("CHATSTREAM_BENCH_BASELINE_NODE_CONFIG").unwrap_or_else(|| extra_config.clone());
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
     let attached = std::env::var("CHATSTREAM_BENCH_STACK_DIR").ok();
     let stack = match &attached {
@@ -944,8 +946,8 @@ async fn main() -> Result<()> {
                 }
             }
         }
-        // (label, send_batching, binary): the old path, then the new one, with an earlier
-        // build of the new path beside it when one is given.
+        // (label, send_batching, binary, baseline database): the old path, then the new
+        // one, with an earlier build of the new path beside it when one is given.
         let mut runs = vec![("off".to_string(), "off", built.clone(), None)];
         if let (Some(bin), Some(db)) = (baseline.clone(), baseline_pg.as_ref()) {
             runs.push(("on, baseline binary".to_string(), "on", bin, Some(db)));
