@@ -430,6 +430,11 @@ struct OpenLoop {
     secs: f64,
     /// send→ack, from each send's intended time, µs, sorted.
     latencies: Vec<u64>,
+    /// The same by the second of the run each send was due in (unsorted within a second):
+    /// whether the tail is spread over the run or made by a few bad seconds.
+    by_second: Vec<Vec<u64>>,
+    /// Wall-clock ms at the run's start, to find a bad second in the servers' logs.
+    wall0: i64,
     node_cpu: f64,
     /// Messages stored within the run, and events the node's relay published within it.
     stored: i64,
@@ -444,13 +449,32 @@ struct OpenLoop {
     cpu: Vec<(String, f64)>,
 }
 
+/// The `q` quantile of `sorted` (µs) in ms.
+fn quantile_ms(sorted: &[u64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 * q).ceil() as usize).clamp(1, sorted.len());
+    sorted[i - 1] as f64 / 1000.0
+}
+
 impl OpenLoop {
     fn quantile_ms(&self, q: f64) -> f64 {
-        if self.latencies.is_empty() {
-            return f64::NAN;
-        }
-        let i = ((self.latencies.len() as f64 * q).ceil() as usize).clamp(1, self.latencies.len());
-        self.latencies[i - 1] as f64 / 1000.0
+        quantile_ms(&self.latencies, q)
+    }
+
+    /// Each second's p99 (ms), with the second's wall-clock start, in run order.
+    fn p99_by_second(&self) -> Vec<(i64, f64)> {
+        self.by_second
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| !l.is_empty())
+            .map(|(s, l)| {
+                let mut l = l.clone();
+                l.sort_unstable();
+                (self.wall0 + 1000 * s as i64, quantile_ms(&l, 0.99))
+            })
+            .collect()
     }
 }
 
@@ -715,7 +739,8 @@ async fn open_loop(
                             let i: u64 = client_msg_id.parse()?;
                             let late =
                                 tokio::time::Instant::now().saturating_duration_since(due(i));
-                            latencies.push(late.as_micros() as u64);
+                            let second = due(i).saturating_duration_since(t0).as_secs();
+                            latencies.push((second as usize, late.as_micros() as u64));
                         }
                         ServerFrame::Error { .. } => {
                             answered += 1;
@@ -756,11 +781,17 @@ async fn open_loop(
     });
     let mut offered = 0;
     let mut latencies = Vec::new();
+    let mut by_second: Vec<Vec<u64>> = vec![Vec::new(); secs as usize + 1];
     let mut errors = 0;
     for t in tasks {
         let (n, l, e) = t.await??;
         offered += n;
-        latencies.extend(l);
+        for (second, micros) in l {
+            if let Some(s) = by_second.get_mut(second) {
+                s.push(micros);
+            }
+            latencies.push(micros);
+        }
         errors += e;
     }
     let backlog_max = sampler.await?;
@@ -793,6 +824,8 @@ async fn open_loop(
         errors,
         secs: run.as_secs_f64(),
         latencies,
+        by_second,
+        wall0: wall0 + 200,
         node_cpu,
         stored,
         published,
@@ -850,6 +883,37 @@ fn report(path: &str, name: &str, r: &OpenLoop) {
         r.drain.as_secs_f64(),
         r.commits as f64 / r.secs
     );
+    let seconds = r.p99_by_second();
+    if seconds.len() > 1 {
+        let mut p99s: Vec<f64> = seconds.iter().map(|(_, p)| *p).collect();
+        p99s.sort_by(f64::total_cmp);
+        let over = p99s.iter().filter(|p| **p > 50.0).count();
+        let mut worst = seconds.clone();
+        worst.sort_by(|a, b| b.1.total_cmp(&a.1));
+        let worst: Vec<String> = worst
+            .iter()
+            .take(5)
+            .map(|(at, p)| format!("{} {p:.1} ms", utc_time(*at)))
+            .collect();
+        println!(
+            "{path:<4} {name:<22} p99 by second: median {:.1} ms, {over} of {} seconds over 50 ms; worst (UTC) {}",
+            p99s[p99s.len() / 2],
+            p99s.len(),
+            worst.join(", ")
+        );
+        let all: Vec<String> = seconds.iter().map(|(_, p)| format!("{p:.0}")).collect();
+        println!(
+            "{path:<4} {name:<22} p99 (ms) of each second from {}: {}",
+            utc_time(seconds[0].0),
+            all.join(" ")
+        );
+    }
+}
+
+/// `HH:MM:SS` of a Unix time in ms, UTC.
+fn utc_time(ms: i64) -> String {
+    let s = ms.div_euclid(1000).rem_euclid(86_400);
+    format!("{:02}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
 }
 
 #[tokio::main]

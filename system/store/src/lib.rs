@@ -420,18 +420,24 @@ impl Store {
         )
     }
 
-    /// The conversation's tenant and members, if it exists.
+    /// The conversation's tenant and members, if it exists (one round trip: nodes read
+    /// this for every active conversation every few seconds).
     pub async fn membership(&self, conversation_id: &str) -> Result<Option<Membership>> {
-        let Some(tenant) = self.conversation_tenant(conversation_id).await? else {
-            return Ok(None);
-        };
-        let mut members: Vec<String> = sqlx::query_scalar(
-            "SELECT user_id FROM conversation_members WHERE conversation_id = $1 AND tenant = $2",
+        let rows: Vec<(String, Option<String>)> = sqlx::query_as(
+            "SELECT c.tenant, m.user_id
+             FROM conversations c
+             LEFT JOIN conversation_members m
+                    ON m.conversation_id = c.id AND m.tenant = c.tenant
+             WHERE c.id = $1",
         )
         .bind(conversation_id)
-        .bind(&tenant)
         .fetch_all(&self.pool)
         .await?;
+        let Some((tenant, _)) = rows.first() else {
+            return Ok(None);
+        };
+        let tenant = tenant.clone();
+        let mut members: Vec<String> = rows.into_iter().filter_map(|(_, user)| user).collect();
         // Sorted in Rust: `Membership::contains` searches by Rust's order.
         members.sort();
         Ok(Some(Membership { tenant, members }))
