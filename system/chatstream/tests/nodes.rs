@@ -201,6 +201,63 @@ async fn non_members_can_neither_send_nor_read(stack: &mut Stack) -> Result<()> 
     Ok(())
 }
 
+/// A membership change nobody announced (made in the database, behind the nodes' backs)
+/// reaches live delivery within the cache's TTL: the entry a busy conversation keeps
+/// reading is served from the cache, but read again in the background, so it is neither
+/// kept forever nor read while a sender waits.
+async fn unannounced_membership_change_reaches_live_delivery_within_the_ttl(
+    stack: &mut Stack,
+) -> Result<()> {
+    const TTL: Duration = Duration::from_secs(5);
+    let n1 = Node::start(stack, "mc-1", &[]).await?;
+    let pool = pg(stack).await?;
+    let conv = unique("conv");
+    create_conversation(&n1, "alice", &conv, &["alice", "bob"]).await?;
+    let mut alice = Client::connect(&n1, "alice").await?;
+    let mut bob = Client::connect(&n1, "bob").await?;
+    alice.send_msg(&conv, "m0", "before").await?;
+    bob.until(|f| matches!(f, ServerFrame::Msg { seq: 1, .. }).then_some(()))
+        .await?;
+    sqlx::query("DELETE FROM conversation_members WHERE conversation_id = $1 AND user_id = 'bob'")
+        .bind(&conv)
+        .execute(&pool)
+        .await?;
+    let removed = tokio::time::Instant::now();
+    // Alice keeps the conversation busy (its entry read every 100 ms) for two TTLs.
+    let mut sent_at: Vec<(i64, Duration)> = Vec::new();
+    let mut i = 1;
+    while removed.elapsed() < TTL * 2 {
+        let (seq, _) = alice.send_msg(&conv, &format!("m{i}"), "after").await?;
+        sent_at.push((seq, removed.elapsed()));
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let last_seq = sent_at.last().map(|(s, _)| *s).unwrap_or(1);
+    alice.send_msg(&conv, "end", "end").await?;
+    let mut live: Vec<i64> = Vec::new();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(2), bob.recv()).await {
+            Ok(Ok(ServerFrame::Msg { seq, .. })) => live.push(seq),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(e),
+            Err(_) => break,
+        }
+    }
+    let last_live = live.iter().copied().max().unwrap_or(1);
+    let sent = |seq: i64| sent_at.iter().find(|(s, _)| *s == seq).map(|(_, t)| *t);
+    ensure!(
+        last_live < last_seq,
+        "bob, removed {:?} before the last send, still got every message live: {live:?}",
+        sent(last_seq)
+    );
+    let stale_for = sent(last_live).unwrap_or_default();
+    ensure!(
+        stale_for <= TTL + Duration::from_secs(1),
+        "bob got messages live for {stale_for:?} after his removal (the cache's TTL is {TTL:?}): {live:?}"
+    );
+    Ok(())
+}
+
 async fn bad_input_gets_error_frames_and_the_connection_stays(stack: &mut Stack) -> Result<()> {
     let n1 = Node::start(stack, "node-1", &[]).await?;
     let conv = unique("conv");
@@ -3016,6 +3073,11 @@ fn main() {
             shared,
             "node::non_members_can_neither_send_nor_read",
             non_members_can_neither_send_nor_read
+        ),
+        stack_test!(
+            shared,
+            "node::unannounced_membership_change_reaches_live_delivery_within_the_ttl",
+            unannounced_membership_change_reaches_live_delivery_within_the_ttl
         ),
         stack_test!(
             shared,

@@ -8,9 +8,9 @@ use chatstream_store::{Membership, Store};
 use metrics_exporter_prometheus::PrometheusHandle;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::watch;
 
 use crate::config::NodeConfig;
 use crate::events::EventSink;
@@ -36,56 +36,120 @@ pub struct Health {
 /// Nodes drop an entry when a membership change is announced on the fan-out channel; the
 /// TTL bounds staleness when that announcement is lost.
 ///
-/// An entry is read again in the background some time after it was fetched (a random time
-/// between half and 95% of the TTL), and served meanwhile: a busy conversation never waits
-/// for its membership, and entries fetched together (a node's first second of traffic) do
-/// not all fall due at the same moment. Only an entry nobody read for a whole TTL is
-/// fetched while a sender waits. At most [`BACKGROUND_READS`] background reads run at a
-/// time: the pool hands out connections first come, first served, so a crowd of them
-/// would queue the append batchers behind it. Before this, every entry a burst of traffic
-/// had filled expired together every 5 s and that moment's sends queued behind a thousand
-/// membership reads (the node bench's p99 spiked every 5 s).
+/// An entry read when it is older than half the TTL is queued for a background read, and
+/// served meanwhile; one refresher task reads what is queued every [`REFRESH_TICK`], many
+/// conversations in one statement. So a busy conversation never waits for its membership,
+/// and the entries a burst of traffic filled together are read again together in one
+/// statement, on one pooled connection. Only an entry nobody read for a whole TTL (or never)
+/// is fetched while a sender waits. Before this, every entry such a burst had filled expired
+/// together every 5 s, and that moment's sends queued for the pool behind a thousand
+/// membership reads (the node bench's p99 at 10,000/s spiked every 5 s).
+#[derive(Default)]
 pub struct MemberCache {
-    entries: Arc<Mutex<HashMap<String, CachedMembership>>>,
-    /// Bumped by every invalidation: a read that started before one does not cache what
-    /// it read (it may predate the change that was announced).
-    invalidations: Arc<AtomicU64>,
-    background_reads: Arc<Semaphore>,
+    shared: Arc<CacheShared>,
 }
 
-impl Default for MemberCache {
-    fn default() -> Self {
-        MemberCache {
-            entries: Arc::default(),
-            invalidations: Arc::default(),
-            background_reads: Arc::new(Semaphore::new(BACKGROUND_READS)),
-        }
-    }
+#[derive(Default)]
+struct CacheShared {
+    inner: Mutex<CacheInner>,
+    /// Bumped by every invalidation: a read that started before one does not cache what
+    /// it read (it may predate the change that was announced).
+    invalidations: AtomicU64,
+    refresher_started: AtomicBool,
+}
+
+#[derive(Default)]
+struct CacheInner {
+    entries: HashMap<String, CachedMembership>,
+    /// Conversations queued for the refresher.
+    due: Vec<String>,
 }
 
 struct CachedMembership {
     members: Arc<Membership>,
     fetched: Instant,
-    /// When a read should fetch it again in the background.
-    refresh_at: Instant,
-    refreshing: bool,
+    queued: bool,
 }
 
 const MEMBER_TTL: Duration = Duration::from_secs(5);
-/// Background membership reads in flight at most (each holds a pooled connection).
-const BACKGROUND_READS: usize = 2;
+/// How often the refresher reads what is queued.
+const REFRESH_TICK: Duration = Duration::from_millis(200);
+/// Conversations per refresher statement.
+const REFRESH_CHUNK: usize = 500;
 /// Entries held at most; past this the cache starts over.
 const MEMBER_ENTRIES: usize = 100_000;
 
 impl CachedMembership {
     fn new(members: Arc<Membership>) -> CachedMembership {
-        let fetched = Instant::now();
-        let refresh_after = MEMBER_TTL.mul_f64(rand::random_range(0.5..0.95));
         CachedMembership {
             members,
-            fetched,
-            refresh_at: fetched + refresh_after,
-            refreshing: false,
+            fetched: Instant::now(),
+            queued: false,
+        }
+    }
+}
+
+impl CacheShared {
+    /// Caches `read` for each conversation of `ids` (absent: the conversation is gone),
+    /// unless a membership change was announced since `epoch`.
+    fn store_reads(&self, ids: &[String], mut read: HashMap<String, Membership>, epoch: u64) {
+        let Ok(mut inner) = self.inner.lock() else {
+            return;
+        };
+        let current = self.invalidations.load(Ordering::Acquire) == epoch;
+        for id in ids {
+            match read.remove(id) {
+                Some(m) if current => {
+                    inner
+                        .entries
+                        .insert(id.clone(), CachedMembership::new(Arc::new(m)));
+                }
+                None if current => {
+                    inner.entries.remove(id);
+                }
+                // Queued again by its next read.
+                _ => unqueue(&mut inner, id),
+            }
+        }
+    }
+
+    /// Lets the next read of each of `ids` queue it again.
+    fn unqueue_all(&self, ids: &[String]) {
+        if let Ok(mut inner) = self.inner.lock() {
+            for id in ids {
+                unqueue(&mut inner, id);
+            }
+        }
+    }
+}
+
+fn unqueue(inner: &mut CacheInner, id: &str) {
+    if let Some(entry) = inner.entries.get_mut(id) {
+        entry.queued = false;
+    }
+}
+
+/// Reads the queued memberships every tick, until the cache is dropped.
+async fn refresh_memberships(shared: Weak<CacheShared>, store: Store) {
+    loop {
+        tokio::time::sleep(REFRESH_TICK).await;
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        let due = match shared.inner.lock() {
+            Ok(mut inner) => std::mem::take(&mut inner.due),
+            Err(_) => return,
+        };
+        for ids in due.chunks(REFRESH_CHUNK) {
+            let epoch = shared.invalidations.load(Ordering::Acquire);
+            match store.memberships(ids).await {
+                Ok(read) => shared.store_reads(ids, read, epoch),
+                // Served until their TTL; a read after that fetches them itself.
+                Err(e) => {
+                    tracing::debug!(error = %e, conversations = ids.len(), "membership refresh failed");
+                    shared.unqueue_all(ids);
+                }
+            }
         }
     }
 }
@@ -103,48 +167,24 @@ impl MemberCache {
         self.refresh(store, conversation).await
     }
 
-    /// A fresh enough cached entry, starting its background refresh when one is due.
+    /// A fresh enough cached entry, queued for the refresher once it is half its TTL old.
     fn cached(&self, store: &Store, conversation: &str) -> Option<Arc<Membership>> {
-        let mut map = self.entries.lock().ok()?;
-        let entry = map.get_mut(conversation)?;
-        let now = Instant::now();
-        if now.duration_since(entry.fetched) >= MEMBER_TTL {
+        let mut inner = self.shared.inner.lock().ok()?;
+        let CacheInner { entries, due } = &mut *inner;
+        let entry = entries.get_mut(conversation)?;
+        let age = entry.fetched.elapsed();
+        if age >= MEMBER_TTL {
             return None;
         }
-        let permit = (now >= entry.refresh_at && !entry.refreshing)
-            .then(|| self.background_reads.clone().try_acquire_owned().ok())
-            .flatten();
-        // No permit: served as it is; a later read starts the refresh.
-        if let Some(permit) = permit {
-            entry.refreshing = true;
-            let (store, entries, invalidations) = (
-                store.clone(),
-                self.entries.clone(),
-                self.invalidations.clone(),
-            );
-            let conversation = conversation.to_string();
-            tokio::spawn(async move {
-                let epoch = invalidations.load(Ordering::Acquire);
-                let read = store.membership(&conversation).await;
-                drop(permit);
-                let Ok(mut map) = entries.lock() else { return };
-                match read {
-                    Ok(Some(m)) if invalidations.load(Ordering::Acquire) == epoch => {
-                        map.insert(conversation, CachedMembership::new(Arc::new(m)));
-                    }
-                    Ok(Some(_)) => {}
-                    Ok(None) => {
-                        map.remove(&conversation);
-                    }
-                    // Served until its TTL; the next read after that fetches it itself.
-                    Err(e) => {
-                        tracing::debug!(error = %e, conversation, "membership refresh failed");
-                        if let Some(entry) = map.get_mut(&conversation) {
-                            entry.refreshing = false;
-                        }
-                    }
-                }
-            });
+        if age >= MEMBER_TTL / 2 && !entry.queued {
+            entry.queued = true;
+            due.push(conversation.to_string());
+            if !self.shared.refresher_started.swap(true, Ordering::AcqRel) {
+                tokio::spawn(refresh_memberships(
+                    Arc::downgrade(&self.shared),
+                    store.clone(),
+                ));
+            }
         }
         Some(entry.members.clone())
     }
@@ -155,18 +195,18 @@ impl MemberCache {
         store: &Store,
         conversation: &str,
     ) -> Result<Option<Arc<Membership>>, chatstream_store::StoreError> {
-        let epoch = self.invalidations.load(Ordering::Acquire);
+        let epoch = self.shared.invalidations.load(Ordering::Acquire);
         let Some(membership) = store.membership(conversation).await? else {
             self.invalidate(conversation);
             return Ok(None);
         };
         let membership = Arc::new(membership);
-        if let Ok(mut map) = self.entries.lock() {
-            if map.len() > MEMBER_ENTRIES {
-                map.clear();
+        if let Ok(mut inner) = self.shared.inner.lock() {
+            if inner.entries.len() > MEMBER_ENTRIES {
+                inner.entries.clear();
             }
-            if self.invalidations.load(Ordering::Acquire) == epoch {
-                map.insert(
+            if self.shared.invalidations.load(Ordering::Acquire) == epoch {
+                inner.entries.insert(
                     conversation.to_string(),
                     CachedMembership::new(membership.clone()),
                 );
@@ -195,9 +235,9 @@ impl MemberCache {
     }
 
     pub fn invalidate(&self, conversation: &str) {
-        self.invalidations.fetch_add(1, Ordering::AcqRel);
-        if let Ok(mut map) = self.entries.lock() {
-            map.remove(conversation);
+        self.shared.invalidations.fetch_add(1, Ordering::AcqRel);
+        if let Ok(mut inner) = self.shared.inner.lock() {
+            inner.entries.remove(conversation);
         }
     }
 }

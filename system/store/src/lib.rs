@@ -21,6 +21,7 @@ pub use outbox::{
 
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::Row;
+use std::collections::HashMap;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -420,27 +421,40 @@ impl Store {
         )
     }
 
-    /// The conversation's tenant and members, if it exists (one round trip: nodes read
-    /// this for every active conversation every few seconds).
+    /// The conversation's tenant and members, if it exists.
     pub async fn membership(&self, conversation_id: &str) -> Result<Option<Membership>> {
-        let rows: Vec<(String, Option<String>)> = sqlx::query_as(
-            "SELECT c.tenant, m.user_id
+        Ok(self
+            .memberships(&[conversation_id.to_string()])
+            .await?
+            .remove(conversation_id))
+    }
+
+    /// The tenant and members of each conversation of `ids` that exists, in one round trip
+    /// (nodes read the memberships they cache again every few seconds, many at a time).
+    pub async fn memberships(&self, ids: &[String]) -> Result<HashMap<String, Membership>> {
+        let rows: Vec<(String, String, Option<String>)> = sqlx::query_as(
+            "SELECT c.id, c.tenant, m.user_id
              FROM conversations c
              LEFT JOIN conversation_members m
                     ON m.conversation_id = c.id AND m.tenant = c.tenant
-             WHERE c.id = $1",
+             WHERE c.id = ANY($1)",
         )
-        .bind(conversation_id)
+        .bind(ids)
         .fetch_all(&self.pool)
         .await?;
-        let Some((tenant, _)) = rows.first() else {
-            return Ok(None);
-        };
-        let tenant = tenant.clone();
-        let mut members: Vec<String> = rows.into_iter().filter_map(|(_, user)| user).collect();
-        // Sorted in Rust: `Membership::contains` searches by Rust's order.
-        members.sort();
-        Ok(Some(Membership { tenant, members }))
+        let mut found: HashMap<String, Membership> = HashMap::new();
+        for (id, tenant, user) in rows {
+            let entry = found.entry(id).or_insert_with(|| Membership {
+                tenant,
+                members: Vec::new(),
+            });
+            entry.members.extend(user);
+        }
+        for m in found.values_mut() {
+            // Sorted in Rust: `Membership::contains` searches by Rust's order.
+            m.members.sort();
+        }
+        Ok(found)
     }
 
     pub async fn is_member(
