@@ -4,21 +4,22 @@
 //! (hashed by id), so a conversation's appends — and a connection's own appends to it — stay
 //! in one FIFO queue and get their seqs in the order they were submitted. Each batcher takes
 //! what is queued (up to `max_batch`; under load it lingers briefly for more) and writes it
-//! in one transaction of five round trips, whatever the batch size:
+//! in one round trip whatever the batch size: a call of the `chatstream_append_batch`
+//! function (migration 0007) outside a transaction block, which
 //!
-//! 1. `BEGIN`;
-//! 2. lock the batch's conversation rows, sorted by id (every batcher on every node locks in
-//!    the same order, so batches cannot deadlock one another; a deadlock or serialization
-//!    failure anyway retries the batch);
-//! 3. with a snapshot taken after the locks: membership of every sender and the messages
-//!    already stored under every idempotency key, in one statement;
-//! 4. dense seqs assigned per conversation in Rust, each message's
-//!    [`AppendHooks::in_order`] run in seq order (it builds the outbox rows, and the node
-//!    takes its fan-out place there), then messages, outbox rows and the conversations'
-//!    `last_seq` in one statement;
-//! 5. `COMMIT`; then each message's [`AppendHooks::committed`] runs, in seq order (the
-//!    node fills its fan-out place there, at once for the whole batch), and every waiter
-//!    is answered.
+//! 1. locks the batch's conversation rows, sorted by id (every batcher on every node locks
+//!    in the same order, so batches cannot deadlock one another; a deadlock or
+//!    serialization failure anyway retries the batch);
+//! 2. in a statement of its own, so with a snapshot taken after the locks, checks the
+//!    membership of every sender and the messages already stored under every idempotency
+//!    key, assigns dense seqs per conversation in submission order, and inserts the
+//!    messages, their outbox rows and the conversations' `last_seq`;
+//! 3. commits as it returns. Then each message's [`AppendHooks::committed`] runs, in seq
+//!    order per conversation (the node takes and fills its fan-out place there, at once for
+//!    the whole batch), and every waiter is answered.
+//!
+//! The outbox rows are built before the seqs are known ([`AppendHooks::outbox_rows`]): a
+//! payload carries [`SEQ_MARK`] where the seq goes, and the function writes the seq there.
 //!
 //! Outcomes are per message: a sender that is not a member gets `NotMember`, a retried key
 //! gets the stored message (`duplicate: true`, and no seq is taken for it; a key twice in
@@ -29,7 +30,6 @@
 
 use sqlx::postgres::PgPool;
 use sqlx::Row;
-use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
@@ -39,17 +39,23 @@ use tokio::time::Instant;
 use crate::outbox::{shard_of, OutboxRow};
 use crate::{Appended, NewMessage, Result, StoreError, StoredMessage};
 
+/// The seq a message has while its outbox rows are built, before it gets its own.
+pub const SEQ_PLACEHOLDER: i64 = i64::MIN;
+
+/// How [`SEQ_PLACEHOLDER`] reads in a compact JSON payload, as the field `seq`. It can stand
+/// nowhere else: inside a JSON string a quote is escaped.
+pub const SEQ_MARK: &str = "\"seq\":-9223372036854775808";
+
 /// What the submitter of an append does at the batch's two moments.
 pub trait AppendHooks: Send {
-    /// The message's seq is known; runs in seq order per conversation, before the commit,
-    /// and returns the outbox rows to write with the message (the node takes its fan-out
-    /// place here). May run more than once for one message (the batch is retried after a
-    /// deadlock or a concurrent insert of the same key): the last run counts. Not run for a
-    /// message that is not stored (not a member, or a retry of a stored key).
-    fn in_order(&mut self, msg: &StoredMessage) -> Vec<OutboxRow>;
+    /// The outbox rows to write with the message if it is stored. Runs once, before the
+    /// batch is written, with `msg.seq` = [`SEQ_PLACEHOLDER`]: where a payload holds
+    /// [`SEQ_MARK`], the message's seq is written in its place.
+    fn outbox_rows(&mut self, msg: &StoredMessage) -> Vec<OutboxRow>;
 
-    /// The batch committed (or failed): runs on the batcher, in seq order, before the
-    /// waiter is answered. Nothing here may wait (the node fills its fan-out place).
+    /// The batch committed (or failed): runs on the batcher, in seq order per
+    /// conversation, before the waiter is answered. Nothing here may wait (the node takes
+    /// and fills its fan-out place).
     fn committed(&mut self, _outcome: &Result<Appended>) {}
 }
 
@@ -57,7 +63,7 @@ impl<F> AppendHooks for F
 where
     F: FnMut(&StoredMessage) -> Vec<OutboxRow> + Send,
 {
-    fn in_order(&mut self, msg: &StoredMessage) -> Vec<OutboxRow> {
+    fn outbox_rows(&mut self, msg: &StoredMessage) -> Vec<OutboxRow> {
         self(msg)
     }
 }
@@ -201,9 +207,20 @@ fn finish(mut job: Job, outcome: Result<Appended>) {
 /// Writes `jobs` (retrying what may succeed on a fresh try) and answers every waiter.
 /// Returns the error when the batch failed because PostgreSQL is unreachable.
 async fn commit(pool: &PgPool, jobs: &mut Vec<Job>) -> Option<StoreError> {
+    let rows = match outbox_rows(jobs) {
+        Ok(rows) => rows,
+        Err(e) => {
+            for job in jobs.drain(..) {
+                finish(job, Err(shared(&e)));
+            }
+            return None;
+        }
+    };
+    // The messages alone cross the awaits (a job's hooks are `Send`, not `Sync`).
+    let msgs: Vec<&NewMessage> = jobs.iter().map(|j| &j.msg).collect();
     let mut attempt = 1;
     let outcome = loop {
-        let tried = tokio::time::timeout(BATCH_TIMEOUT, write_batch(pool, jobs)).await;
+        let tried = tokio::time::timeout(BATCH_TIMEOUT, write_batch(pool, &msgs, &rows)).await;
         let failure = match tried {
             Ok(Ok(outcomes)) => break Ok(outcomes),
             Ok(Err(e)) => e,
@@ -247,11 +264,12 @@ fn shared(e: &StoreError) -> StoreError {
     }
 }
 
-/// Deadlocks and serialization failures, and a key another node stored concurrently.
+/// Deadlocks and serialization failures, and a key another node stored concurrently (a
+/// unique violation: see migration 0007).
 fn retryable(e: &StoreError) -> bool {
     match e {
         StoreError::Database(sqlx::Error::Database(d)) => {
-            matches!(d.code().as_deref(), Some("40P01" | "40001"))
+            matches!(d.code().as_deref(), Some("40P01" | "40001" | "23505"))
         }
         StoreError::Conflict => true,
         _ => false,
@@ -268,177 +286,130 @@ enum Outcome {
     New(StoredMessage),
 }
 
-/// One attempt at writing the batch; the outcome of each message, in `jobs` order.
-async fn write_batch(pool: &PgPool, jobs: &mut [Job]) -> Result<Vec<Result<Appended>>> {
-    let mut tx = pool.begin().await?;
-
-    let mut ids: Vec<&str> = jobs
-        .iter()
-        .map(|j| j.msg.conversation_id.as_str())
-        .collect();
-    ids.sort_unstable();
-    ids.dedup();
-    // Locked in id order (the sort happens below the row locks): no two batches deadlock.
-    let locked = sqlx::query(
-        "SELECT id, tenant, last_seq FROM conversations WHERE id = ANY($1) ORDER BY id FOR UPDATE",
-    )
-    .bind(&ids)
-    .fetch_all(&mut *tx)
-    .await?;
-    let mut conversations: HashMap<String, (String, i64)> = HashMap::with_capacity(locked.len());
-    for row in &locked {
-        conversations.insert(
-            row.try_get("id")?,
-            (row.try_get("tenant")?, row.try_get("last_seq")?),
-        );
+/// The message as its hooks see it before its seq is known.
+fn unsequenced(m: &NewMessage) -> StoredMessage {
+    StoredMessage {
+        message_id: m.message_id.clone(),
+        conversation_id: m.conversation_id.clone(),
+        seq: SEQ_PLACEHOLDER,
+        sender_id: m.sender_id.clone(),
+        client_msg_id: m.client_msg_id.clone(),
+        body: m.body.clone(),
+        trace_id: m.trace_id.clone(),
+        created_at_ms: m.created_at_ms,
     }
+}
 
-    // A statement of its own, so its snapshot is taken after the locks: a membership
-    // change or a same-key append that committed while we waited is seen.
-    let checks = sqlx::query(
-        "SELECT r.i, (m.user_id IS NOT NULL) AS member,
-                e.id, e.seq, e.body, e.trace_id, e.created_at_ms
-         FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[])
-              WITH ORDINALITY AS r(conversation_id, tenant, sender_id, client_msg_id, i)
-         LEFT JOIN conversation_members m
-                ON m.conversation_id = r.conversation_id AND m.tenant = r.tenant
-               AND m.user_id = r.sender_id
-         LEFT JOIN messages e
-                ON e.tenant = r.tenant AND e.sender_id = r.sender_id
-               AND e.conversation_id = r.conversation_id AND e.client_msg_id = r.client_msg_id",
+/// Every job's outbox rows, asked of its hooks once (each attempt writes the same rows).
+fn outbox_rows(jobs: &mut [Job]) -> Result<Vec<Vec<OutboxRow>>> {
+    jobs.iter_mut()
+        .map(|job| {
+            let msg = unsequenced(&job.msg);
+            // A panicking callback fails this batch, not the batcher.
+            std::panic::catch_unwind(AssertUnwindSafe(|| job.hooks.outbox_rows(&msg)))
+                .map_err(|_| StoreError::Failed("an append's outbox callback panicked".into()))
+        })
+        .collect()
+}
+
+fn bookkeeping() -> StoreError {
+    StoreError::Failed("the append batch's answer does not account for every message".into())
+}
+
+/// One attempt at writing the batch (one call of `chatstream_append_batch`, migration
+/// 0007, outside a transaction block: its answer is the commit); the outcome of each
+/// message, in `jobs` order.
+async fn write_batch(
+    pool: &PgPool,
+    msgs: &[&NewMessage],
+    rows: &[Vec<OutboxRow>],
+) -> Result<Vec<Result<Appended>>> {
+    let args = BatchArgs::new(msgs, rows);
+    // `fetch_all` reads on to ReadyForQuery, which PostgreSQL sends only after the
+    // commit: no waiter is answered for a call whose commit could still fail.
+    let answer = sqlx::query(
+        "SELECT r_i, r_kind, r_seq, r_message_id, r_body, r_trace_id, r_created_at_ms,
+                r_same_as
+         FROM chatstream_append_batch($1, $2, $3, $4, $5, $6, $7, $8, $9,
+                                      $10, $11, $12, $13, $14, $15, $16, $17, $18)",
     )
-    .bind(column(jobs, |m| &m.conversation_id))
-    .bind(column(jobs, |m| &m.tenant))
-    .bind(column(jobs, |m| &m.sender_id))
-    .bind(column(jobs, |m| &m.client_msg_id));
-    let checks = checks.fetch_all(&mut *tx).await?;
-    let mut member = vec![false; jobs.len()];
-    let mut stored: Vec<Option<StoredMessage>> = vec![None; jobs.len()];
-    for row in &checks {
-        let i: i64 = row.try_get("i")?;
-        let Some(i) = usize::try_from(i - 1).ok().filter(|i| *i < jobs.len()) else {
-            continue;
-        };
-        member[i] = row.try_get("member")?;
-        let existing: Option<String> = row.try_get("id")?;
-        if let Some(message_id) = existing {
-            let m = &jobs[i].msg;
-            stored[i] = Some(StoredMessage {
-                message_id,
+    .bind(&args.conversation_id)
+    .bind(&args.tenant)
+    .bind(&args.sender_id)
+    .bind(&args.client_msg_id)
+    .bind(&args.message_id)
+    .bind(&args.body)
+    .bind(&args.trace_id)
+    .bind(&args.node_id)
+    .bind(&args.created_at_ms)
+    .bind(&args.event_msg)
+    .bind(&args.event_id)
+    .bind(&args.shard)
+    .bind(&args.topic)
+    .bind(&args.key)
+    .bind(&args.payload)
+    .bind(&args.event_node_id)
+    .bind(&args.event_created_at_ms)
+    .bind(SEQ_MARK)
+    .fetch_all(pool)
+    .await?;
+
+    let mut outcomes: Vec<Option<Outcome>> = msgs.iter().map(|_| None).collect();
+    for row in &answer {
+        let i: i64 = row.try_get("r_i")?;
+        let index = usize::try_from(i - 1)
+            .ok()
+            .filter(|i| *i < msgs.len())
+            .ok_or_else(bookkeeping)?;
+        let m = msgs[index];
+        let kind: String = row.try_get("r_kind")?;
+        let outcome = match kind.as_str() {
+            "n" => Outcome::New(StoredMessage {
+                seq: row
+                    .try_get::<Option<i64>, _>("r_seq")?
+                    .ok_or_else(bookkeeping)?,
+                ..unsequenced(m)
+            }),
+            "d" => Outcome::Stored(StoredMessage {
+                message_id: row
+                    .try_get::<Option<String>, _>("r_message_id")?
+                    .ok_or_else(bookkeeping)?,
                 conversation_id: m.conversation_id.clone(),
-                seq: row.try_get("seq")?,
+                seq: row
+                    .try_get::<Option<i64>, _>("r_seq")?
+                    .ok_or_else(bookkeeping)?,
                 sender_id: m.sender_id.clone(),
                 client_msg_id: m.client_msg_id.clone(),
-                body: row.try_get("body")?,
-                trace_id: row.try_get("trace_id")?,
-                created_at_ms: row.try_get("created_at_ms")?,
-            });
-        }
-    }
-
-    let mut outcomes = Vec::with_capacity(jobs.len());
-    let mut first_with_key: HashMap<(&str, &str, &str, &str), usize> = HashMap::new();
-    let mut last_seq: HashMap<&str, i64> = HashMap::new();
-    let mut new_rows = NewRows::default();
-    for (i, job) in jobs.iter_mut().enumerate() {
-        let m = &job.msg;
-        let owner = conversations.get(&m.conversation_id);
-        if !member[i] || owner.is_none_or(|(tenant, _)| *tenant != m.tenant) {
-            outcomes.push(Outcome::NotMember);
-            continue;
-        }
-        if let Some(s) = stored[i].take() {
-            outcomes.push(Outcome::Stored(s));
-            continue;
-        }
-        let key = (
-            m.tenant.as_str(),
-            m.sender_id.as_str(),
-            m.conversation_id.as_str(),
-            m.client_msg_id.as_str(),
-        );
-        if let Some(first) = first_with_key.get(&key) {
-            outcomes.push(Outcome::SameAs(*first));
-            continue;
-        }
-        first_with_key.insert(key, i);
-        let seq = last_seq
-            .entry(m.conversation_id.as_str())
-            .or_insert_with(|| owner.map(|(_, s)| *s).unwrap_or(0));
-        *seq += 1;
-        let message = StoredMessage {
-            message_id: m.message_id.clone(),
-            conversation_id: m.conversation_id.clone(),
-            seq: *seq,
-            sender_id: m.sender_id.clone(),
-            client_msg_id: m.client_msg_id.clone(),
-            body: m.body.clone(),
-            trace_id: m.trace_id.clone(),
-            created_at_ms: m.created_at_ms,
+                body: row
+                    .try_get::<Option<String>, _>("r_body")?
+                    .ok_or_else(bookkeeping)?,
+                trace_id: row
+                    .try_get::<Option<String>, _>("r_trace_id")?
+                    .ok_or_else(bookkeeping)?,
+                created_at_ms: row
+                    .try_get::<Option<i64>, _>("r_created_at_ms")?
+                    .ok_or_else(bookkeeping)?,
+            }),
+            "s" => {
+                let first: i64 = row.try_get("r_same_as")?;
+                let first = usize::try_from(first - 1)
+                    .ok()
+                    .filter(|f| *f < index)
+                    .ok_or_else(bookkeeping)?;
+                Outcome::SameAs(first)
+            }
+            "x" => Outcome::NotMember,
+            _ => return Err(bookkeeping()),
         };
-        // A panicking callback fails this batch, not the batcher.
-        let rows = std::panic::catch_unwind(AssertUnwindSafe(|| job.hooks.in_order(&message)))
-            .map_err(|_| StoreError::Failed("an append's in-order callback panicked".into()))?;
-        new_rows.push(m, *seq, rows);
-        outcomes.push(Outcome::New(message));
+        outcomes[index] = Some(outcome);
     }
-
-    if new_rows.messages > 0 {
-        let (conv_ids, conv_seqs): (Vec<&str>, Vec<i64>) = last_seq.into_iter().unzip();
-        let inserted: i64 = sqlx::query_scalar(
-            "WITH m AS (
-                INSERT INTO messages (id, conversation_id, seq, sender_id, client_msg_id, body,
-                                      trace_id, node_id, created_at_ms, tenant)
-                SELECT * FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[],
-                                     $6::text[], $7::text[], $8::text[], $9::bigint[], $10::text[])
-                ON CONFLICT (tenant, sender_id, conversation_id, client_msg_id) DO NOTHING
-                RETURNING 1
-             ), o AS (
-                INSERT INTO outbox (event_id, shard, topic, key, payload, node_id, created_at_ms)
-                SELECT * FROM UNNEST($11::text[], $12::int[], $13::text[], $14::text[],
-                                     $15::text[], $16::text[], $17::bigint[])
-                ON CONFLICT (event_id) DO NOTHING
-             ), c AS (
-                UPDATE conversations SET last_seq = u.last_seq
-                FROM UNNEST($18::text[], $19::bigint[]) AS u(id, last_seq)
-                WHERE conversations.id = u.id
-             )
-             SELECT count(*) FROM m",
-        )
-        .bind(&new_rows.id)
-        .bind(&new_rows.conversation_id)
-        .bind(&new_rows.seq)
-        .bind(&new_rows.sender_id)
-        .bind(&new_rows.client_msg_id)
-        .bind(&new_rows.body)
-        .bind(&new_rows.trace_id)
-        .bind(&new_rows.node_id)
-        .bind(&new_rows.created_at_ms)
-        .bind(&new_rows.tenant)
-        .bind(&new_rows.event_id)
-        .bind(&new_rows.shard)
-        .bind(&new_rows.topic)
-        .bind(&new_rows.key)
-        .bind(&new_rows.payload)
-        .bind(&new_rows.event_node_id)
-        .bind(&new_rows.event_created_at_ms)
-        .bind(&conv_ids)
-        .bind(&conv_seqs)
-        .fetch_one(&mut *tx)
-        .await?;
-        if inserted != new_rows.messages as i64 {
-            // A key stored by another node after our check could not have been (it takes
-            // the same conversation lock); should it happen anyway, no seq is burnt: the
-            // batch is undone and tried again, and the retry finds the stored message.
-            tx.rollback().await?;
-            return Err(StoreError::Conflict);
-        }
-    }
-    tx.commit().await?;
+    let outcomes: Vec<Outcome> = outcomes
+        .into_iter()
+        .collect::<Option<Vec<_>>>()
+        .ok_or_else(bookkeeping)?;
 
     let mut answers: Vec<Result<Appended>> = Vec::with_capacity(outcomes.len());
-    for (i, outcome) in outcomes.iter().enumerate() {
-        let m = &jobs[i].msg;
+    for (m, outcome) in msgs.iter().zip(&outcomes) {
         answers.push(match outcome {
             Outcome::NotMember => Err(StoreError::NotMember {
                 user: m.sender_id.clone(),
@@ -457,62 +428,86 @@ async fn write_batch(pool: &PgPool, jobs: &mut [Job]) -> Result<Vec<Result<Appen
                     message: s.clone(),
                     duplicate: true,
                 }),
-                // Only a new message is recorded as the first holder of a key.
-                _ => Err(StoreError::Failed("append batch bookkeeping".into())),
+                // Only a new message is the first holder of a key.
+                _ => Err(bookkeeping()),
             },
         });
     }
     Ok(answers)
 }
 
-fn column(jobs: &[Job], f: fn(&NewMessage) -> &String) -> Vec<&str> {
-    jobs.iter().map(|j| f(&j.msg).as_str()).collect()
-}
-
-/// Columns of the messages and outbox rows a batch inserts.
-#[derive(Default)]
-struct NewRows<'a> {
-    messages: usize,
-    id: Vec<&'a str>,
+/// The columns of one batch's call: its messages, and the outbox rows of each (`event_msg`
+/// names the message a row belongs to, from 1).
+struct BatchArgs<'a> {
     conversation_id: Vec<&'a str>,
-    seq: Vec<i64>,
+    tenant: Vec<&'a str>,
     sender_id: Vec<&'a str>,
     client_msg_id: Vec<&'a str>,
+    message_id: Vec<&'a str>,
     body: Vec<&'a str>,
     trace_id: Vec<&'a str>,
     node_id: Vec<&'a str>,
     created_at_ms: Vec<i64>,
-    tenant: Vec<&'a str>,
-    event_id: Vec<String>,
+    event_msg: Vec<i64>,
+    event_id: Vec<&'a str>,
     shard: Vec<i32>,
-    topic: Vec<String>,
-    key: Vec<String>,
-    payload: Vec<String>,
-    event_node_id: Vec<String>,
+    topic: Vec<&'a str>,
+    key: Vec<&'a str>,
+    payload: Vec<&'a str>,
+    event_node_id: Vec<&'a str>,
     event_created_at_ms: Vec<i64>,
 }
 
-impl<'a> NewRows<'a> {
-    fn push(&mut self, m: &'a NewMessage, seq: i64, rows: Vec<OutboxRow>) {
-        self.messages += 1;
-        self.id.push(&m.message_id);
-        self.conversation_id.push(&m.conversation_id);
-        self.seq.push(seq);
-        self.sender_id.push(&m.sender_id);
-        self.client_msg_id.push(&m.client_msg_id);
-        self.body.push(&m.body);
-        self.trace_id.push(&m.trace_id);
-        self.node_id.push(&m.node_id);
-        self.created_at_ms.push(m.created_at_ms);
-        self.tenant.push(&m.tenant);
-        for r in rows {
-            self.shard.push(shard_of(&r.key));
-            self.event_id.push(r.event_id);
-            self.topic.push(r.topic);
-            self.key.push(r.key);
-            self.payload.push(r.payload);
-            self.event_node_id.push(r.node_id);
-            self.event_created_at_ms.push(r.created_at_ms);
+impl<'a> BatchArgs<'a> {
+    fn new(msgs: &[&'a NewMessage], rows: &'a [Vec<OutboxRow>]) -> BatchArgs<'a> {
+        let column = |f: fn(&NewMessage) -> &String| -> Vec<&'a str> {
+            msgs.iter().map(|m| f(m).as_str()).collect()
+        };
+        let events = || rows.iter().flatten();
+        let event_column = |f: fn(&OutboxRow) -> &String| -> Vec<&'a str> {
+            rows.iter().flatten().map(|r| f(r).as_str()).collect()
+        };
+        BatchArgs {
+            conversation_id: column(|m| &m.conversation_id),
+            tenant: column(|m| &m.tenant),
+            sender_id: column(|m| &m.sender_id),
+            client_msg_id: column(|m| &m.client_msg_id),
+            message_id: column(|m| &m.message_id),
+            body: column(|m| &m.body),
+            trace_id: column(|m| &m.trace_id),
+            node_id: column(|m| &m.node_id),
+            created_at_ms: msgs.iter().map(|m| m.created_at_ms).collect(),
+            event_msg: rows
+                .iter()
+                .enumerate()
+                .flat_map(|(i, r)| std::iter::repeat_n(i as i64 + 1, r.len()))
+                .collect(),
+            event_id: event_column(|r| &r.event_id),
+            shard: events().map(|r| shard_of(&r.key)).collect(),
+            topic: event_column(|r| &r.topic),
+            key: event_column(|r| &r.key),
+            payload: event_column(|r| &r.payload),
+            event_node_id: event_column(|r| &r.node_id),
+            event_created_at_ms: events().map(|r| r.created_at_ms).collect(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_seq_mark_is_the_placeholder_as_json_writes_it() {
+        assert_eq!(SEQ_MARK, format!("\"seq\":{SEQ_PLACEHOLDER}"));
+        #[derive(serde::Serialize)]
+        struct Body {
+            seq: i64,
+        }
+        let json = serde_json::to_string(&Body {
+            seq: SEQ_PLACEHOLDER,
+        })
+        .expect("a struct of one integer serializes");
+        assert_eq!(json, format!("{{{SEQ_MARK}}}"));
     }
 }

@@ -12,7 +12,9 @@ mod outbox;
 mod relay;
 mod retention;
 
-pub use batch::{AppendBatcher, AppendHooks, BatchSettings, PendingAppend};
+pub use batch::{
+    AppendBatcher, AppendHooks, BatchSettings, PendingAppend, SEQ_MARK, SEQ_PLACEHOLDER,
+};
 pub use relay::RelayClaim;
 
 pub use outbox::{

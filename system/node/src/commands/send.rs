@@ -38,36 +38,32 @@ pub(super) struct PendingSend {
     sent: SentFrame,
 }
 
-/// What a batched send does inside its batch, on the batcher task.
+/// What a batched send does at its batch's two moments, on the batcher task.
 struct SendHooks {
     conn: Arc<Client>,
     membership: Arc<Membership>,
-    place: Option<Reservation>,
 }
 
 impl AppendHooks for SendHooks {
-    fn in_order(&mut self, msg: &StoredMessage) -> Vec<OutboxRow> {
-        let state = &self.conn.state;
-        if state.cfg.fanout_mode == FanoutMode::Redis {
-            // In seq order per conversation: the node publishes its live frames in that
-            // order. A retried batch takes a new place (the old one is given up).
-            self.place = Some(state.fanout.reserve());
-        }
-        state
+    fn outbox_rows(&mut self, msg: &StoredMessage) -> Vec<OutboxRow> {
+        // Built before the seq is known: the append writes it into the payload.
+        self.conn
+            .state
             .events
             .transactional_rows(|| self.conn.chat_event(msg))
     }
 
     fn committed(&mut self, outcome: &Result<Appended, StoreError>) {
-        // Filled here, for the whole batch at once: the publisher waits for each place in
-        // turn, so it must not wait behind the sender's ack. Dropped unfilled otherwise.
-        let Some(place) = self.place.take() else {
+        // In seq order per conversation, for the whole batch at once: the node publishes
+        // its live frames in the order of their places, and the publisher waits for each
+        // place in turn, so none may wait behind the sender's ack.
+        let state = &self.conn.state;
+        if state.cfg.fanout_mode != FanoutMode::Redis {
             return;
-        };
+        }
         if let Ok(a) = outcome {
             if !a.duplicate {
-                let state = &self.conn.state;
-                place.fill(state.message_envelope(
+                state.fanout.reserve().fill(state.message_envelope(
                     &a.message,
                     &self.membership,
                     Some(self.conn.id),
@@ -155,7 +151,6 @@ impl Client {
             let hooks = Box::new(SendHooks {
                 conn: self.clone(),
                 membership: sent.membership.clone(),
-                place: None,
             });
             let append = batcher.submit(new, hooks).await;
             return self
