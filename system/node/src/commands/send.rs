@@ -54,16 +54,15 @@ impl AppendHooks for SendHooks {
     }
 
     fn committed(&mut self, outcome: &Result<Appended, StoreError>) {
-        // In seq order per conversation, for the whole batch at once: the node publishes
-        // its live frames in the order of their places, and the publisher waits for each
-        // place in turn, so none may wait behind the sender's ack.
+        // In seq order per conversation, for the whole batch at once, before any sender is
+        // answered: the node publishes its live frames in the order they are queued.
         let state = &self.conn.state;
         if state.cfg.fanout_mode != FanoutMode::Redis {
             return;
         }
         if let Ok(a) = outcome {
             if !a.duplicate {
-                state.fanout.reserve().fill(state.message_envelope(
+                state.fanout.publish(state.message_envelope(
                     &a.message,
                     &self.membership,
                     Some(self.conn.id),
