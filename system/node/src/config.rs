@@ -111,7 +111,8 @@ pub struct NodeConfig {
     pub send_batching: Switch,
     /// Batcher tasks; a conversation always goes to the same one. Each holds at most one
     /// PostgreSQL connection of the pool at a time (at most half the pool is used so).
-    /// Two, not more: each batch pays five statements whatever its size, and at 10,000
+    /// Two, not more: each batch has a cost of its own whatever its size (then five
+    /// statements, now one call: locks, the batch statement, a commit), and at 10,000
     /// sends/s two batchers' larger batches cost PostgreSQL 71-72 µs per message against
     /// 88-90 with four (two bench runs side by side, README "Batchers").
     pub append_batchers: usize,
