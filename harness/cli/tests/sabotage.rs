@@ -8,7 +8,8 @@
 //! `topology.workers.sabotage` dropped, `publish_mode: async` back to `outbox`) and
 //! requires exit 0 with every verdict valid.
 //!
-//! The node switches (`drop_every_nth_live`, `reorder_live`, `ack_before_store_every_nth`)
+//! The node switches (`drop_every_nth_live`, `reorder_live`, `ack_before_store_every_nth`,
+//! `drop_event_every_nth`)
 //! are keys of the node's `sabotage:` config map; the worker switches are hidden flags of
 //! `chatstream workers`. Base port: `SQUALL_SABOTAGE_TEST_BASE_PORT` (default 30400).
 
@@ -83,6 +84,13 @@ const CASES: &[Case] = &[
         checker: "no_loss_downstream",
         count: "missing_in_kafka",
         example_says: "not on the chat events topic",
+    },
+    Case {
+        name: "drop_events",
+        file: "scenarios/sabotage/drop-events.yaml",
+        checker: "events_dropped == 0",
+        count: "value",
+        example_says: "",
     },
 ];
 
@@ -241,6 +249,19 @@ fn check_evidence(c: &Case, ran: &Ran, failing: &serde_json::Value) -> Result<()
         c.checker,
         c.count
     );
+    if c.checker.starts_with("events_dropped") {
+        // A gate on the nodes' counter: it has no examples. The evidence is in the scraped
+        // samples: the drops it summed carry the sabotage's reason, and no other.
+        let reasons = dropped_reasons(&ran.dir)?;
+        ensure!(
+            reasons == [("sabotage".to_string(), count as f64)],
+            "events_dropped: the gate summed {count}, but the nodes' samples by reason are {reasons:?} (expected all {count} for reason=\"sabotage\")"
+        );
+        eprintln!(
+            "  evidence: events_dropped = {count}; the nodes' counters by reason: {reasons:?}"
+        );
+        return Ok(());
+    }
     let examples = failing["examples"].as_array().cloned().unwrap_or_default();
     let relevant: Vec<&serde_json::Value> = examples
         .iter()
@@ -311,6 +332,45 @@ fn check_evidence(c: &Case, ran: &Ran, failing: &serde_json::Value) -> Result<()
         named.iter().take(5).copied().collect::<Vec<_>>().join(", ")
     );
     Ok(())
+}
+
+/// Per `reason`, the sum over the nodes of the last (largest) value each node's
+/// `chatstream_events_dropped_total` reached in the run's scraped samples (`signals.jsonl`;
+/// no node of these scenarios restarts).
+fn dropped_reasons(dir: &Path) -> Result<Vec<(String, f64)>> {
+    let path = dir.join("signals.jsonl");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("{}", path.display()))?;
+    let mut most: std::collections::BTreeMap<(String, String), f64> = Default::default();
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        let point: serde_json::Value = serde_json::from_str(line)?;
+        let Some(processes) = point["metrics"].as_object() else {
+            continue;
+        };
+        for (process, metrics) in processes {
+            let Some(metrics) = metrics.as_object() else {
+                continue;
+            };
+            for (key, value) in metrics {
+                let Some(labels) = key.strip_prefix("chatstream_events_dropped_total{") else {
+                    continue;
+                };
+                let reason = labels
+                    .split("reason=\"")
+                    .nth(1)
+                    .and_then(|r| r.split('"').next())
+                    .unwrap_or("")
+                    .to_string();
+                let v = value.as_f64().unwrap_or(0.0);
+                let m = most.entry((reason, process.clone())).or_insert(0.0);
+                *m = m.max(v);
+            }
+        }
+    }
+    let mut by_reason: std::collections::BTreeMap<String, f64> = Default::default();
+    for ((reason, _), v) in most {
+        *by_reason.entry(reason).or_insert(0.0) += v;
+    }
+    Ok(by_reason.into_iter().collect())
 }
 
 async fn sabotage_case(stack: &mut Stack, name: &str) -> Result<()> {
@@ -411,6 +471,7 @@ sabotage!(commit_before_handle);
 sabotage!(search_no_idempotency);
 sabotage!(ack_before_store);
 sabotage!(stalled_commits);
+sabotage!(drop_events);
 
 fn main() {
     let shared = SharedStack::new(
@@ -434,6 +495,7 @@ fn main() {
         ),
         stack_test!(shared, "sabotage::ack_before_store", ack_before_store),
         stack_test!(shared, "sabotage::stalled_commits", stalled_commits),
+        stack_test!(shared, "sabotage::drop_events", drop_events),
     ];
     shared.run(trials);
 }

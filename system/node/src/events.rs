@@ -220,6 +220,9 @@ impl EventSink {
     /// mode published directly, or (refused by the producer) queued for the outbox; with
     /// the batch queue full as well the event is dropped, counted and logged.
     pub fn emit_nowait(&self, e: EventEnvelope) {
+        if crate::sabotage::drop_event() {
+            return self.dropped(&e, "sabotage");
+        }
         match self.mode {
             PublishMode::Async => self.send_async(&e),
             PublishMode::Outbox => {
@@ -235,13 +238,19 @@ impl EventSink {
                         mpsc::error::TrySendError::Full(_) => "queue_full",
                         mpsc::error::TrySendError::Closed(_) => "shut_down",
                     };
-                    metrics::counter!(m::EVENTS_DROPPED, "reason" => reason).increment(1);
-                    if self.dropped_log.allow() {
-                        tracing::warn!(event = %e.id, reason, "event not queued for the outbox; dropped");
-                    }
+                    self.dropped(&e, reason);
                 }
             }
             PublishMode::None => {}
+        }
+    }
+
+    /// Counts (and logs, a few a second at most) an event that reaches neither Kafka nor
+    /// the outbox.
+    fn dropped(&self, e: &EventEnvelope, reason: &'static str) {
+        metrics::counter!(m::EVENTS_DROPPED, "reason" => reason).increment(1);
+        if self.dropped_log.allow() {
+            tracing::warn!(event = %e.id, reason, "event not queued for the outbox; dropped");
         }
     }
 

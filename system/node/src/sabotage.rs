@@ -9,6 +9,10 @@
 //!   after the next one: per-conversation order breaks.
 //! - `ack_before_store_every_nth: N` — every Nth send is acknowledged (with a made-up
 //!   message id and seq) and never stored, published or fanned out.
+//! - `drop_event_every_nth: N` — every Nth event handed over without waiting (the
+//!   DELIVERED receipts) is discarded, as when the outbox's queue is full, and counted as
+//!   such (`chatstream_events_dropped_total{reason="sabotage"}`): it reaches neither Kafka
+//!   nor the outbox.
 
 use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,16 +24,21 @@ pub struct Sabotage {
     pub drop_every_nth_live: u64,
     pub reorder_live: bool,
     pub ack_before_store_every_nth: u64,
+    pub drop_event_every_nth: u64,
 }
 
 impl Sabotage {
     pub fn any(&self) -> bool {
-        self.drop_every_nth_live > 0 || self.reorder_live || self.ack_before_store_every_nth > 0
+        self.drop_every_nth_live > 0
+            || self.reorder_live
+            || self.ack_before_store_every_nth > 0
+            || self.drop_event_every_nth > 0
     }
 }
 
 static ACTIVE: OnceLock<Sabotage> = OnceLock::new();
 static SENDS: AtomicU64 = AtomicU64::new(0);
+static EVENTS: AtomicU64 = AtomicU64::new(0);
 
 /// Set once at start (one node per process).
 pub fn install(s: &Sabotage) {
@@ -47,12 +56,21 @@ pub fn active() -> &'static Sabotage {
         drop_every_nth_live: 0,
         reorder_live: false,
         ack_before_store_every_nth: 0,
+        drop_event_every_nth: 0,
     };
     ACTIVE.get().unwrap_or(&OFF)
 }
 
 /// Whether this send is acknowledged without being stored.
 pub fn skip_store() -> bool {
-    let n = active().ack_before_store_every_nth;
-    n > 0 && (SENDS.fetch_add(1, Ordering::Relaxed) + 1) % n == 0
+    every_nth(&SENDS, active().ack_before_store_every_nth)
+}
+
+/// Whether this event is discarded instead of published.
+pub fn drop_event() -> bool {
+    every_nth(&EVENTS, active().drop_event_every_nth)
+}
+
+fn every_nth(seen: &AtomicU64, n: u64) -> bool {
+    n > 0 && (seen.fetch_add(1, Ordering::Relaxed) + 1) % n == 0
 }
