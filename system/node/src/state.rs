@@ -4,13 +4,13 @@
 //! connection loop, the commands, the HTTP API and the stream sessions can all use it
 //! without importing each other.
 
-use chatstream_store::{Membership, Store};
+use chatstream_store::{Membership, Store, StoreError};
 use metrics_exporter_prometheus::PrometheusHandle;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch, Notify};
 
 use crate::config::NodeConfig;
 use crate::events::EventSink;
@@ -44,6 +44,13 @@ pub struct Health {
 /// is fetched while a sender waits. Before this, every entry such a burst had filled expired
 /// together every 5 s, and that moment's sends queued for the pool behind a thousand
 /// membership reads (the node bench's p99 at 10,000/s spiked every 5 s).
+///
+/// Those reads a sender waits for (a cold or expired entry, or [`MemberCache::refresh`])
+/// are made by one loader task: each of its statements reads every conversation asked for
+/// since the last one began, so a thousand senders arriving at once (a node's first
+/// second, a reconnect storm) cost a few statements on one connection, not a thousand on
+/// the pool the append batchers share. A waiter is answered by a read that began after
+/// it asked.
 #[derive(Default)]
 pub struct MemberCache {
     shared: Arc<CacheShared>,
@@ -56,13 +63,21 @@ struct CacheShared {
     /// it read (it may predate the change that was announced).
     invalidations: AtomicU64,
     refresher_started: AtomicBool,
+    loader_started: AtomicBool,
+    /// Wakes the loader when a sender asks for a conversation.
+    loader_wake: Arc<Notify>,
 }
+
+/// A membership as a sender waits for it (None: no such conversation).
+type Loaded = Result<Option<Arc<Membership>>, StoreError>;
 
 #[derive(Default)]
 struct CacheInner {
     entries: HashMap<String, CachedMembership>,
     /// Conversations queued for the refresher.
     due: Vec<String>,
+    /// Conversations senders wait for, with their waiters, for the loader's next read.
+    wanted: HashMap<String, Vec<oneshot::Sender<Loaded>>>,
 }
 
 struct CachedMembership {
@@ -113,6 +128,45 @@ impl CacheShared {
         }
     }
 
+    /// Caches what the loader read for `ids` (unless a membership change was announced
+    /// since `epoch`) and returns each one's answer; a conversation not found is gone, and
+    /// dropped as an announced change would drop it.
+    fn store_loaded(
+        &self,
+        ids: &[String],
+        mut read: HashMap<String, Membership>,
+        epoch: u64,
+    ) -> Vec<Option<Arc<Membership>>> {
+        let answers: Vec<Option<Arc<Membership>>> =
+            ids.iter().map(|id| read.remove(id).map(Arc::new)).collect();
+        let mut gone = false;
+        if let Ok(mut inner) = self.inner.lock() {
+            if inner.entries.len() > MEMBER_ENTRIES {
+                inner.entries.clear();
+            }
+            let current = self.invalidations.load(Ordering::Acquire) == epoch;
+            for (id, answer) in ids.iter().zip(&answers) {
+                match answer {
+                    Some(m) if current => {
+                        inner
+                            .entries
+                            .insert(id.clone(), CachedMembership::new(m.clone()));
+                    }
+                    Some(_) => {}
+                    None => {
+                        inner.entries.remove(id);
+                        gone = true;
+                    }
+                }
+            }
+        }
+        if gone {
+            // A read in flight may have found it still there: it must not cache that.
+            self.invalidations.fetch_add(1, Ordering::AcqRel);
+        }
+        answers
+    }
+
     /// Lets the next read of each of `ids` queue it again.
     fn unqueue_all(&self, ids: &[String]) {
         if let Ok(mut inner) = self.inner.lock() {
@@ -154,6 +208,52 @@ async fn refresh_memberships(shared: Weak<CacheShared>, store: Store) {
     }
 }
 
+/// Reads what senders wait for, as soon as they ask, until the cache is dropped: each
+/// statement takes every conversation asked for since the last one began.
+async fn load_memberships(shared: Weak<CacheShared>, wake: Arc<Notify>, store: Store) {
+    loop {
+        let wanted = {
+            let Some(shared) = shared.upgrade() else {
+                return;
+            };
+            let Ok(mut inner) = shared.inner.lock() else {
+                return;
+            };
+            std::mem::take(&mut inner.wanted)
+        };
+        if wanted.is_empty() {
+            // A request made since the take left a permit: this returns at once.
+            wake.notified().await;
+            continue;
+        }
+        let mut wanted = wanted;
+        let ids: Vec<String> = wanted.keys().cloned().collect();
+        for ids in ids.chunks(REFRESH_CHUNK) {
+            let Some(shared) = shared.upgrade() else {
+                return;
+            };
+            let epoch = shared.invalidations.load(Ordering::Acquire);
+            match store.memberships(ids).await {
+                Ok(read) => {
+                    let answers = shared.store_loaded(ids, read, epoch);
+                    for (id, answer) in ids.iter().zip(answers) {
+                        for waiter in wanted.remove(id).unwrap_or_default() {
+                            let _ = waiter.send(Ok(answer.clone()));
+                        }
+                    }
+                }
+                Err(e) => {
+                    for id in ids {
+                        for waiter in wanted.remove(id).unwrap_or_default() {
+                            let _ = waiter.send(Err(e.shared()));
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
 impl MemberCache {
     /// The conversation's membership (None: no such conversation).
     pub async fn get(
@@ -170,7 +270,7 @@ impl MemberCache {
     /// A fresh enough cached entry, queued for the refresher once it is half its TTL old.
     fn cached(&self, store: &Store, conversation: &str) -> Option<Arc<Membership>> {
         let mut inner = self.shared.inner.lock().ok()?;
-        let CacheInner { entries, due } = &mut *inner;
+        let CacheInner { entries, due, .. } = &mut *inner;
         let entry = entries.get_mut(conversation)?;
         let age = entry.fetched.elapsed();
         if age >= MEMBER_TTL {
@@ -189,30 +289,35 @@ impl MemberCache {
         Some(entry.members.clone())
     }
 
-    /// Reads the membership from the database, bypassing (and updating) the cache.
-    pub async fn refresh(
-        &self,
-        store: &Store,
-        conversation: &str,
-    ) -> Result<Option<Arc<Membership>>, chatstream_store::StoreError> {
-        let epoch = self.shared.invalidations.load(Ordering::Acquire);
-        let Some(membership) = store.membership(conversation).await? else {
-            self.invalidate(conversation);
-            return Ok(None);
-        };
-        let membership = Arc::new(membership);
-        if let Ok(mut inner) = self.shared.inner.lock() {
-            if inner.entries.len() > MEMBER_ENTRIES {
-                inner.entries.clear();
-            }
-            if self.shared.invalidations.load(Ordering::Acquire) == epoch {
-                inner.entries.insert(
-                    conversation.to_string(),
-                    CachedMembership::new(membership.clone()),
-                );
+    /// Reads the membership from the database, bypassing (and updating) the cache: through
+    /// the loader, with whatever else senders are waiting for.
+    pub async fn refresh(&self, store: &Store, conversation: &str) -> Loaded {
+        let (waiter, answer) = oneshot::channel();
+        match self.shared.inner.lock() {
+            Ok(mut inner) => inner
+                .wanted
+                .entry(conversation.to_string())
+                .or_default()
+                .push(waiter),
+            Err(_) => {
+                return Err(StoreError::Failed(
+                    "the membership cache is poisoned".into(),
+                ))
             }
         }
-        Ok(Some(membership))
+        if !self.shared.loader_started.swap(true, Ordering::AcqRel) {
+            tokio::spawn(load_memberships(
+                Arc::downgrade(&self.shared),
+                self.shared.loader_wake.clone(),
+                store.clone(),
+            ));
+        }
+        self.shared.loader_wake.notify_one();
+        answer.await.unwrap_or_else(|_| {
+            Err(StoreError::Unavailable(
+                "the membership loader stopped before answering".into(),
+            ))
+        })
     }
 
     /// Whether `user` of `tenant` is a member; a cached "no" is checked again against the

@@ -190,7 +190,7 @@ async fn run_batcher(pool: PgPool, mut rx: mpsc::Receiver<Job>, settings: BatchS
             // PostgreSQL is away: what is queued would wait its turn only to fail the same
             // way (seconds each batch); it is refused now and its senders retry.
             while let Ok(job) = rx.try_recv() {
-                finish(job, Err(shared(&down)));
+                finish(job, Err(down.shared()));
             }
         }
     }
@@ -211,7 +211,7 @@ async fn commit(pool: &PgPool, jobs: &mut Vec<Job>) -> Option<StoreError> {
         Ok(rows) => rows,
         Err(e) => {
             for job in jobs.drain(..) {
-                finish(job, Err(shared(&e)));
+                finish(job, Err(e.shared()));
             }
             return None;
         }
@@ -241,9 +241,9 @@ async fn commit(pool: &PgPool, jobs: &mut Vec<Job>) -> Option<StoreError> {
         Ok(outcomes) => outcomes,
         Err(e) => {
             tracing::warn!(error = %e, messages = jobs.len(), "append batch failed; nothing of it acknowledged");
-            let outcomes = jobs.iter().map(|_| Err(shared(&e))).collect();
+            let outcomes = jobs.iter().map(|_| Err(e.shared())).collect();
             if e.is_unavailable() {
-                down = Some(shared(&e));
+                down = Some(e.shared());
             }
             outcomes
         }
@@ -252,16 +252,6 @@ async fn commit(pool: &PgPool, jobs: &mut Vec<Job>) -> Option<StoreError> {
         finish(job, outcome);
     }
     down
-}
-
-/// The error every waiter of a failed batch gets: the one the node maps the same way
-/// (unavailable stays unavailable, anything else is a storage failure).
-fn shared(e: &StoreError) -> StoreError {
-    if e.is_unavailable() {
-        StoreError::Unavailable(e.to_string())
-    } else {
-        StoreError::Failed(e.to_string())
-    }
 }
 
 /// Deadlocks and serialization failures, and a key another node stored concurrently (a

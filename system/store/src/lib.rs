@@ -47,6 +47,16 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// This error for one of several waiters of the same failed statement: unavailable
+    /// stays unavailable (the node answers both the same way), anything else is a failure.
+    pub fn shared(&self) -> StoreError {
+        if self.is_unavailable() {
+            StoreError::Unavailable(self.to_string())
+        } else {
+            StoreError::Failed(self.to_string())
+        }
+    }
+
     /// Connection-level trouble (as opposed to a query the database refused).
     pub fn is_unavailable(&self) -> bool {
         match self {
