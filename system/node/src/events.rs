@@ -447,42 +447,4 @@ mod tests {
         assert_ne!(stable_id(&["s1", "chunk3"]), stable_id(&["s1c", "hunk3"]));
         assert_eq!(stable_id(&["x"]).len(), 36);
     }
-
-    /// The append writes a message's seq where its outbox payload holds `SEQ_MARK`
-    /// (`chatstream_store::batch`): a CHAT_MESSAGE built with the placeholder must hold it
-    /// exactly once, where the seq goes, even when the body spells it out.
-    #[test]
-    fn a_chat_event_built_before_its_seq_takes_it_where_the_mark_stands() {
-        use chatstream_protocol::events::{ChatMessage, EventBody};
-        use chatstream_store::{SEQ_MARK, SEQ_PLACEHOLDER};
-        let event = |seq: i64| chatstream_protocol::EventEnvelope {
-            id: "0190a1b2-0000-7000-8000-000000000001".into(),
-            version: chatstream_protocol::events::EVENT_VERSION,
-            timestamp: "2026-11-28T02:00:00.000Z".into(),
-            timestamp_ms: 1_795_831_200_000,
-            tenant: "acme".into(),
-            trace_id: "4bf92f3577b34da6a3ce929d0e0e4736".into(),
-            source_node: "node-1".into(),
-            conversation_id: Some("c1".into()),
-            session_id: None,
-            user_id: Some("u1".into()),
-            message_id: Some("m1".into()),
-            replayed: false,
-            body: EventBody::ChatMessage(ChatMessage {
-                message_id: "m1".into(),
-                client_msg_id: "cm1".into(),
-                conversation_id: "c1".into(),
-                sender_id: "u1".into(),
-                seq,
-                body: format!("{{{SEQ_MARK}}} and {SEQ_PLACEHOLDER}"),
-                created_at_ms: 5,
-            }),
-        };
-        let template = event(SEQ_PLACEHOLDER).to_json();
-        assert_eq!(template.matches(SEQ_MARK).count(), 1, "{template}");
-        assert_eq!(
-            template.replace(SEQ_MARK, "\"seq\":42"),
-            event(42).to_json()
-        );
-    }
 }

@@ -456,6 +456,22 @@ mod tests {
         })
     }
 
+    /// The store's group commit builds a message's outbox payload before the seq is known,
+    /// with seq = i64::MIN, and writes the seq where `"seq":-9223372036854775808` stands
+    /// (`chatstream_store::SEQ_MARK`, whose own test pins it to serde's form of i64::MIN).
+    /// That text must stand exactly once, where the seq goes, even when the body spells it.
+    #[test]
+    fn a_chat_event_built_before_its_seq_takes_it_where_the_mark_stands() {
+        const MARK: &str = "\"seq\":-9223372036854775808";
+        let body = format!("{{{MARK}}} and {}", i64::MIN);
+        let template = envelope(chat(i64::MIN, body.clone())).to_json();
+        assert_eq!(template.matches(MARK).count(), 1, "{template}");
+        assert_eq!(
+            template.replace(MARK, "\"seq\":42"),
+            envelope(chat(42, body)).to_json()
+        );
+    }
+
     #[test]
     fn envelope_wire_form_has_type_and_payload() {
         let e = envelope(chat(7, "hi".into()));
