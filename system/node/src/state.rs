@@ -91,6 +91,9 @@ const MEMBER_TTL: Duration = Duration::from_secs(5);
 const REFRESH_TICK: Duration = Duration::from_millis(200);
 /// Conversations per refresher statement.
 const REFRESH_CHUNK: usize = 500;
+/// A loader statement not answered within this has met a black-holed link: its waiters
+/// are refused (they retry), and the loader goes on with the next read.
+const LOAD_TIMEOUT: Duration = Duration::from_secs(10);
 /// Entries held at most; past this the cache starts over.
 const MEMBER_ENTRIES: usize = 100_000;
 
@@ -233,7 +236,14 @@ async fn load_memberships(shared: Weak<CacheShared>, wake: Arc<Notify>, store: S
                 return;
             };
             let epoch = shared.invalidations.load(Ordering::Acquire);
-            match store.memberships(ids).await {
+            let read = tokio::time::timeout(LOAD_TIMEOUT, store.memberships(ids))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(StoreError::Unavailable(format!(
+                        "a membership read was not answered within {LOAD_TIMEOUT:?}"
+                    )))
+                });
+            match read {
                 Ok(read) => {
                     let answers = shared.store_loaded(ids, read, epoch);
                     for (id, answer) in ids.iter().zip(answers) {
