@@ -1017,6 +1017,85 @@ async fn postgres_outage_gives_unavailable_and_recovers(stack: &mut Stack) -> Re
     Ok(())
 }
 
+/// The membership reads senders wait for go through one loader task; a read that meets a
+/// black-holed PostgreSQL link is given up after the loader's timeout, its senders are
+/// refused `unavailable`, and once the link is back the next cold conversation is read and
+/// its send stored. (Without the timeout the loader would wait on the lost answer forever,
+/// and no cold conversation of the node would be read again.)
+async fn a_membership_read_lost_to_a_black_hole_is_refused_and_the_loader_goes_on(
+    stack: &mut Stack,
+) -> Result<()> {
+    let n1 = Node::start(stack, "pgbh-1", &[]).await?;
+    let n2 = Node::start(stack, "pgbh-2", &[]).await?;
+    // Made through the other node: n1 has never read either membership.
+    let (conv_a, conv_b) = (unique("conv-a"), unique("conv-b"));
+    create_conversation(&n2, "alice", &conv_a, &["alice"]).await?;
+    create_conversation(&n2, "alice", &conv_b, &["alice"]).await?;
+    let mut alice = Client::connect(&n1, "alice").await?;
+    for stream in ["upstream", "downstream"] {
+        stack
+            .toxiproxy()
+            .add_toxic("postgres", &Toxic::timeout(stream, 0))
+            .await?;
+    }
+    alice
+        .send(&ClientFrame::Send {
+            conversation_id: conv_a.clone(),
+            client_msg_id: "bh-a".into(),
+            body: "its membership read is lost".into(),
+        })
+        .await?;
+    let sent = Instant::now();
+    let refused = loop {
+        ensure!(
+            sent.elapsed() < Duration::from_secs(25),
+            "no answer to a send whose membership read was lost within 25 s"
+        );
+        match alice.recv().await {
+            Ok(ServerFrame::Error {
+                code: ErrorCode::Unavailable,
+                message,
+                ..
+            }) => break message,
+            Ok(_) => {}
+            Err(e) if e.to_string().contains("no frame within") => {}
+            Err(e) => return Err(e),
+        }
+    };
+    eprintln!(
+        "  refused after {:.1} s: {refused}",
+        sent.elapsed().as_secs_f64()
+    );
+    for stream in ["upstream", "downstream"] {
+        stack
+            .toxiproxy()
+            .remove_toxic("postgres", &format!("timeout_{stream}"))
+            .await?;
+    }
+    let restored = Instant::now();
+    let seq = loop {
+        match alice
+            .send_msg(&conv_b, "bh-b", "read after the link is back")
+            .await
+        {
+            Ok((seq, _)) => break seq,
+            Err(e) if restored.elapsed() < Duration::from_secs(30) => {
+                eprintln!("  retry after the link is back: {e}");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => {
+                return Err(e.context("a cold conversation was not read after the link came back"))
+            }
+        }
+    };
+    ensure!(seq == 1, "seq {seq} for the first message of {conv_b}");
+    eprintln!(
+        "  a cold conversation stored {:.1} s after the link came back",
+        restored.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
 /// A pooled connection PostgreSQL closed while it sat idle is noticed at acquire (the pool
 /// pings connections idle for `PING_IF_IDLE_FOR`, not busy ones) and replaced: the send
 /// that acquires it is stored and acknowledged, not refused.
@@ -3138,6 +3217,11 @@ fn main() {
             shared,
             "node::postgres_outage_gives_unavailable_and_recovers",
             postgres_outage_gives_unavailable_and_recovers
+        ),
+        stack_test!(
+            shared,
+            "node::a_membership_read_lost_to_a_black_hole_is_refused_and_the_loader_goes_on",
+            a_membership_read_lost_to_a_black_hole_is_refused_and_the_loader_goes_on
         ),
         stack_test!(
             shared,

@@ -50,10 +50,11 @@ impl StoreError {
     /// This error for one of several waiters of the same failed statement: unavailable
     /// stays unavailable (the node answers both the same way), anything else is a failure.
     pub fn shared(&self) -> StoreError {
-        if self.is_unavailable() {
-            StoreError::Unavailable(self.to_string())
-        } else {
-            StoreError::Failed(self.to_string())
+        match self {
+            StoreError::Unavailable(m) => StoreError::Unavailable(m.clone()),
+            StoreError::Failed(m) => StoreError::Failed(m.clone()),
+            e if e.is_unavailable() => StoreError::Unavailable(e.to_string()),
+            e => StoreError::Failed(e.to_string()),
         }
     }
 
