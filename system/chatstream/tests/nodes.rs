@@ -1032,12 +1032,7 @@ async fn a_membership_read_lost_to_a_black_hole_is_refused_and_the_loader_goes_o
     create_conversation(&n2, "alice", &conv_a, &["alice"]).await?;
     create_conversation(&n2, "alice", &conv_b, &["alice"]).await?;
     let mut alice = Client::connect(&n1, "alice").await?;
-    for stream in ["upstream", "downstream"] {
-        stack
-            .toxiproxy()
-            .add_toxic("postgres", &Toxic::timeout(stream, 0))
-            .await?;
-    }
+    black_hole(stack, "postgres", true).await?;
     alice
         .send(&ClientFrame::Send {
             conversation_id: conv_a.clone(),
@@ -1066,12 +1061,7 @@ async fn a_membership_read_lost_to_a_black_hole_is_refused_and_the_loader_goes_o
         "  refused after {:.1} s: {refused}",
         sent.elapsed().as_secs_f64()
     );
-    for stream in ["upstream", "downstream"] {
-        stack
-            .toxiproxy()
-            .remove_toxic("postgres", &format!("timeout_{stream}"))
-            .await?;
-    }
+    black_hole(stack, "postgres", false).await?;
     let restored = Instant::now();
     let seq = loop {
         match alice
@@ -1166,26 +1156,30 @@ enum RedisFault {
     BlackHole,
 }
 
+/// Black-holes (or lets through again) both directions of a proxied link: what is sent is
+/// dropped and the connections stay open.
+async fn black_hole(stack: &Stack, proxy: &str, on: bool) -> Result<()> {
+    for stream in ["upstream", "downstream"] {
+        if on {
+            stack
+                .toxiproxy()
+                .add_toxic(proxy, &Toxic::timeout(stream, 0))
+                .await?;
+        } else {
+            stack
+                .toxiproxy()
+                .remove_toxic(proxy, &format!("timeout_{stream}"))
+                .await?;
+        }
+    }
+    Ok(())
+}
+
 async fn redis_fault(stack: &Stack, fault: RedisFault, on: bool) -> Result<()> {
     match (fault, on) {
         (RedisFault::Refused, true) => stack.cut("redis").await?,
         (RedisFault::Refused, false) => stack.restore("redis").await?,
-        (RedisFault::BlackHole, true) => {
-            for stream in ["upstream", "downstream"] {
-                stack
-                    .toxiproxy()
-                    .add_toxic("redis", &Toxic::timeout(stream, 0))
-                    .await?;
-            }
-        }
-        (RedisFault::BlackHole, false) => {
-            for stream in ["upstream", "downstream"] {
-                stack
-                    .toxiproxy()
-                    .remove_toxic("redis", &format!("timeout_{stream}"))
-                    .await?;
-            }
-        }
+        (RedisFault::BlackHole, on) => black_hole(stack, "redis", on).await?,
     }
     Ok(())
 }
