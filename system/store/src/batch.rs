@@ -261,7 +261,6 @@ fn retryable(e: &StoreError) -> bool {
         StoreError::Database(sqlx::Error::Database(d)) => {
             matches!(d.code().as_deref(), Some("40P01" | "40001" | "23505"))
         }
-        StoreError::Conflict => true,
         _ => false,
     }
 }

@@ -40,10 +40,6 @@ pub enum StoreError {
     /// A failure shared by every append of a batch (the database refused the batch).
     #[error("postgres: {0}")]
     Failed(String),
-    /// Another append stored one of a batch's keys after the batch checked them (the batch
-    /// is undone and retried).
-    #[error("a concurrent append stored one of the batch's idempotency keys")]
-    Conflict,
 }
 
 impl StoreError {
